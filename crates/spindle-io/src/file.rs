@@ -1,0 +1,616 @@
+//! Image files and block devices, opened with a QEMU cache mode.
+
+use crate::buf::AlignedBuf;
+use crate::cache::CacheMode;
+use crate::error::{Error, Result};
+use crate::op::Op;
+use crate::runtime::submit;
+use std::fs;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Alignment O_DIRECT needs for memory addresses and for offsets/lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alignment {
+    /// Buffer address alignment.
+    pub mem: usize,
+    /// File offset and length alignment.
+    pub req: usize,
+}
+
+/// How to open a [`File`].
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Cache mode.
+    pub cache: CacheMode,
+    /// Open read-only.
+    pub read_only: bool,
+    /// Create the file if missing (and truncate it).
+    pub create: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            cache: CacheMode::Writeback,
+            read_only: false,
+            create: false,
+        }
+    }
+}
+
+/// An open image file or block device.
+#[derive(Debug)]
+pub struct File {
+    fd: OwnedFd,
+    path: PathBuf,
+    cache: CacheMode,
+    align: Alignment,
+    block_device: bool,
+    read_only: bool,
+}
+
+const MAX_IOV: usize = 1024;
+
+impl File {
+    /// Opens `path`. Setup-time only: this blocks.
+    pub fn open(path: &Path, opts: OpenOptions) -> Result<File> {
+        let err = |context: &str, source| Error::Open {
+            path: path.to_path_buf(),
+            context: context.into(),
+            source,
+        };
+        let mut o = fs::OpenOptions::new();
+        o.read(true).write(!opts.read_only);
+        if opts.create {
+            o.create(true).truncate(true);
+        }
+        let mut flags = libc::O_CLOEXEC;
+        if opts.cache.direct() {
+            flags |= libc::O_DIRECT;
+        }
+        o.custom_flags(flags);
+        let f = o.open(path).map_err(|e| {
+            if opts.cache.direct() && e.raw_os_error() == Some(libc::EINVAL) {
+                err("this file system does not support O_DIRECT (cache=none/directsync); use --cache writeback", e)
+            } else {
+                err("cannot open", e)
+            }
+        })?;
+        let meta = f.metadata().map_err(|e| err("cannot stat", e))?;
+        let block_device = meta.file_type().is_block_device();
+        let fd: OwnedFd = f.into();
+        let align = if opts.cache.direct() {
+            probe_alignment(&fd, block_device)
+        } else {
+            Alignment { mem: 1, req: 1 }
+        };
+        Ok(File {
+            fd,
+            path: path.to_path_buf(),
+            cache: opts.cache,
+            align,
+            block_device,
+            read_only: opts.read_only,
+        })
+    }
+
+    /// The path it was opened as.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The cache mode.
+    pub fn cache(&self) -> CacheMode {
+        self.cache
+    }
+    /// The O_DIRECT alignment (1/1 without O_DIRECT).
+    pub fn alignment(&self) -> Alignment {
+        self.align
+    }
+    /// Whether it is a block device.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+    /// Whether it was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    /// The raw descriptor.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Current size in bytes.
+    pub fn len(&self) -> io::Result<u64> {
+        if self.block_device {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 into `size`.
+            let r =
+                unsafe { libc::ioctl(self.fd.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            return Ok(size);
+        }
+        let mut st: libc::stat = zeroed_stat();
+        // SAFETY: fstat fills `st`.
+        if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.st_size as u64)
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Bytes actually allocated on the host.
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        let mut st: libc::stat = zeroed_stat();
+        // SAFETY: fstat fills `st`.
+        if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.st_blocks as u64 * 512)
+    }
+
+    /// Truncates or extends the file (setup/resize path; blocks briefly).
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        // SAFETY: plain syscall on our descriptor.
+        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), len as i64) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn aligned(&self, offset: u64, iov: impl Iterator<Item = (usize, usize)>) -> bool {
+        let Alignment { mem, req } = self.align;
+        if mem == 1 && req == 1 {
+            return true;
+        }
+        offset % req as u64 == 0 && iov.into_iter().all(|(p, l)| p % mem == 0 && l % req == 0)
+    }
+
+    /// Reads exactly the buffers' total length at `offset`. Bytes past the end
+    /// of the file read as zeroes.
+    pub async fn read_vectored_at(
+        &self,
+        offset: u64,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> io::Result<()> {
+        if !self.aligned(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len()))) {
+            return self.read_bounced(offset, bufs).await;
+        }
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .filter(|b| !b.is_empty())
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        self.transfer(offset, &mut iov, false, false).await
+    }
+
+    /// Reads into one buffer.
+    pub async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_vectored_at(offset, &mut [IoSliceMut::new(buf)])
+            .await
+    }
+
+    /// Writes all the buffers at `offset`; with `fua` the data is durable on return.
+    pub async fn write_vectored_at(
+        &self,
+        offset: u64,
+        bufs: &[IoSlice<'_>],
+        fua: bool,
+    ) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        if !self.aligned(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len()))) {
+            return self.write_bounced(offset, bufs, fua).await;
+        }
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        self.transfer(offset, &mut iov, true, fua).await
+    }
+
+    /// Writes one buffer.
+    pub async fn write_at(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        self.write_vectored_at(offset, &[IoSlice::new(buf)], fua)
+            .await
+    }
+
+    /// Moves data for an aligned request, resubmitting after short transfers.
+    async fn transfer(
+        &self,
+        mut offset: u64,
+        mut iov: &mut [libc::iovec],
+        write: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        let flags = if fua || self.cache.write_through() {
+            libc::RWF_DSYNC
+        } else {
+            0
+        };
+        while !iov.is_empty() {
+            let cnt = iov.len().min(MAX_IOV);
+            let op = if write {
+                Op::Writev {
+                    fd: self.raw_fd(),
+                    iov: iov.as_ptr(),
+                    iovcnt: cnt as u32,
+                    offset,
+                    flags,
+                }
+            } else {
+                Op::Readv {
+                    fd: self.raw_fd(),
+                    iov: iov.as_ptr(),
+                    iovcnt: cnt as u32,
+                    offset,
+                }
+            };
+            // SAFETY: `iov` and the buffers it points to are borrowed by this
+            // future, which does not finish before the op does.
+            let res = unsafe { submit(op) }.await;
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                continue;
+            }
+            if res < 0 {
+                return Err(io::Error::from_raw_os_error(-res));
+            }
+            if res == 0 {
+                if write {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "device accepted no data",
+                    ));
+                }
+                // End of file: the rest reads as zeroes.
+                for v in iov.iter() {
+                    // SAFETY: each iovec points into a caller buffer we hold &mut to.
+                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                }
+                return Ok(());
+            }
+            offset += res as u64;
+            iov = advance(iov, res as usize);
+        }
+        Ok(())
+    }
+
+    fn bounce_range(&self, offset: u64, len: usize) -> (u64, usize) {
+        let req = self.align.req as u64;
+        let start = offset / req * req;
+        let end = (offset + len as u64).div_ceil(req) * req;
+        (start, (end - start) as usize)
+    }
+
+    /// Reads into an already aligned buffer.
+    async fn read_aligned(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        self.transfer(offset, &mut iov, false, false).await
+    }
+
+    async fn read_bounced(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let (start, len) = self.bounce_range(offset, total);
+        let mut bounce = AlignedBuf::new(len, self.align.mem);
+        self.read_aligned(start, &mut bounce).await?;
+        let mut pos = (offset - start) as usize;
+        for b in bufs.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&bounce[pos..pos + n]);
+            pos += n;
+        }
+        Ok(())
+    }
+
+    async fn write_bounced(&self, offset: u64, bufs: &[IoSlice<'_>], fua: bool) -> io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let (start, len) = self.bounce_range(offset, total);
+        let mut bounce = AlignedBuf::new(len, self.align.mem);
+        let req = self.align.req;
+        let end = offset + total as u64;
+        let head_partial = offset != start;
+        let tail_partial = end != start + len as u64;
+        // Read-modify-write of the partially covered first and last blocks.
+        if head_partial {
+            self.read_aligned(start, &mut bounce[..req]).await?;
+        }
+        if tail_partial && !(head_partial && len == req) {
+            let tail = start + (len - req) as u64;
+            self.read_aligned(tail, &mut bounce[len - req..]).await?;
+        }
+        let mut pos = (offset - start) as usize;
+        for b in bufs {
+            bounce[pos..pos + b.len()].copy_from_slice(b);
+            pos += b.len();
+        }
+        let old_len = if self.block_device {
+            u64::MAX
+        } else {
+            self.len()?
+        };
+        let mut iov = [libc::iovec {
+            iov_base: bounce.as_mut_ptr().cast(),
+            iov_len: len,
+        }];
+        self.transfer(start, &mut iov, true, fua).await?;
+        // The padding of the last block must not grow a regular file past the write.
+        if start + len as u64 > old_len.max(end) {
+            self.set_len(old_len.max(end))?;
+        }
+        Ok(())
+    }
+
+    /// Makes written data durable (no-op with cache=unsafe).
+    pub async fn flush(&self) -> io::Result<()> {
+        if self.cache.ignore_flush() || self.read_only {
+            return Ok(());
+        }
+        let op = Op::Fsync {
+            fd: self.raw_fd(),
+            datasync: true,
+        };
+        // SAFETY: the op references no memory.
+        check(unsafe { submit(op) }.await)
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        let op = Op::Fallocate {
+            fd: self.raw_fd(),
+            mode,
+            offset,
+            len,
+        };
+        // SAFETY: the op references no memory.
+        check(unsafe { submit(op) }.await)
+    }
+
+    /// Deallocates a range (discard). Reads of it return zeroes afterwards.
+    pub async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+        .await
+    }
+
+    /// Makes a range read as zeroes: ZERO_RANGE, then hole punching (when
+    /// `may_unmap`), then writing zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        if self
+            .fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if may_unmap && !self.block_device && self.punch_hole(offset, len).await.is_ok() {
+            return Ok(());
+        }
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = AlignedBuf::new(CHUNK as usize, self.align.mem.max(4096));
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = CHUNK.min(offset + len - pos) as usize;
+            self.write_at(pos, &zeroes[..n], false).await?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Preallocates a range (fallocate mode 0).
+    pub async fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(0, offset, len).await
+    }
+
+    /// Whether the file has holes (sparse). Native AIO blocks on those.
+    pub fn is_sparse(&self) -> bool {
+        match (self.len(), self.allocated_bytes()) {
+            (Ok(len), Ok(alloc)) => !self.block_device && alloc < len,
+            _ => false,
+        }
+    }
+}
+
+fn check(res: i32) -> io::Result<()> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(())
+    }
+}
+
+fn advance(iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
+    let mut skip = 0;
+    for v in iov.iter_mut() {
+        if n < v.iov_len {
+            // SAFETY: stays within the same buffer, n < iov_len.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        skip += 1;
+    }
+    &mut iov[skip..]
+}
+
+fn zeroed_stat() -> libc::stat {
+    // SAFETY: libc::stat is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+/// Finds O_DIRECT alignment: statx(STATX_DIOALIGN), the logical block size of
+/// a device, or a safe 4 KiB.
+fn probe_alignment(fd: &OwnedFd, block_device: bool) -> Alignment {
+    let mut stx: libc::statx = {
+        // SAFETY: statx is plain old data.
+        unsafe { std::mem::zeroed() }
+    };
+    // SAFETY: statx fills stx for our descriptor with AT_EMPTY_PATH.
+    let r = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
+        return Alignment {
+            mem: (stx.stx_dio_mem_align as usize).max(1),
+            req: stx.stx_dio_offset_align as usize,
+        };
+    }
+    if block_device {
+        let mut ssz: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), BLKSSZGET, &mut ssz as *mut libc::c_int) } == 0
+            && ssz > 0
+        {
+            return Alignment {
+                mem: ssz as usize,
+                req: ssz as usize,
+            };
+        }
+    }
+    Alignment {
+        mem: 4096,
+        req: 4096,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineKind;
+    use crate::runtime::{Runtime, RuntimeConfig};
+
+    fn rt(kind: EngineKind) -> Runtime {
+        Runtime::new(RuntimeConfig {
+            engine: kind,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// Unaligned reads and writes through every engine and cache mode match a
+    /// plain std::fs view of the file.
+    #[test]
+    fn unaligned_io_round_trips_in_every_mode() {
+        let dir = tempfile::tempdir_in(
+            std::env::var("SPINDLE_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()),
+        )
+        .unwrap();
+        for kind in [EngineKind::IoUring, EngineKind::Native, EngineKind::Threads] {
+            for cache in [
+                CacheMode::None,
+                CacheMode::Writeback,
+                CacheMode::Directsync,
+                CacheMode::Unsafe,
+            ] {
+                let path = dir.path().join(format!("f-{kind}-{cache}"));
+                std::fs::write(&path, vec![0xAAu8; 65536]).unwrap();
+                let f = File::open(
+                    &path,
+                    OpenOptions {
+                        cache,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                rt(kind).block_on(async {
+                    let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+                    f.write_at(1234, &data, false).await.unwrap();
+                    f.write_at(4096, &data[..4096], true).await.unwrap();
+                    f.flush().await.unwrap();
+                    let mut back = vec![0u8; 10_000];
+                    f.read_at(1234, &mut back).await.unwrap();
+                    let mut expect = data.clone();
+                    expect[4096 - 1234..8192 - 1234].copy_from_slice(&data[..4096]);
+                    assert_eq!(back, expect, "{kind} {cache}");
+                    // Past EOF reads zeroes.
+                    let mut tail = vec![1u8; 8192];
+                    f.read_at(65536 - 4096, &mut tail).await.unwrap();
+                    assert!(tail[4096..].iter().all(|&b| b == 0));
+                    f.write_zeroes(0, 8192, true).await.unwrap();
+                    let mut z = vec![1u8; 8192];
+                    f.read_at(0, &mut z).await.unwrap();
+                    assert!(z.iter().all(|&b| b == 0));
+                });
+                assert_eq!(std::fs::metadata(&path).unwrap().len(), 65536);
+                let disk = std::fs::read(&path).unwrap();
+                assert!(disk[..8192].iter().all(|&b| b == 0));
+                assert_eq!(disk[8192], (((8192 - 1234) as u32 * 7) % 251) as u8);
+            }
+        }
+    }
+
+    #[test]
+    fn many_concurrent_ops_complete() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 4 << 20]).unwrap();
+        for kind in [EngineKind::IoUring, EngineKind::Native, EngineKind::Threads] {
+            let f = std::rc::Rc::new(
+                File::open(
+                    &path,
+                    OpenOptions {
+                        cache: CacheMode::None,
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            );
+            rt(kind).block_on(async {
+                let tasks: Vec<_> = (0..1000u64)
+                    .map(|i| {
+                        let f = f.clone();
+                        crate::runtime::spawn(async move {
+                            let off = (i % 1024) * 4096;
+                            let mut b = AlignedBuf::new(4096, 4096);
+                            b.fill((i % 1024) as u8);
+                            f.write_at(off, &b, false).await.unwrap();
+                            let mut r = AlignedBuf::new(4096, 4096);
+                            f.read_at(off, &mut r).await.unwrap();
+                            r[0]
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await;
+                }
+            });
+        }
+    }
+}

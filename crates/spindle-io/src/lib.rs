@@ -1,0 +1,29 @@
+//! Spindle's I/O layer.
+//!
+//! Every I/O thread owns a [`Runtime`]: a small single-threaded executor whose
+//! reactor is one of three [`engine`]s (io_uring, Linux native AIO, or a
+//! bounded thread pool). Futures submit [`Op`]s that point straight into the
+//! caller's buffers (zero-copy); the reactor reaps completions in batches and
+//! wakes the waiting futures. Nothing on the thread blocks except the reactor's
+//! wait for the next event.
+//!
+//! [`File`] wraps an image file or block device opened with one of QEMU's
+//! cache modes ([`CacheMode`]), discovers its O_DIRECT alignment and serves
+//! unaligned requests through bounce buffers.
+#![deny(missing_docs)]
+
+mod buf;
+mod cache;
+pub mod engine;
+mod error;
+mod file;
+mod op;
+mod runtime;
+
+pub use buf::AlignedBuf;
+pub use cache::CacheMode;
+pub use engine::EngineKind;
+pub use error::{Error, Result};
+pub use file::{Alignment, File, OpenOptions};
+pub use op::Op;
+pub use runtime::{spawn, Runtime, RuntimeConfig, Task};

@@ -1,0 +1,105 @@
+//! The operations an engine executes.
+
+use std::os::fd::RawFd;
+
+/// One I/O operation, as handed to an engine.
+///
+/// Buffers are referenced by raw `iovec` pointers: whoever builds an `Op` must
+/// keep the iovec array and the memory it points to alive and unmoved until
+/// the engine reports the op's completion. [`crate::Runtime::submit`] enforces
+/// that for safe callers.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    /// `preadv(fd, iov, iovcnt, offset)`.
+    Readv {
+        /// File descriptor.
+        fd: RawFd,
+        /// iovec array.
+        iov: *const libc::iovec,
+        /// Number of iovecs.
+        iovcnt: u32,
+        /// File offset.
+        offset: u64,
+    },
+    /// `pwritev2(fd, iov, iovcnt, offset, flags)`.
+    Writev {
+        /// File descriptor.
+        fd: RawFd,
+        /// iovec array.
+        iov: *const libc::iovec,
+        /// Number of iovecs.
+        iovcnt: u32,
+        /// File offset.
+        offset: u64,
+        /// `RWF_*` flags, e.g. `RWF_DSYNC` for FUA.
+        flags: i32,
+    },
+    /// `fdatasync(fd)` (or `fsync` when `datasync` is false).
+    Fsync {
+        /// File descriptor.
+        fd: RawFd,
+        /// Only data and the metadata needed to read it back.
+        datasync: bool,
+    },
+    /// `fallocate(fd, mode, offset, len)`.
+    Fallocate {
+        /// File descriptor.
+        fd: RawFd,
+        /// `FALLOC_FL_*` flags.
+        mode: i32,
+        /// Start.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+impl Op {
+    /// Runs the op synchronously on the calling thread. Used by the thread-pool
+    /// engine's workers and as the fallback for ops an engine cannot queue.
+    /// Returns the result in the kernel's convention (negative errno).
+    ///
+    /// # Safety
+    /// The iovec pointers must be valid as described on [`Op`].
+    pub unsafe fn run_blocking(&self) -> i32 {
+        let ret: i64 = match *self {
+            // SAFETY: the caller guarantees iov points to iovcnt valid iovecs.
+            Op::Readv {
+                fd,
+                iov,
+                iovcnt,
+                offset,
+            } => unsafe { libc::preadv(fd, iov, iovcnt as i32, offset as i64) as i64 },
+            // SAFETY: as above.
+            Op::Writev {
+                fd,
+                iov,
+                iovcnt,
+                offset,
+                flags,
+            } => unsafe { libc::pwritev2(fd, iov, iovcnt as i32, offset as i64, flags) as i64 },
+            // SAFETY: plain syscalls on a descriptor, no memory involved.
+            Op::Fsync { fd, datasync } => unsafe {
+                if datasync {
+                    libc::fdatasync(fd) as i64
+                } else {
+                    libc::fsync(fd) as i64
+                }
+            },
+            // SAFETY: plain syscall on a descriptor, no memory involved.
+            Op::Fallocate {
+                fd,
+                mode,
+                offset,
+                len,
+            } => unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) as i64 },
+        };
+        if ret < 0 {
+            -std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        } else {
+            ret.min(i32::MAX as i64) as i32
+        }
+    }
+}

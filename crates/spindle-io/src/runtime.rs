@@ -1,0 +1,435 @@
+//! A single-threaded executor whose reactor is an I/O [`Engine`].
+//!
+//! One `Runtime` lives on each I/O thread. Tasks are polled on that thread
+//! only; they submit [`Op`]s through [`submit`], which queue on the engine
+//! without blocking. The loop hands queued ops to the kernel in one batch,
+//! reaps completions in one batch, wakes the waiting tasks, and sleeps in
+//! `poll(2)` on the engine's eventfd only when nothing is runnable.
+
+use crate::engine::{self, signal_eventfd, Engine, EngineKind, ThreadPoolEngine};
+use crate::error::Result;
+use crate::op::Op;
+use slab::Slab;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+/// A spawned task; await it for its output. Dropping it cancels the task.
+pub type Task<T> = async_task::Task<T>;
+
+/// How a runtime's engine is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct RuntimeConfig {
+    /// Which engine.
+    pub engine: EngineKind,
+    /// Ops in flight the engine is sized for.
+    pub depth: u32,
+    /// Worker threads of the `threads` engine.
+    pub threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            engine: EngineKind::IoUring,
+            depth: 256,
+            threads: 8,
+        }
+    }
+}
+
+/// Runnable tasks, shareable with wakers on other threads.
+struct RunQueue {
+    tasks: Mutex<VecDeque<async_task::Runnable>>,
+    main_woken: AtomicBool,
+    efd: OwnedFd,
+}
+
+impl RunQueue {
+    fn notify(self: &Arc<Self>) {
+        // Wakes from another thread must interrupt the reactor's poll(2).
+        if !ON_THIS_RUNTIME.with(|c| c.get() == Arc::as_ptr(self) as usize) {
+            signal_eventfd(self.efd.as_raw_fd());
+        }
+    }
+    fn push(self: &Arc<Self>, r: async_task::Runnable) {
+        if let Ok(mut q) = self.tasks.lock() {
+            q.push_back(r);
+        }
+        self.notify();
+    }
+    fn pop(&self) -> Option<async_task::Runnable> {
+        self.tasks.lock().ok()?.pop_front()
+    }
+    fn has_work(&self) -> bool {
+        self.main_woken.load(Ordering::Acquire)
+            || self.tasks.lock().map(|q| !q.is_empty()).unwrap_or(false)
+    }
+}
+
+struct MainWaker(Arc<RunQueue>);
+
+impl Wake for MainWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.main_woken.store(true, Ordering::Release);
+        self.0.notify();
+    }
+}
+
+enum Slot {
+    Waiting(Option<Waker>),
+    Done(i32),
+}
+
+struct Inner {
+    engine: RefCell<Box<dyn Engine>>,
+    /// Runs op kinds the main engine cannot queue (fallocate under native AIO).
+    helper: RefCell<Option<ThreadPoolEngine>>,
+    slots: RefCell<Slab<Slot>>,
+    runq: Arc<RunQueue>,
+    kind: EngineKind,
+    reaped: RefCell<Vec<(u64, i32)>>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Inner>>> = const { RefCell::new(None) };
+    static ON_THIS_RUNTIME: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A per-thread executor and I/O reactor.
+pub struct Runtime {
+    inner: Rc<Inner>,
+}
+
+impl Runtime {
+    /// Creates a runtime with its engine.
+    pub fn new(cfg: RuntimeConfig) -> Result<Runtime> {
+        let engine = cfg.engine.create(cfg.depth, cfg.threads)?;
+        let efd = engine::new_eventfd().map_err(|source| crate::Error::EngineSetup {
+            engine: cfg.engine.name(),
+            source,
+        })?;
+        Ok(Runtime {
+            inner: Rc::new(Inner {
+                engine: RefCell::new(engine),
+                helper: RefCell::new(None),
+                slots: RefCell::new(Slab::with_capacity(cfg.depth as usize)),
+                runq: Arc::new(RunQueue {
+                    tasks: Mutex::new(VecDeque::new()),
+                    main_woken: AtomicBool::new(true),
+                    efd,
+                }),
+                kind: cfg.engine,
+                reaped: RefCell::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The engine this runtime uses.
+    pub fn engine_kind(&self) -> EngineKind {
+        self.inner.kind
+    }
+
+    /// Runs `fut` (and any tasks it spawns) to completion on this thread.
+    pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
+        let _guard = EnterGuard::enter(self.inner.clone());
+        let inner = &self.inner;
+        let waker = Waker::from(Arc::new(MainWaker(inner.runq.clone())));
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pin!(fut);
+        inner.runq.main_woken.store(true, Ordering::Release);
+        loop {
+            if inner.runq.main_woken.swap(false, Ordering::AcqRel) {
+                if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                    return v;
+                }
+            }
+            let mut ran = 0;
+            while ran < 256 {
+                let Some(r) = inner.runq.pop() else { break };
+                r.run();
+                ran += 1;
+            }
+            if inner.runq.has_work() {
+                inner.submit_and_reap();
+                continue;
+            }
+            if inner.submit_and_reap() > 0 || inner.runq.has_work() {
+                continue;
+            }
+            inner.wait();
+        }
+    }
+}
+
+struct EnterGuard {
+    prev: Option<Rc<Inner>>,
+    prev_id: usize,
+}
+
+impl EnterGuard {
+    fn enter(inner: Rc<Inner>) -> EnterGuard {
+        let id = Arc::as_ptr(&inner.runq) as usize;
+        let prev_id = ON_THIS_RUNTIME.with(|c| c.replace(id));
+        let prev = CURRENT.with(|c| c.replace(Some(inner)));
+        EnterGuard { prev, prev_id }
+    }
+}
+
+impl Drop for EnterGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|c| *c.borrow_mut() = self.prev.take());
+        ON_THIS_RUNTIME.with(|c| c.set(self.prev_id));
+    }
+}
+
+impl Inner {
+    /// Hands queued ops to the kernel and records finished ones. Returns how
+    /// many completions were reaped.
+    fn submit_and_reap(&self) -> usize {
+        let mut reaped = self.reaped.borrow_mut();
+        {
+            let mut eng = self.engine.borrow_mut();
+            if let Err(e) = eng.submit() {
+                tracing::error!("I/O engine submit failed: {e}");
+            }
+            eng.reap(&mut reaped);
+        }
+        if let Some(h) = self.helper.borrow_mut().as_mut() {
+            let _ = h.submit();
+            h.reap(&mut reaped);
+        }
+        let n = reaped.len();
+        let mut slots = self.slots.borrow_mut();
+        for (token, res) in reaped.drain(..) {
+            if let Some(slot) = slots.get_mut(token as usize) {
+                if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Done(res)) {
+                    if let Some(w) = w {
+                        w.wake();
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Sleeps until the engine, the helper pool or a cross-thread wake has news.
+    fn wait(&self) {
+        let mut fds = vec![
+            libc::pollfd {
+                fd: self.engine.borrow().event_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.runq.efd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if let Some(h) = self.helper.borrow().as_ref() {
+            fds.push(libc::pollfd {
+                fd: h.event_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: fds is a valid array of pollfd for its length.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        for pfd in &fds {
+            if pfd.revents & libc::POLLIN != 0 {
+                let mut v: u64 = 0;
+                // SAFETY: reads 8 bytes into a valid u64 from a non-blocking eventfd.
+                unsafe { libc::read(pfd.fd, (&mut v as *mut u64).cast(), 8) };
+            }
+        }
+    }
+
+    /// Queues `op` on the engine, or on the helper pool if the engine cannot.
+    ///
+    /// # Safety
+    /// As for [`Engine::push`].
+    unsafe fn push(&self, token: u64, op: Op) {
+        // SAFETY: forwarded contract.
+        if unsafe { self.engine.borrow_mut().push(token, op) }.is_ok() {
+            return;
+        }
+        let mut helper = self.helper.borrow_mut();
+        if helper.is_none() {
+            match ThreadPoolEngine::new(2) {
+                Ok(h) => *helper = Some(h),
+                Err(e) => {
+                    drop(helper);
+                    self.complete(token, -e.raw_os_error().unwrap_or(libc::EIO));
+                    return;
+                }
+            }
+        }
+        if let Some(h) = helper.as_mut() {
+            // SAFETY: forwarded contract; the thread-pool engine accepts every op.
+            let _ = unsafe { h.push(token, op) };
+        }
+    }
+
+    fn complete(&self, token: u64, res: i32) {
+        if let Some(slot) = self.slots.borrow_mut().get_mut(token as usize) {
+            *slot = Slot::Done(res);
+        }
+    }
+}
+
+fn current() -> Rc<Inner> {
+    CURRENT
+        .with(|c| c.borrow().clone())
+        .expect("spindle-io: I/O submitted outside Runtime::block_on (a bug)")
+}
+
+/// Spawns a task on the current thread's runtime.
+///
+/// # Panics
+/// When called outside [`Runtime::block_on`], a programming error.
+pub fn spawn<F>(fut: F) -> Task<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let runq = current().runq.clone();
+    let (runnable, task) = async_task::spawn_local(fut, move |r| runq.push(r));
+    runnable.schedule();
+    task
+}
+
+/// Submits `op` to the current runtime and resolves to its result
+/// (bytes transferred or negative errno).
+///
+/// # Safety
+/// The memory and iovec array referenced by `op` must stay valid until the
+/// returned future completes or is dropped (dropping an in-flight op waits for
+/// the kernel to finish with it). The future must not be leaked with
+/// `mem::forget` while the op is in flight.
+pub unsafe fn submit(op: Op) -> OpFuture {
+    OpFuture {
+        op: Some(op),
+        token: None,
+        rt: current(),
+    }
+}
+
+/// The future of one submitted [`Op`].
+pub struct OpFuture {
+    op: Option<Op>,
+    token: Option<usize>,
+    rt: Rc<Inner>,
+}
+
+impl Future for OpFuture {
+    type Output = i32;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
+        let this = &mut *self;
+        if let Some(op) = this.op.take() {
+            let token = this
+                .rt
+                .slots
+                .borrow_mut()
+                .insert(Slot::Waiting(Some(cx.waker().clone())));
+            this.token = Some(token);
+            // SAFETY: the submit() contract keeps op's memory alive until completion.
+            unsafe { this.rt.push(token as u64, op) };
+            return Poll::Pending;
+        }
+        let Some(token) = this.token else {
+            return Poll::Ready(-libc::EINVAL);
+        };
+        let mut slots = this.rt.slots.borrow_mut();
+        match slots.get_mut(token) {
+            Some(Slot::Done(res)) => {
+                let res = *res;
+                slots.remove(token);
+                this.token = None;
+                Poll::Ready(res)
+            }
+            Some(Slot::Waiting(w)) => {
+                *w = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            None => Poll::Ready(-libc::EIO),
+        }
+    }
+}
+
+impl Drop for OpFuture {
+    fn drop(&mut self) {
+        let Some(token) = self.token else { return };
+        // Cancelled while in flight: the kernel may still touch the buffers, so
+        // wait for this op before the caller's memory can be released.
+        loop {
+            if matches!(
+                self.rt.slots.borrow().get(token),
+                Some(Slot::Done(_)) | None
+            ) {
+                break;
+            }
+            if self.rt.submit_and_reap() == 0 {
+                self.rt.wait();
+            }
+        }
+        self.rt.slots.borrow_mut().try_remove(token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineKind;
+
+    #[test]
+    fn spawned_tasks_and_block_on_interleave() {
+        for kind in [EngineKind::IoUring, EngineKind::Native, EngineKind::Threads] {
+            let rt = Runtime::new(RuntimeConfig {
+                engine: kind,
+                ..Default::default()
+            })
+            .unwrap();
+            let out = rt.block_on(async {
+                let a = spawn(async { 1 });
+                let b = spawn(async { 2 });
+                a.await + b.await
+            });
+            assert_eq!(out, 3);
+        }
+    }
+
+    #[test]
+    fn cross_thread_wake_interrupts_the_reactor() {
+        let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<Waker>();
+        let flag = Arc::new(AtomicBool::new(false));
+        let f2 = flag.clone();
+        let t = std::thread::spawn(move || {
+            let w = rx.recv().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            f2.store(true, Ordering::SeqCst);
+            w.wake();
+        });
+        let mut sent = Some(tx);
+        rt.block_on(std::future::poll_fn(|cx| {
+            if flag.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            if let Some(tx) = sent.take() {
+                tx.send(cx.waker().clone()).unwrap();
+            }
+            Poll::Pending
+        }));
+        t.join().unwrap();
+    }
+}
