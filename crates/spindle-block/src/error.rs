@@ -1,0 +1,87 @@
+//! Block-layer errors. Each names the image and the problem in one line.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Errors raised by block drivers.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// I/O on the image file failed.
+    #[error("{}: {context}: {source}", path.display())]
+    Io {
+        /// The image.
+        path: PathBuf,
+        /// What was being done.
+        context: &'static str,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is malformed or uses something Spindle refuses.
+    #[error("{}: {msg}", path.display())]
+    Format {
+        /// The image.
+        path: PathBuf,
+        /// The problem.
+        msg: String,
+    },
+    /// The image or node cannot be written.
+    #[error("{}: image is read-only{}", path.display(), if reason.is_empty() { String::new() } else { format!(" ({reason})") })]
+    ReadOnly {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A request reaches past the end of the device.
+    #[error("request at offset {offset} length {len} is past the end of the {size}-byte device")]
+    OutOfRange {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+        /// Device size.
+        size: u64,
+    },
+    /// The I/O layer could not be set up or a file could not be opened.
+    #[error(transparent)]
+    Setup(#[from] spindle_io::Error),
+    /// Bad configuration or argument.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl BlockError {
+    /// The errno that best describes the error, for protocol replies.
+    pub fn errno(&self) -> i32 {
+        match self {
+            BlockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            BlockError::ReadOnly { .. } => libc::EROFS,
+            BlockError::OutOfRange { .. } | BlockError::Invalid(_) => libc::EINVAL,
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// Result alias of the block layer.
+pub type Result<T> = std::result::Result<T, BlockError>;
+
+/// Helper: wrap an io::Error with the image path and context.
+pub(crate) fn io_err<'a>(
+    path: &'a std::path::Path,
+    context: &'static str,
+) -> impl FnOnce(io::Error) -> BlockError + 'a {
+    move |source| BlockError::Io {
+        path: path.to_path_buf(),
+        context,
+        source,
+    }
+}
+
+/// Helper: a format error.
+pub(crate) fn fmt_err(path: &std::path::Path, msg: impl Into<String>) -> BlockError {
+    BlockError::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}

@@ -1,0 +1,274 @@
+//! Consistency check and repair, with qemu-img check's semantics.
+
+use super::meta::{COMPRESSED, COPIED, OFFSET_MASK};
+use super::snapshot;
+use super::{compressed_extent, Qcow2};
+use crate::error::{io_err, Result};
+use std::collections::HashMap;
+
+/// What to repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckMode {
+    /// Only report.
+    Report,
+    /// Repair leaked clusters.
+    Leaks,
+    /// Repair leaks and corruptions.
+    All,
+}
+
+/// The outcome, with qemu-img check's fields.
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    /// Errors found (remaining after repair).
+    pub corruptions: u64,
+    /// Leaked clusters (remaining after repair).
+    pub leaks: u64,
+    /// Internal errors while checking.
+    pub check_errors: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// End of the image file's used area.
+    pub image_end_offset: u64,
+    /// Guest clusters.
+    pub total_clusters: u64,
+    /// Guest clusters allocated in this image.
+    pub allocated_clusters: u64,
+    /// Allocated clusters not contiguous with their predecessor.
+    pub fragmented_clusters: u64,
+    /// Compressed clusters.
+    pub compressed_clusters: u64,
+    /// One line per problem, in qemu-img's wording.
+    pub messages: Vec<String>,
+}
+
+/// Checks (and with `mode`, repairs) the image's refcounts and flags.
+pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
+    let f = &q.file;
+    let mut r = CheckReport::default();
+    let cs = q.cluster_size();
+    let file_len = f.len().map_err(io_err(q.path(), "cannot get size"))?;
+    let mut m = q.meta.lock().await;
+    m.flush(f).await.ok();
+    let mut refs: HashMap<u64, u64> = HashMap::new();
+    let inc = |refs: &mut HashMap<u64, u64>, off: u64, len: u64| {
+        if len == 0 {
+            return;
+        }
+        for c in off / cs..=(off + len - 1) / cs {
+            *refs.entry(c).or_insert(0) += 1;
+        }
+    };
+    inc(&mut refs, 0, cs);
+    let hdr = m.hdr.clone();
+    inc(
+        &mut refs,
+        hdr.refcount_table_offset,
+        hdr.refcount_table_clusters as u64 * cs,
+    );
+    for &e in m.refcount_table() {
+        let off = e & !0x1ff;
+        if off != 0 {
+            inc(&mut refs, off, cs);
+        }
+    }
+    // Snapshot table and the L1 tables to walk: active first.
+    let mut l1s: Vec<(Vec<u64>, bool)> = vec![(m.l1.clone(), true)];
+    inc(&mut refs, hdr.l1_table_offset, hdr.l1_size as u64 * 8);
+    if hdr.nb_snapshots > 0 {
+        let want = (snapshot::MAX_TABLE_BYTES).min(file_len.saturating_sub(hdr.snapshots_offset));
+        let mut buf = vec![0u8; want as usize];
+        f.read_at(hdr.snapshots_offset, &mut buf)
+            .await
+            .map_err(io_err(q.path(), "snapshot table read failed"))?;
+        match snapshot::parse_table(&buf, hdr.nb_snapshots) {
+            Ok((snaps, len)) => {
+                inc(&mut refs, hdr.snapshots_offset, len);
+                for s in snaps {
+                    if s.l1_size as u64 * 8 > super::header::MAX_L1_BYTES {
+                        r.corruptions += 1;
+                        r.messages
+                            .push(format!("ERROR snapshot {} has an oversized L1 table", s.id));
+                        continue;
+                    }
+                    inc(&mut refs, s.l1_table_offset, s.l1_size as u64 * 8);
+                    let mut b = vec![0u8; s.l1_size as usize * 8];
+                    f.read_at(s.l1_table_offset, &mut b)
+                        .await
+                        .map_err(io_err(q.path(), "snapshot L1 read failed"))?;
+                    let l1: Vec<u64> = b
+                        .chunks_exact(8)
+                        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
+                        .collect();
+                    l1s.push((l1, false));
+                }
+            }
+            Err(e) => {
+                r.check_errors += 1;
+                r.messages.push(format!("ERROR snapshot table: {e}"));
+            }
+        }
+    }
+    // Walk L2 tables. Remember active entries to verify COPIED flags.
+    let mut tables: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut active_entries: Vec<(u64, u64, bool)> = Vec::new(); // (guest cluster, raw, is_l1)
+    let l2_bits = hdr.l2_bits();
+    let words = if hdr.extended_l2() { 2 } else { 1 };
+    let mut last_host = 0u64;
+    for (l1, active) in &l1s {
+        for (i, &l1e) in l1.iter().enumerate() {
+            let l2_off = l1e & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            if l2_off % cs != 0 || l2_off >= file_len {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR l2_offset=0x{l2_off:x}: invalid L2 table offset"
+                ));
+                continue;
+            }
+            inc(&mut refs, l2_off, cs);
+            if *active {
+                active_entries.push((i as u64, l1e, true));
+            }
+            // QEMU counts a data cluster once per L1 that reaches it, even
+            // through an L2 table that several L1s share.
+            if !tables.contains_key(&l2_off) {
+                let mut t = vec![0u8; cs as usize];
+                f.read_at(l2_off, &mut t)
+                    .await
+                    .map_err(io_err(q.path(), "L2 table read failed"))?;
+                tables.insert(l2_off, t);
+            }
+            let t = &tables[&l2_off];
+            for j in 0..(1usize << l2_bits) {
+                let raw = u64::from_be_bytes(
+                    t[j * 8 * words..j * 8 * words + 8]
+                        .try_into()
+                        .unwrap_or_default(),
+                );
+                let gc = ((i as u64) << l2_bits) + j as u64;
+                if raw & COMPRESSED != 0 {
+                    let (off, len) = compressed_extent(raw, hdr.cluster_bits);
+                    inc(&mut refs, off & !511, len + (off & 511));
+                    if *active {
+                        r.compressed_clusters += 1;
+                        r.allocated_clusters += 1;
+                    }
+                    continue;
+                }
+                let host = raw & OFFSET_MASK;
+                if host == 0 {
+                    continue;
+                }
+                if host % cs != 0 {
+                    r.corruptions += 1;
+                    r.messages.push(format!("ERROR offset=0x{host:x}: Cluster is not properly aligned; L2 entry corrupted."));
+                    continue;
+                }
+                inc(&mut refs, host, cs);
+                if *active {
+                    r.allocated_clusters += 1;
+                    if last_host != 0 && host != last_host + cs {
+                        r.fragmented_clusters += 1;
+                    }
+                    last_host = host;
+                    active_entries.push((gc, raw, false));
+                }
+            }
+        }
+    }
+    r.total_clusters = hdr.size.div_ceil(cs);
+    // Compare with stored refcounts.
+    let max_cluster = refs
+        .keys()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(m.end_cluster().saturating_sub(1));
+    let mut end = 0;
+    for c in 0..=max_cluster {
+        let want = refs.get(&c).copied().unwrap_or(0);
+        let have = m.refcount(f, c).await?;
+        if want > 0 || have > 0 {
+            end = c + 1;
+        }
+        if have == want {
+            continue;
+        }
+        let leak = have > want;
+        let fix = match mode {
+            CheckMode::All => true,
+            CheckMode::Leaks => leak,
+            CheckMode::Report => false,
+        };
+        let word = if leak {
+            "Leaked cluster"
+        } else {
+            "ERROR cluster"
+        };
+        let verb = if fix { "Repairing" } else { word };
+        r.messages
+            .push(format!("{verb} {c} refcount={have} reference={want}"));
+        if fix {
+            m.set_refcount(f, c, want).await?;
+            if leak {
+                r.leaks_fixed += 1
+            } else {
+                r.corruptions_fixed += 1
+            }
+        } else if leak {
+            r.leaks += 1;
+        } else {
+            r.corruptions += 1;
+        }
+    }
+    // COPIED flags of the active tables must match refcount == 1.
+    for (idx, raw, is_l1) in active_entries {
+        let host = raw & OFFSET_MASK;
+        let rc = m.refcount(f, host / cs).await?;
+        let want_copied = rc == 1;
+        if (raw & COPIED != 0) == want_copied {
+            continue;
+        }
+        let what = if is_l1 { "L1" } else { "L2" };
+        if mode == CheckMode::All {
+            r.messages.push(format!(
+                "Repairing OFLAG_COPIED {what} cluster: l1_index={idx} refcount={rc}"
+            ));
+            let fixed = if want_copied {
+                raw | COPIED
+            } else {
+                raw & !COPIED
+            };
+            if is_l1 {
+                m.l1[idx as usize] = fixed;
+                m.write_l1_entry(f, idx as usize).await?;
+            } else {
+                let (_, bmp) = m.get_l2(f, idx).await?;
+                m.set_l2(f, idx, fixed, bmp).await?;
+            }
+            r.corruptions_fixed += 1;
+        } else {
+            r.messages.push(format!(
+                "ERROR OFLAG_COPIED {what} cluster: index={idx} refcount={rc}"
+            ));
+            r.corruptions += 1;
+        }
+    }
+    if mode != CheckMode::Report {
+        m.flush(f).await?;
+        if r.corruptions == 0
+            && r.leaks == 0
+            && m.hdr.incompatible & super::header::INCOMPAT_DIRTY != 0
+        {
+            m.hdr.incompatible &= !super::header::INCOMPAT_DIRTY;
+            m.write_header(f).await?;
+        }
+    }
+    r.image_end_offset = end * cs;
+    Ok(r)
+}

@@ -1,0 +1,19 @@
+//! Spindle's block layer.
+//!
+//! A [`Node`] is one image in a backing chain: a `raw` file or block device,
+//! a `qcow2` image, or a `null` device. Every operation is an `async fn` that
+//! runs on the calling thread's [`spindle_io::Runtime`]; data moves directly
+//! between the caller's [`SgList`] and the image file. qcow2 metadata misses
+//! are awaited like any other I/O, so no call blocks the thread.
+#![deny(missing_docs)]
+
+mod error;
+pub mod formats;
+mod node;
+mod open;
+mod sg;
+
+pub use error::{BlockError, Result};
+pub use node::{BlockStatus, Extent, ImageInfo, Node};
+pub use open::{backing_path, open_image, parse_size, probe, Format, OpenConfig};
+pub use sg::SgList;

@@ -1,0 +1,274 @@
+//! The node interface every driver implements, dispatched by enum.
+
+use crate::error::{BlockError, Result};
+use crate::formats::{null::Null, qcow2::Qcow2, raw::Raw};
+use crate::sg::SgList;
+use std::path::Path;
+
+/// One image of a backing chain.
+pub enum Node {
+    /// A raw file or block device.
+    Raw(Raw),
+    /// A device that reads zeroes and accepts writes.
+    Null(Null),
+    /// A qcow2 image.
+    Qcow2(Box<Qcow2>),
+}
+
+/// What a range of the device is, as `qemu-img map` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length of the range in bytes.
+    pub len: u64,
+    /// Data is stored for it somewhere in the chain.
+    pub data: bool,
+    /// It reads as zeroes.
+    pub zero: bool,
+    /// Some image of the chain defines it.
+    pub present: bool,
+    /// Which image of the chain defines it (0 = this one).
+    pub depth: u32,
+    /// Offset in the defining image's file, when data sits there plainly.
+    pub offset: Option<u64>,
+    /// Stored compressed.
+    pub compressed: bool,
+}
+
+/// Allocation state of a range within one node, for block status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockStatus {
+    /// Stored here, at the given host offset if plain.
+    Data {
+        /// Host offset of the data, if it is stored uncompressed.
+        offset: Option<u64>,
+        /// Stored compressed.
+        compressed: bool,
+    },
+    /// Reads as zeroes, defined here.
+    Zero,
+    /// Not defined here: the backing image decides.
+    Unallocated,
+}
+
+/// What `info` reports about one image.
+#[derive(Debug, Clone, Default)]
+pub struct ImageInfo {
+    /// Format name (`raw`, `qcow2`, `null`).
+    pub format: &'static str,
+    /// Guest-visible size.
+    pub virtual_size: u64,
+    /// Cluster size (qcow2).
+    pub cluster_size: Option<u64>,
+    /// Backing file name as stored.
+    pub backing_file: Option<String>,
+    /// Backing format as stored.
+    pub backing_format: Option<String>,
+    /// Whether the dirty bit is set (qcow2 v3).
+    pub dirty: bool,
+    /// qcow2 specifics.
+    pub qcow2: Option<crate::formats::qcow2::Qcow2Info>,
+}
+
+fn range_check(offset: u64, len: u64, size: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(BlockError::OutOfRange { offset, len, size });
+    }
+    Ok(())
+}
+
+impl Node {
+    /// Guest-visible size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Node::Raw(d) => d.size(),
+            Node::Null(d) => d.size(),
+            Node::Qcow2(d) => d.size(),
+        }
+    }
+
+    /// The image's path (or spec, for `null`).
+    pub fn path(&self) -> &Path {
+        match self {
+            Node::Raw(d) => d.path(),
+            Node::Null(d) => d.path(),
+            Node::Qcow2(d) => d.path(),
+        }
+    }
+
+    /// The backing node, if any.
+    pub fn backing(&self) -> Option<&Node> {
+        match self {
+            Node::Qcow2(d) => d.backing(),
+            _ => None,
+        }
+    }
+
+    /// Whether writes are refused.
+    pub fn is_read_only(&self) -> bool {
+        match self {
+            Node::Raw(d) => d.is_read_only(),
+            Node::Null(_) => false,
+            Node::Qcow2(d) => d.is_read_only(),
+        }
+    }
+
+    /// Format, size and format-specific facts.
+    pub fn info(&self) -> ImageInfo {
+        match self {
+            Node::Raw(d) => ImageInfo {
+                format: "raw",
+                virtual_size: d.size(),
+                ..Default::default()
+            },
+            Node::Null(d) => ImageInfo {
+                format: "null",
+                virtual_size: d.size(),
+                ..Default::default()
+            },
+            Node::Qcow2(d) => d.info(),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub async fn read(&self, offset: u64, buf: &SgList<'_>) -> Result<()> {
+        range_check(offset, buf.len() as u64, self.size())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Node::Raw(d) => d.read(offset, buf).await,
+            Node::Null(_) => {
+                buf.fill_zero();
+                Ok(())
+            }
+            Node::Qcow2(d) => d.read(offset, buf).await,
+        }
+    }
+
+    /// Writes `buf` at `offset`; with `fua` it is durable on return.
+    pub async fn write(&self, offset: u64, buf: &SgList<'_>, fua: bool) -> Result<()> {
+        range_check(offset, buf.len() as u64, self.size())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Node::Raw(d) => d.write(offset, buf, fua).await,
+            Node::Null(_) => Ok(()),
+            Node::Qcow2(d) => d.write(offset, buf, fua).await,
+        }
+    }
+
+    /// Makes completed writes durable.
+    pub async fn flush(&self) -> Result<()> {
+        match self {
+            Node::Raw(d) => d.flush().await,
+            Node::Null(_) => Ok(()),
+            Node::Qcow2(d) => d.flush().await,
+        }
+    }
+
+    /// Drops a range's data; it may read as zeroes or as the backing afterwards
+    /// for raw, and as zeroes for qcow2 v3.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        range_check(offset, len, self.size())?;
+        match self {
+            Node::Raw(d) => d.discard(offset, len).await,
+            Node::Null(_) => Ok(()),
+            Node::Qcow2(d) => d.discard(offset, len).await,
+        }
+    }
+
+    /// Makes a range read as zeroes; `may_unmap` allows freeing its storage.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        range_check(offset, len, self.size())?;
+        match self {
+            Node::Raw(d) => d.write_zeroes(offset, len, may_unmap).await,
+            Node::Null(_) => Ok(()),
+            Node::Qcow2(d) => d.write_zeroes(offset, len, may_unmap).await,
+        }
+    }
+
+    /// Status of this node alone, for the range starting at `offset` and at
+    /// most `len` long. Returns the status and how far it extends.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
+        let len = len.min(self.size().saturating_sub(offset));
+        match self {
+            Node::Raw(d) => d.block_status(offset, len),
+            Node::Null(_) => Ok((BlockStatus::Zero, len)),
+            Node::Qcow2(d) => d.block_status(offset, len).await,
+        }
+    }
+
+    /// Status through the whole chain, as `qemu-img map` reports it.
+    pub async fn map_extent(&self, offset: u64, len: u64) -> Result<Extent> {
+        let mut node = self;
+        let mut depth = 0;
+        let mut len = len;
+        loop {
+            let (st, n) = node.block_status(offset, len).await?;
+            len = n;
+            let ext = |data, zero, offset, compressed| Extent {
+                len,
+                data,
+                zero,
+                present: true,
+                depth,
+                offset,
+                compressed,
+            };
+            match st {
+                BlockStatus::Data { offset, compressed } => {
+                    return Ok(ext(true, false, offset, compressed))
+                }
+                BlockStatus::Zero => return Ok(ext(false, true, None, false)),
+                BlockStatus::Unallocated => match node.backing() {
+                    Some(b) if offset < b.size() => {
+                        node = b;
+                        depth += 1;
+                        len = len.min(b.size() - offset);
+                    }
+                    _ => {
+                        return Ok(Extent {
+                            len,
+                            data: false,
+                            zero: true,
+                            present: false,
+                            depth,
+                            offset: None,
+                            compressed: false,
+                        })
+                    }
+                },
+            }
+        }
+    }
+
+    /// Changes the guest-visible size.
+    pub async fn resize(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        if new_size < self.size() && !allow_shrink {
+            return Err(BlockError::Invalid(format!(
+                "{}: shrinking from {} to {} bytes needs --shrink (data past the new end is lost)",
+                self.path().display(),
+                self.size(),
+                new_size
+            )));
+        }
+        match self {
+            Node::Raw(d) => d.resize(new_size),
+            Node::Null(d) => {
+                d.resize(new_size);
+                Ok(())
+            }
+            Node::Qcow2(d) => d.resize(new_size).await,
+        }
+    }
+
+    /// Writes back caches and marks the image clean. Call before dropping a
+    /// writable node.
+    pub async fn close(&self) -> Result<()> {
+        match self {
+            Node::Qcow2(d) => d.close().await,
+            other => other.flush().await,
+        }
+    }
+}

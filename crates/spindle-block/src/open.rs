@@ -1,0 +1,287 @@
+//! Opening images: format probing, backing chains, safety rules.
+
+use crate::error::{fmt_err, io_err, BlockError, Result};
+use crate::formats::{null::Null, qcow2, raw::Raw};
+use crate::node::Node;
+use spindle_io::{CacheMode, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// Longest backing chain Spindle follows.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// An image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Raw bytes.
+    Raw,
+    /// qcow2.
+    Qcow2,
+    /// The null device (`null:SIZE`).
+    Null,
+}
+
+impl std::str::FromStr for Format {
+    type Err = BlockError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            "null" | "null-co" => Ok(Format::Null),
+            _ => Err(BlockError::Invalid(format!(
+                "unknown format '{s}' (supported: raw, qcow2, null)"
+            ))),
+        }
+    }
+}
+
+impl Format {
+    /// The format's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Null => "null",
+        }
+    }
+}
+
+/// How to open an image (and its backing chain).
+#[derive(Debug, Clone)]
+pub struct OpenConfig {
+    /// Format; probed when `None`.
+    pub format: Option<Format>,
+    /// Cache mode of the top image (backing images use the same).
+    pub cache: CacheMode,
+    /// Open the top image read-only.
+    pub read_only: bool,
+    /// Open the backing chain; when false a qcow2 reads unallocated ranges as zeroes.
+    pub open_backing: bool,
+    /// qcow2 tunables.
+    pub qcow2: qcow2::Qcow2Options,
+}
+
+impl Default for OpenConfig {
+    fn default() -> Self {
+        OpenConfig {
+            format: None,
+            cache: CacheMode::Writeback,
+            read_only: false,
+            open_backing: true,
+            qcow2: Default::default(),
+        }
+    }
+}
+
+/// Parses `null:SIZE` (SIZE with an optional K/M/G/T suffix).
+pub fn parse_null_spec(spec: &str) -> Option<Result<u64>> {
+    let size = spec.strip_prefix("null:")?;
+    Some(
+        parse_size(size)
+            .ok_or_else(|| BlockError::Invalid(format!("invalid size in '{spec}' (e.g. null:1G)"))),
+    )
+}
+
+/// Parses a size with an optional binary suffix (k, M, G, T, P, E; bytes if none).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'B' => 0,
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                'E' => 60,
+                _ => return None,
+            };
+            (&s[..i], 1u64 << shift)
+        }
+        _ => (s, 1),
+    };
+    if num.contains('.') {
+        let v: f64 = num.parse().ok()?;
+        if !(v >= 0.0) {
+            return None;
+        }
+        let bytes = v * mult as f64;
+        return if bytes < u64::MAX as f64 {
+            Some(bytes as u64)
+        } else {
+            None
+        };
+    }
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// Reads the start of a file and guesses its format.
+pub fn probe(path: &Path) -> Result<Format> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(io_err(path, "cannot open"))?;
+    let mut head = [0u8; 4];
+    let n = f.read(&mut head).map_err(io_err(path, "cannot read"))?;
+    Ok(
+        if n == 4 && u32::from_be_bytes(head) == qcow2::header::MAGIC {
+            Format::Qcow2
+        } else {
+            Format::Raw
+        },
+    )
+}
+
+/// Opens `spec` (a path, or `null:SIZE`) and its backing chain.
+pub fn open_image(spec: &str, cfg: &OpenConfig) -> Result<Node> {
+    if let Some(size) = parse_null_spec(spec) {
+        return Ok(Node::Null(Null::new(size?)));
+    }
+    if cfg.format == Some(Format::Null) {
+        return Err(BlockError::Invalid(format!(
+            "'{spec}': the null format takes a spec like null:1G"
+        )));
+    }
+    let mut seen = Vec::new();
+    open_path(Path::new(spec), cfg.format, cfg, cfg.read_only, &mut seen)
+}
+
+fn open_path(
+    path: &Path,
+    format: Option<Format>,
+    cfg: &OpenConfig,
+    read_only: bool,
+    seen: &mut Vec<PathBuf>,
+) -> Result<Node> {
+    let canon = path.canonicalize().map_err(io_err(path, "cannot open"))?;
+    if seen.contains(&canon) {
+        return Err(fmt_err(path, "backing chain loops back to this image"));
+    }
+    if seen.len() >= MAX_CHAIN_DEPTH {
+        return Err(fmt_err(
+            path,
+            format!("backing chain is deeper than {MAX_CHAIN_DEPTH} images"),
+        ));
+    }
+    seen.push(canon);
+    let probed = format.is_none();
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?,
+    };
+    let file = File::open(
+        path,
+        OpenOptions {
+            cache: cfg.cache,
+            read_only,
+            create: false,
+        },
+    )?;
+    match format {
+        Format::Raw => Ok(Node::Raw(Raw::new(file, probed)?)),
+        Format::Null => Err(BlockError::Invalid("null images have no path".into())),
+        Format::Qcow2 => {
+            let q = qcow2::Qcow2::open(file, None, cfg.qcow2)?;
+            let info = q.info();
+            let backing = match (&info.backing_file, cfg.open_backing) {
+                (Some(name), true) => {
+                    let bpath = backing_path(path, name)?;
+                    let bfmt = match info.backing_format.as_deref() {
+                        Some(f) => Some(f.parse::<Format>().map_err(|_| {
+                            fmt_err(
+                                path,
+                                format!("backing format '{f}' is not supported (raw, qcow2)"),
+                            )
+                        })?),
+                        None => None,
+                    };
+                    if bfmt == Some(Format::Null) {
+                        return Err(fmt_err(path, "a null backing format is not allowed"));
+                    }
+                    let b = open_path(&bpath, bfmt, cfg, true, seen)
+                        .map_err(|e| fmt_err(path, format!("cannot open backing file: {e}")))?;
+                    Some(Box::new(b))
+                }
+                _ => None,
+            };
+            let q = qcow2::Qcow2::open(
+                File::open(
+                    path,
+                    OpenOptions {
+                        cache: cfg.cache,
+                        read_only,
+                        create: false,
+                    },
+                )?,
+                backing,
+                cfg.qcow2,
+            )?;
+            Ok(Node::Qcow2(Box::new(q)))
+        }
+    }
+}
+
+/// Resolves a backing file name from an image: only ever a local path,
+/// relative to the image's directory.
+pub fn backing_path(image: &Path, name: &str) -> Result<PathBuf> {
+    let looks_like_protocol = name.starts_with("json:")
+        || name.split_once(':').is_some_and(|(p, _)| {
+            !p.is_empty()
+                && !p.contains('/')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-')
+        });
+    if looks_like_protocol {
+        return Err(fmt_err(
+            image,
+            format!("backing file name '{name}' is not a local path; Spindle never follows protocols or json: specs from an image"),
+        ));
+    }
+    let p = Path::new(name);
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        image.parent().unwrap_or(Path::new(".")).join(p)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_null_specs() {
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("1.5k"), Some(1536));
+        assert_eq!(parse_size("10x"), None);
+        assert_eq!(parse_size("99999999999E"), None);
+        assert_eq!(parse_null_spec("null:4M").unwrap().unwrap(), 4 << 20);
+        assert!(parse_null_spec("null:abc").unwrap().is_err());
+    }
+
+    #[test]
+    fn backing_names_are_local_paths_only() {
+        let img = Path::new("/images/top.qcow2");
+        assert_eq!(
+            backing_path(img, "base.raw").unwrap(),
+            Path::new("/images/base.raw")
+        );
+        assert_eq!(
+            backing_path(img, "/abs/base").unwrap(),
+            Path::new("/abs/base")
+        );
+        for bad in [
+            "json:{\"driver\":\"nbd\"}",
+            "nbd:localhost:10809",
+            "http://x/y",
+            "file:/etc/passwd",
+        ] {
+            assert!(
+                backing_path(img, bad)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("not a local path"),
+                "{bad}"
+            );
+        }
+    }
+}

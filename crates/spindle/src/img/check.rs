@@ -1,0 +1,121 @@
+//! `spindle img check`: qemu-img's output and exit codes (0 clean, 1 check
+//! failed, 2 corruptions, 3 leaks only).
+
+use super::{format_arg, CliResult};
+use serde_json::json;
+use spindle_block::formats::qcow2::{check, CheckMode};
+use spindle_block::{BlockError, Node, OpenConfig};
+use spindle_io::CacheMode;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Format (probed if not given).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Repair: leaks or all.
+    #[arg(short = 'r')]
+    repair: Option<String>,
+    /// Output format: human or json.
+    #[arg(long, default_value = "human")]
+    output: String,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Image file.
+    filename: String,
+}
+
+pub async fn run(a: Args) -> CliResult<u8> {
+    let mode = match a.repair.as_deref() {
+        None => CheckMode::Report,
+        Some("leaks") => CheckMode::Leaks,
+        Some("all") => CheckMode::All,
+        Some(r) => {
+            return Err(BlockError::Invalid(format!(
+                "-r takes 'leaks' or 'all', not '{r}'"
+            )))
+        }
+    };
+    let cfg = OpenConfig {
+        format: format_arg(&a.format)?,
+        cache: CacheMode::Writeback,
+        read_only: mode == CheckMode::Report,
+        open_backing: false,
+        ..Default::default()
+    };
+    let node = spindle_block::open_image(&a.filename, &cfg)?;
+    let Node::Qcow2(q) = &node else {
+        eprintln!(
+            "spindle: {}: this image format does not support checks",
+            a.filename
+        );
+        return Ok(63);
+    };
+    let r = match check(q, mode).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("spindle: {e}");
+            return Ok(1);
+        }
+    };
+    if a.output == "json" {
+        let v = json!({
+            "image-end-offset": r.image_end_offset, "total-clusters": r.total_clusters,
+            "check-errors": r.check_errors, "allocated-clusters": r.allocated_clusters,
+            "filename": a.filename, "format": "qcow2",
+            "fragmented-clusters": r.fragmented_clusters, "compressed-clusters": r.compressed_clusters,
+            "leaks": r.leaks, "corruptions": r.corruptions,
+            "leaks-fixed": r.leaks_fixed, "corruptions-fixed": r.corruptions_fixed,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else if !a.quiet {
+        for m in &r.messages {
+            eprintln!("{m}");
+        }
+        if r.leaks_fixed + r.corruptions_fixed > 0 {
+            println!(
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+                r.leaks_fixed, r.corruptions_fixed
+            );
+        }
+        if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+            println!("No errors were found on the image.");
+        }
+        if r.corruptions > 0 {
+            println!("\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.", r.corruptions);
+        }
+        if r.leaks > 0 {
+            println!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.", r.leaks);
+        }
+        if r.total_clusters > 0 {
+            let pct = |n: u64| n as f64 * 100.0 / r.total_clusters as f64;
+            println!(
+                "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+                r.allocated_clusters,
+                r.total_clusters,
+                pct(r.allocated_clusters),
+                if r.allocated_clusters > 0 {
+                    r.fragmented_clusters as f64 * 100.0 / r.allocated_clusters as f64
+                } else {
+                    0.0
+                },
+                if r.allocated_clusters > 0 {
+                    r.compressed_clusters as f64 * 100.0 / r.allocated_clusters as f64
+                } else {
+                    0.0
+                },
+            );
+        }
+        println!("Image end offset: {}", r.image_end_offset);
+    }
+    node.close().await?;
+    Ok(if r.check_errors > 0 {
+        1
+    } else if r.corruptions > 0 {
+        2
+    } else if r.leaks > 0 {
+        3
+    } else {
+        0
+    })
+}

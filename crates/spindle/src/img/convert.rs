@@ -1,0 +1,261 @@
+//! `spindle img convert`: parallel, allocation-aware copy between images.
+
+use super::{cache_arg, format_arg, parse_opts, size_arg, CliResult};
+use futures::channel::oneshot;
+use indicatif::{ProgressBar, ProgressStyle};
+use spindle_block::formats::qcow2::CreateOptions;
+use spindle_block::{BlockError, Format, Node, SgList};
+use spindle_io::{spawn, AlignedBuf, CacheMode};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Source format (probed if not given).
+    #[arg(short = 'f')]
+    src_format: Option<String>,
+    /// Output format.
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// Compress the output (qcow2).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Output options (as for create).
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Parallel requests.
+    #[arg(short = 'm', default_value_t = 8)]
+    parallel: usize,
+    /// Allow out-of-order writes.
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Output cache mode.
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// Source cache mode.
+    #[arg(short = 'T')]
+    src_cache: Option<String>,
+    /// Minimum run of zeroes turned into holes (0 = write everything).
+    #[arg(short = 'S', default_value = "4k")]
+    sparse: String,
+    /// Backing file of the output.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Use an existing output image; do not create it.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Source image.
+    source: String,
+    /// Output image.
+    target: String,
+}
+
+const CHUNK: u64 = 2 << 20;
+
+struct Job {
+    src: Node,
+    dst: Node,
+    size: u64,
+    chunk: u64,
+    sparse: u64,
+    /// Zero ranges may be skipped: the fresh target already reads as zeroes.
+    target_zeroed: bool,
+    compress: bool,
+    ordered: bool,
+    next: Cell<u64>,
+    prev_done: RefCell<Option<oneshot::Receiver<()>>>,
+    bar: Option<ProgressBar>,
+}
+
+pub async fn run(a: Args) -> CliResult<()> {
+    let out_fmt: Format = a.out_format.parse()?;
+    let src_cache = cache_arg(&a.src_cache, CacheMode::Writeback)?;
+    let dst_cache = cache_arg(&a.cache, CacheMode::Writeback)?;
+    let src = super::open(&a.source, format_arg(&a.src_format)?, src_cache, true)?;
+    let size = src.size();
+    let pairs = parse_opts(&a.options)?;
+    if a.compress && out_fmt != Format::Qcow2 {
+        return Err(BlockError::Invalid(format!(
+            "-c needs an output format that supports compression (qcow2), not {}",
+            out_fmt.name()
+        )));
+    }
+    if a.parallel == 0 || a.parallel > 1024 {
+        return Err(BlockError::Invalid(
+            "-m takes a number of parallel requests from 1 to 1024".into(),
+        ));
+    }
+    let sparse = size_arg(&a.sparse)?;
+    if !a.no_create {
+        let mut base = CreateOptions {
+            size,
+            backing_file: a.backing.clone(),
+            ..Default::default()
+        };
+        if let Some(b) = &a.backing {
+            let bpath = spindle_block::backing_path(std::path::Path::new(&a.target), b)?;
+            base.backing_format = Some(spindle_block::probe(&bpath)?.name().to_string());
+        }
+        super::create::create_image(&a.target, out_fmt, &pairs, base).await?;
+    }
+    let dst = super::open(&a.target, Some(out_fmt), dst_cache, false)?;
+    if dst.size() < size {
+        return Err(BlockError::Invalid(format!(
+            "{}: output image is smaller than the source",
+            a.target
+        )));
+    }
+    let chunk = match &dst {
+        Node::Qcow2(q) => CHUNK.max(q.cluster_size()),
+        _ => CHUNK,
+    };
+    let bar = (a.progress && !a.quiet).then(|| {
+        let b = ProgressBar::new(size);
+        b.set_style(
+            ProgressStyle::with_template(
+                "    ({percent:>3}.00/100%) {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let job = Rc::new(Job {
+        src,
+        dst,
+        size,
+        chunk,
+        sparse,
+        target_zeroed: !a.no_create && a.backing.is_none(),
+        compress: a.compress,
+        ordered: !a.out_of_order,
+        next: Cell::new(0),
+        prev_done: RefCell::new(None),
+        bar,
+    });
+    let workers: Vec<_> = (0..a.parallel)
+        .map(|_| spawn(worker(job.clone())))
+        .collect();
+    let mut result = Ok(());
+    for w in workers {
+        if let Err(e) = w.await {
+            result = Err(e);
+        }
+    }
+    if let Some(b) = &job.bar {
+        b.finish();
+    }
+    result?;
+    job.dst.close().await
+}
+
+async fn worker(job: Rc<Job>) -> CliResult<()> {
+    let mut buf = AlignedBuf::new(job.chunk as usize, 4096);
+    loop {
+        let start = job.next.get();
+        if start >= job.size {
+            return Ok(());
+        }
+        let len = job.chunk.min(job.size - start);
+        job.next.set(start + len);
+        let (tx, rx) = oneshot::channel();
+        let wait = job.prev_done.replace(Some(rx));
+        let data = &mut buf[..len as usize];
+        let regions = read_chunk(&job, start, data).await?;
+        if job.ordered {
+            if let Some(w) = wait {
+                let _ = w.await;
+            }
+        }
+        write_chunk(&job, start, data, &regions).await?;
+        let _ = tx.send(());
+        if let Some(b) = &job.bar {
+            b.inc(len);
+        }
+    }
+}
+
+/// Reads a chunk; returns (offset in chunk, length, is_zero) regions.
+async fn read_chunk(
+    job: &Job,
+    start: u64,
+    data: &mut [u8],
+) -> CliResult<Vec<(usize, usize, bool)>> {
+    let len = data.len() as u64;
+    let mut regions = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let ext = job.src.map_extent(start + pos, len - pos).await?;
+        let n = ext.len.min(len - pos).max(1);
+        if ext.zero && !ext.data {
+            regions.push((pos as usize, n as usize, true));
+        } else {
+            let part = &mut data[pos as usize..(pos + n) as usize];
+            job.src.read(start + pos, &SgList::new(part)).await?;
+            split_sparse(part, pos as usize, job.sparse as usize, &mut regions);
+        }
+        pos += n;
+    }
+    Ok(regions)
+}
+
+/// Splits data into data/zero regions at `sparse` granularity.
+fn split_sparse(part: &[u8], base: usize, sparse: usize, out: &mut Vec<(usize, usize, bool)>) {
+    if sparse == 0 {
+        out.push((base, part.len(), false));
+        return;
+    }
+    for (i, blk) in part.chunks(sparse).enumerate() {
+        let zero = blk.iter().all(|&b| b == 0);
+        let off = base + i * sparse;
+        match out.last_mut() {
+            Some((o, l, z)) if *z == zero && *o + *l == off => *l += blk.len(),
+            _ => out.push((off, blk.len(), zero)),
+        }
+    }
+}
+
+async fn write_chunk(
+    job: &Job,
+    start: u64,
+    data: &mut [u8],
+    regions: &[(usize, usize, bool)],
+) -> CliResult<()> {
+    if job.compress {
+        if let Node::Qcow2(q) = &job.dst {
+            let cs = q.cluster_size() as usize;
+            for (i, c) in data.chunks(cs).enumerate() {
+                let off = start + (i * cs) as u64;
+                if c.iter().all(|&b| b == 0) && job.target_zeroed {
+                    continue;
+                }
+                if c.len() == cs {
+                    q.write_compressed(off / cs as u64, c).await?;
+                } else {
+                    job.dst
+                        .write(off, &SgList::new(&mut c.to_vec()), false)
+                        .await?;
+                }
+            }
+            return Ok(());
+        }
+    }
+    for &(off, len, zero) in regions {
+        let pos = start + off as u64;
+        if zero {
+            if !job.target_zeroed {
+                job.dst.write_zeroes(pos, len as u64, true).await?;
+            }
+        } else {
+            job.dst
+                .write(pos, &SgList::new(&mut data[off..off + len]), false)
+                .await?;
+        }
+    }
+    Ok(())
+}

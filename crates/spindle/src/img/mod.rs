@@ -1,0 +1,159 @@
+//! `spindle img`: qemu-img's job with qemu-img's names and flags.
+
+mod bench;
+mod check;
+mod compare;
+mod convert;
+mod create;
+mod info;
+mod map;
+mod resize;
+
+use clap::{Args, Subcommand};
+use spindle_block::{open_image, BlockError, Format, Node, OpenConfig};
+use spindle_io::{CacheMode, EngineKind, Runtime, RuntimeConfig};
+
+/// Errors of the CLI: one line each.
+pub type CliResult<T> = Result<T, BlockError>;
+
+#[derive(Args)]
+pub struct ImgArgs {
+    #[command(subcommand)]
+    cmd: ImgCmd,
+    /// I/O engine (io_uring, native, threads).
+    #[arg(long, global = true, default_value = "io_uring")]
+    aio: String,
+}
+
+#[derive(Subcommand)]
+enum ImgCmd {
+    /// Create an image.
+    Create(create::Args),
+    /// Show information about an image.
+    Info(info::Args),
+    /// Check an image's consistency (exit 0 clean, 1 failed, 2 corrupt, 3 leaks).
+    Check(check::Args),
+    /// Convert an image to another format.
+    Convert(convert::Args),
+    /// Compare two images' contents.
+    Compare(compare::Args),
+    /// Show how the image's ranges are stored.
+    Map(map::Args),
+    /// Change the virtual size.
+    Resize(resize::Args),
+    /// Run a simple I/O benchmark.
+    Bench(bench::Args),
+}
+
+/// Runs an `img` subcommand; returns the process exit code.
+pub fn run(a: ImgArgs) -> CliResult<u8> {
+    let mut engine: EngineKind = a.aio.parse()?;
+    if let ImgCmd::Bench(b) = &a.cmd {
+        engine = b.engine()?.unwrap_or(engine);
+    }
+    let rt = Runtime::new(RuntimeConfig {
+        engine,
+        depth: 256,
+        threads: 8,
+    })?;
+    match a.cmd {
+        ImgCmd::Create(x) => rt.block_on(create::run(x)).map(|_| 0),
+        ImgCmd::Info(x) => rt.block_on(info::run(x)).map(|_| 0),
+        ImgCmd::Check(x) => rt.block_on(check::run(x)),
+        ImgCmd::Convert(x) => rt.block_on(convert::run(x)).map(|_| 0),
+        ImgCmd::Compare(x) => rt.block_on(compare::run(x)),
+        ImgCmd::Map(x) => rt.block_on(map::run(x)).map(|_| 0),
+        ImgCmd::Resize(x) => rt.block_on(resize::run(x)).map(|_| 0),
+        ImgCmd::Bench(x) => rt.block_on(bench::run(x)).map(|_| 0),
+    }
+}
+
+/// Parses a `-f`/`-O` format name.
+pub fn format_arg(f: &Option<String>) -> CliResult<Option<Format>> {
+    f.as_deref().map(str::parse).transpose()
+}
+
+/// Parses a `-t`/`-T` cache mode.
+pub fn cache_arg(c: &Option<String>, default: CacheMode) -> CliResult<CacheMode> {
+    Ok(match c {
+        Some(c) => c.parse()?,
+        None => default,
+    })
+}
+
+/// Opens an image for a command.
+pub fn open(
+    spec: &str,
+    format: Option<Format>,
+    cache: CacheMode,
+    read_only: bool,
+) -> CliResult<Node> {
+    open_image(
+        spec,
+        &OpenConfig {
+            format,
+            cache,
+            read_only,
+            ..Default::default()
+        },
+    )
+}
+
+/// Parses a size argument like `10G` or `+1G` (the sign is handled by callers).
+pub fn size_arg(s: &str) -> CliResult<u64> {
+    spindle_block::parse_size(s)
+        .ok_or_else(|| BlockError::Invalid(format!("invalid size '{s}' (e.g. 512, 64k, 10G)")))
+}
+
+/// qemu-img's human size: "1 GiB", "196 KiB", "1.5 MiB".
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        return format!("{n} B");
+    }
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    let s: String = if s.len() > 4 && s.contains('.') {
+        // qemu keeps three significant digits
+        let digits = s.split('.').next().unwrap_or("").len();
+        format!("{v:.prec$}", prec = 3usize.saturating_sub(digits))
+    } else {
+        s.to_string()
+    };
+    format!(
+        "{} {}",
+        s.trim_end_matches('0').trim_end_matches('.'),
+        UNITS[u]
+    )
+}
+
+/// Parses `-o key=value,key=value`; several `-o` are joined.
+pub fn parse_opts(opts: &[String]) -> CliResult<Vec<(String, String)>> {
+    let mut v = Vec::new();
+    for o in opts {
+        for kv in o.split(',').filter(|s| !s.is_empty()) {
+            let (k, val) = kv.split_once('=').unwrap_or((kv, "on"));
+            v.push((k.trim().to_string(), val.trim().to_string()));
+        }
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_size;
+
+    #[test]
+    fn human_sizes_like_qemu() {
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(196 * 1024), "196 KiB");
+        assert_eq!(human_size(1536 * 1024), "1.5 MiB");
+        assert_eq!(human_size(512), "512 B");
+    }
+}

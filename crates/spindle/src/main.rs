@@ -1,0 +1,44 @@
+//! `spindle`: the command-line entry point.
+
+mod img;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Spindle: a virtual-disk data plane for KVM/QEMU guests.
+#[derive(Parser)]
+#[command(name = "spindle", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Image tools with qemu-img's names and flags.
+    Img(img::ImgArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SPINDLE_LOG"))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    match cli.cmd {
+        Cmd::Img(a) => match img::run(a) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("spindle: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
