@@ -217,9 +217,7 @@ impl Node {
                 compressed,
             };
             match st {
-                BlockStatus::Data { offset, compressed } => {
-                    return Ok(ext(true, false, offset, compressed))
-                }
+                BlockStatus::Data { offset, compressed } => return Ok(ext(true, false, offset, compressed)),
                 BlockStatus::Zero => return Ok(ext(false, true, None, false)),
                 BlockStatus::Unallocated => match node.backing() {
                     Some(b) if offset < b.size() => {

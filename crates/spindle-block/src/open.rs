@@ -75,10 +75,7 @@ impl Default for OpenConfig {
 /// Parses `null:SIZE` (SIZE with an optional K/M/G/T suffix).
 pub fn parse_null_spec(spec: &str) -> Option<Result<u64>> {
     let size = spec.strip_prefix("null:")?;
-    Some(
-        parse_size(size)
-            .ok_or_else(|| BlockError::Invalid(format!("invalid size in '{spec}' (e.g. null:1G)"))),
-    )
+    Some(parse_size(size).ok_or_else(|| BlockError::Invalid(format!("invalid size in '{spec}' (e.g. null:1G)"))))
 }
 
 /// Parses a size with an optional binary suffix (k, M, G, T, P, E; bytes if none).
@@ -102,7 +99,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
     };
     if num.contains('.') {
         let v: f64 = num.parse().ok()?;
-        if !(v >= 0.0) {
+        if v.is_nan() || v < 0.0 {
             return None;
         }
         let bytes = v * mult as f64;
@@ -121,13 +118,11 @@ pub fn probe(path: &Path) -> Result<Format> {
     let mut f = std::fs::File::open(path).map_err(io_err(path, "cannot open"))?;
     let mut head = [0u8; 4];
     let n = f.read(&mut head).map_err(io_err(path, "cannot read"))?;
-    Ok(
-        if n == 4 && u32::from_be_bytes(head) == qcow2::header::MAGIC {
-            Format::Qcow2
-        } else {
-            Format::Raw
-        },
-    )
+    Ok(if n == 4 && u32::from_be_bytes(head) == qcow2::header::MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
 }
 
 /// Opens `spec` (a path, or `null:SIZE`) and its backing chain.
@@ -186,10 +181,7 @@ fn open_path(
                     let bpath = backing_path(path, name)?;
                     let bfmt = match info.backing_format.as_deref() {
                         Some(f) => Some(f.parse::<Format>().map_err(|_| {
-                            fmt_err(
-                                path,
-                                format!("backing format '{f}' is not supported (raw, qcow2)"),
-                            )
+                            fmt_err(path, format!("backing format '{f}' is not supported (raw, qcow2)"))
                         })?),
                         None => None,
                     };
@@ -224,10 +216,7 @@ fn open_path(
 pub fn backing_path(image: &Path, name: &str) -> Result<PathBuf> {
     let looks_like_protocol = name.starts_with("json:")
         || name.split_once(':').is_some_and(|(p, _)| {
-            !p.is_empty()
-                && !p.contains('/')
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-')
+            !p.is_empty() && !p.contains('/') && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-')
         });
     if looks_like_protocol {
         return Err(fmt_err(
@@ -261,14 +250,8 @@ mod tests {
     #[test]
     fn backing_names_are_local_paths_only() {
         let img = Path::new("/images/top.qcow2");
-        assert_eq!(
-            backing_path(img, "base.raw").unwrap(),
-            Path::new("/images/base.raw")
-        );
-        assert_eq!(
-            backing_path(img, "/abs/base").unwrap(),
-            Path::new("/abs/base")
-        );
+        assert_eq!(backing_path(img, "base.raw").unwrap(), Path::new("/images/base.raw"));
+        assert_eq!(backing_path(img, "/abs/base").unwrap(), Path::new("/abs/base"));
         for bad in [
             "json:{\"driver\":\"nbd\"}",
             "nbd:localhost:10809",

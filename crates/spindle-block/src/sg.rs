@@ -64,10 +64,7 @@ impl<'a> SgList<'a> {
     /// segments must not overlap, and nothing else may rely on the contents
     /// of that memory staying unchanged while the list is used.
     pub unsafe fn from_raw(segs: impl IntoIterator<Item = (*mut u8, usize)>) -> Self {
-        let segs: Vec<Seg> = segs
-            .into_iter()
-            .map(|(ptr, len)| Seg { ptr, len })
-            .collect();
+        let segs: Vec<Seg> = segs.into_iter().map(|(ptr, len)| Seg { ptr, len }).collect();
         let len = segs.iter().map(|s| s.len).sum();
         SgList {
             segs,
@@ -103,10 +100,8 @@ impl<'a> SgList<'a> {
             }
             let n = (s.len - skip).min(want);
             // SAFETY: skip < s.len, so the pointer stays inside the segment.
-            segs.push(Seg {
-                ptr: unsafe { s.ptr.add(skip) },
-                len: n,
-            });
+            let ptr = unsafe { s.ptr.add(skip) };
+            segs.push(Seg { ptr, len: n });
             want -= n;
             skip = 0;
         }

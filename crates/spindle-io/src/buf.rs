@@ -56,12 +56,7 @@ impl DerefMut for AlignedBuf {
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "AlignedBuf({} bytes, align {})",
-            self.len,
-            self.layout.align()
-        )
+        write!(f, "AlignedBuf({} bytes, align {})", self.len, self.layout.align())
     }
 }
 

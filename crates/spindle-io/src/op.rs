@@ -63,41 +63,43 @@ impl Op {
     /// The iovec pointers must be valid as described on [`Op`].
     pub unsafe fn run_blocking(&self) -> i32 {
         let ret: i64 = match *self {
-            // SAFETY: the caller guarantees iov points to iovcnt valid iovecs.
             Op::Readv {
                 fd,
                 iov,
                 iovcnt,
                 offset,
-            } => unsafe { libc::preadv(fd, iov, iovcnt as i32, offset as i64) as i64 },
-            // SAFETY: as above.
+            } => {
+                // SAFETY: the caller guarantees iov points to iovcnt valid iovecs.
+                unsafe { libc::preadv(fd, iov, iovcnt as i32, offset as i64) as i64 }
+            }
             Op::Writev {
                 fd,
                 iov,
                 iovcnt,
                 offset,
                 flags,
-            } => unsafe { libc::pwritev2(fd, iov, iovcnt as i32, offset as i64, flags) as i64 },
-            // SAFETY: plain syscalls on a descriptor, no memory involved.
-            Op::Fsync { fd, datasync } => unsafe {
-                if datasync {
-                    libc::fdatasync(fd) as i64
-                } else {
-                    libc::fsync(fd) as i64
-                }
-            },
-            // SAFETY: plain syscall on a descriptor, no memory involved.
-            Op::Fallocate {
-                fd,
-                mode,
-                offset,
-                len,
-            } => unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) as i64 },
+            } => {
+                // SAFETY: as above.
+                unsafe { libc::pwritev2(fd, iov, iovcnt as i32, offset as i64, flags) as i64 }
+            }
+            Op::Fsync { fd, datasync } => {
+                // SAFETY: plain syscalls on a descriptor, no memory involved.
+                let r = unsafe {
+                    if datasync {
+                        libc::fdatasync(fd)
+                    } else {
+                        libc::fsync(fd)
+                    }
+                };
+                r as i64
+            }
+            Op::Fallocate { fd, mode, offset, len } => {
+                // SAFETY: plain syscall on a descriptor, no memory involved.
+                unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) as i64 }
+            }
         };
         if ret < 0 {
-            -std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO)
+            -std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
         } else {
             ret.min(i32::MAX as i64) as i32
         }

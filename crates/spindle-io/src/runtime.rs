@@ -68,8 +68,7 @@ impl RunQueue {
         self.tasks.lock().ok()?.pop_front()
     }
     fn has_work(&self) -> bool {
-        self.main_woken.load(Ordering::Acquire)
-            || self.tasks.lock().map(|q| !q.is_empty()).unwrap_or(false)
+        self.main_woken.load(Ordering::Acquire) || self.tasks.lock().map(|q| !q.is_empty()).unwrap_or(false)
     }
 }
 
@@ -212,10 +211,8 @@ impl Inner {
         let mut slots = self.slots.borrow_mut();
         for (token, res) in reaped.drain(..) {
             if let Some(slot) = slots.get_mut(token as usize) {
-                if let Slot::Waiting(w) = std::mem::replace(slot, Slot::Done(res)) {
-                    if let Some(w) = w {
-                        w.wake();
-                    }
+                if let Slot::Waiting(Some(w)) = std::mem::replace(slot, Slot::Done(res)) {
+                    w.wake();
                 }
             }
         }
@@ -372,10 +369,7 @@ impl Drop for OpFuture {
         // Cancelled while in flight: the kernel may still touch the buffers, so
         // wait for this op before the caller's memory can be released.
         loop {
-            if matches!(
-                self.rt.slots.borrow().get(token),
-                Some(Slot::Done(_)) | None
-            ) {
+            if matches!(self.rt.slots.borrow().get(token), Some(Slot::Done(_)) | None) {
                 break;
             }
             if self.rt.submit_and_reap() == 0 {

@@ -108,10 +108,7 @@ impl Raw {
     }
 
     pub(crate) async fn flush(&self) -> Result<()> {
-        self.file
-            .flush()
-            .await
-            .map_err(io_err(self.path(), "flush failed"))
+        self.file.flush().await.map_err(io_err(self.path(), "flush failed"))
     }
 
     pub(crate) async fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -180,9 +177,7 @@ impl Raw {
                 self.path().display()
             )));
         }
-        self.file
-            .set_len(size)
-            .map_err(io_err(self.path(), "resize failed"))?;
+        self.file.set_len(size).map_err(io_err(self.path(), "resize failed"))?;
         self.size.store(size, Ordering::Relaxed);
         Ok(())
     }

@@ -85,10 +85,7 @@ impl AioEngine {
     }
 
     fn reap_some(&mut self, out: &mut Vec<(u64, i32)>) -> usize {
-        let zero = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: events has room for events.len() entries; the timeout makes it non-blocking.
         let n = unsafe {
             libc::syscall(
@@ -105,10 +102,7 @@ impl AioEngine {
         }
         for ev in &self.events[..n as usize] {
             let slot = ev.data as usize;
-            out.push((
-                self.tokens[slot],
-                ev.res.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
-            ));
+            out.push((self.tokens[slot], ev.res.clamp(i32::MIN as i64, i32::MAX as i64) as i32));
             self.free.push(slot);
             self.in_flight -= 1;
         }
@@ -131,26 +125,8 @@ impl Engine for AioEngine {
                 iovcnt,
                 offset,
                 flags,
-            } => (
-                fd,
-                IOCB_CMD_PWRITEV,
-                iov as u64,
-                iovcnt as u64,
-                offset,
-                flags,
-            ),
-            Op::Fsync { fd, datasync } => (
-                fd,
-                if datasync {
-                    IOCB_CMD_FDSYNC
-                } else {
-                    IOCB_CMD_FSYNC
-                },
-                0,
-                0,
-                0,
-                0,
-            ),
+            } => (fd, IOCB_CMD_PWRITEV, iov as u64, iovcnt as u64, offset, flags),
+            Op::Fsync { fd, datasync } => (fd, if datasync { IOCB_CMD_FDSYNC } else { IOCB_CMD_FSYNC }, 0, 0, 0, 0),
             Op::Fallocate { .. } => return Err(Unsupported),
         };
         // Out of slots: wait for the kernel to give some back. This only happens
@@ -185,20 +161,9 @@ impl Engine for AioEngine {
 
     fn submit(&mut self) -> io::Result<()> {
         while !self.pending.is_empty() {
-            let ptrs: Vec<*mut Iocb> = self
-                .pending
-                .iter()
-                .map(|&s| &mut self.iocbs[s] as *mut Iocb)
-                .collect();
+            let ptrs: Vec<*mut Iocb> = self.pending.iter().map(|&s| &mut self.iocbs[s] as *mut Iocb).collect();
             // SAFETY: every pointer refers to an iocb in our arena, which outlives the op.
-            let n = unsafe {
-                libc::syscall(
-                    libc::SYS_io_submit,
-                    self.ctx,
-                    ptrs.len() as libc::c_long,
-                    ptrs.as_ptr(),
-                )
-            };
+            let n = unsafe { libc::syscall(libc::SYS_io_submit, self.ctx, ptrs.len() as libc::c_long, ptrs.as_ptr()) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EAGAIN) {

@@ -17,7 +17,8 @@ pub struct UringEngine {
 impl UringEngine {
     /// Creates a ring with `depth` submission entries.
     pub fn new(depth: u32) -> io::Result<Self> {
-        let ring = IoUring::builder().build(depth.clamp(8, 4096).next_power_of_two())?;
+        let depth = depth.clamp(8, 4096).next_power_of_two();
+        let ring = IoUring::builder().setup_cqsize(depth * 8).build(depth)?;
         let efd = new_eventfd()?;
         ring.submitter().register_eventfd(efd.as_raw_fd())?;
         Ok(UringEngine {
@@ -35,9 +36,7 @@ impl UringEngine {
                 iov,
                 iovcnt,
                 offset,
-            } => opcode::Readv::new(types::Fd(fd), iov, iovcnt)
-                .offset(offset)
-                .build(),
+            } => opcode::Readv::new(types::Fd(fd), iov, iovcnt).offset(offset).build(),
             Op::Writev {
                 fd,
                 iov,
@@ -56,12 +55,7 @@ impl UringEngine {
                 };
                 opcode::Fsync::new(types::Fd(fd)).flags(flags).build()
             }
-            Op::Fallocate {
-                fd,
-                mode,
-                offset,
-                len,
-            } => opcode::Fallocate::new(types::Fd(fd), len)
+            Op::Fallocate { fd, mode, offset, len } => opcode::Fallocate::new(types::Fd(fd), len)
                 .offset(offset)
                 .mode(mode)
                 .build(),
@@ -89,7 +83,9 @@ impl Engine for UringEngine {
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        if self.queued == 0 {
+        // With completions parked in the kernel's overflow list, entering the
+        // kernel (with GETEVENTS, which the crate adds) moves them to the ring.
+        if self.queued == 0 && !self.ring.submission().cq_overflow() {
             return Ok(());
         }
         match self.ring.submit() {
@@ -103,10 +99,14 @@ impl Engine for UringEngine {
     }
 
     fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
-        let cq = self.ring.completion();
-        for cqe in cq {
-            out.push((cqe.user_data(), cqe.result()));
-            self.in_flight -= 1;
+        loop {
+            for cqe in self.ring.completion() {
+                out.push((cqe.user_data(), cqe.result()));
+                self.in_flight -= 1;
+            }
+            if !self.ring.submission().cq_overflow() || self.ring.submit().is_err() {
+                return;
+            }
         }
     }
 

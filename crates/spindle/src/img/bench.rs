@@ -59,12 +59,7 @@ pub async fn run(a: Args) -> CliResult<()> {
 
 async fn bench(a: Args) -> CliResult<()> {
     let cache = cache_arg(&a.cache, CacheMode::Writeback)?;
-    let node = Rc::new(super::open(
-        &a.filename,
-        format_arg(&a.format)?,
-        cache,
-        !a.write,
-    )?);
+    let node = Rc::new(super::open(&a.filename, format_arg(&a.format)?, cache, !a.write)?);
     let bs = size_arg(&a.size)?;
     let step = match &a.step {
         Some(s) => size_arg(s)?,
@@ -78,9 +73,7 @@ async fn bench(a: Args) -> CliResult<()> {
         )));
     }
     if a.depth == 0 || a.depth > 4096 {
-        return Err(BlockError::Invalid(
-            "-d takes a queue depth from 1 to 4096".into(),
-        ));
+        return Err(BlockError::Invalid("-d takes a queue depth from 1 to 4096".into()));
     }
     println!(
         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
@@ -124,9 +117,6 @@ async fn bench(a: Args) -> CliResult<()> {
     if a.write {
         node.close().await?;
     }
-    println!(
-        "Run completed in {:.3} seconds.",
-        t0.elapsed().as_secs_f64()
-    );
+    println!("Run completed in {:.3} seconds.", t0.elapsed().as_secs_f64());
     Ok(())
 }

@@ -30,11 +30,7 @@ pub async fn run(a: Args) -> CliResult<u8> {
         None => CheckMode::Report,
         Some("leaks") => CheckMode::Leaks,
         Some("all") => CheckMode::All,
-        Some(r) => {
-            return Err(BlockError::Invalid(format!(
-                "-r takes 'leaks' or 'all', not '{r}'"
-            )))
-        }
+        Some(r) => return Err(BlockError::Invalid(format!("-r takes 'leaks' or 'all', not '{r}'"))),
     };
     let cfg = OpenConfig {
         format: format_arg(&a.format)?,
@@ -45,10 +41,7 @@ pub async fn run(a: Args) -> CliResult<u8> {
     };
     let node = spindle_block::open_image(&a.filename, &cfg)?;
     let Node::Qcow2(q) = &node else {
-        eprintln!(
-            "spindle: {}: this image format does not support checks",
-            a.filename
-        );
+        eprintln!("spindle: {}: this image format does not support checks", a.filename);
         return Ok(63);
     };
     let r = match check(q, mode).await {
@@ -85,7 +78,10 @@ pub async fn run(a: Args) -> CliResult<u8> {
             println!("\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.", r.corruptions);
         }
         if r.leaks > 0 {
-            println!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.", r.leaks);
+            println!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
+                r.leaks
+            );
         }
         if r.total_clusters > 0 {
             let pct = |n: u64| n as f64 * 100.0 / r.total_clusters as f64;

@@ -118,10 +118,8 @@ pub async fn run(a: Args) -> CliResult<()> {
     let bar = (a.progress && !a.quiet).then(|| {
         let b = ProgressBar::new(size);
         b.set_style(
-            ProgressStyle::with_template(
-                "    ({percent:>3}.00/100%) {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("    ({percent:>3}.00/100%) {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         b
     });
@@ -138,9 +136,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         prev_done: RefCell::new(None),
         bar,
     });
-    let workers: Vec<_> = (0..a.parallel)
-        .map(|_| spawn(worker(job.clone())))
-        .collect();
+    let workers: Vec<_> = (0..a.parallel).map(|_| spawn(worker(job.clone()))).collect();
     let mut result = Ok(());
     for w in workers {
         if let Err(e) = w.await {
@@ -181,11 +177,7 @@ async fn worker(job: Rc<Job>) -> CliResult<()> {
 }
 
 /// Reads a chunk; returns (offset in chunk, length, is_zero) regions.
-async fn read_chunk(
-    job: &Job,
-    start: u64,
-    data: &mut [u8],
-) -> CliResult<Vec<(usize, usize, bool)>> {
+async fn read_chunk(job: &Job, start: u64, data: &mut [u8]) -> CliResult<Vec<(usize, usize, bool)>> {
     let len = data.len() as u64;
     let mut regions = Vec::new();
     let mut pos = 0;
@@ -220,12 +212,7 @@ fn split_sparse(part: &[u8], base: usize, sparse: usize, out: &mut Vec<(usize, u
     }
 }
 
-async fn write_chunk(
-    job: &Job,
-    start: u64,
-    data: &mut [u8],
-    regions: &[(usize, usize, bool)],
-) -> CliResult<()> {
+async fn write_chunk(job: &Job, start: u64, data: &mut [u8], regions: &[(usize, usize, bool)]) -> CliResult<()> {
     if job.compress {
         if let Node::Qcow2(q) = &job.dst {
             let cs = q.cluster_size() as usize;
@@ -237,9 +224,7 @@ async fn write_chunk(
                 if c.len() == cs {
                     q.write_compressed(off / cs as u64, c).await?;
                 } else {
-                    job.dst
-                        .write(off, &SgList::new(&mut c.to_vec()), false)
-                        .await?;
+                    job.dst.write(off, &SgList::new(&mut c.to_vec()), false).await?;
                 }
             }
             return Ok(());

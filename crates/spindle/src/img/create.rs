@@ -40,10 +40,7 @@ fn bool_opt(k: &str, v: &str) -> CliResult<bool> {
 }
 
 /// Builds qcow2 create options from `-o` pairs.
-pub fn qcow2_options(
-    pairs: &[(String, String)],
-    o: &mut CreateOptions,
-) -> CliResult<Preallocation> {
+pub fn qcow2_options(pairs: &[(String, String)], o: &mut CreateOptions) -> CliResult<Preallocation> {
     let invalid = |m: String| BlockError::Invalid(m);
     for (k, v) in pairs {
         match k.as_str() {
@@ -56,9 +53,7 @@ pub fn qcow2_options(
                 }
             }
             "refcount_bits" => {
-                o.refcount_bits = v
-                    .parse()
-                    .map_err(|_| invalid(format!("invalid refcount_bits '{v}'")))?
+                o.refcount_bits = v.parse().map_err(|_| invalid(format!("invalid refcount_bits '{v}'")))?
             }
             "lazy_refcounts" => o.lazy_refcounts = bool_opt(k, v)?,
             "extended_l2" => o.extended_l2 = bool_opt(k, v)?,
@@ -66,11 +61,7 @@ pub fn qcow2_options(
                 o.compression = match v.as_str() {
                     "zlib" => Compression::Zlib,
                     "zstd" => Compression::Zstd,
-                    _ => {
-                        return Err(invalid(format!(
-                            "invalid compression_type '{v}' (zlib, zstd)"
-                        )))
-                    }
+                    _ => return Err(invalid(format!("invalid compression_type '{v}' (zlib, zstd)"))),
                 }
             }
             "preallocation" => o.preallocation = v.parse().map_err(invalid)?,
@@ -110,9 +101,7 @@ pub async fn create_image(
                 }
             }
             if base.backing_file.is_some() {
-                return Err(BlockError::Invalid(
-                    "raw images cannot have a backing file".into(),
-                ));
+                return Err(BlockError::Invalid("raw images cannot have a backing file".into()));
             }
             create_raw(path, size, prealloc).await
         }
@@ -164,12 +153,7 @@ pub async fn run(a: Args) -> CliResult<()> {
             Some(b) => {
                 let bpath = spindle_block::backing_path(Path::new(&a.filename), b)?;
                 let fmt = format_arg(&base.backing_format)?;
-                let node = super::open(
-                    bpath.to_str().unwrap_or(b),
-                    fmt,
-                    spindle_io::CacheMode::Writeback,
-                    true,
-                )?;
+                let node = super::open(bpath.to_str().unwrap_or(b), fmt, spindle_io::CacheMode::Writeback, true)?;
                 node.size()
             }
             None => {
@@ -181,19 +165,11 @@ pub async fn run(a: Args) -> CliResult<()> {
         },
     };
     if base.backing_file.is_some() && base.backing_format.is_none() {
-        let bpath = spindle_block::backing_path(
-            Path::new(&a.filename),
-            base.backing_file.as_deref().unwrap_or(""),
-        )?;
+        let bpath = spindle_block::backing_path(Path::new(&a.filename), base.backing_file.as_deref().unwrap_or(""))?;
         base.backing_format = Some(spindle_block::probe(&bpath)?.name().to_string());
     }
     if !a.quiet {
-        println!(
-            "Formatting '{}', fmt={} size={}",
-            a.filename,
-            format.name(),
-            base.size
-        );
+        println!("Formatting '{}', fmt={} size={}", a.filename, format.name(), base.size);
     }
     create_image(&a.filename, format, &pairs, base).await
 }

@@ -51,10 +51,7 @@ fn to_json(node: &Node, info: &ImageInfo) -> Value {
     if let Some(b) = &info.backing_file {
         m.insert("backing-filename".into(), json!(b));
         if let Some(bn) = node.backing() {
-            m.insert(
-                "full-backing-filename".into(),
-                json!(bn.path().display().to_string()),
-            );
+            m.insert("full-backing-filename".into(), json!(bn.path().display().to_string()));
         }
     }
     if let Some(f) = &info.backing_format {
@@ -94,12 +91,7 @@ fn human(node: &Node, info: &ImageInfo) -> String {
 }
 
 pub async fn run(a: Args) -> CliResult<()> {
-    let node = super::open(
-        &a.filename,
-        format_arg(&a.format)?,
-        CacheMode::Writeback,
-        true,
-    )?;
+    let node = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, true)?;
     let mut chain = vec![&node];
     if a.backing_chain {
         while let Some(b) = chain[chain.len() - 1].backing() {

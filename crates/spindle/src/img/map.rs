@@ -59,12 +59,7 @@ pub async fn extents(node: &Node) -> CliResult<Vec<(u64, Extent)>> {
 }
 
 pub async fn run(a: Args) -> CliResult<()> {
-    let node = super::open(
-        &a.filename,
-        format_arg(&a.format)?,
-        CacheMode::Writeback,
-        true,
-    )?;
+    let node = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, true)?;
     let ex = extents(&node).await?;
     match a.output.as_str() {
         "json" => {

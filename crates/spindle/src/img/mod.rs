@@ -82,12 +82,7 @@ pub fn cache_arg(c: &Option<String>, default: CacheMode) -> CliResult<CacheMode>
 }
 
 /// Opens an image for a command.
-pub fn open(
-    spec: &str,
-    format: Option<Format>,
-    cache: CacheMode,
-    read_only: bool,
-) -> CliResult<Node> {
+pub fn open(spec: &str, format: Option<Format>, cache: CacheMode, read_only: bool) -> CliResult<Node> {
     open_image(
         spec,
         &OpenConfig {
@@ -101,8 +96,7 @@ pub fn open(
 
 /// Parses a size argument like `10G` or `+1G` (the sign is handled by callers).
 pub fn size_arg(s: &str) -> CliResult<u64> {
-    spindle_block::parse_size(s)
-        .ok_or_else(|| BlockError::Invalid(format!("invalid size '{s}' (e.g. 512, 64k, 10G)")))
+    spindle_block::parse_size(s).ok_or_else(|| BlockError::Invalid(format!("invalid size '{s}' (e.g. 512, 64k, 10G)")))
 }
 
 /// qemu-img's human size: "1 GiB", "196 KiB", "1.5 MiB".
@@ -126,11 +120,7 @@ pub fn human_size(n: u64) -> String {
     } else {
         s.to_string()
     };
-    format!(
-        "{} {}",
-        s.trim_end_matches('0').trim_end_matches('.'),
-        UNITS[u]
-    )
+    format!("{} {}", s.trim_end_matches('0').trim_end_matches('.'), UNITS[u])
 }
 
 /// Parses `-o key=value,key=value`; several `-o` are joined.

@@ -22,12 +22,7 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> CliResult<()> {
-    let node = super::open(
-        &a.filename,
-        format_arg(&a.format)?,
-        CacheMode::Writeback,
-        false,
-    )?;
+    let node = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, false)?;
     let cur = node.size();
     let new = if let Some(s) = a.size.strip_prefix('+') {
         cur.checked_add(size_arg(s)?)
@@ -36,9 +31,7 @@ pub async fn run(a: Args) -> CliResult<()> {
     } else {
         Some(size_arg(&a.size)?)
     }
-    .ok_or_else(|| {
-        spindle_block::BlockError::Invalid(format!("new size {} is out of range", a.size))
-    })?;
+    .ok_or_else(|| spindle_block::BlockError::Invalid(format!("new size {} is out of range", a.size)))?;
     node.resize(new, a.shrink).await?;
     node.close().await?;
     if !a.quiet {

@@ -43,10 +43,9 @@ impl TableCache {
     pub fn get(&mut self, off: u64) -> Option<&mut Entry> {
         self.tick += 1;
         let t = self.tick;
-        self.map.get_mut(&off).map(|e| {
-            e.used = t;
-            e
-        })
+        let e = self.map.get_mut(&off)?;
+        e.used = t;
+        Some(e)
     }
     /// Whether inserting needs an eviction first.
     pub fn full(&self) -> bool {
@@ -54,10 +53,7 @@ impl TableCache {
     }
     /// The least recently used piece: (offset, dirty).
     pub fn victim(&self) -> Option<(u64, bool)> {
-        self.map
-            .iter()
-            .min_by_key(|(_, e)| e.used)
-            .map(|(&o, e)| (o, e.dirty))
+        self.map.iter().min_by_key(|(_, e)| e.used).map(|(&o, e)| (o, e.dirty))
     }
     /// Drops a piece (the caller wrote it back if it was dirty).
     pub fn remove(&mut self, off: u64) -> Option<Entry> {
@@ -72,12 +68,7 @@ impl TableCache {
     }
     /// Offsets of dirty pieces, sorted for sequential write-back.
     pub fn dirty(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .map
-            .iter()
-            .filter(|(_, e)| e.dirty)
-            .map(|(&o, _)| o)
-            .collect();
+        let mut v: Vec<u64> = self.map.iter().filter(|(_, e)| e.dirty).map(|(&o, _)| o).collect();
         v.sort_unstable();
         v
     }
@@ -149,7 +140,7 @@ mod tests {
             } else {
                 (1u64 << (1 << order)) - 1
             };
-            let n = 512 * 8 >> order;
+            let n = (512 * 8) >> order;
             for i in 0..n {
                 set_refcount(&mut b, order, i, (i as u64 * 7) & max);
             }

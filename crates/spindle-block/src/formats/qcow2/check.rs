@@ -123,11 +123,10 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
             if l2_off == 0 {
                 continue;
             }
-            if l2_off % cs != 0 || l2_off >= file_len {
+            if !l2_off.is_multiple_of(cs) || l2_off >= file_len {
                 r.corruptions += 1;
-                r.messages.push(format!(
-                    "ERROR l2_offset=0x{l2_off:x}: invalid L2 table offset"
-                ));
+                r.messages
+                    .push(format!("ERROR l2_offset=0x{l2_off:x}: invalid L2 table offset"));
                 continue;
             }
             inc(&mut refs, l2_off, cs);
@@ -136,20 +135,16 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
             }
             // QEMU counts a data cluster once per L1 that reaches it, even
             // through an L2 table that several L1s share.
-            if !tables.contains_key(&l2_off) {
+            if let std::collections::hash_map::Entry::Vacant(v) = tables.entry(l2_off) {
                 let mut t = vec![0u8; cs as usize];
                 f.read_at(l2_off, &mut t)
                     .await
                     .map_err(io_err(q.path(), "L2 table read failed"))?;
-                tables.insert(l2_off, t);
+                v.insert(t);
             }
             let t = &tables[&l2_off];
             for j in 0..(1usize << l2_bits) {
-                let raw = u64::from_be_bytes(
-                    t[j * 8 * words..j * 8 * words + 8]
-                        .try_into()
-                        .unwrap_or_default(),
-                );
+                let raw = u64::from_be_bytes(t[j * 8 * words..j * 8 * words + 8].try_into().unwrap_or_default());
                 let gc = ((i as u64) << l2_bits) + j as u64;
                 if raw & COMPRESSED != 0 {
                     let (off, len) = compressed_extent(raw, hdr.cluster_bits);
@@ -164,9 +159,11 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
                 if host == 0 {
                     continue;
                 }
-                if host % cs != 0 {
+                if !host.is_multiple_of(cs) {
                     r.corruptions += 1;
-                    r.messages.push(format!("ERROR offset=0x{host:x}: Cluster is not properly aligned; L2 entry corrupted."));
+                    r.messages.push(format!(
+                        "ERROR offset=0x{host:x}: Cluster is not properly aligned; L2 entry corrupted."
+                    ));
                     continue;
                 }
                 inc(&mut refs, host, cs);
@@ -205,14 +202,9 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
             CheckMode::Leaks => leak,
             CheckMode::Report => false,
         };
-        let word = if leak {
-            "Leaked cluster"
-        } else {
-            "ERROR cluster"
-        };
+        let word = if leak { "Leaked cluster" } else { "ERROR cluster" };
         let verb = if fix { "Repairing" } else { word };
-        r.messages
-            .push(format!("{verb} {c} refcount={have} reference={want}"));
+        r.messages.push(format!("{verb} {c} refcount={have} reference={want}"));
         if fix {
             m.set_refcount(f, c, want).await?;
             if leak {
@@ -239,11 +231,7 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
             r.messages.push(format!(
                 "Repairing OFLAG_COPIED {what} cluster: l1_index={idx} refcount={rc}"
             ));
-            let fixed = if want_copied {
-                raw | COPIED
-            } else {
-                raw & !COPIED
-            };
+            let fixed = if want_copied { raw | COPIED } else { raw & !COPIED };
             if is_l1 {
                 m.l1[idx as usize] = fixed;
                 m.write_l1_entry(f, idx as usize).await?;
@@ -253,18 +241,14 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
             }
             r.corruptions_fixed += 1;
         } else {
-            r.messages.push(format!(
-                "ERROR OFLAG_COPIED {what} cluster: index={idx} refcount={rc}"
-            ));
+            r.messages
+                .push(format!("ERROR OFLAG_COPIED {what} cluster: index={idx} refcount={rc}"));
             r.corruptions += 1;
         }
     }
     if mode != CheckMode::Report {
         m.flush(f).await?;
-        if r.corruptions == 0
-            && r.leaks == 0
-            && m.hdr.incompatible & super::header::INCOMPAT_DIRTY != 0
-        {
+        if r.corruptions == 0 && r.leaks == 0 && m.hdr.incompatible & super::header::INCOMPAT_DIRTY != 0 {
             m.hdr.incompatible &= !super::header::INCOMPAT_DIRTY;
             m.write_header(f).await?;
         }

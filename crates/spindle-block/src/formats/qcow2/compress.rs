@@ -12,10 +12,7 @@ pub fn decompress(kind: Compression, input: &[u8], cluster_size: usize) -> Resul
             let mut d = flate2::Decompress::new(false);
             match d.decompress(input, &mut out, flate2::FlushDecompress::Finish) {
                 Ok(_) if d.total_out() as usize == cluster_size => Ok(out),
-                Ok(_) => Err(format!(
-                    "inflated to {} bytes, expected {cluster_size}",
-                    d.total_out()
-                )),
+                Ok(_) => Err(format!("inflated to {} bytes, expected {cluster_size}", d.total_out())),
                 Err(e) => Err(format!("corrupt deflate data: {e}")),
             }
         }

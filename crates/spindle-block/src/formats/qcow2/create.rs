@@ -1,8 +1,6 @@
 //! Creating qcow2 images with qemu-img's options.
 
-use super::header::{
-    Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
-};
+use super::header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2};
 use super::meta::COPIED;
 use super::{Qcow2, Qcow2Options};
 use crate::error::{io_err, BlockError, Result};
@@ -87,9 +85,7 @@ impl CreateOptions {
     fn validate(&self) -> std::result::Result<(), String> {
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-            return Err(format!(
-                "cluster size {cs} must be a power of two between 512 and 2M"
-            ));
+            return Err(format!("cluster size {cs} must be a power of two between 512 and 2M"));
         }
         if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
             return Err(format!(
@@ -100,12 +96,8 @@ impl CreateOptions {
         if self.version == 2 && self.refcount_bits != 16 {
             return Err("compat=0.10 supports only refcount_bits=16".into());
         }
-        if self.version == 2
-            && (self.lazy_refcounts || self.extended_l2 || self.compression != Compression::Zlib)
-        {
-            return Err(
-                "lazy_refcounts, extended_l2 and compression_type=zstd need compat=1.1".into(),
-            );
+        if self.version == 2 && (self.lazy_refcounts || self.extended_l2 || self.compression != Compression::Zlib) {
+            return Err("lazy_refcounts, extended_l2 and compression_type=zstd need compat=1.1".into());
         }
         if self.extended_l2 && cs < 16384 {
             return Err("extended_l2 needs a cluster size of at least 16K".into());
@@ -141,11 +133,7 @@ pub async fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible,
-        compatible: if opts.lazy_refcounts {
-            COMPAT_LAZY_REFCOUNTS
-        } else {
-            0
-        },
+        compatible: if opts.lazy_refcounts { COMPAT_LAZY_REFCOUNTS } else { 0 },
         autoclear: 0,
         refcount_order: opts.refcount_bits.trailing_zeros(),
         compression: opts.compression,
@@ -201,8 +189,7 @@ async fn preallocate(q: &Qcow2, mode: Preallocation) -> Result<()> {
         m.set_l2(&q.file, gc, 0, 0).await?;
         let base = m.alloc_clusters(&q.file, n).await?;
         for i in 0..n {
-            m.set_l2(&q.file, gc + i, (base + i * cs) | COPIED, full)
-                .await?;
+            m.set_l2(&q.file, gc + i, (base + i * cs) | COPIED, full).await?;
         }
         let end = base + n * cs;
         match mode {
@@ -224,9 +211,7 @@ async fn preallocate(q: &Qcow2, mode: Preallocation) -> Result<()> {
             _ => {}
         }
         if q.file.len().map_err(io_err(q.path(), "cannot get size"))? < end {
-            q.file
-                .set_len(end)
-                .map_err(io_err(q.path(), "cannot extend"))?;
+            q.file.set_len(end).map_err(io_err(q.path(), "cannot extend"))?;
         }
         gc += n;
     }

@@ -190,10 +190,7 @@ impl Header {
             h.autoclear = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             header_len = be32(buf, 100) as usize;
-            if header_len < 104
-                || header_len % 8 != 0
-                || header_len as u64 > cs.min(buf.len() as u64)
-            {
+            if header_len < 104 || !header_len.is_multiple_of(8) || header_len as u64 > cs.min(buf.len() as u64) {
                 return Err(format!("invalid header_length {header_len}"));
             }
             if h.refcount_order > 6 {
@@ -205,11 +202,8 @@ impl Header {
                     1 => Compression::Zstd,
                     t => return Err(format!("unknown compression type {t}")),
                 };
-                if h.compression != Compression::Zlib && h.incompatible & INCOMPAT_COMPRESSION == 0
-                {
-                    return Err(
-                        "compression type set without the compression-type feature bit".into(),
-                    );
+                if h.compression != Compression::Zlib && h.incompatible & INCOMPAT_COMPRESSION == 0 {
+                    return Err("compression type set without the compression-type feature bit".into());
                 }
             }
         }
@@ -236,14 +230,10 @@ impl Header {
             }
             let data = &buf[off..off + len];
             match kind {
-                EXT_BACKING_FORMAT => {
-                    h.backing_format = Some(String::from_utf8_lossy(data).into_owned())
-                }
+                EXT_BACKING_FORMAT => h.backing_format = Some(String::from_utf8_lossy(data).into_owned()),
                 EXT_FEATURE_TABLE => {
                     for e in data.chunks_exact(48) {
-                        let name = String::from_utf8_lossy(&e[2..])
-                            .trim_end_matches('\0')
-                            .to_string();
+                        let name = String::from_utf8_lossy(&e[2..]).trim_end_matches('\0').to_string();
                         h.feature_names.push((e[0], e[1], name));
                     }
                 }
@@ -260,16 +250,12 @@ impl Header {
             let mut names = String::new();
             for bit in 0..64 {
                 if unknown & (1 << bit) != 0 {
-                    let n = h
-                        .feature_names
-                        .iter()
-                        .find(|(t, b, _)| *t == 0 && *b == bit as u8);
+                    let n = h.feature_names.iter().find(|(t, b, _)| *t == 0 && *b == bit as u8);
                     let _ = write!(
                         names,
                         "{}{}",
                         if names.is_empty() { "" } else { ", " },
-                        n.map(|n| n.2.clone())
-                            .unwrap_or_else(|| format!("bit {bit}"))
+                        n.map(|n| n.2.clone()).unwrap_or_else(|| format!("bit {bit}"))
                     );
                 }
             }
@@ -283,21 +269,14 @@ impl Header {
         let bl = be32(buf, 16);
         if bo != 0 {
             if bl > MAX_BACKING_NAME || bo.saturating_add(bl as u64) > limit as u64 {
-                return Err(
-                    "backing file name is too long or lies outside the first cluster".into(),
-                );
+                return Err("backing file name is too long or lies outside the first cluster".into());
             }
-            h.backing_file = Some(
-                String::from_utf8_lossy(&buf[bo as usize..(bo + bl as u64) as usize]).into_owned(),
-            );
+            h.backing_file = Some(String::from_utf8_lossy(&buf[bo as usize..(bo + bl as u64) as usize]).into_owned());
         }
         // Table sanity, with QEMU's caps.
-        let aligned = |o: u64| o % cs == 0;
+        let aligned = |o: u64| o.is_multiple_of(cs);
         if h.l1_size as u64 * 8 > MAX_L1_BYTES {
-            return Err(format!(
-                "L1 table of {} entries exceeds the 32 MiB limit",
-                h.l1_size
-            ));
+            return Err(format!("L1 table of {} entries exceeds the 32 MiB limit", h.l1_size));
         }
         let need = Header::l1_entries_for(h.size, cluster_bits, h.l2_bits());
         if (h.l1_size as u64) < need {
@@ -306,23 +285,13 @@ impl Header {
                 h.l1_size
             ));
         }
-        if h.l1_size > 0
-            && (!aligned(h.l1_table_offset)
-                || h.l1_table_offset == 0
-                || h.l1_table_offset >= file_len)
-        {
-            return Err(format!(
-                "L1 table offset 0x{:x} is invalid",
-                h.l1_table_offset
-            ));
+        if h.l1_size > 0 && (!aligned(h.l1_table_offset) || h.l1_table_offset == 0 || h.l1_table_offset >= file_len) {
+            return Err(format!("L1 table offset 0x{:x} is invalid", h.l1_table_offset));
         }
         if h.refcount_table_clusters as u64 * cs > MAX_REFTABLE_BYTES {
             return Err("refcount table exceeds the 8 MiB limit".into());
         }
-        if h.refcount_table_clusters == 0
-            || !aligned(h.refcount_table_offset)
-            || h.refcount_table_offset == 0
-        {
+        if h.refcount_table_clusters == 0 || !aligned(h.refcount_table_offset) || h.refcount_table_offset == 0 {
             return Err(format!(
                 "refcount table offset 0x{:x} is invalid",
                 h.refcount_table_offset
@@ -335,23 +304,14 @@ impl Header {
             ));
         }
         if h.nb_snapshots > 0 && (!aligned(h.snapshots_offset) || h.snapshots_offset >= file_len) {
-            return Err(format!(
-                "snapshot table offset 0x{:x} is invalid",
-                h.snapshots_offset
-            ));
+            return Err(format!("snapshot table offset 0x{:x} is invalid", h.snapshots_offset));
         }
         let overlaps = |a: u64, al: u64, b: u64, bl: u64| a < b + bl && b < a + al;
         let l1_bytes = (h.l1_size as u64 * 8).div_ceil(cs) * cs;
         let rt_bytes = h.refcount_table_clusters as u64 * cs;
         if h.l1_size > 0 && overlaps(h.l1_table_offset, l1_bytes, 0, cs)
             || overlaps(h.refcount_table_offset, rt_bytes, 0, cs)
-            || (h.l1_size > 0
-                && overlaps(
-                    h.l1_table_offset,
-                    l1_bytes,
-                    h.refcount_table_offset,
-                    rt_bytes,
-                ))
+            || (h.l1_size > 0 && overlaps(h.l1_table_offset, l1_bytes, h.refcount_table_offset, rt_bytes))
         {
             return Err("metadata tables overlap each other or the header".into());
         }
@@ -486,7 +446,8 @@ mod tests {
     #[test]
     fn hostile_headers_are_refused_with_a_reason() {
         let good = sample().serialize().unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (
                 Box::new(|b| b[20..24].copy_from_slice(&30u32.to_be_bytes())),
                 "cluster_bits",
@@ -495,10 +456,7 @@ mod tests {
                 Box::new(|b| b[36..40].copy_from_slice(&u32::MAX.to_be_bytes())),
                 "32 MiB",
             ),
-            (
-                Box::new(|b| b[56..60].copy_from_slice(&1000u32.to_be_bytes())),
-                "8 MiB",
-            ),
+            (Box::new(|b| b[56..60].copy_from_slice(&1000u32.to_be_bytes())), "8 MiB"),
             (
                 Box::new(|b| b[60..64].copy_from_slice(&70000u32.to_be_bytes())),
                 "snapshots exceed",

@@ -54,13 +54,7 @@ pub struct Meta {
 
 impl Meta {
     /// Builds the state from tables read at open time.
-    pub fn new(
-        hdr: Header,
-        l1: Vec<u64>,
-        rc_table: Vec<u64>,
-        file_len: u64,
-        l2_cache: (usize, usize),
-    ) -> Meta {
+    pub fn new(hdr: Header, l1: Vec<u64>, rc_table: Vec<u64>, file_len: u64, l2_cache: (usize, usize)) -> Meta {
         let cs = hdr.cluster_size() as usize;
         let rc_cap = ((1usize << 20) / cs).max(8);
         Meta {
@@ -115,7 +109,7 @@ impl Meta {
     }
 
     fn check_table_offset(&self, f: &File, off: u64, what: &str) -> Result<()> {
-        if off % self.cs() != 0 || off == 0 {
+        if !off.is_multiple_of(self.cs()) || off == 0 {
             return Err(fmt_err(
                 f.path(),
                 format!("{what} offset 0x{off:x} is not cluster aligned; the image is corrupt"),
@@ -143,20 +137,13 @@ impl Meta {
         let w = self.entry_words();
         let e = self.l2_slice(f, slice_off).await?;
         let raw = get_be64(&e.buf, idx * w);
-        let bmp = if w == 2 {
-            get_be64(&e.buf, idx * 2 + 1)
-        } else {
-            0
-        };
+        let bmp = if w == 2 { get_be64(&e.buf, idx * 2 + 1) } else { 0 };
         Ok((raw, bmp))
     }
 
     fn slice_pos(&self, l2_off: u64, l2i: usize) -> (u64, usize) {
         let per = self.l2.piece_size() / (8 * self.entry_words());
-        (
-            l2_off + (l2i / per * self.l2.piece_size()) as u64,
-            l2i % per,
-        )
+        (l2_off + (l2i / per * self.l2.piece_size()) as u64, l2i % per)
     }
 
     async fn l2_slice(&mut self, f: &File, off: u64) -> Result<&mut super::cache::Entry> {
@@ -242,12 +229,7 @@ impl Meta {
     }
 
     async fn flush_l2_range(&mut self, f: &File, start: u64, end: u64) -> Result<()> {
-        let dirty: Vec<u64> = self
-            .l2
-            .dirty()
-            .into_iter()
-            .filter(|&o| o >= start && o < end)
-            .collect();
+        let dirty: Vec<u64> = self.l2.dirty().into_iter().filter(|&o| o >= start && o < end).collect();
         if !dirty.is_empty() {
             self.flush_refcounts(f).await?;
             for o in dirty {
@@ -304,12 +286,7 @@ impl Meta {
     }
 
     /// Adds `delta` to the refcount of host cluster `c`.
-    pub fn update_refcount<'a>(
-        &'a mut self,
-        f: &'a File,
-        c: u64,
-        delta: i64,
-    ) -> LocalBoxFuture<'a, Result<()>> {
+    pub fn update_refcount<'a>(&'a mut self, f: &'a File, c: u64, delta: i64) -> LocalBoxFuture<'a, Result<()>> {
         async move {
             let cur = self.refcount(f, c).await?;
             let new = cur as i128 + delta as i128;
@@ -332,12 +309,7 @@ impl Meta {
 
     /// Sets the refcount of host cluster `c`, creating refcount blocks and
     /// growing the refcount table as needed.
-    pub fn set_refcount<'a>(
-        &'a mut self,
-        f: &'a File,
-        c: u64,
-        v: u64,
-    ) -> LocalBoxFuture<'a, Result<()>> {
+    pub fn set_refcount<'a>(&'a mut self, f: &'a File, c: u64, v: u64) -> LocalBoxFuture<'a, Result<()>> {
         async move {
             let bi = (c >> self.rb_bits()) as usize;
             if bi >= self.rc_table.len() {
@@ -360,11 +332,8 @@ impl Meta {
                         self.rc.remove(victim);
                     }
                 }
-                self.rc.insert(
-                    x * cs,
-                    AlignedBuf::new(cs as usize, f.alignment().mem.max(512)),
-                    true,
-                );
+                self.rc
+                    .insert(x * cs, AlignedBuf::new(cs as usize, f.alignment().mem.max(512)), true);
                 self.rc_table[bi] = x * cs;
                 self.rc_table_dirty = true;
                 self.set_refcount(f, x, 1).await?;
@@ -389,7 +358,10 @@ impl Meta {
         let want = min_entries.max(self.rc_table.len() * 3 / 2) + per_cluster;
         let clusters = want.div_ceil(per_cluster) as u64;
         if clusters * cs > MAX_REFTABLE_BYTES {
-            return Err(fmt_err(f.path(), "the refcount table would exceed 8 MiB; the image is too large for its cluster size"));
+            return Err(fmt_err(
+                f.path(),
+                "the refcount table would exceed 8 MiB; the image is too large for its cluster size",
+            ));
         }
         let old_off = self.hdr.refcount_table_offset;
         let old_clusters = self.hdr.refcount_table_clusters as u64;
@@ -488,18 +460,14 @@ impl Meta {
 
     /// Allocates `n` contiguous free clusters (refcount 1). Returns the host offset.
     pub async fn alloc_clusters(&mut self, f: &File, n: u64) -> Result<u64> {
+        // First run of n clusters with refcount 0; clusters past the end are free.
         let mut start = self.free_hint;
-        'search: loop {
-            for c in start..start + n {
-                if c >= self.end {
-                    break;
-                }
-                if self.refcount(f, c).await? != 0 {
-                    start = c + 1;
-                    continue 'search;
-                }
+        let mut c = start;
+        while c < start + n && c < self.end {
+            if self.refcount(f, c).await? != 0 {
+                start = c + 1;
             }
-            break;
+            c += 1;
         }
         if self.free_hint == start {
             self.free_hint = start + n;
@@ -516,7 +484,7 @@ impl Meta {
     pub async fn alloc_bytes(&mut self, f: &File, len: u64) -> Result<u64> {
         let cs = self.cs();
         let next = self.compressed_next;
-        if next != 0 && next % cs != 0 && next % cs + len <= cs {
+        if next != 0 && !next.is_multiple_of(cs) && next % cs + len <= cs {
             self.update_refcount(f, next / cs, 1).await?;
             self.compressed_next = next + len;
             return Ok(next);
@@ -535,8 +503,7 @@ impl Meta {
                 self.update_refcount(f, c, -1).await?;
             }
         } else if raw & OFFSET_MASK != 0 {
-            self.update_refcount(f, (raw & OFFSET_MASK) / cs, -1)
-                .await?;
+            self.update_refcount(f, (raw & OFFSET_MASK) / cs, -1).await?;
         }
         Ok(())
     }

@@ -84,6 +84,10 @@ pub struct Qcow2 {
     backing: Option<Box<Node>>,
     read_only: bool,
     lazy: bool,
+    /// Opened writable with the dirty bit set: refcounts may be stale and are
+    /// rebuilt before the first allocation.
+    repair_pending: std::sync::atomic::AtomicBool,
+    repair_lock: Mutex<()>,
 }
 
 /// Offset and byte length of a compressed cluster's data.
@@ -95,13 +99,7 @@ pub(crate) fn compressed_extent(raw: u64, cluster_bits: u32) -> (u64, u64) {
     (off, len)
 }
 
-fn read_table(
-    f: &std::fs::File,
-    off: u64,
-    entries: usize,
-    path: &Path,
-    what: &str,
-) -> Result<Vec<u64>> {
+fn read_table(f: &std::fs::File, off: u64, entries: usize, path: &Path, what: &str) -> Result<Vec<u64>> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; entries * 8];
     f.read_exact_at(&mut buf, off)
@@ -125,25 +123,16 @@ impl Qcow2 {
             .read_exact_at(&mut first, 0)
             .map_err(io_err(&path, "cannot read header"))?;
         let hdr = Header::parse(&first, file_len).map_err(|m| fmt_err(&path, m))?;
-        let mut read_only = file.is_read_only();
+        let read_only = file.is_read_only();
         if hdr.incompatible & INCOMPAT_CORRUPT != 0 && !read_only {
-            return Err(fmt_err(&path, "image is marked corrupt; open it read-only or repair it with 'spindle img check -r all'"));
+            return Err(fmt_err(
+                &path,
+                "image is marked corrupt; open it read-only or repair it with 'spindle img check -r all'",
+            ));
         }
-        let l1 = read_table(
-            &plain,
-            hdr.l1_table_offset,
-            hdr.l1_size as usize,
-            &path,
-            "L1 table",
-        )?;
+        let l1 = read_table(&plain, hdr.l1_table_offset, hdr.l1_size as usize, &path, "L1 table")?;
         let rct_entries = (hdr.refcount_table_clusters as u64 * hdr.cluster_size() / 8) as usize;
-        let rct = read_table(
-            &plain,
-            hdr.refcount_table_offset,
-            rct_entries,
-            &path,
-            "refcount table",
-        )?;
+        let rct = read_table(&plain, hdr.refcount_table_offset, rct_entries, &path, "refcount table")?;
         let cs = hdr.cluster_size();
         let slice = opts
             .l2_cache_entry_size
@@ -156,16 +145,12 @@ impl Qcow2 {
         let cache = opts.l2_cache_size.unwrap_or(cover.clamp(1 << 20, 32 << 20));
         let slices = (cache / slice).max(4) as usize;
         let ext_l2 = hdr.extended_l2();
-        if hdr.incompatible & INCOMPAT_DIRTY != 0 {
-            read_only = read_only || false;
-        }
+        let dirty = hdr.incompatible & INCOMPAT_DIRTY != 0;
         let q = Qcow2 {
+            repair_pending: std::sync::atomic::AtomicBool::new(dirty && !read_only),
+            repair_lock: Mutex::new(()),
             cluster_bits: hdr.cluster_bits,
-            sub_bits: if ext_l2 {
-                hdr.cluster_bits - 5
-            } else {
-                hdr.cluster_bits
-            },
+            sub_bits: if ext_l2 { hdr.cluster_bits - 5 } else { hdr.cluster_bits },
             ext_l2,
             v3: hdr.version == 3,
             compression: hdr.compression,
@@ -310,8 +295,7 @@ impl Qcow2 {
             let (p, n) = self.map_piece(&mut m, pos, off + len - pos).await?;
             match (out.last_mut(), p) {
                 (Some((_, l, Piece::Data(h))), Piece::Data(h2)) if *h + *l == h2 => *l += n,
-                (Some((_, l, Piece::Zero)), Piece::Zero)
-                | (Some((_, l, Piece::Backing)), Piece::Backing) => *l += n,
+                (Some((_, l, Piece::Zero)), Piece::Zero) | (Some((_, l, Piece::Backing)), Piece::Backing) => *l += n,
                 _ => out.push((pos, n, p)),
             }
             pos += n;
@@ -374,10 +358,7 @@ impl Qcow2 {
 
     async fn read_compressed(&self, raw: u64) -> Result<Vec<u8>> {
         let (off, len) = compressed_extent(raw, self.cluster_bits);
-        let file_len = self
-            .file
-            .len()
-            .map_err(io_err(self.path(), "cannot get size"))?;
+        let file_len = self.file.len().map_err(io_err(self.path(), "cannot get size"))?;
         let len = len.min(file_len.saturating_sub(off));
         let mut cbuf = vec![0u8; len as usize];
         self.file
@@ -393,12 +374,10 @@ impl Qcow2 {
         if self.read_only {
             return Err(self.ro_err());
         }
+        self.repair_if_dirty().await?;
         let cs = 1u64 << self.cluster_bits;
         let len = buf.len() as u64;
-        let (first, last) = (
-            off >> self.cluster_bits,
-            (off + len - 1) >> self.cluster_bits,
-        );
+        let (first, last) = (off >> self.cluster_bits, (off + len - 1) >> self.cluster_bits);
         let mut m = self.meta.lock().await;
         loop {
             let waiting = m
@@ -413,7 +392,7 @@ impl Qcow2 {
         }
         self.mark_dirty(&mut m).await?;
         // Classify clusters: in place, or needing a new cluster.
-        let mut in_place: Vec<(u64, u64)> = Vec::new(); // (guest pos, host)
+        let mut in_place: Vec<(u64, u64, u64)> = Vec::new(); // (guest pos, host, len)
         let mut allocs: Vec<(u64, u64)> = Vec::new(); // (guest cluster, old raw entry)
         for gc in first..=last {
             let (raw, bmp) = m.get_l2(&self.file, gc).await?;
@@ -431,15 +410,20 @@ impl Qcow2 {
                 raw & ZERO == 0
             };
             if normal && fits {
-                in_place.push((pos, (raw & OFFSET_MASK) + (pos & (cs - 1))));
+                let host = (raw & OFFSET_MASK) + (pos & (cs - 1));
+                let n = ((gc + 1) * cs).min(off + len) - pos;
+                match in_place.last_mut() {
+                    // Contiguous in guest and host: one write.
+                    Some((p, h, l)) if *p + *l == pos && *h + *l == host => *l += n,
+                    _ => in_place.push((pos, host, n)),
+                }
             } else {
                 allocs.push((gc, raw));
             }
         }
         if allocs.is_empty() {
             drop(m);
-            let writes = in_place.iter().map(|&(pos, host)| {
-                let n = (((pos >> self.cluster_bits) + 1) * cs).min(off + len) - pos;
+            let writes = in_place.iter().map(|&(pos, host, n)| {
                 let part = buf.slice((pos - off) as usize, n as usize);
                 async move { self.write_host(host, &part, fua).await }
             });
@@ -456,9 +440,7 @@ impl Qcow2 {
             lock,
         });
         drop(m);
-        let result = self
-            .write_allocating(off, buf, fua, &in_place, &allocs, base)
-            .await;
+        let result = self.write_allocating(off, buf, fua, &in_place, &allocs, base).await;
         let mut m = self.meta.lock().await;
         let installed = match result {
             Ok(()) => self.install(&mut m, &allocs, base).await,
@@ -488,54 +470,71 @@ impl Qcow2 {
     }
 
     /// Data phase of an allocating write: new clusters get the request's bytes
-    /// plus copy-on-write of what the request does not cover.
+    /// plus copy-on-write of what the request does not cover. New clusters
+    /// are contiguous on the host, so each run of consecutive guest clusters
+    /// is one vectored write.
     async fn write_allocating(
         &self,
         off: u64,
         buf: &SgList<'_>,
         fua: bool,
-        in_place: &[(u64, u64)],
+        in_place: &[(u64, u64, u64)],
         allocs: &[(u64, u64)],
         base: u64,
     ) -> Result<()> {
         let cs = 1u64 << self.cluster_bits;
         let len = buf.len() as u64;
-        let mem = self.file.alignment().mem.max(512);
         let mut jobs = Vec::new();
-        for &(pos, host) in in_place {
-            let n = (((pos >> self.cluster_bits) + 1) * cs).min(off + len) - pos;
+        for &(pos, host, n) in in_place {
             let part = buf.slice((pos - off) as usize, n as usize);
             jobs.push(async move { self.write_host(host, &part, fua).await }.boxed_local());
         }
-        for (i, &(gc, _)) in allocs.iter().enumerate() {
+        let mut i = 0;
+        while i < allocs.len() {
+            let mut j = i + 1;
+            while j < allocs.len() && allocs[j].0 == allocs[j - 1].0 + 1 {
+                j += 1;
+            }
             let host = base + i as u64 * cs;
-            let cstart = gc * cs;
-            let (a, b) = (off.max(cstart), (off + len).min(cstart + cs));
+            let (gstart, gend) = (allocs[i].0 * cs, (allocs[j - 1].0 + 1) * cs);
+            let (a, b) = (off.max(gstart), (off + len).min(gend));
             let part = buf.slice((a - off) as usize, (b - a) as usize);
-            jobs.push(
-                async move {
-                    // Old contents before and after the written bytes.
-                    let mut head = AlignedBuf::new((a - cstart) as usize, mem);
-                    let mut tail = AlignedBuf::new((cstart + cs - b) as usize, mem);
-                    if !head.is_empty() {
-                        self.read_old(cstart, &mut head).await?;
-                    }
-                    if !tail.is_empty() {
-                        self.read_old(b, &mut tail).await?;
-                    }
-                    let mut iov: Vec<IoSlice<'_>> = vec![IoSlice::new(&head)];
-                    iov.extend(part.io_slices());
-                    iov.push(IoSlice::new(&tail));
-                    self.file
-                        .write_vectored_at(host, &iov, fua)
-                        .await
-                        .map_err(io_err(self.path(), "write failed"))
-                }
-                .boxed_local(),
-            );
+            jobs.push(self.write_new_run(host, gstart, gend, a, b, part, fua).boxed_local());
+            i = j;
         }
         try_join_all(jobs).await?;
         Ok(())
+    }
+
+    /// Writes guest range `[gstart, gend)` to new host clusters at `host`: old
+    /// contents for `[gstart, a)` and `[b, gend)`, the request for `[a, b)`.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_new_run(
+        &self,
+        host: u64,
+        gstart: u64,
+        gend: u64,
+        a: u64,
+        b: u64,
+        part: SgList<'_>,
+        fua: bool,
+    ) -> Result<()> {
+        let mem = self.file.alignment().mem.max(512);
+        let mut head = AlignedBuf::new((a - gstart) as usize, mem);
+        let mut tail = AlignedBuf::new((gend - b) as usize, mem);
+        if !head.is_empty() {
+            self.read_old(gstart, &mut head).await?;
+        }
+        if !tail.is_empty() {
+            self.read_old(b, &mut tail).await?;
+        }
+        let mut iov: Vec<IoSlice<'_>> = vec![IoSlice::new(&head)];
+        iov.extend(part.io_slices());
+        iov.push(IoSlice::new(&tail));
+        self.file
+            .write_vectored_at(host, &iov, fua)
+            .await
+            .map_err(io_err(self.path(), "write failed"))
     }
 
     /// Reads what the guest currently sees at `[pos, pos+len)`, clamped to the
@@ -554,9 +553,29 @@ impl Qcow2 {
         let cs = 1u64 << self.cluster_bits;
         let full = if self.ext_l2 { u32::MAX as u64 } else { 0 };
         for (i, &(gc, old)) in allocs.iter().enumerate() {
-            m.set_l2(&self.file, gc, (base + i as u64 * cs) | COPIED, full)
-                .await?;
+            m.set_l2(&self.file, gc, (base + i as u64 * cs) | COPIED, full).await?;
             m.release_entry(&self.file, old).await?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds refcounts of an image opened writable with the dirty bit set,
+    /// before anything is allocated from them. Call without the meta lock.
+    async fn repair_if_dirty(&self) -> Result<()> {
+        if !self.repair_pending.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _g = self.repair_lock.lock().await;
+        if self.repair_pending.load(Ordering::Acquire) {
+            tracing::warn!("{}: dirty bit set, repairing refcounts", self.path().display());
+            let r = check::check(self, check::CheckMode::All).await?;
+            if r.corruptions > 0 || r.check_errors > 0 {
+                return Err(fmt_err(
+                    self.path(),
+                    "refcount repair of the dirty image failed; run 'spindle img check -r all'",
+                ));
+            }
+            self.repair_pending.store(false, Ordering::Release);
         }
         Ok(())
     }
@@ -604,13 +623,7 @@ impl Qcow2 {
         self.zero_or_discard(off, len, may_unmap, false).await
     }
 
-    async fn zero_or_discard(
-        &self,
-        off: u64,
-        len: u64,
-        _may_unmap: bool,
-        discard: bool,
-    ) -> Result<()> {
+    async fn zero_or_discard(&self, off: u64, len: u64, _may_unmap: bool, discard: bool) -> Result<()> {
         if self.read_only {
             return Err(self.ro_err());
         }
@@ -639,6 +652,7 @@ impl Qcow2 {
         if first_full >= last_full {
             return Ok(());
         }
+        self.repair_if_dirty().await?;
         let mut m = self.meta.lock().await;
         let (g0, g1) = (first_full / cs, last_full / cs);
         loop {
@@ -728,6 +742,7 @@ impl Qcow2 {
         if self.read_only {
             return Err(self.ro_err());
         }
+        self.repair_if_dirty().await?;
         let mut m = self.meta.lock().await;
         if m.hdr.nb_snapshots > 0 && new_size < m.hdr.size {
             return Err(fmt_err(
@@ -768,16 +783,12 @@ impl Qcow2 {
         }
         let cs = 1u64 << self.cluster_bits;
         if self.ext_l2 || data.len() as u64 != cs {
-            return self
-                .write(gc * cs, &SgList::new(&mut data.to_vec()), false)
-                .await;
+            return self.write(gc * cs, &SgList::new(&mut data.to_vec()), false).await;
         }
-        let packed =
-            compress::compress(self.compression, data).map_err(|e| fmt_err(self.path(), e))?;
+        self.repair_if_dirty().await?;
+        let packed = compress::compress(self.compression, data).map_err(|e| fmt_err(self.path(), e))?;
         if packed.len() as u64 >= cs - 512 {
-            return self
-                .write(gc * cs, &SgList::new(&mut data.to_vec()), false)
-                .await;
+            return self.write(gc * cs, &SgList::new(&mut data.to_vec()), false).await;
         }
         let mut m = self.meta.lock().await;
         self.mark_dirty(&mut m).await?;

@@ -48,9 +48,7 @@ fn be64(b: &[u8], o: usize) -> u64 {
 /// Returns the entries and the table's length in bytes.
 pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), String> {
     if count > MAX_SNAPSHOTS {
-        return Err(format!(
-            "{count} snapshots exceed the limit of {MAX_SNAPSHOTS}"
-        ));
+        return Err(format!("{count} snapshots exceed the limit of {MAX_SNAPSHOTS}"));
     }
     let mut out = Vec::with_capacity(count as usize);
     let mut off = 0usize;
@@ -61,9 +59,7 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Strin
         }
         let extra = be32(buf, off + 36);
         if extra > MAX_EXTRA_DATA {
-            return Err(format!(
-                "snapshot extra data of {extra} bytes exceeds {MAX_EXTRA_DATA}"
-            ));
+            return Err(format!("snapshot extra data of {extra} bytes exceeds {MAX_EXTRA_DATA}"));
         }
         let (id_len, name_len) = (be16(buf, off + 12), be16(buf, off + 14));
         let end = off + 40 + extra as usize + id_len + name_len;
