@@ -1,0 +1,99 @@
+//! Helpers for tests that drive the real `spindle` binary and QEMU's tools.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Fails (never skips) when a QEMU tool is missing, naming the package.
+pub fn need(tool: &str) {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{tool} is required for this test: install it with `apt-get install -y qemu-utils`"
+    );
+}
+
+/// A scratch directory on a real file system (O_DIRECT works there, not on tmpfs).
+pub fn scratch() -> tempfile::TempDir {
+    let base = std::env::var("SPINDLE_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    tempfile::Builder::new()
+        .prefix("spindle-test-")
+        .tempdir_in(base)
+        .expect("scratch dir")
+}
+
+/// Runs a command and returns its output.
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    let exe = if cmd == "spindle" {
+        env!("CARGO_BIN_EXE_spindle").to_string()
+    } else {
+        cmd.to_string()
+    };
+    Command::new(&exe)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {exe}: {e}"))
+}
+
+/// Runs and asserts success; returns stdout.
+pub fn ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed ({}):\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `qemu-img check` must call the image clean (exit 0).
+pub fn assert_clean(img: &Path) {
+    let o = run("qemu-img", &["check", p(img)]);
+    assert!(
+        o.status.code() == Some(0),
+        "qemu-img check {} exit {:?}:\n{}{}",
+        img.display(),
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `qemu-img compare` must find the two images identical.
+pub fn assert_same(a: &Path, b: &Path) {
+    ok("qemu-img", &["compare", "-q", p(a), p(b)]);
+}
+
+/// Path as &str.
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// Writes `len` bytes of mixed content: random, repeated and zero runs.
+pub fn mixed_data(path: &Path, len: usize, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    let mut pos = 0;
+    while pos < len {
+        let n = rng.gen_range(1..200_000).min(len - pos);
+        match rng.gen_range(0..4) {
+            0 => rng.fill(&mut v[pos..pos + n]),
+            1 => v[pos..pos + n].fill(rng.gen()),
+            _ => {} // zeroes
+        }
+        pos += n;
+    }
+    std::fs::write(path, v).expect("write data");
+}
+
+/// A path inside `dir`.
+pub fn at(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
