@@ -9,6 +9,8 @@
 
 mod error;
 pub mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
 mod node;
 mod open;
 mod sg;

@@ -26,7 +26,11 @@ fn workload(seed: u64, cluster_size: u64, extra: &str, engine: EngineKind, cache
     mixed_data(&base, size as usize, seed);
     let img = at(&d, "top.qcow2");
     let mut model = std::fs::read(&base).unwrap();
-    let rt = Runtime::new(RuntimeConfig { engine, ..Default::default() }).unwrap();
+    let rt = Runtime::new(RuntimeConfig {
+        engine,
+        ..Default::default()
+    })
+    .unwrap();
     let ext_l2 = extra == "extended_l2";
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     rt.block_on(async {
@@ -39,7 +43,11 @@ fn workload(seed: u64, cluster_size: u64, extra: &str, engine: EngineKind, cache
             ..Default::default()
         };
         create(&img, &opts).await.unwrap();
-        let cfg = OpenConfig { format: Some(Format::Qcow2), cache, ..Default::default() };
+        let cfg = OpenConfig {
+            format: Some(Format::Qcow2),
+            cache,
+            ..Default::default()
+        };
         let node = open_image(p(&img), &cfg).unwrap();
         for round in 0..120 {
             // A batch of ops on disjoint byte ranges; neighbours often share clusters.
@@ -98,7 +106,10 @@ fn workload(seed: u64, cluster_size: u64, extra: &str, engine: EngineKind, cache
             if round % 30 == 29 {
                 let mut all = vec![0u8; size as usize];
                 node.read(0, &SgList::new(&mut all)).await.unwrap();
-                assert!(all == model, "seed {seed}: content differs from the model after round {round}");
+                assert!(
+                    all == model,
+                    "seed {seed}: content differs from the model after round {round}"
+                );
             }
         }
         node.close().await.unwrap();
@@ -106,7 +117,10 @@ fn workload(seed: u64, cluster_size: u64, extra: &str, engine: EngineKind, cache
     assert_clean(&img);
     let out = at(&d, "out.raw");
     ok("qemu-img", &["convert", "-O", "raw", p(&img), p(&out)]);
-    assert!(std::fs::read(&out).unwrap() == model, "seed {seed}: qemu-img reads something else than the model");
+    assert!(
+        std::fs::read(&out).unwrap() == model,
+        "seed {seed}: qemu-img reads something else than the model"
+    );
 }
 
 #[test]

@@ -6,6 +6,10 @@ use super::{compressed_extent, Qcow2};
 use crate::error::{io_err, Result};
 use std::collections::HashMap;
 
+/// Most snapshot L1 bytes a check reads (a hostile table could name the
+/// same large L1 65,536 times).
+const MAX_SNAPSHOT_L1_TOTAL: u64 = 1 << 30;
+
 /// What to repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckMode {
@@ -53,11 +57,21 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
     let mut m = q.meta.lock().await;
     m.flush(f).await.ok();
     let mut refs: HashMap<u64, u64> = HashMap::new();
-    let inc = |refs: &mut HashMap<u64, u64>, off: u64, len: u64| {
+    // Counts one reference to every cluster of [off, off+len). References
+    // past the end of the file are corruption, not counted, so a hostile
+    // offset cannot make the scan below walk billions of clusters.
+    let file_clusters = file_len.div_ceil(cs);
+    let mut beyond: Vec<u64> = Vec::new();
+    let mut inc = |refs: &mut HashMap<u64, u64>, off: u64, len: u64| {
         if len == 0 {
             return;
         }
-        for c in off / cs..=(off + len - 1) / cs {
+        let (first, last) = (off / cs, off.saturating_add(len - 1) / cs);
+        if last >= file_clusters {
+            beyond.push(off);
+            return;
+        }
+        for c in first..=last {
             *refs.entry(c).or_insert(0) += 1;
         }
     };
@@ -77,6 +91,7 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
     // Snapshot table and the L1 tables to walk: active first.
     let mut l1s: Vec<(Vec<u64>, bool)> = vec![(m.l1.clone(), true)];
     inc(&mut refs, hdr.l1_table_offset, hdr.l1_size as u64 * 8);
+    let mut snapshot_l1_bytes = 0u64;
     if hdr.nb_snapshots > 0 {
         let want = (snapshot::MAX_TABLE_BYTES).min(file_len.saturating_sub(hdr.snapshots_offset));
         let mut buf = vec![0u8; want as usize];
@@ -93,7 +108,23 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
                             .push(format!("ERROR snapshot {} has an oversized L1 table", s.id));
                         continue;
                     }
-                    inc(&mut refs, s.l1_table_offset, s.l1_size as u64 * 8);
+                    let bytes = s.l1_size as u64 * 8;
+                    if s.l1_table_offset.saturating_add(bytes) > file_len {
+                        r.corruptions += 1;
+                        r.messages.push(format!(
+                            "ERROR snapshot {}: L1 table lies beyond the end of the image file",
+                            s.id
+                        ));
+                        continue;
+                    }
+                    snapshot_l1_bytes += bytes;
+                    if snapshot_l1_bytes > MAX_SNAPSHOT_L1_TOTAL {
+                        r.check_errors += 1;
+                        r.messages
+                            .push("ERROR snapshot L1 tables exceed 1 GiB in total; not checked further".into());
+                        break;
+                    }
+                    inc(&mut refs, s.l1_table_offset, bytes);
                     let mut b = vec![0u8; s.l1_size as usize * 8];
                     f.read_at(s.l1_table_offset, &mut b)
                         .await
@@ -177,6 +208,12 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
                 }
             }
         }
+    }
+    for off in beyond {
+        r.corruptions += 1;
+        r.messages.push(format!(
+            "ERROR offset=0x{off:x}: a table or cluster lies beyond the end of the image file"
+        ));
     }
     r.total_clusters = hdr.size.div_ceil(cs);
     // Compare with stored refcounts.
