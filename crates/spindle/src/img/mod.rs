@@ -1,12 +1,17 @@
 //! `spindle img`: qemu-img's job with qemu-img's names and flags.
 
+mod amend;
 mod bench;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod map;
+mod measure;
+mod rebase;
 mod resize;
 
 use clap::{Args, Subcommand};
@@ -39,8 +44,18 @@ enum ImgCmd {
     Compare(compare::Args),
     /// Show how the image's ranges are stored.
     Map(map::Args),
+    /// Estimate the file size an image needs.
+    Measure(measure::Args),
     /// Change the virtual size.
     Resize(resize::Args),
+    /// Change qcow2 options (compat, lazy_refcounts) in place.
+    Amend(amend::Args),
+    /// Change the backing file (safe: keeps the guest's view; -u: header only).
+    Rebase(rebase::Args),
+    /// Write the image's data into its backing file.
+    Commit(commit::Args),
+    /// Copy with dd-style operands.
+    Dd(dd::Args),
     /// Run a simple I/O benchmark.
     Bench(bench::Args),
 }
@@ -63,7 +78,12 @@ pub fn run(a: ImgArgs) -> CliResult<u8> {
         ImgCmd::Convert(x) => rt.block_on(convert::run(x)).map(|_| 0),
         ImgCmd::Compare(x) => rt.block_on(compare::run(x)),
         ImgCmd::Map(x) => rt.block_on(map::run(x)).map(|_| 0),
+        ImgCmd::Measure(x) => rt.block_on(measure::run(x)).map(|_| 0),
         ImgCmd::Resize(x) => rt.block_on(resize::run(x)).map(|_| 0),
+        ImgCmd::Amend(x) => rt.block_on(amend::run(x)).map(|_| 0),
+        ImgCmd::Rebase(x) => rt.block_on(rebase::run(x)).map(|_| 0),
+        ImgCmd::Commit(x) => rt.block_on(commit::run(x)).map(|_| 0),
+        ImgCmd::Dd(x) => rt.block_on(dd::run(x)).map(|_| 0),
         ImgCmd::Bench(x) => rt.block_on(bench::run(x)).map(|_| 0),
     }
 }

@@ -7,11 +7,13 @@
 //! copy-on-write of the untouched part of each cluster) without the lock,
 //! then take it again to install L2 entries.
 
+mod amend;
 mod cache;
 pub mod check;
 mod compress;
 pub mod create;
 pub mod header;
+pub mod measure;
 mod meta;
 pub mod snapshot;
 

@@ -1,0 +1,78 @@
+//! `spindle img commit`: write an image's data into its backing file.
+
+use super::{format_arg, CliResult};
+use spindle_block::{BlockError, BlockStatus, Node, SgList};
+use spindle_io::CacheMode;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Format of the image.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Do not empty the image after committing.
+    #[arg(short = 'd')]
+    keep: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Progress (accepted for compatibility).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Image file.
+    filename: String,
+}
+
+pub async fn run(a: Args) -> CliResult<()> {
+    let top = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, false)?;
+    let Node::Qcow2(q) = &top else {
+        return Err(BlockError::Invalid(format!(
+            "{}: only qcow2 images have a backing file to commit to",
+            a.filename
+        )));
+    };
+    let Some(backing) = top.backing() else {
+        return Err(BlockError::Invalid(format!(
+            "{}: image has no backing file",
+            a.filename
+        )));
+    };
+    let info = top.info();
+    let fmt = format_arg(&info.backing_format)?;
+    // The backing file opened again, writable, as its own node.
+    let base = super::open(
+        backing.path().to_str().unwrap_or_default(),
+        fmt,
+        CacheMode::Writeback,
+        false,
+    )?;
+    if base.size() < top.size() {
+        base.resize(top.size(), false).await?;
+    }
+    const CHUNK: u64 = 2 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = 0;
+    let size = top.size();
+    while pos < size {
+        let (st, n) = top.block_status(pos, CHUNK.min(size - pos)).await?;
+        let n = n.max(1);
+        match st {
+            BlockStatus::Data { .. } => {
+                let b = &mut buf[..n as usize];
+                top.read(pos, &SgList::new(b)).await?;
+                base.write(pos, &SgList::new(b), false).await?;
+            }
+            BlockStatus::Zero => base.write_zeroes(pos, n, false).await?,
+            BlockStatus::Unallocated => {}
+        }
+        pos += n;
+    }
+    base.close().await?;
+    if !a.keep {
+        q.make_empty().await?;
+    }
+    top.close().await?;
+    if !a.quiet {
+        println!("Image committed.");
+    }
+    Ok(())
+}

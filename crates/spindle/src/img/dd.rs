@@ -1,0 +1,86 @@
+//! `spindle img dd`: dd-style copy with qemu-img's operands.
+
+use super::{format_arg, size_arg, CliResult};
+use spindle_block::formats::qcow2::CreateOptions;
+use spindle_block::{BlockError, Format, SgList};
+use spindle_io::CacheMode;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Input format.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format.
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// Operands: if=FILE of=FILE [bs=N] [count=N] [skip=N].
+    operands: Vec<String>,
+}
+
+pub async fn run(a: Args) -> CliResult<()> {
+    let (mut input, mut output, mut bs, mut count, mut skip) = (None, None, 512u64, None, 0u64);
+    for op in &a.operands {
+        let (k, v) = op
+            .split_once('=')
+            .ok_or_else(|| BlockError::Invalid(format!("dd operand '{op}' is not KEY=VALUE")))?;
+        match k {
+            "if" => input = Some(v.to_string()),
+            "of" => output = Some(v.to_string()),
+            "bs" => bs = size_arg(v)?,
+            "count" => {
+                count = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| BlockError::Invalid(format!("invalid count '{v}'")))?,
+                )
+            }
+            "skip" => {
+                skip = v
+                    .parse::<u64>()
+                    .map_err(|_| BlockError::Invalid(format!("invalid skip '{v}'")))?
+            }
+            _ => {
+                return Err(BlockError::Invalid(format!(
+                    "unknown dd operand '{k}' (if, of, bs, count, skip)"
+                )))
+            }
+        }
+    }
+    let (Some(input), Some(output)) = (input, output) else {
+        return Err(BlockError::Invalid("dd needs if=INPUT and of=OUTPUT".into()));
+    };
+    if bs == 0 || bs > 64 << 20 {
+        return Err(BlockError::Invalid("bs must be between 1 byte and 64 MiB".into()));
+    }
+    let src = super::open(&input, format_arg(&a.format)?, CacheMode::Writeback, true)?;
+    let start = skip
+        .checked_mul(bs)
+        .filter(|&s| s <= src.size())
+        .ok_or_else(|| BlockError::Invalid(format!("skip={skip} blocks of {bs} bytes is past the end of {input}")))?;
+    let mut len = src.size() - start;
+    if let Some(c) = count {
+        len = len.min(c.saturating_mul(bs));
+    }
+    let out_fmt: Format = a.out_format.parse()?;
+    super::create::create_image(
+        &output,
+        out_fmt,
+        &[],
+        CreateOptions {
+            size: len,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let dst = super::open(&output, Some(out_fmt), CacheMode::Writeback, false)?;
+    let mut buf = vec![0u8; bs.max(1 << 20) as usize];
+    let mut pos = 0;
+    while pos < len {
+        let n = (buf.len() as u64).min(len - pos) as usize;
+        src.read(start + pos, &SgList::new(&mut buf[..n])).await?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.write(pos, &SgList::new(&mut buf[..n]), false).await?;
+        }
+        pos += n as u64;
+    }
+    dst.close().await
+}
