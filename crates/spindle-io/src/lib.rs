@@ -18,6 +18,7 @@ pub mod engine;
 mod error;
 mod file;
 mod op;
+mod range_lock;
 mod runtime;
 
 pub use buf::AlignedBuf;

@@ -21,8 +21,13 @@ enum Cmd {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SPINDLE_LOG"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPINDLE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
         .without_time()
         .init();
     let cli = match Cli::try_parse() {

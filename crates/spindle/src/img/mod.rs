@@ -66,6 +66,7 @@ pub fn run(a: ImgArgs) -> CliResult<u8> {
     if let ImgCmd::Bench(b) = &a.cmd {
         engine = b.engine()?.unwrap_or(engine);
     }
+    NATIVE_AIO.store(engine == EngineKind::Native, std::sync::atomic::Ordering::Relaxed);
     let rt = Runtime::new(RuntimeConfig {
         engine,
         depth: 256,
@@ -101,9 +102,12 @@ pub fn cache_arg(c: &Option<String>, default: CacheMode) -> CliResult<CacheMode>
     })
 }
 
+/// Set when the command runs on native AIO.
+static NATIVE_AIO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Opens an image for a command.
 pub fn open(spec: &str, format: Option<Format>, cache: CacheMode, read_only: bool) -> CliResult<Node> {
-    open_image(
+    let node = open_image(
         spec,
         &OpenConfig {
             format,
@@ -111,7 +115,32 @@ pub fn open(spec: &str, format: Option<Format>, cache: CacheMode, read_only: boo
             read_only,
             ..Default::default()
         },
-    )
+    )?;
+    if NATIVE_AIO.load(std::sync::atomic::Ordering::Relaxed) && !read_only {
+        warn_native_on_sparse(&node);
+    }
+    Ok(node)
+}
+
+/// Linux AIO blocks in io_submit when a write must allocate blocks of a
+/// sparse file (or without O_DIRECT), which stalls the I/O thread.
+fn warn_native_on_sparse(node: &Node) {
+    let file = match node {
+        Node::Raw(r) => r.file(),
+        Node::Qcow2(q) => q.file(),
+        Node::Null(_) => return,
+    };
+    let why = if !file.cache().direct() {
+        "files opened without O_DIRECT"
+    } else if file.is_sparse() {
+        "sparse files (writes allocate synchronously)"
+    } else {
+        return;
+    };
+    tracing::warn!(
+        "{}: aio=native blocks on {why}; preallocate the image or use --aio io_uring",
+        file.path().display()
+    );
 }
 
 /// Parses a size argument like `10G` or `+1G` (the sign is handled by callers).
