@@ -266,19 +266,27 @@ impl Meta {
         Ok(get_refcount(&e.buf, order, i))
     }
 
+    /// Makes room in the refcount cache, writing the victim back if dirty.
+    /// (Refcount blocks have no ordering dependency of their own.)
+    async fn evict_rc_if_full(&mut self, f: &File) -> Result<()> {
+        if !self.rc.full() {
+            return Ok(());
+        }
+        if let Some((victim, dirty)) = self.rc.victim() {
+            if dirty {
+                let e = self.rc.get(victim).expect("victim is cached");
+                f.write_at(victim, &e.buf, false)
+                    .await
+                    .map_err(io_err(f.path(), "refcount block write failed"))?;
+            }
+            self.rc.remove(victim);
+        }
+        Ok(())
+    }
+
     async fn rc_block(&mut self, f: &File, off: u64) -> Result<&mut super::cache::Entry> {
         if self.rc.get(off).is_none() {
-            if self.rc.full() {
-                if let Some((victim, dirty)) = self.rc.victim() {
-                    if dirty {
-                        let e = self.rc.get(victim).expect("victim is cached");
-                        f.write_at(victim, &e.buf, false)
-                            .await
-                            .map_err(io_err(f.path(), "refcount block write failed"))?;
-                    }
-                    self.rc.remove(victim);
-                }
-            }
+            self.evict_rc_if_full(f).await?;
             let buf = self.read_buf(f, off, self.cs() as usize).await?;
             self.rc.insert(off, buf, false);
         }
@@ -321,17 +329,7 @@ impl Meta {
                 let x = self.end;
                 self.end += 1;
                 let cs = self.cs();
-                if self.rc.full() {
-                    if let Some((victim, dirty)) = self.rc.victim() {
-                        if dirty {
-                            let e = self.rc.get(victim).expect("victim is cached");
-                            f.write_at(victim, &e.buf, false)
-                                .await
-                                .map_err(io_err(f.path(), "refcount block write failed"))?;
-                        }
-                        self.rc.remove(victim);
-                    }
-                }
+                self.evict_rc_if_full(f).await?;
                 self.rc
                     .insert(x * cs, AlignedBuf::new(cs as usize, f.alignment().mem.max(512)), true);
                 self.rc_table[bi] = x * cs;

@@ -380,18 +380,7 @@ impl Qcow2 {
         let cs = 1u64 << self.cluster_bits;
         let len = buf.len() as u64;
         let (first, last) = (off >> self.cluster_bits, (off + len - 1) >> self.cluster_bits);
-        let mut m = self.meta.lock().await;
-        loop {
-            let waiting = m
-                .inflight
-                .iter()
-                .find(|i| i.start <= last && first < i.end)
-                .map(|i| i.lock.clone());
-            let Some(lock) = waiting else { break };
-            drop(m);
-            drop(lock.lock().await);
-            m = self.meta.lock().await;
-        }
+        let mut m = self.lock_meta_clear_of(first, last + 1).await;
         self.mark_dirty(&mut m).await?;
         // Classify clusters: in place, or needing a new cluster.
         let mut in_place: Vec<(u64, u64, u64)> = Vec::new(); // (guest pos, host, len)
@@ -461,6 +450,22 @@ impl Qcow2 {
             m.flush(&self.file).await?;
         }
         Ok(())
+    }
+
+    /// Locks the metadata once no allocating write is in flight on guest
+    /// clusters `[first, end)`.
+    async fn lock_meta_clear_of(&self, first: u64, end: u64) -> futures::lock::MutexGuard<'_, Meta> {
+        loop {
+            let m = self.meta.lock().await;
+            let waiting = m
+                .inflight
+                .iter()
+                .find(|i| i.start < end && first < i.end)
+                .map(|i| i.lock.clone());
+            let Some(lock) = waiting else { return m };
+            drop(m);
+            drop(lock.lock().await);
+        }
     }
 
     async fn write_host(&self, host: u64, part: &SgList<'_>, fua: bool) -> Result<()> {
@@ -655,19 +660,8 @@ impl Qcow2 {
             return Ok(());
         }
         self.repair_if_dirty().await?;
-        let mut m = self.meta.lock().await;
         let (g0, g1) = (first_full / cs, last_full / cs);
-        loop {
-            let waiting = m
-                .inflight
-                .iter()
-                .find(|i| i.start < g1 && g0 < i.end)
-                .map(|i| i.lock.clone());
-            let Some(lock) = waiting else { break };
-            drop(m);
-            drop(lock.lock().await);
-            m = self.meta.lock().await;
-        }
+        let mut m = self.lock_meta_clear_of(g0, g1).await;
         self.mark_dirty(&mut m).await?;
         let zero_needed = !discard || self.backing.is_some();
         for gc in g0..g1 {
