@@ -53,6 +53,8 @@ pub struct File {
     read_only: bool,
     /// Write ordering around read-modify-write (O_DIRECT only).
     ranges: RangeLocks,
+    /// Restore the exact length after a padded O_DIRECT write past the end.
+    exact_length: bool,
 }
 
 impl std::fmt::Debug for RangeLocks {
@@ -107,7 +109,17 @@ impl File {
             block_device,
             read_only: opts.read_only,
             ranges: RangeLocks::default(),
+            exact_length: false,
         })
+    }
+
+    /// Keep the file's length exact: an unaligned O_DIRECT write at the end
+    /// pads to the block size and would grow the file; with this set the
+    /// padding is cut off again. For raw images, whose size is the file's
+    /// length and whose writes never race past the end. Formats that
+    /// allocate past the end concurrently (qcow2) must leave it unset.
+    pub fn keep_exact_length(&mut self) {
+        self.exact_length = true;
     }
 
     /// The path it was opened as.
@@ -347,13 +359,17 @@ impl File {
             bounce[pos..pos + b.len()].copy_from_slice(b);
             pos += b.len();
         }
-        let old_len = if self.block_device { u64::MAX } else { self.len()? };
+        let old_len = if self.block_device || !self.exact_length {
+            u64::MAX
+        } else {
+            self.len()?
+        };
         let mut iov = [libc::iovec {
             iov_base: bounce.as_mut_ptr().cast(),
             iov_len: len,
         }];
         self.transfer(start, &mut iov, true, fua).await?;
-        // The padding of the last block must not grow a regular file past the write.
+        // With an exact length, the padding must not grow the file past the write.
         if start + len as u64 > old_len.max(end) {
             self.set_len(old_len.max(end))?;
         }
@@ -527,7 +543,7 @@ mod tests {
             ] {
                 let path = dir.path().join(format!("f-{kind}-{cache}"));
                 std::fs::write(&path, vec![0xAAu8; 65536]).unwrap();
-                let f = File::open(
+                let mut f = File::open(
                     &path,
                     OpenOptions {
                         cache,
@@ -535,6 +551,7 @@ mod tests {
                     },
                 )
                 .unwrap();
+                f.keep_exact_length();
                 rt(kind).block_on(async {
                     let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
                     f.write_at(1234, &data, false).await.unwrap();
@@ -625,6 +642,41 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A padded unaligned write at the end of the file, racing with a write
+    /// further out (what qcow2 allocation does), must not cut the latter off.
+    #[test]
+    fn padded_write_at_eof_does_not_truncate_a_concurrent_extension() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 65536]).unwrap();
+        let f = File::open(
+            &path,
+            OpenOptions {
+                cache: CacheMode::None,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        rt(EngineKind::IoUring).block_on(async {
+            for round in 0..32u64 {
+                let end = f.len().unwrap();
+                let far = end + (1 << 20);
+                let mut big = AlignedBuf::new(65536, 4096);
+                big.fill(round as u8 + 1);
+                let small = [0xEEu8; 100];
+                let (a, b) = futures::join!(f.write_at(end + 10, &small, false), f.write_at(far, &big, false));
+                a.unwrap();
+                b.unwrap();
+                let mut back = AlignedBuf::new(65536, 4096);
+                f.read_at(far, &mut back).await.unwrap();
+                assert!(
+                    back.iter().all(|&x| x == round as u8 + 1),
+                    "round {round}: extension was cut off"
+                );
+            }
+        });
     }
 
     #[test]

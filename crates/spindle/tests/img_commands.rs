@@ -231,3 +231,81 @@ fn dd_resize_info() {
         assert_eq!(q[k], s[k], "info field {k}");
     }
 }
+
+/// check --output json reports the same figures as qemu-img for clean,
+/// compressed, fragmented and leaky images.
+#[test]
+fn check_json_matches_qemu_img() {
+    need("qemu-img");
+    need("qemu-io");
+    let d = scratch();
+    let src = at(&d, "src.raw");
+    mixed_data(&src, 6 << 20, 11);
+    let plain = at(&d, "plain.qcow2");
+    ok("qemu-img", &["convert", "-O", "qcow2", p(&src), p(&plain)]);
+    let comp = at(&d, "comp.qcow2");
+    ok("qemu-img", &["convert", "-c", "-O", "qcow2", p(&src), p(&comp)]);
+    let frag = at(&d, "frag.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", p(&frag), "8M"],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write 4M 64k",
+            "-c",
+            "write 0 64k",
+            "-c",
+            "write -z 1M 8k",
+            "-c",
+            "write 2M 12k",
+            "-f",
+            "qcow2",
+            p(&frag),
+        ],
+    );
+    let empty = at(&d, "empty.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&empty), "1M"]);
+    let leaky = at(&d, "leaky.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&leaky), "64M"]);
+    ok("qemu-io", &["-c", "write 0 64k", p(&leaky)]);
+    add_leak(&leaky);
+    for img in [&plain, &comp, &frag, &empty, &leaky] {
+        let q = json_allow_fail("qemu-img", &["check", "--output", "json", p(img)]);
+        let s = json_allow_fail("spindle", &["img", "check", "--output", "json", p(img)]);
+        for k in [
+            "image-end-offset",
+            "total-clusters",
+            "allocated-clusters",
+            "fragmented-clusters",
+            "compressed-clusters",
+            "leaks",
+            "corruptions",
+            "check-errors",
+        ] {
+            assert_eq!(q[k], s[k], "{}: check field {k}", img.display());
+        }
+    }
+}
+
+fn json_allow_fail(cmd: &str, args: &[&str]) -> Value {
+    let o = run(cmd, args);
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{cmd} {args:?}: bad json: {e}"))
+}
+
+/// Appends one cluster whose refcount is 1 but that nothing references.
+fn add_leak(img: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(img).unwrap();
+    let mut h = [0u8; 72];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, u64::from_be_bytes(h[48..56].try_into().unwrap()))
+        .unwrap();
+    let end = f.metadata().unwrap().len();
+    f.set_len(end + 65536).unwrap();
+    f.write_all_at(&1u16.to_be_bytes(), u64::from_be_bytes(e) + 2 * (end / 65536))
+        .unwrap();
+}

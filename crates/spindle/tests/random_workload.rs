@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use futures::future::join_all;
 use rand::{Rng, SeedableRng};
-use spindle_block::formats::qcow2::{create, CreateOptions};
+use spindle_block::formats::qcow2::{create, CreateOptions, Qcow2Options};
 use spindle_block::{open_image, Format, OpenConfig, SgList};
 use spindle_io::{CacheMode, EngineKind, Runtime, RuntimeConfig};
 
@@ -19,6 +19,10 @@ enum Op {
 }
 
 fn workload(seed: u64, cluster_size: u64, extra: &str, engine: EngineKind, cache: CacheMode) {
+    workload_with(seed, cluster_size, extra, engine, cache, Qcow2Options::default())
+}
+
+fn workload_with(seed: u64, cluster_size: u64, extra: &str, engine: EngineKind, cache: CacheMode, q: Qcow2Options) {
     need("qemu-img");
     let d = scratch();
     let size: u64 = 12 << 20;
@@ -46,6 +50,7 @@ fn workload(seed: u64, cluster_size: u64, extra: &str, engine: EngineKind, cache
         let cfg = OpenConfig {
             format: Some(Format::Qcow2),
             cache,
+            qcow2: q,
             ..Default::default()
         };
         let node = open_image(p(&img), &cfg).unwrap();
@@ -141,4 +146,15 @@ fn random_workload_extended_l2_threads_writeback() {
 #[test]
 fn random_workload_512b_clusters_writethrough() {
     workload(14, 512, "", EngineKind::IoUring, CacheMode::Writethrough);
+}
+
+/// A tiny L2 cache (four 512-byte slices) forces dirty slices out all the
+/// time, through the refcounts-first write-back order.
+#[test]
+fn random_workload_tiny_l2_cache_evicts_dirty_slices() {
+    let q = Qcow2Options {
+        l2_cache_size: Some(2048),
+        l2_cache_entry_size: Some(512),
+    };
+    workload_with(15, 4096, "", EngineKind::IoUring, CacheMode::None, q);
 }

@@ -42,7 +42,8 @@ pub fn looks_like_image_format(head: &[u8]) -> bool {
 
 impl Raw {
     /// Wraps an open file. `probed` marks that the format was guessed.
-    pub fn new(file: File, probed: bool) -> Result<Raw> {
+    pub fn new(mut file: File, probed: bool) -> Result<Raw> {
+        file.keep_exact_length();
         let size = file.len().map_err(io_err(file.path(), "cannot get size"))?;
         Ok(Raw {
             file,

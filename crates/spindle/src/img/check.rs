@@ -37,7 +37,7 @@ pub async fn run(a: Args) -> CliResult<u8> {
         cache: CacheMode::Writeback,
         read_only: mode == CheckMode::Report,
         open_backing: false,
-        ..Default::default()
+        ..super::open_config(None, CacheMode::Writeback, false)
     };
     let node = spindle_block::open_image(&a.filename, &cfg)?;
     let Node::Qcow2(q) = &node else {
@@ -52,14 +52,24 @@ pub async fn run(a: Args) -> CliResult<u8> {
         }
     };
     if a.output == "json" {
-        let v = json!({
+        // qemu-img leaves out counters that are zero.
+        let mut v = json!({
             "image-end-offset": r.image_end_offset, "total-clusters": r.total_clusters,
-            "check-errors": r.check_errors, "allocated-clusters": r.allocated_clusters,
-            "filename": a.filename, "format": "qcow2",
-            "fragmented-clusters": r.fragmented_clusters, "compressed-clusters": r.compressed_clusters,
-            "leaks": r.leaks, "corruptions": r.corruptions,
-            "leaks-fixed": r.leaks_fixed, "corruptions-fixed": r.corruptions_fixed,
+            "check-errors": r.check_errors, "filename": a.filename, "format": "qcow2",
         });
+        for (k, n) in [
+            ("leaks", r.leaks),
+            ("corruptions", r.corruptions),
+            ("leaks-fixed", r.leaks_fixed),
+            ("corruptions-fixed", r.corruptions_fixed),
+            ("allocated-clusters", r.allocated_clusters),
+            ("fragmented-clusters", r.fragmented_clusters),
+            ("compressed-clusters", r.compressed_clusters),
+        ] {
+            if n > 0 {
+                v[k] = json!(n);
+            }
+        }
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else if !a.quiet {
         for m in &r.messages {

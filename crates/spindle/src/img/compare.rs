@@ -38,6 +38,22 @@ async fn read(n: &Node, off: u64, buf: &mut [u8]) -> CliResult<()> {
     n.read(off, &SgList::new(buf)).await
 }
 
+/// First offset where one image has the range allocated in its chain and the
+/// other does not (qemu-img's strict mode).
+async fn first_allocation_mismatch(one: &Node, two: &Node) -> CliResult<Option<u64>> {
+    let size = one.size().min(two.size());
+    let mut pos = 0;
+    while pos < size {
+        let e1 = one.map_extent(pos, size - pos).await?;
+        let e2 = two.map_extent(pos, size - pos).await?;
+        if e1.present != e2.present {
+            return Ok(Some(pos));
+        }
+        pos += e1.len.min(e2.len).max(1);
+    }
+    Ok(None)
+}
+
 pub async fn run(a: Args) -> CliResult<u8> {
     let cache = cache_arg(&a.cache, CacheMode::Writeback)?;
     let (one, two) = match (
@@ -58,6 +74,12 @@ pub async fn run(a: Args) -> CliResult<u8> {
     if a.strict && one.size() != two.size() {
         say("Strict mode: Image size mismatch!".into());
         return Ok(1);
+    }
+    if a.strict {
+        if let Some(at) = first_allocation_mismatch(&one, &two).await? {
+            say(format!("Strict mode: Offset {at} block status mismatch!"));
+            return Ok(1);
+        }
     }
     let (s1, s2) = (one.size(), two.size());
     let end = s1.max(s2);

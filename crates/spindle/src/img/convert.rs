@@ -196,6 +196,9 @@ async fn read_chunk(job: &Job, start: u64, data: &mut [u8]) -> CliResult<Vec<(us
         let ext = job.src.map_extent(start + pos, len - pos).await?;
         let n = ext.len.min(len - pos).max(1);
         if ext.zero && !ext.data {
+            // The buffer holds the previous chunk: paths that write it whole
+            // (compression) must see zeroes here.
+            data[pos as usize..(pos + n) as usize].fill(0);
             regions.push((pos as usize, n as usize, true));
         } else {
             let part = &mut data[pos as usize..(pos + n) as usize];

@@ -15,6 +15,7 @@ mod rebase;
 mod resize;
 
 use clap::{Args, Subcommand};
+use spindle_block::formats::qcow2::Qcow2Options;
 use spindle_block::{open_image, BlockError, Format, Node, OpenConfig};
 use spindle_io::{CacheMode, EngineKind, Runtime, RuntimeConfig};
 
@@ -28,6 +29,12 @@ pub struct ImgArgs {
     /// I/O engine (io_uring, native, threads).
     #[arg(long, global = true, default_value = "io_uring")]
     aio: String,
+    /// qcow2 L2 cache size in bytes (default: enough to map the whole disk, up to 32M).
+    #[arg(long, global = true)]
+    l2_cache_size: Option<String>,
+    /// qcow2 L2 cache entry (slice) size, 512 up to the cluster size (default: one cluster).
+    #[arg(long, global = true)]
+    l2_cache_entry_size: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +74,18 @@ pub fn run(a: ImgArgs) -> CliResult<u8> {
         engine = b.engine()?.unwrap_or(engine);
     }
     NATIVE_AIO.store(engine == EngineKind::Native, std::sync::atomic::Ordering::Relaxed);
+    let entry = a.l2_cache_entry_size.as_deref().map(size_arg).transpose()?;
+    if let Some(e) = entry {
+        if !e.is_power_of_two() || !(512..=(2 << 20)).contains(&e) {
+            return Err(BlockError::Invalid(format!(
+                "--l2-cache-entry-size {e} must be a power of two from 512 to 2M"
+            )));
+        }
+    }
+    let _ = QCOW2_OPTIONS.set(Qcow2Options {
+        l2_cache_size: a.l2_cache_size.as_deref().map(size_arg).transpose()?,
+        l2_cache_entry_size: entry,
+    });
     let rt = Runtime::new(RuntimeConfig {
         engine,
         depth: 256,
@@ -102,20 +121,26 @@ pub fn cache_arg(c: &Option<String>, default: CacheMode) -> CliResult<CacheMode>
     })
 }
 
+/// L2 cache tunables given on the command line.
+static QCOW2_OPTIONS: std::sync::OnceLock<Qcow2Options> = std::sync::OnceLock::new();
+
+/// Open settings for a command's image, with the command line's qcow2 tunables.
+pub fn open_config(format: Option<Format>, cache: CacheMode, read_only: bool) -> OpenConfig {
+    OpenConfig {
+        format,
+        cache,
+        read_only,
+        qcow2: QCOW2_OPTIONS.get().copied().unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
 /// Set when the command runs on native AIO.
 static NATIVE_AIO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Opens an image for a command.
 pub fn open(spec: &str, format: Option<Format>, cache: CacheMode, read_only: bool) -> CliResult<Node> {
-    let node = open_image(
-        spec,
-        &OpenConfig {
-            format,
-            cache,
-            read_only,
-            ..Default::default()
-        },
-    )?;
+    let node = open_image(spec, &open_config(format, cache, read_only))?;
     if NATIVE_AIO.load(std::sync::atomic::Ordering::Relaxed) && !read_only {
         warn_native_on_sparse(&node);
     }

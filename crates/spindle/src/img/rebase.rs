@@ -35,7 +35,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         format: format_arg(&a.format)?,
         cache: CacheMode::Writeback,
         open_backing: !a.unsafe_mode,
-        ..Default::default()
+        ..super::open_config(None, CacheMode::Writeback, false)
     };
     let node = spindle_block::open_image(&a.filename, &cfg)?;
     let Node::Qcow2(q) = &node else {

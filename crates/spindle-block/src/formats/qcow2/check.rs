@@ -147,7 +147,7 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
     let mut active_entries: Vec<(u64, u64, bool)> = Vec::new(); // (guest cluster, raw, is_l1)
     let l2_bits = hdr.l2_bits();
     let words = if hdr.extended_l2() { 2 } else { 1 };
-    let mut last_host = 0u64;
+    let mut last_host;
     for (l1, active) in &l1s {
         for (i, &l1e) in l1.iter().enumerate() {
             let l2_off = l1e & OFFSET_MASK;
@@ -174,6 +174,8 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
                 v.insert(t);
             }
             let t = &tables[&l2_off];
+            // QEMU counts fragmentation within each L2 table.
+            last_host = 0;
             for j in 0..(1usize << l2_bits) {
                 let raw = u64::from_be_bytes(t[j * 8 * words..j * 8 * words + 8].try_into().unwrap_or_default());
                 let gc = ((i as u64) << l2_bits) + j as u64;
@@ -181,8 +183,10 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
                     let (off, len) = compressed_extent(raw, hdr.cluster_bits);
                     inc(&mut refs, off & !511, len + (off & 511));
                     if *active {
+                        // Compressed clusters count as fragmented, as in QEMU.
                         r.compressed_clusters += 1;
                         r.allocated_clusters += 1;
+                        r.fragmented_clusters += 1;
                     }
                     continue;
                 }

@@ -178,16 +178,7 @@ impl Meta {
     pub async fn set_l2(&mut self, f: &File, gc: u64, raw: u64, bmp: u64) -> Result<()> {
         let l2_bits = self.hdr.l2_bits();
         let l1i = (gc >> l2_bits) as usize;
-        if l1i >= self.l1.len() {
-            return Err(BlockError::Invalid(format!(
-                "{}: guest cluster {gc} is beyond the L1 table",
-                f.path().display()
-            )));
-        }
-        let l1e = self.l1[l1i];
-        if l1e & COPIED == 0 {
-            self.new_l2_table(f, l1i, l1e & OFFSET_MASK).await?;
-        }
+        self.prepare_l2(f, gc).await?;
         let l2_off = self.l1[l1i] & OFFSET_MASK;
         let (slice_off, idx) = self.slice_pos(l2_off, (gc & ((1 << l2_bits) - 1)) as usize);
         let w = self.entry_words();
@@ -197,6 +188,22 @@ impl Meta {
             put_be64(&mut e.buf, idx * 2 + 1, bmp);
         }
         e.dirty = true;
+        Ok(())
+    }
+
+    /// Makes sure guest cluster `gc` has an L2 table the active L1 owns
+    /// (allocating one, or un-sharing one from a snapshot).
+    pub async fn prepare_l2(&mut self, f: &File, gc: u64) -> Result<()> {
+        let l1i = (gc >> self.hdr.l2_bits()) as usize;
+        let Some(&l1e) = self.l1.get(l1i) else {
+            return Err(BlockError::Invalid(format!(
+                "{}: guest cluster {gc} is beyond the L1 table",
+                f.path().display()
+            )));
+        };
+        if l1e & COPIED == 0 {
+            self.new_l2_table(f, l1i, l1e & OFFSET_MASK).await?;
+        }
         Ok(())
     }
 

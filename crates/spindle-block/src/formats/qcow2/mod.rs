@@ -421,7 +421,11 @@ impl Qcow2 {
             try_join_all(writes).await?;
             return Ok(());
         }
-        // Allocate one contiguous run for the new clusters when possible.
+        // L2 tables first (as QEMU does), so data runs stay contiguous; then
+        // one contiguous run for the new clusters.
+        for &(gc, _) in &allocs {
+            m.prepare_l2(&self.file, gc).await?;
+        }
         let base = m.alloc_clusters(&self.file, allocs.len() as u64).await?;
         let lock = Arc::new(Mutex::new(()));
         let guard = lock.clone().lock_owned().await;
