@@ -175,3 +175,28 @@ fn probed_raw_refuses_a_forged_header() {
             .unwrap();
     });
 }
+
+/// An image marked corrupt opens read-only with a message saying why and how
+/// to repair; `check -r all` clears the bit once the image is consistent.
+#[test]
+fn corrupt_bit_opens_read_only_until_repaired() {
+    need("qemu-img");
+    let d = scratch();
+    let img = at(&d, "c.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "8M"]);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&2u64.to_be_bytes(), 72).unwrap(); // incompatible: corrupt
+    }
+    ok("spindle", &["img", "info", p(&img)]);
+    let o = run("spindle", &["img", "bench", "-w", "-c", "1", p(&img)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "writing a corrupt image must fail");
+    assert!(err.contains("marked corrupt") && err.contains("check -r all"), "{err}");
+    ok("spindle", &["img", "check", "-r", "all", p(&img)]);
+    let info = ok("qemu-img", &["info", "--output", "json", p(&img)]);
+    assert!(info.contains("\"corrupt\": false"), "{info}");
+    assert_clean(&img);
+    ok("spindle", &["img", "bench", "-w", "-c", "1", p(&img)]);
+}

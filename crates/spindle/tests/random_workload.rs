@@ -155,6 +155,7 @@ fn random_workload_tiny_l2_cache_evicts_dirty_slices() {
     let q = Qcow2Options {
         l2_cache_size: Some(2048),
         l2_cache_entry_size: Some(512),
+        ..Default::default()
     };
     workload_with(15, 4096, "", EngineKind::IoUring, CacheMode::None, q);
 }

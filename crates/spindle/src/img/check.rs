@@ -3,7 +3,7 @@
 
 use super::{format_arg, CliResult};
 use serde_json::json;
-use spindle_block::formats::qcow2::{check, CheckMode};
+use spindle_block::formats::qcow2::{check, CheckMode, Qcow2Options};
 use spindle_block::{BlockError, Node, OpenConfig};
 use spindle_io::CacheMode;
 
@@ -38,6 +38,14 @@ pub async fn run(a: Args) -> CliResult<u8> {
         read_only: mode == CheckMode::Report,
         open_backing: false,
         ..super::open_config(None, CacheMode::Writeback, false)
+    };
+    // Repair may open an image marked corrupt writable.
+    let cfg = OpenConfig {
+        qcow2: Qcow2Options {
+            repair: mode != CheckMode::Report,
+            ..cfg.qcow2
+        },
+        ..cfg
     };
     let node = spindle_block::open_image(&a.filename, &cfg)?;
     let Node::Qcow2(q) = &node else {

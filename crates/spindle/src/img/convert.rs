@@ -77,7 +77,7 @@ pub async fn run(a: Args) -> CliResult<()> {
     let src_fmt = format_arg(&a.src_format)?;
     let src = match &a.src_cache {
         Some(_) => super::open(&a.source, src_fmt, cache_arg(&a.src_cache, CacheMode::Writeback)?, true)?,
-        None => open_direct_if_possible(&a.source, src_fmt, true)?,
+        None => super::open_direct_if_possible(&a.source, src_fmt, true)?,
     };
     let size = src.size();
     let pairs = parse_opts(&a.options)?;
@@ -112,7 +112,7 @@ pub async fn run(a: Args) -> CliResult<()> {
             cache_arg(&a.cache, CacheMode::Writeback)?,
             false,
         )?,
-        None => open_direct_if_possible(&a.target, Some(out_fmt), false)?,
+        None => super::open_direct_if_possible(&a.target, Some(out_fmt), false)?,
     };
     if dst.size() < size {
         return Err(BlockError::Invalid(format!(
@@ -155,18 +155,6 @@ pub async fn run(a: Args) -> CliResult<()> {
     }
     result?;
     job.dst.close().await
-}
-
-/// Opens with O_DIRECT, or with the page cache where the file system has no
-/// O_DIRECT (tmpfs) or the spec is no file (null:).
-fn open_direct_if_possible(spec: &str, fmt: Option<Format>, read_only: bool) -> CliResult<Node> {
-    match super::open(spec, fmt, CacheMode::None, read_only) {
-        Ok(n) => Ok(n),
-        Err(BlockError::Setup(spindle_io::Error::Open { source, .. })) if source.raw_os_error() == Some(22) => {
-            super::open(spec, fmt, CacheMode::Writeback, read_only)
-        }
-        Err(e) => Err(e),
-    }
 }
 
 async fn worker(job: Rc<Job>) -> CliResult<()> {

@@ -13,6 +13,7 @@ mod map;
 mod measure;
 mod rebase;
 mod resize;
+mod snapshot;
 
 use clap::{Args, Subcommand};
 use spindle_block::formats::qcow2::Qcow2Options;
@@ -35,6 +36,9 @@ pub struct ImgArgs {
     /// qcow2 L2 cache entry (slice) size, 512 up to the cluster size (default: one cluster).
     #[arg(long, global = true)]
     l2_cache_entry_size: Option<String>,
+    /// Worker threads of the `threads` engine (1 to 256).
+    #[arg(long, global = true, default_value_t = 8)]
+    aio_threads: usize,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +67,8 @@ enum ImgCmd {
     Commit(commit::Args),
     /// Copy with dd-style operands.
     Dd(dd::Args),
+    /// List, create, apply, delete snapshots; move VM state in and out.
+    Snapshot(snapshot::Args),
     /// Run a simple I/O benchmark.
     Bench(bench::Args),
 }
@@ -85,11 +91,18 @@ pub fn run(a: ImgArgs) -> CliResult<u8> {
     let _ = QCOW2_OPTIONS.set(Qcow2Options {
         l2_cache_size: a.l2_cache_size.as_deref().map(size_arg).transpose()?,
         l2_cache_entry_size: entry,
+        repair: false,
     });
+    if !(1..=256).contains(&a.aio_threads) {
+        return Err(BlockError::Invalid(format!(
+            "--aio-threads {} must be from 1 to 256",
+            a.aio_threads
+        )));
+    }
     let rt = Runtime::new(RuntimeConfig {
         engine,
         depth: 256,
-        threads: 8,
+        threads: a.aio_threads,
     })?;
     match a.cmd {
         ImgCmd::Create(x) => rt.block_on(create::run(x)).map(|_| 0),
@@ -104,6 +117,7 @@ pub fn run(a: ImgArgs) -> CliResult<u8> {
         ImgCmd::Rebase(x) => rt.block_on(rebase::run(x)).map(|_| 0),
         ImgCmd::Commit(x) => rt.block_on(commit::run(x)).map(|_| 0),
         ImgCmd::Dd(x) => rt.block_on(dd::run(x)).map(|_| 0),
+        ImgCmd::Snapshot(x) => rt.block_on(snapshot::run(x)).map(|_| 0),
         ImgCmd::Bench(x) => rt.block_on(bench::run(x)).map(|_| 0),
     }
 }
@@ -173,28 +187,31 @@ pub fn size_arg(s: &str) -> CliResult<u64> {
     spindle_block::parse_size(s).ok_or_else(|| BlockError::Invalid(format!("invalid size '{s}' (e.g. 512, 64k, 10G)")))
 }
 
-/// qemu-img's human size: "1 GiB", "196 KiB", "1.5 MiB".
+/// qemu-img's human size: the unit keeps the value under 1000, then three
+/// significant digits ("1 GiB", "196 KiB", "1.5 MiB", "0.977 MiB", "50 MiB").
 pub fn human_size(n: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
+    if n == 0 {
+        return "0 B".into();
     }
-    if u == 0 {
-        return format!("{n} B");
-    }
-    let s = format!("{v:.3}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    let s: String = if s.len() > 4 && s.contains('.') {
-        // qemu keeps three significant digits
-        let digits = s.split('.').next().unwrap_or("").len();
-        format!("{v:.prec$}", prec = 3usize.saturating_sub(digits))
+    // frexp(n / (1000/1024)) exponent, as QEMU's size_to_str.
+    let e = (n as f64 / (1000.0 / 1024.0)).log2().floor() as i32 + 1;
+    let i = (((e - 1) / 10).max(0) as usize).min(UNITS.len() - 1);
+    let v = n as f64 / (1u64 << (i * 10)) as f64;
+    let digits = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else if v >= 1.0 {
+        2
     } else {
-        s.to_string()
+        3
     };
-    format!("{} {}", s.trim_end_matches('0').trim_end_matches('.'), UNITS[u])
+    let mut t = format!("{v:.digits$}");
+    if t.contains('.') {
+        t = t.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    format!("{t} {}", UNITS[i])
 }
 
 /// Parses `-o key=value,key=value`; several `-o` are joined.
@@ -209,6 +226,18 @@ pub fn parse_opts(opts: &[String]) -> CliResult<Vec<(String, String)>> {
     Ok(v)
 }
 
+/// Opens with O_DIRECT, or with the page cache where the file system has no
+/// O_DIRECT (tmpfs) or the spec is no file (null:).
+pub fn open_direct_if_possible(spec: &str, fmt: Option<Format>, read_only: bool) -> CliResult<Node> {
+    match open(spec, fmt, CacheMode::None, read_only) {
+        Ok(n) => Ok(n),
+        Err(BlockError::Setup(spindle_io::Error::Open { source, .. })) if source.raw_os_error() == Some(22) => {
+            open(spec, fmt, CacheMode::Writeback, read_only)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::human_size;
@@ -219,5 +248,9 @@ mod tests {
         assert_eq!(human_size(196 * 1024), "196 KiB");
         assert_eq!(human_size(1536 * 1024), "1.5 MiB");
         assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(50 << 20), "50 MiB");
+        assert_eq!(human_size(1000 << 10), "0.977 MiB");
+        assert_eq!(human_size(100 << 20), "100 MiB");
+        assert_eq!(human_size(0), "0 B");
     }
 }

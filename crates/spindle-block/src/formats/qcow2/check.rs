@@ -221,12 +221,14 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
     }
     r.total_clusters = hdr.size.div_ceil(cs);
     // Compare with stored refcounts.
+    // Only clusters inside the file are compared (as QEMU does): a hostile
+    // refcount can claim a cluster far past the end is in use.
     let max_cluster = refs
         .keys()
         .copied()
         .max()
         .unwrap_or(0)
-        .max(m.end_cluster().saturating_sub(1));
+        .max(m.end_cluster().min(file_clusters).saturating_sub(1));
     let mut end = 0;
     for c in 0..=max_cluster {
         let want = refs.get(&c).copied().unwrap_or(0);
@@ -289,8 +291,10 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
     }
     if mode != CheckMode::Report {
         m.flush(f).await?;
-        if r.corruptions == 0 && r.leaks == 0 && m.hdr.incompatible & super::header::INCOMPAT_DIRTY != 0 {
-            m.hdr.incompatible &= !super::header::INCOMPAT_DIRTY;
+        // Consistent again: the dirty and corrupt bits go.
+        let stale = super::header::INCOMPAT_DIRTY | super::header::INCOMPAT_CORRUPT;
+        if r.corruptions == 0 && r.leaks == 0 && m.hdr.incompatible & stale != 0 {
+            m.hdr.incompatible &= !stale;
             m.write_header(f).await?;
         }
     }

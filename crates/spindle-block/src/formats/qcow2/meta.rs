@@ -50,6 +50,10 @@ pub struct Meta {
     compressed_next: u64,
     /// Allocating writes in flight.
     pub inflight: Vec<Inflight>,
+    /// Internal snapshots, as in the snapshot table.
+    pub snapshots: Vec<super::snapshot::Snapshot>,
+    /// Bytes of the snapshot table on disk.
+    pub snapshots_table_len: u64,
 }
 
 impl Meta {
@@ -68,6 +72,8 @@ impl Meta {
             free_hint: 0,
             compressed_next: 0,
             inflight: Vec::new(),
+            snapshots: Vec::new(),
+            snapshots_table_len: 0,
         }
     }
 
@@ -122,11 +128,17 @@ impl Meta {
 
     /// The L2 entry (and extended bitmap) of guest cluster `gc`.
     pub async fn get_l2(&mut self, f: &File, gc: u64) -> Result<(u64, u64)> {
-        let l2_bits = self.hdr.l2_bits();
-        let l1i = (gc >> l2_bits) as usize;
+        let l1i = (gc >> self.hdr.l2_bits()) as usize;
         let Some(&l1e) = self.l1.get(l1i) else {
             return Ok((0, 0));
         };
+        self.get_l2_for(f, l1e, gc).await
+    }
+
+    /// The L2 entry of guest cluster `gc` under the L1 entry `l1e` (of any
+    /// L1 table: the active one or a snapshot's).
+    pub async fn get_l2_for(&mut self, f: &File, l1e: u64, gc: u64) -> Result<(u64, u64)> {
+        let l2_bits = self.hdr.l2_bits();
         let l2_off = l1e & OFFSET_MASK;
         if l2_off == 0 {
             return Ok((0, 0));
@@ -459,6 +471,111 @@ impl Meta {
             self.write_l2_slice(f, o).await?;
         }
         f.flush().await.map_err(io_err(f.path(), "flush failed"))
+    }
+
+    // ---------------------------------------------------------- snapshots
+
+    /// Adds `addend` to the refcount of every L2 table and data cluster that
+    /// `l1` reaches, and recomputes COPIED flags (set exactly where the
+    /// refcount is 1) in those L2 tables and in `l1`. With `addend` 0 it only
+    /// recomputes the flags. This is how QEMU counts snapshots: a cluster's
+    /// refcount is the number of L1 tables that reach it.
+    pub async fn update_snapshot_refcount(&mut self, f: &File, l1: &mut [u64], addend: i64) -> Result<()> {
+        let cs = self.cs();
+        let w = self.entry_words();
+        let per_slice = self.l2.piece_size() / (8 * w);
+        let slices = (1usize << self.hdr.l2_bits()) / per_slice;
+        for e in l1.iter_mut() {
+            let l2_off = *e & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            self.check_table_offset(f, l2_off, "L2 table")?;
+            for s in 0..slices {
+                let slice_off = l2_off + (s * self.l2.piece_size()) as u64;
+                for j in 0..per_slice {
+                    let raw = get_be64(&self.l2_slice(f, slice_off).await?.buf, j * w);
+                    let new = if raw & COMPRESSED != 0 {
+                        if addend != 0 {
+                            let (off, len) = super::compressed_extent(raw, self.hdr.cluster_bits);
+                            for c in off / cs..=(off + len - 1) / cs {
+                                self.update_refcount(f, c, addend).await?;
+                            }
+                        }
+                        raw
+                    } else if raw & OFFSET_MASK != 0 {
+                        let c = (raw & OFFSET_MASK) / cs;
+                        if addend != 0 {
+                            self.update_refcount(f, c, addend).await?;
+                        }
+                        if self.refcount(f, c).await? == 1 {
+                            raw | COPIED
+                        } else {
+                            raw & !COPIED
+                        }
+                    } else {
+                        raw
+                    };
+                    if new != raw {
+                        let e = self.l2_slice(f, slice_off).await?;
+                        put_be64(&mut e.buf, j * w, new);
+                        e.dirty = true;
+                    }
+                }
+            }
+            if addend != 0 {
+                self.update_refcount(f, l2_off / cs, addend).await?;
+            }
+            *e = if self.refcount(f, l2_off / cs).await? == 1 {
+                *e | COPIED
+            } else {
+                *e & !COPIED
+            };
+        }
+        Ok(())
+    }
+
+    /// Reads an L1 table (a snapshot's) from disk.
+    pub async fn read_l1(&self, f: &File, off: u64, entries: u32) -> Result<Vec<u64>> {
+        let cs = self.cs() as usize;
+        let bytes = (entries as usize * 8).div_ceil(cs).max(1) * cs;
+        let buf = self.read_buf(f, off, bytes).await?;
+        Ok((0..entries as usize).map(|i| get_be64(&buf, i)).collect())
+    }
+
+    /// Writes the whole active L1 table.
+    pub async fn write_l1(&mut self, f: &File) -> Result<()> {
+        let cs = self.cs() as usize;
+        let bytes = (self.l1.len() * 8).div_ceil(cs).max(1) * cs;
+        let mut buf = AlignedBuf::new(bytes, f.alignment().mem.max(512));
+        for (i, &e) in self.l1.iter().enumerate() {
+            put_be64(&mut buf, i, e);
+        }
+        f.write_at(self.hdr.l1_table_offset, &buf[..self.l1.len() * 8], false)
+            .await
+            .map_err(io_err(f.path(), "L1 table write failed"))
+    }
+
+    /// Writes `bytes` to newly allocated clusters and returns their offset.
+    pub async fn write_new_clusters(&mut self, f: &File, bytes: &[u8]) -> Result<u64> {
+        let cs = self.cs();
+        let n = (bytes.len() as u64).div_ceil(cs).max(1);
+        let off = self.alloc_clusters(f, n).await?;
+        let mut buf = AlignedBuf::new((n * cs) as usize, f.alignment().mem.max(512));
+        buf[..bytes.len()].copy_from_slice(bytes);
+        f.write_at(off, &buf, false)
+            .await
+            .map_err(io_err(f.path(), "metadata write failed"))?;
+        Ok(off)
+    }
+
+    /// Drops one reference to each of the `bytes.div_ceil(cs)` clusters at `off`.
+    pub async fn free_clusters(&mut self, f: &File, off: u64, bytes: u64) -> Result<()> {
+        let cs = self.cs();
+        for c in off / cs..(off + bytes).div_ceil(cs) {
+            self.update_refcount(f, c, -1).await?;
+        }
+        Ok(())
     }
 
     // ---------------------------------------------------------- allocation

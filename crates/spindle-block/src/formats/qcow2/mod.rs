@@ -16,6 +16,8 @@ pub mod header;
 pub mod measure;
 mod meta;
 pub mod snapshot;
+mod snapshots;
+mod vmstate;
 
 use crate::error::{fmt_err, io_err, BlockError, Result};
 use crate::node::{BlockStatus, ImageInfo, Node};
@@ -32,6 +34,7 @@ use std::sync::Arc;
 
 pub use check::{check, CheckMode, CheckReport};
 pub use create::{create, CreateOptions, Preallocation};
+pub use vmstate::VmStateOptions;
 
 /// qcow2-specific facts for `info`.
 #[derive(Debug, Clone)]
@@ -61,6 +64,8 @@ pub struct Qcow2Options {
     /// L2 cache entry (slice) size in bytes (`l2-cache-entry-size`); default
     /// one cluster.
     pub l2_cache_entry_size: Option<u64>,
+    /// Open an image marked corrupt writable, to repair it (`check -r`).
+    pub repair: bool,
 }
 
 /// How one guest range is stored.
@@ -90,6 +95,8 @@ pub struct Qcow2 {
     /// rebuilt before the first allocation.
     repair_pending: std::sync::atomic::AtomicBool,
     repair_lock: Mutex<()>,
+    /// Why the image is read-only, when it is not the caller's choice.
+    ro_reason: String,
 }
 
 /// Offset and byte length of a compressed cluster's data.
@@ -99,6 +106,30 @@ pub(crate) fn compressed_extent(raw: u64, cluster_bits: u32) -> (u64, u64) {
     let sectors = ((raw >> x) & ((1u64 << (cluster_bits - 8)) - 1)) + 1;
     let len = sectors * 512 - (off & 511);
     (off, len)
+}
+
+/// Reads the snapshot table at open (setup time), within QEMU's caps.
+fn read_snapshot_table(
+    f: &std::fs::File,
+    hdr: &Header,
+    file_len: u64,
+    path: &Path,
+) -> Result<(Vec<snapshot::Snapshot>, u64)> {
+    use std::os::unix::fs::FileExt;
+    if hdr.nb_snapshots == 0 {
+        return Ok((Vec::new(), 0));
+    }
+    let len = snapshot::MAX_TABLE_BYTES.min(file_len.saturating_sub(hdr.snapshots_offset)) as usize;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, hdr.snapshots_offset)
+        .map_err(io_err(path, "cannot read the snapshot table"))?;
+    let (snaps, len) = snapshot::parse_table(&buf, hdr.nb_snapshots).map_err(|m| fmt_err(path, m))?;
+    for s in &snaps {
+        if s.l1_size as u64 * 8 > header::MAX_L1_BYTES || s.l1_table_offset % hdr.cluster_size() != 0 {
+            return Err(fmt_err(path, format!("snapshot {} has an invalid L1 table", s.id)));
+        }
+    }
+    Ok((snaps, len))
 }
 
 fn read_table(f: &std::fs::File, off: u64, entries: usize, path: &Path, what: &str) -> Result<Vec<u64>> {
@@ -126,15 +157,24 @@ impl Qcow2 {
             .map_err(io_err(&path, "cannot read header"))?;
         let hdr = Header::parse(&first, file_len).map_err(|m| fmt_err(&path, m))?;
         let read_only = file.is_read_only();
-        if hdr.incompatible & INCOMPAT_CORRUPT != 0 && !read_only {
-            return Err(fmt_err(
-                &path,
-                "image is marked corrupt; open it read-only or repair it with 'spindle img check -r all'",
-            ));
-        }
+        // A corrupt image opens read-only (unless this open is the repair).
+        let corrupt = hdr.incompatible & INCOMPAT_CORRUPT != 0;
+        let ro_reason = if corrupt && !opts.repair {
+            if !read_only {
+                tracing::warn!(
+                    "{}: image is marked corrupt; opened read-only (repair it with 'spindle img check -r all')",
+                    path.display()
+                );
+            }
+            "marked corrupt; repair it with 'spindle img check -r all'".to_string()
+        } else {
+            String::new()
+        };
+        let read_only = read_only || (corrupt && !opts.repair);
         let l1 = read_table(&plain, hdr.l1_table_offset, hdr.l1_size as usize, &path, "L1 table")?;
         let rct_entries = (hdr.refcount_table_clusters as u64 * hdr.cluster_size() / 8) as usize;
         let rct = read_table(&plain, hdr.refcount_table_offset, rct_entries, &path, "refcount table")?;
+        let (snapshots, snapshot_table_len) = read_snapshot_table(&plain, &hdr, file_len, &path)?;
         let cs = hdr.cluster_size();
         let slice = opts
             .l2_cache_entry_size
@@ -151,6 +191,7 @@ impl Qcow2 {
         let q = Qcow2 {
             repair_pending: std::sync::atomic::AtomicBool::new(dirty && !read_only),
             repair_lock: Mutex::new(()),
+            ro_reason,
             cluster_bits: hdr.cluster_bits,
             sub_bits: if ext_l2 { hdr.cluster_bits - 5 } else { hdr.cluster_bits },
             ext_l2,
@@ -158,7 +199,12 @@ impl Qcow2 {
             compression: hdr.compression,
             size: AtomicU64::new(hdr.size),
             lazy: hdr.lazy_refcounts(),
-            meta: Mutex::new(Meta::new(hdr, l1, rct, file_len, (slice as usize, slices))),
+            meta: Mutex::new({
+                let mut m = Meta::new(hdr, l1, rct, file_len, (slice as usize, slices));
+                m.snapshots_table_len = snapshot_table_len;
+                m.snapshots = snapshots;
+                m
+            }),
             file,
             backing,
             read_only,
@@ -235,7 +281,7 @@ impl Qcow2 {
     fn ro_err(&self) -> BlockError {
         BlockError::ReadOnly {
             path: self.path().into(),
-            reason: String::new(),
+            reason: self.ro_reason.clone(),
         }
     }
 

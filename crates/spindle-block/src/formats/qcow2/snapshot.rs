@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub disk_size: Option<u64>,
     /// icount, if recorded (-1 = off).
     pub icount: Option<u64>,
+    /// Extra data past the fields Spindle knows, kept for rewrites.
+    pub extra_unknown: Vec<u8>,
 }
 
 fn be16(b: &[u8], o: usize) -> usize {
@@ -85,6 +87,7 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Strin
         }
         if x.len() >= 24 {
             s.icount = Some(be64(x, 16));
+            s.extra_unknown = x[24..].to_vec();
         }
         let names = &e[40 + extra as usize..];
         s.id = String::from_utf8_lossy(&names[..id_len]).into_owned();
@@ -93,4 +96,81 @@ pub fn parse_table(buf: &[u8], count: u32) -> Result<(Vec<Snapshot>, u64), Strin
         off = end.div_ceil(8) * 8;
     }
     Ok((out, off as u64))
+}
+
+/// Encodes the table as QEMU writes it: 24 bytes of extra data (VM state
+/// size, disk size, icount) plus whatever unknown extra data an entry had.
+pub fn serialize_table(snaps: &[Snapshot]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in snaps {
+        let start = out.len();
+        out.extend_from_slice(&s.l1_table_offset.to_be_bytes());
+        out.extend_from_slice(&s.l1_size.to_be_bytes());
+        out.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&s.date_sec.to_be_bytes());
+        out.extend_from_slice(&s.date_nsec.to_be_bytes());
+        out.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
+        // A VM state too large for the old field reads as "disk only" to old readers.
+        let legacy = if s.vm_state_size <= u32::MAX as u64 {
+            s.vm_state_size as u32
+        } else {
+            0
+        };
+        out.extend_from_slice(&legacy.to_be_bytes());
+        out.extend_from_slice(&((24 + s.extra_unknown.len()) as u32).to_be_bytes());
+        out.extend_from_slice(&s.vm_state_size.to_be_bytes());
+        out.extend_from_slice(&s.disk_size.unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&s.icount.unwrap_or(u64::MAX).to_be_bytes());
+        out.extend_from_slice(&s.extra_unknown);
+        out.extend_from_slice(s.id.as_bytes());
+        out.extend_from_slice(s.name.as_bytes());
+        let len = out.len() - start;
+        out.resize(start + len.div_ceil(8) * 8, 0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_round_trips_and_keeps_unknown_extra_data() {
+        let snaps = vec![
+            Snapshot {
+                l1_table_offset: 0x30000,
+                l1_size: 2,
+                id: "1".into(),
+                name: "first".into(),
+                vm_state_size: 5 << 32,
+                disk_size: Some(1 << 30),
+                icount: Some(u64::MAX),
+                ..Default::default()
+            },
+            Snapshot {
+                l1_table_offset: 0x50000,
+                l1_size: 2,
+                id: "2".into(),
+                name: "x".into(),
+                extra_unknown: vec![9; 16],
+                disk_size: Some(1 << 30),
+                icount: Some(7),
+                ..Default::default()
+            },
+        ];
+        let b = serialize_table(&snaps);
+        let (back, len) = parse_table(&b, 2).unwrap();
+        assert_eq!(len as usize, b.len());
+        assert_eq!(back[0].vm_state_size, 5 << 32);
+        assert_eq!(back[0].name, "first");
+        assert_eq!(back[1].extra_unknown, vec![9; 16]);
+        assert_eq!(back[1].icount, Some(7));
+        // Hostile: extra data over the cap, truncated tables.
+        let mut bad = b.clone();
+        bad[36..40].copy_from_slice(&5000u32.to_be_bytes());
+        assert!(parse_table(&bad, 2).unwrap_err().contains("extra data"));
+        assert!(parse_table(&b[..50], 2).is_err());
+        assert!(parse_table(&b, 70000).is_err());
+    }
 }

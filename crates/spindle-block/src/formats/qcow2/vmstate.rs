@@ -1,0 +1,279 @@
+//! Moving VM state between a byte stream and a snapshot at the device's
+//! bandwidth.
+//!
+//! QEMU's savevm writes the VM state in small unaligned synchronous pieces.
+//! Here a reader thread cuts the stream into cluster-aligned chunks (1 MiB
+//! by default) and the I/O thread keeps several writes in flight (8 by
+//! default); each chunk allocates its clusters as one run. Loading reads the
+//! snapshot's VM state in order with read-ahead, and a writer thread drains
+//! it into the destination. Blocking stream I/O stays off the I/O thread.
+
+use super::meta::{COMPRESSED, OFFSET_MASK, ZERO};
+use super::snapshot::Snapshot;
+use super::Qcow2;
+use crate::error::{fmt_err, io_err, Result};
+use crate::SgList;
+use futures::channel::mpsc;
+use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
+use futures::SinkExt;
+use spindle_io::AlignedBuf;
+use std::io::{Read, Write};
+
+/// Tunables of the VM-state path.
+#[derive(Debug, Clone, Copy)]
+pub struct VmStateOptions {
+    /// Bytes per request (rounded up to the cluster size).
+    pub chunk: usize,
+    /// Requests in flight.
+    pub depth: usize,
+}
+
+impl Default for VmStateOptions {
+    fn default() -> Self {
+        VmStateOptions {
+            chunk: 1 << 20,
+            depth: 8,
+        }
+    }
+}
+
+type Chunk = std::io::Result<(AlignedBuf, usize)>;
+
+/// Reads `chunk`-sized pieces of `src` on its own thread.
+fn spawn_reader(mut src: Box<dyn Read + Send>, chunk: usize, depth: usize) -> mpsc::Receiver<Chunk> {
+    let (mut tx, rx) = mpsc::channel::<Chunk>(depth);
+    std::thread::spawn(move || loop {
+        let mut buf = AlignedBuf::new(chunk, 4096);
+        let mut n = 0;
+        let res = loop {
+            match src.read(&mut buf[n..]) {
+                Ok(0) => break Ok(()),
+                Ok(k) => {
+                    n += k;
+                    if n == chunk {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let last = n < chunk || res.is_err();
+        let item = res.map(|()| (buf, n));
+        if futures::executor::block_on(tx.send(item)).is_err() || last {
+            return;
+        }
+    });
+    rx
+}
+
+impl Qcow2 {
+    /// Streams `src` (QEMU's migration stream, or any bytes) into the VM
+    /// state area and takes snapshot `name` with it. The snapshot exists
+    /// fully, durable, or not at all.
+    pub async fn save_vmstate(&self, name: &str, src: Box<dyn Read + Send>, opts: VmStateOptions) -> Result<Snapshot> {
+        if self.read_only {
+            return Err(self.ro_err());
+        }
+        if self.snapshot_list().await.iter().any(|s| s.name == name) {
+            return Err(fmt_err(
+                self.path(),
+                format!("a snapshot named '{name}' already exists"),
+            ));
+        }
+        let cs = self.cluster_size() as usize;
+        let chunk = opts.chunk.max(cs).div_ceil(cs) * cs;
+        let base = self.vm_state_offset();
+        // Leftovers of an interrupted save would otherwise be copied into this one.
+        self.drop_vmstate_area(base).await?;
+        let mut rx = spawn_reader(src, chunk, opts.depth.max(1));
+        let mut inflight = FuturesUnordered::new();
+        let mut total = 0u64;
+        while let Some(item) = rx.next().await {
+            let (mut buf, n) = item.map_err(io_err(self.path(), "reading the VM state failed"))?;
+            if n == 0 {
+                break;
+            }
+            while inflight.len() >= opts.depth.max(1) {
+                if let Some(r) = inflight.next().await {
+                    r?;
+                }
+            }
+            self.cover_l1(base + total + n as u64).await?;
+            let off = base + total;
+            inflight.push(async move { self.write(off, &SgList::new(&mut buf[..n]), false).await });
+            total += n as u64;
+        }
+        while let Some(r) = inflight.next().await {
+            r?;
+        }
+        self.flush().await?;
+        let sn = self.snapshot_create(name, total, 0).await?;
+        // The active L1 no longer needs the VM state; keeping it would make
+        // the next snapshot copy it on write.
+        self.drop_vmstate_area(base).await?;
+        self.flush().await?;
+        Ok(sn)
+    }
+
+    /// Grows the active L1 so it maps up to `end` (VM state lies past the disk).
+    async fn cover_l1(&self, end: u64) -> Result<()> {
+        let mut m = self.meta.lock().await;
+        let span = 1u64 << (self.cluster_bits + m.hdr.l2_bits());
+        let need = end.div_ceil(span) as usize;
+        if need > m.l1.len() {
+            // Headroom so a long stream does not rewrite the L1 table per chunk.
+            let want = need.max(m.l1.len() + m.l1.len() / 2).max(need + 4);
+            m.resize_l1(&self.file, want).await?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps every cluster of the active L1 at or past `base`.
+    async fn drop_vmstate_area(&self, base: u64) -> Result<()> {
+        let mut m = self.lock_meta_clear_of(0, u64::MAX).await;
+        let span_bits = self.cluster_bits + m.hdr.l2_bits();
+        let first_l1 = (base >> span_bits) as usize;
+        for l1i in first_l1..m.l1.len() {
+            if m.l1[l1i] & OFFSET_MASK == 0 {
+                continue;
+            }
+            let first = (l1i as u64) << m.hdr.l2_bits();
+            for gc in first..first + (1u64 << m.hdr.l2_bits()) {
+                let (raw, _) = m.get_l2(&self.file, gc).await?;
+                if raw != 0 {
+                    m.set_l2(&self.file, gc, 0, 0).await?;
+                    m.release_entry(&self.file, raw).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the VM state of snapshot `id_or_name` to `dst`, returning the
+    /// byte count and `dst` (so the caller can make it durable).
+    pub async fn load_vmstate<W: Write + Send + 'static>(
+        &self,
+        id_or_name: &str,
+        dst: W,
+        opts: VmStateOptions,
+    ) -> Result<(u64, W)> {
+        let snaps = self.snapshot_list().await;
+        let sn = snaps
+            .iter()
+            .find(|s| s.id == id_or_name)
+            .or_else(|| snaps.iter().find(|s| s.name == id_or_name))
+            .cloned()
+            .ok_or_else(|| self.not_found(id_or_name))?;
+        let l1 = self
+            .meta
+            .lock()
+            .await
+            .read_l1(&self.file, sn.l1_table_offset, sn.l1_size)
+            .await?;
+        let cs = self.cluster_size() as usize;
+        let chunk = opts.chunk.max(cs).div_ceil(cs) * cs;
+        let depth = opts.depth.max(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(AlignedBuf, usize)>(depth);
+        let writer = std::thread::spawn(move || -> std::io::Result<W> {
+            let mut dst = dst;
+            for (buf, n) in rx {
+                dst.write_all(&buf[..n])?;
+            }
+            dst.flush()?;
+            Ok(dst)
+        });
+        let base = self.vm_state_offset_for(&sn);
+        let total = sn.vm_state_size;
+        let mut pending = FuturesOrdered::new();
+        let mut next = 0u64;
+        let mut result = Ok(());
+        loop {
+            while pending.len() < depth && next < total {
+                let n = (chunk as u64).min(total - next) as usize;
+                let off = base + next;
+                let l1 = &l1;
+                pending.push_back(async move {
+                    let mut buf = AlignedBuf::new(n, 4096);
+                    self.read_with_l1(l1, off, &mut buf).await.map(|()| (buf, n))
+                });
+                next += n as u64;
+            }
+            let Some(r) = pending.next().await else { break };
+            match r {
+                Ok(item) => {
+                    // The writer thread drains as fast as the destination takes it.
+                    if tx.send(item).is_err() {
+                        result = Err(fmt_err(self.path(), "writing the VM state failed"));
+                        break;
+                    }
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let dst = writer
+            .join()
+            .map_err(|_| fmt_err(self.path(), "VM state writer thread failed"))?
+            .map_err(io_err(self.path(), "writing the VM state failed"))?;
+        result?;
+        Ok((total, dst))
+    }
+
+    /// The VM state offset for a snapshot (its disk size, not today's).
+    fn vm_state_offset_for(&self, sn: &Snapshot) -> u64 {
+        let l2_entry = if self.ext_l2 { 16 } else { 8 };
+        let span = (1u64 << self.cluster_bits) * ((1u64 << self.cluster_bits) / l2_entry);
+        sn.disk_size.unwrap_or_else(|| self.size()).div_ceil(span) * span
+    }
+
+    /// Reads through a snapshot's L1 table; unmapped and zero ranges read as
+    /// zeroes (VM state never comes from a backing file).
+    async fn read_with_l1(&self, l1: &[u64], off: u64, out: &mut [u8]) -> Result<()> {
+        let cs = 1u64 << self.cluster_bits;
+        let mut plan = Vec::new();
+        {
+            let mut m = self.meta.lock().await;
+            let l2_bits = m.hdr.l2_bits();
+            let mut pos = 0u64;
+            while pos < out.len() as u64 {
+                let g = off + pos;
+                let gc = g >> self.cluster_bits;
+                let n = (cs - (g & (cs - 1))).min(out.len() as u64 - pos);
+                let l1e = l1.get((gc >> l2_bits) as usize).copied().unwrap_or(0);
+                let (raw, bmp) = if l1e == 0 {
+                    (0, 0)
+                } else {
+                    m.get_l2_for(&self.file, l1e, gc).await?
+                };
+                plan.push((pos, n, raw, bmp));
+                pos += n;
+            }
+        }
+        for (pos, n, raw, bmp) in plan {
+            let part = &mut out[pos as usize..(pos + n) as usize];
+            let in_cluster = (off + pos) & (cs - 1);
+            let host = raw & OFFSET_MASK;
+            let plain = if self.ext_l2 {
+                bmp & 0xffff_ffff != 0
+            } else {
+                raw & ZERO == 0
+            };
+            if raw & COMPRESSED != 0 {
+                let data = self.read_compressed(raw).await?;
+                part.copy_from_slice(&data[in_cluster as usize..(in_cluster + n) as usize]);
+            } else if host != 0 && plain {
+                self.file
+                    .read_at(host + in_cluster, part)
+                    .await
+                    .map_err(io_err(self.path(), "read failed"))?;
+            } else {
+                part.fill(0);
+            }
+        }
+        Ok(())
+    }
+}
