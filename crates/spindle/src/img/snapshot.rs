@@ -212,12 +212,16 @@ pub async fn run(a: Args) -> CliResult<()> {
             ));
         };
         let (_, out) = q.load_vmstate(sn, sink(dst)?, opts).await?;
-        if let Sink::File(f) = out {
-            f.sync_all().map_err(|e| BlockError::Io {
-                path: dst.into(),
-                context: "fsync failed",
-                source: e,
-            })?;
+        // Durable on exit when the destination is a regular file (devices
+        // such as /dev/null cannot be synced).
+        if let Sink::File(f) = &out {
+            if f.metadata().map(|m| m.is_file()).unwrap_or(false) {
+                f.sync_all().map_err(|e| BlockError::Io {
+                    path: dst.into(),
+                    context: "fsync failed",
+                    source: e,
+                })?;
+            }
         }
         return Ok(());
     }

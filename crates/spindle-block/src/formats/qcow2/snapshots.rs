@@ -44,6 +44,21 @@ impl Qcow2 {
     /// state must already be in the VM state area (see `save_vmstate`); 0
     /// makes a disk-only snapshot.
     pub async fn snapshot_create(&self, name: &str, vm_state_size: u64, vm_clock_nsec: u64) -> Result<Snapshot> {
+        self.create_snapshot(name, vm_state_size, vm_clock_nsec, false).await
+    }
+
+    /// Creates a snapshot. With `hand_over_vmstate`, the L2 tables that map
+    /// the VM state area move from the active L1 to the snapshot instead of
+    /// being shared and then dropped: nothing there is walked or counted
+    /// twice. They are unlinked from the active L1 before the table commit,
+    /// so a crash in between leaks them at most.
+    pub(super) async fn create_snapshot(
+        &self,
+        name: &str,
+        vm_state_size: u64,
+        vm_clock_nsec: u64,
+        hand_over_vmstate: bool,
+    ) -> Result<Snapshot> {
         if self.read_only {
             return Err(self.ro_err());
         }
@@ -72,10 +87,21 @@ impl Qcow2 {
         // The snapshot's copy of the L1 table (flags are meaningless there).
         let copy: Vec<u8> = m.l1.iter().flat_map(|e| (e & !COPIED).to_be_bytes()).collect();
         let l1_off = m.write_new_clusters(f, &copy).await?;
+        // The VM state area starts at an L1 entry boundary.
+        let disk_entries = if hand_over_vmstate {
+            ((self.vm_state_offset() >> (self.cluster_bits + m.hdr.l2_bits())) as usize).min(m.l1.len())
+        } else {
+            m.l1.len()
+        };
+        if disk_entries < m.l1.len() {
+            m.l1[disk_entries..].fill(0);
+            m.write_l1(f).await?;
+            m.flush(f).await?;
+        }
         // Everything the active L1 reaches gains a reference; COPIED goes.
-        let mut l1 = m.l1.clone();
+        let mut l1 = m.l1[..disk_entries].to_vec();
         m.update_snapshot_refcount(f, &mut l1, 1).await?;
-        m.l1 = l1;
+        m.l1[..disk_entries].copy_from_slice(&l1);
         m.write_l1(f).await?;
         m.flush(f).await?;
         let next_id = m

@@ -39,11 +39,45 @@ impl Default for VmStateOptions {
 
 type Chunk = std::io::Result<(AlignedBuf, usize)>;
 
+/// Chunk buffers handed back and forth between the stream thread and the
+/// I/O thread, so each byte is not preceded by a fresh zeroed allocation.
+#[derive(Clone)]
+struct BufPool {
+    free: std::sync::Arc<std::sync::Mutex<Vec<AlignedBuf>>>,
+    size: usize,
+    keep: usize,
+}
+
+impl BufPool {
+    fn new(size: usize, keep: usize) -> BufPool {
+        BufPool {
+            free: Default::default(),
+            size,
+            keep,
+        }
+    }
+    fn get(&self) -> AlignedBuf {
+        self.free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_else(|| AlignedBuf::new(self.size, 4096))
+    }
+    fn put(&self, b: AlignedBuf) {
+        if let Ok(mut f) = self.free.lock() {
+            if f.len() < self.keep {
+                f.push(b);
+            }
+        }
+    }
+}
+
 /// Reads `chunk`-sized pieces of `src` on its own thread.
-fn spawn_reader(mut src: Box<dyn Read + Send>, chunk: usize, depth: usize) -> mpsc::Receiver<Chunk> {
+fn spawn_reader(mut src: Box<dyn Read + Send>, pool: BufPool, depth: usize) -> mpsc::Receiver<Chunk> {
     let (mut tx, rx) = mpsc::channel::<Chunk>(depth);
+    let chunk = pool.size;
     std::thread::spawn(move || loop {
-        let mut buf = AlignedBuf::new(chunk, 4096);
+        let mut buf = pool.get();
         let mut n = 0;
         let res = loop {
             match src.read(&mut buf[n..]) {
@@ -86,7 +120,8 @@ impl Qcow2 {
         let base = self.vm_state_offset();
         // Leftovers of an interrupted save would otherwise be copied into this one.
         self.drop_vmstate_area(base).await?;
-        let mut rx = spawn_reader(src, chunk, opts.depth.max(1));
+        let pool = BufPool::new(chunk, opts.depth.max(1) * 2 + 2);
+        let mut rx = spawn_reader(src, pool.clone(), opts.depth.max(1));
         let mut inflight = FuturesUnordered::new();
         let mut total = 0u64;
         while let Some(item) = rx.next().await {
@@ -101,17 +136,21 @@ impl Qcow2 {
             }
             self.cover_l1(base + total + n as u64).await?;
             let off = base + total;
-            inflight.push(async move { self.write(off, &SgList::new(&mut buf[..n]), false).await });
+            let pool = &pool;
+            inflight.push(async move {
+                let r = self.write(off, &SgList::new(&mut buf[..n]), false).await;
+                pool.put(buf);
+                r
+            });
             total += n as u64;
         }
         while let Some(r) = inflight.next().await {
             r?;
         }
         self.flush().await?;
-        let sn = self.snapshot_create(name, total, 0).await?;
-        // The active L1 no longer needs the VM state; keeping it would make
-        // the next snapshot copy it on write.
-        self.drop_vmstate_area(base).await?;
+        // The VM state's L2 tables move to the snapshot: the active L1 no
+        // longer maps them, so the next snapshot will not copy them on write.
+        let sn = self.create_snapshot(name, total, 0, true).await?;
         self.flush().await?;
         Ok(sn)
     }
@@ -175,10 +214,13 @@ impl Qcow2 {
         let chunk = opts.chunk.max(cs).div_ceil(cs) * cs;
         let depth = opts.depth.max(1);
         let (tx, rx) = std::sync::mpsc::sync_channel::<(AlignedBuf, usize)>(depth);
+        let pool = BufPool::new(chunk, depth * 2 + 2);
+        let back = pool.clone();
         let writer = std::thread::spawn(move || -> std::io::Result<W> {
             let mut dst = dst;
             for (buf, n) in rx {
                 dst.write_all(&buf[..n])?;
+                back.put(buf);
             }
             dst.flush()?;
             Ok(dst)
@@ -192,10 +234,10 @@ impl Qcow2 {
             while pending.len() < depth && next < total {
                 let n = (chunk as u64).min(total - next) as usize;
                 let off = base + next;
-                let l1 = &l1;
+                let (l1, pool) = (&l1, &pool);
                 pending.push_back(async move {
-                    let mut buf = AlignedBuf::new(n, 4096);
-                    self.read_with_l1(l1, off, &mut buf).await.map(|()| (buf, n))
+                    let mut buf = pool.get();
+                    self.read_with_l1(l1, off, &mut buf[..n]).await.map(|()| (buf, n))
                 });
                 next += n as u64;
             }
@@ -253,6 +295,9 @@ impl Qcow2 {
                 pos += n;
             }
         }
+        // Host-contiguous plain clusters become one read; the rest is
+        // zero-filled or inflated.
+        let mut reads: Vec<(u64, u64, u64)> = Vec::new(); // (pos, len, host)
         for (pos, n, raw, bmp) in plan {
             let part = &mut out[pos as usize..(pos + n) as usize];
             let in_cluster = (off + pos) & (cs - 1);
@@ -266,14 +311,26 @@ impl Qcow2 {
                 let data = self.read_compressed(raw).await?;
                 part.copy_from_slice(&data[in_cluster as usize..(in_cluster + n) as usize]);
             } else if host != 0 && plain {
-                self.file
-                    .read_at(host + in_cluster, part)
-                    .await
-                    .map_err(io_err(self.path(), "read failed"))?;
+                match reads.last_mut() {
+                    Some((p, l, h)) if *p + *l == pos && *h + *l == host + in_cluster => *l += n,
+                    _ => reads.push((pos, n, host + in_cluster)),
+                }
             } else {
                 part.fill(0);
             }
         }
+        let sg = SgList::new(out);
+        let jobs = reads.into_iter().map(|(pos, n, host)| {
+            let part = sg.slice(pos as usize, n as usize);
+            async move {
+                let mut iov = part.io_slices_mut();
+                self.file
+                    .read_vectored_at(host, &mut iov)
+                    .await
+                    .map_err(io_err(self.path(), "read failed"))
+            }
+        });
+        futures::future::try_join_all(jobs).await?;
         Ok(())
     }
 }
