@@ -94,9 +94,12 @@ def main():
         with open(ram, "wb") as f:
             for _ in range(SIZE_MB):
                 f.write(os.urandom(1 << 20))
+    # Read a cold file written long before (reading back what fio just wrote
+    # hits caches below the guest), then write a scratch file.
+    drop()
+    dev_r = fio("read", ram)
     scratch = os.path.join(DIR, "fio.bin")
     dev_w = fio("write", scratch)
-    dev_r = fio("read", scratch)
     os.remove(scratch)
 
     # QEMU savevm / loadvm, cache=none.
