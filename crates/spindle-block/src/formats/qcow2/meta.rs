@@ -585,15 +585,20 @@ impl Meta {
         // First run of n clusters with refcount 0; clusters past the end are free.
         let mut start = self.free_hint;
         let mut c = start;
+        // The first free cluster the scan passes that the run does not take.
+        let mut first_free: Option<u64> = None;
         while c < start + n && c < self.end {
             if self.refcount(f, c).await? != 0 {
+                if first_free.is_none() && c > start {
+                    first_free = Some(start); // a free stretch too short for n
+                }
                 start = c + 1;
             }
             c += 1;
         }
-        if self.free_hint == start {
-            self.free_hint = start + n;
-        }
+        // Everything before the hint is in use: the next search starts at the
+        // first hole left behind, or right after this run.
+        self.free_hint = first_free.unwrap_or(start + n);
         self.end = self.end.max(start + n);
         for c in start..start + n {
             self.set_refcount(f, c, 1).await?;
