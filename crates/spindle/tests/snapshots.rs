@@ -109,6 +109,30 @@ fn snapshots_interoperate_with_qemu_img() {
         rows(&ok("spindle", &["img", "snapshot", "-l", p(&img)])),
         rows(&ok("qemu-img", &["snapshot", "-l", p(&img)]))
     );
+    // info reports the same snapshots.
+    let q: serde_json::Value = serde_json::from_str(&ok("qemu-img", &["info", "--output", "json", p(&img)])).unwrap();
+    let sp: serde_json::Value =
+        serde_json::from_str(&ok("spindle", &["img", "info", "--output", "json", p(&img)])).unwrap();
+    for k in [
+        "id",
+        "name",
+        "vm-state-size",
+        "date-sec",
+        "date-nsec",
+        "vm-clock-sec",
+        "vm-clock-nsec",
+    ] {
+        let pick = |v: &serde_json::Value| {
+            v["snapshots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e[k].clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pick(&q), pick(&sp), "info snapshots field {k}");
+    }
+    assert!(ok("spindle", &["img", "info", p(&img)]).contains("Snapshot list:"));
     // Apply each with the other tool than the one that made it.
     for (tag, tool) in [
         ("one", "qemu-img"),

@@ -28,6 +28,34 @@ fn actual_size(node: &Node) -> Option<u64> {
     }
 }
 
+/// Snapshots of a qcow2 node (empty for other formats).
+async fn snapshots(node: &Node) -> Vec<spindle_block::formats::qcow2::snapshot::Snapshot> {
+    match node {
+        Node::Qcow2(q) => q.snapshot_list().await,
+        _ => Vec::new(),
+    }
+}
+
+fn snapshots_json(snaps: &[spindle_block::formats::qcow2::snapshot::Snapshot]) -> Value {
+    Value::Array(
+        snaps
+            .iter()
+            .map(|s| {
+                let mut v = json!({
+                    "id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+                    "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                    "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                });
+                if let Some(ic) = s.icount.filter(|&i| i != u64::MAX) {
+                    v["icount"] = json!(ic);
+                }
+                v
+            })
+            .collect(),
+    )
+}
+
 fn to_json(node: &Node, info: &ImageInfo) -> Value {
     let mut m = Map::new();
     m.insert("virtual-size".into(), json!(info.virtual_size));
@@ -100,7 +128,15 @@ pub async fn run(a: Args) -> CliResult<()> {
     }
     match a.output.as_str() {
         "json" => {
-            let v: Vec<Value> = chain.iter().map(|n| to_json(n, &n.info())).collect();
+            let mut v: Vec<Value> = Vec::new();
+            for n in &chain {
+                let mut j = to_json(n, &n.info());
+                let snaps = snapshots(n).await;
+                if !snaps.is_empty() {
+                    j["snapshots"] = snapshots_json(&snaps);
+                }
+                v.push(j);
+            }
             let out = if a.backing_chain {
                 Value::Array(v)
             } else {
@@ -109,7 +145,17 @@ pub async fn run(a: Args) -> CliResult<()> {
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         }
         "human" => {
-            let parts: Vec<String> = chain.iter().map(|n| human(n, &n.info())).collect();
+            let mut parts = Vec::new();
+            for n in &chain {
+                let mut h = human(n, &n.info());
+                let snaps = snapshots(n).await;
+                if !snaps.is_empty() {
+                    // qemu-img puts the list after the backing file lines.
+                    let at = h.find("Format specific information:").unwrap_or(h.len());
+                    h.insert_str(at, &super::snapshot::list(&snaps));
+                }
+                parts.push(h);
+            }
             print!("{}", parts.join("\n"));
         }
         o => {

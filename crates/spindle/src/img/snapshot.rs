@@ -33,9 +33,12 @@ pub struct Args {
     /// VM state request size in bytes (rounded to the cluster size).
     #[arg(long, default_value_t = 1 << 20)]
     vmstate_chunk: usize,
-    /// VM state requests in flight.
+    /// VM state writes in flight (saving).
     #[arg(long, default_value_t = 8)]
     vmstate_depth: usize,
+    /// VM state chunks read ahead (extracting).
+    #[arg(long, default_value_t = 16)]
+    vmstate_read_ahead: usize,
     /// Cache mode (default: none where supported, else writeback).
     #[arg(short = 't')]
     cache: Option<String>,
@@ -50,7 +53,7 @@ pub struct Args {
 }
 
 /// qemu-img's list layout.
-fn list(snaps: &[Snapshot]) -> String {
+pub fn list(snaps: &[Snapshot]) -> String {
     let mut s = String::from("Snapshot list:\n");
     s += &format!(
         "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
@@ -179,9 +182,18 @@ pub async fn run(a: Args) -> CliResult<()> {
             a.filename
         )));
     };
+    if a.vmstate_chunk == 0 || a.vmstate_chunk > 64 << 20 {
+        return Err(BlockError::Invalid("--vmstate-chunk must be from 1 byte to 64M".into()));
+    }
+    if !(1..=256).contains(&a.vmstate_depth) || !(1..=256).contains(&a.vmstate_read_ahead) {
+        return Err(BlockError::Invalid(
+            "--vmstate-depth and --vmstate-read-ahead must be from 1 to 256".into(),
+        ));
+    }
     let opts = VmStateOptions {
         chunk: a.vmstate_chunk,
         depth: a.vmstate_depth,
+        read_ahead: a.vmstate_read_ahead,
     };
     if a.vmstate.is_some() && a.create.is_none() && a.extract.is_none() {
         return Err(BlockError::Invalid(
