@@ -161,17 +161,33 @@ impl Qcow2 {
         m.flush(f).await
     }
 
-    /// Reverts the disk to a snapshot (qemu-img snapshot -a).
-    pub async fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+    /// Checks that the image may change, then locks its metadata with no
+    /// write in flight and finds snapshot `id_or_name` (by id, then name).
+    async fn begin(&self, id_or_name: &str) -> Result<(futures::lock::MutexGuard<'_, Meta>, usize)> {
         if self.read_only {
             return Err(self.ro_err());
         }
         self.repair_if_dirty().await?;
+        let m = self.lock_meta_clear_of(0, u64::MAX).await;
+        match Self::find(&m.snapshots, id_or_name) {
+            Some(i) => Ok((m, i)),
+            None => Err(self.not_found(id_or_name)),
+        }
+    }
+
+    /// Recomputes the COPIED flags of the active L1 and the L2 tables it
+    /// reaches, after references changed, and writes the L1 back.
+    async fn refresh_active_flags(&self, m: &mut Meta) -> Result<()> {
+        let mut cur = m.l1.clone();
+        m.update_snapshot_refcount(&self.file, &mut cur, 0).await?;
+        m.l1 = cur;
+        m.write_l1(&self.file).await
+    }
+
+    /// Reverts the disk to a snapshot (qemu-img snapshot -a).
+    pub async fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        let (mut m, i) = self.begin(id_or_name).await?;
         let f = &self.file;
-        let mut m = self.lock_meta_clear_of(0, u64::MAX).await;
-        let Some(i) = Self::find(&m.snapshots, id_or_name) else {
-            return Err(self.not_found(id_or_name));
-        };
         let sn = m.snapshots[i].clone();
         m.flush(f).await?;
         let sn_l1 = m.read_l1(f, sn.l1_table_offset, sn.l1_size).await?;
@@ -190,10 +206,7 @@ impl Qcow2 {
             .map_err(crate::error::io_err(self.path(), "flush failed"))?;
         // ...and the old active clusters lose it once nothing points at them.
         m.update_snapshot_refcount(f, &mut old, -1).await?;
-        let mut cur = m.l1.clone();
-        m.update_snapshot_refcount(f, &mut cur, 0).await?;
-        m.l1 = cur;
-        m.write_l1(f).await?;
+        self.refresh_active_flags(&mut m).await?;
         if let Some(size) = sn.disk_size {
             if size != m.hdr.size {
                 m.hdr.size = size;
@@ -206,15 +219,8 @@ impl Qcow2 {
 
     /// Deletes a snapshot and frees what only it used.
     pub async fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
-        self.repair_if_dirty().await?;
+        let (mut m, i) = self.begin(id_or_name).await?;
         let f = &self.file;
-        let mut m = self.lock_meta_clear_of(0, u64::MAX).await;
-        let Some(i) = Self::find(&m.snapshots, id_or_name) else {
-            return Err(self.not_found(id_or_name));
-        };
         m.flush(f).await?;
         let mut snaps = m.snapshots.clone();
         let sn = snaps.remove(i);
@@ -222,10 +228,7 @@ impl Qcow2 {
         let mut sn_l1 = m.read_l1(f, sn.l1_table_offset, sn.l1_size).await?;
         m.update_snapshot_refcount(f, &mut sn_l1, -1).await?;
         m.free_clusters(f, sn.l1_table_offset, sn.l1_size as u64 * 8).await?;
-        let mut cur = m.l1.clone();
-        m.update_snapshot_refcount(f, &mut cur, 0).await?;
-        m.l1 = cur;
-        m.write_l1(f).await?;
+        self.refresh_active_flags(&mut m).await?;
         m.flush(f).await
     }
 }
