@@ -1,0 +1,5 @@
+//! virtio-blk.
+
+pub mod request;
+
+pub use request::{parse, Limits, Parsed, Range, Request, RequestKind};
