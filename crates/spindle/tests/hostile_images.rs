@@ -200,3 +200,21 @@ fn corrupt_bit_opens_read_only_until_repaired() {
     assert_clean(&img);
     ok("spindle", &["img", "bench", "-w", "-c", "1", p(&img)]);
 }
+
+/// Inputs the fuzzer found that once hung or crashed Spindle; each must now
+/// finish quickly.
+#[test]
+fn fuzzer_regressions_finish_quickly() {
+    let work = scratch();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).expect("tests/data/fuzz") {
+        let path = e.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        let t = std::time::Instant::now();
+        spindle_block::fuzzing::qcow2_bytes(&data, work.path());
+        assert!(t.elapsed().as_secs() < 5, "{} took {:?}", path.display(), t.elapsed());
+        n += 1;
+    }
+    assert!(n > 0, "no regression inputs found in {}", dir.display());
+}

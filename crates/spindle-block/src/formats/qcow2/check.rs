@@ -230,7 +230,25 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
         .unwrap_or(0)
         .max(m.end_cluster().min(file_clusters).saturating_sub(1));
     let mut end = 0;
-    for c in 0..=max_cluster {
+    // Only refcount blocks that exist, or that cover referenced clusters,
+    // can disagree; everything else is zero on both sides. (A sparse file can
+    // be huge while holding little.)
+    let rb_bits = m.refcount_block_bits();
+    let mut blocks: Vec<u64> = refs.keys().map(|c| c >> rb_bits).collect();
+    blocks.extend(
+        m.refcount_table()
+            .iter()
+            .enumerate()
+            .filter(|(_, &e)| e & !0x1ff != 0)
+            .map(|(i, _)| i as u64)
+            .filter(|&b| b <= max_cluster >> rb_bits),
+    );
+    blocks.sort_unstable();
+    blocks.dedup();
+    let clusters = blocks
+        .iter()
+        .flat_map(|&b| (b << rb_bits)..=((b << rb_bits) | ((1 << rb_bits) - 1)).min(max_cluster));
+    for c in clusters {
         let want = refs.get(&c).copied().unwrap_or(0);
         let have = m.refcount(f, c).await?;
         if want > 0 || have > 0 {

@@ -101,6 +101,11 @@ impl Meta {
     pub fn end_cluster(&self) -> u64 {
         self.end
     }
+    /// log2 of the clusters one refcount block covers.
+    pub fn refcount_block_bits(&self) -> u32 {
+        self.rb_bits()
+    }
+
     /// The refcount table (for check).
     pub fn refcount_table(&self) -> &[u64] {
         &self.rc_table
