@@ -20,22 +20,9 @@ fn seed_images(d: &tempfile::TempDir) -> Vec<Vec<u8>> {
     {
         let img = at(d, &format!("seed{i}.qcow2"));
         ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", o, p(&img), "4M"]);
-        ok(
-            "qemu-io",
-            &[
-                "-c",
-                "write -P 1 0 100k",
-                "-c",
-                "write -c -P 2 1M 64k",
-                "-c",
-                "write -z 2M 64k",
-                "-f",
-                "qcow2",
-                p(&img),
-            ],
-        );
+        qemu_io(&img, &["write -P 1 0 100k", "write -c -P 2 1M 64k", "write -z 2M 64k"]);
         ok("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
-        ok("qemu-io", &["-c", "write -P 3 50k 10k", "-f", "qcow2", p(&img)]);
+        qemu_io(&img, &["write -P 3 50k 10k"]);
         out.push(std::fs::read(&img).unwrap());
     }
     out

@@ -51,20 +51,7 @@ fn amend_changes_compat_and_lazy_refcounts() {
         &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&img)],
     );
     // Zero clusters over a backing file, with and without a host cluster.
-    ok(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 7 0 1M",
-            "-c",
-            "write -z 0 128k",
-            "-c",
-            "write -z 2M 128k",
-            "-f",
-            "qcow2",
-            p(&img),
-        ],
-    );
+    qemu_io(&img, &["write -P 7 0 1M", "write -z 0 128k", "write -z 2M 128k"]);
     let before = at(&d, "before.raw");
     ok("qemu-img", &["convert", "-O", "raw", p(&img), p(&before)]);
     ok("spindle", &["img", "amend", "-o", "lazy_refcounts=on", p(&img)]);
@@ -101,7 +88,7 @@ fn rebase_safe_and_unsafe() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "-b", "a.raw", "-F", "raw", p(&top)],
     );
-    ok("qemu-io", &["-c", "write -P 9 1M 100k", "-f", "qcow2", p(&top)]);
+    qemu_io(&top, &["write -P 9 1M 100k"]);
     let view = at(&d, "view.raw");
     ok("qemu-img", &["convert", "-O", "raw", p(&top), p(&view)]);
     // Safe: the guest's view is unchanged on the new backing file.
@@ -149,18 +136,7 @@ fn commit_writes_into_the_backing_file() {
             p(&top),
         ],
     );
-    ok(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 3 100k 1M",
-            "-c",
-            "write -z 4M 64k",
-            "-f",
-            "qcow2",
-            p(&top),
-        ],
-    );
+    qemu_io(&top, &["write -P 3 100k 1M", "write -z 4M 64k"]);
     let view = at(&d, "view.raw");
     ok("qemu-img", &["convert", "-O", "raw", p(&top), p(&view)]);
     ok("spindle", &["img", "commit", p(&top)]);
@@ -250,27 +226,15 @@ fn check_json_matches_qemu_img() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", p(&frag), "8M"],
     );
-    ok(
-        "qemu-io",
-        &[
-            "-c",
-            "write 4M 64k",
-            "-c",
-            "write 0 64k",
-            "-c",
-            "write -z 1M 8k",
-            "-c",
-            "write 2M 12k",
-            "-f",
-            "qcow2",
-            p(&frag),
-        ],
+    qemu_io(
+        &frag,
+        &["write 4M 64k", "write 0 64k", "write -z 1M 8k", "write 2M 12k"],
     );
     let empty = at(&d, "empty.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&empty), "1M"]);
     let leaky = at(&d, "leaky.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&leaky), "64M"]);
-    ok("qemu-io", &["-c", "write 0 64k", p(&leaky)]);
+    qemu_io(&leaky, &["write 0 64k"]);
     add_leak(&leaky);
     for img in [&plain, &comp, &frag, &empty, &leaky] {
         let q = json_allow_fail("qemu-img", &["check", "--output", "json", p(img)]);

@@ -166,18 +166,7 @@ fn backing_chains_read_and_copy_on_write() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&mid)],
     );
-    ok(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 0x33 100k 300k",
-            "-c",
-            "write -z 4M 1M",
-            "-f",
-            "qcow2",
-            p(&mid),
-        ],
-    );
+    qemu_io(&mid, &["write -P 0x33 100k 300k", "write -z 4M 1M"]);
     ok(
         "qemu-img",
         &[
@@ -194,18 +183,7 @@ fn backing_chains_read_and_copy_on_write() {
             p(&top),
         ],
     );
-    ok(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 0x44 200k 64k",
-            "-c",
-            "discard 1M 64k",
-            "-f",
-            "qcow2",
-            p(&top),
-        ],
-    );
+    qemu_io(&top, &["write -P 0x44 200k 64k", "discard 1M 64k"]);
     let theirs = at(&d, "ref.raw");
     ok("qemu-img", &["convert", "-O", "raw", p(&top), p(&theirs)]);
     ok("spindle", &["img", "compare", "-q", p(&theirs), p(&top)]);
@@ -268,21 +246,9 @@ fn map_matches_qemu_img() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&img)],
     );
-    ok(
-        "qemu-io",
-        &[
-            "-c",
-            "write 0 192k",
-            "-c",
-            "write -z 1M 128k",
-            "-c",
-            "write 3M 64k",
-            "-c",
-            "write -c 5M 64k",
-            "-f",
-            "qcow2",
-            p(&img),
-        ],
+    qemu_io(
+        &img,
+        &["write 0 192k", "write -z 1M 128k", "write 3M 64k", "write -c 5M 64k"],
     );
     for target in [&img, &base] {
         let q: serde_json::Value =
@@ -328,7 +294,7 @@ fn dirty_and_leaky_images_are_repaired() {
     );
     ok("spindle", &["img", "check", "-r", "all", p(&img)]);
     assert_clean(&img);
-    ok("qemu-io", &["-c", "read -P 0x55 0 4M", "-f", "qcow2", p(&img)]);
+    qemu_io(&img, &["read -P 0x55 0 4M"]);
     // A writable open of a dirty image repairs before allocating.
     let img2 = at(&d, "lazy2.qcow2");
     ok(
@@ -353,23 +319,12 @@ fn dirty_and_leaky_images_are_repaired() {
         &["img", "bench", "-w", "-c", "64", "-s", "64k", "-o", "8M", p(&img2)],
     );
     assert_clean(&img2);
-    ok(
-        "qemu-io",
-        &[
-            "-c",
-            "read -P 0x66 0 4M",
-            "-c",
-            "read -P 0xa5 8M 4M",
-            "-f",
-            "qcow2",
-            p(&img2),
-        ],
-    );
+    qemu_io(&img2, &["read -P 0x66 0 4M", "read -P 0xa5 8M 4M"]);
 
     // Leaks: two clusters past the end with refcount 1, referenced by nothing.
     let leaky = at(&d, "leak.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&leaky), "64M"]);
-    ok("qemu-io", &["-c", "write 0 64k", p(&leaky)]);
+    qemu_io(&leaky, &["write 0 64k"]);
     add_leaks(&leaky, 2);
     assert_eq!(run("qemu-img", &["check", p(&leaky)]).status.code(), Some(3));
     assert_eq!(run("spindle", &["img", "check", p(&leaky)]).status.code(), Some(3));

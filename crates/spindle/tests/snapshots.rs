@@ -49,37 +49,13 @@ fn snapshots_interoperate_with_qemu_img() {
             p(&img),
         ],
     );
-    ok(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 1 0 1M",
-            "-c",
-            "write -z 2M 64k",
-            "-c",
-            "write -c -P 5 4M 64k",
-            "-f",
-            "qcow2",
-            p(&img),
-        ],
-    );
+    qemu_io(&img, &["write -P 1 0 1M", "write -z 2M 64k", "write -c -P 5 4M 64k"]);
     let mut saved = BTreeMap::new();
 
     ok("spindle", &["img", "snapshot", "-c", "one", p(&img)]);
     assert_clean(&img);
     saved.insert("one", content(&img, &d, "one"));
-    ok(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 2 512k 1M",
-            "-c",
-            "discard 4M 64k",
-            "-f",
-            "qcow2",
-            p(&img),
-        ],
-    );
+    qemu_io(&img, &["write -P 2 512k 1M", "discard 4M 64k"]);
     ok("qemu-img", &["snapshot", "-c", "two", p(&img)]);
     saved.insert("two", content(&img, &d, "two"));
     ok(

@@ -97,3 +97,14 @@ pub fn mixed_data(path: &Path, len: usize, seed: u64) {
 pub fn at(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// Runs qemu-io on a qcow2 image with one `-c` per op; asserts success.
+pub fn qemu_io(img: &Path, ops: &[&str]) -> String {
+    let mut args: Vec<&str> = Vec::new();
+    for op in ops {
+        args.push("-c");
+        args.push(op);
+    }
+    args.extend_from_slice(&["-f", "qcow2", p(img)]);
+    ok("qemu-io", &args)
+}
