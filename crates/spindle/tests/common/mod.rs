@@ -4,17 +4,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Fails (never skips) when a QEMU tool is missing, naming the package.
+/// Fails (never skips) when a QEMU tool is missing, naming what to install.
 pub fn need(tool: &str) {
     let ok = Command::new(tool)
         .arg("--version")
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(
-        ok,
-        "{tool} is required for this test: install it with `apt-get install -y qemu-utils`"
-    );
+    let install = if tool.starts_with("qemu-system") {
+        "apt-get install -y qemu-system-x86 && apt-get install -y qemu-utils"
+    } else {
+        "apt-get install -y qemu-utils"
+    };
+    assert!(ok, "{tool} is required for this test: install it with `{install}`");
 }
 
 /// A scratch directory on a real file system (O_DIRECT works there, not on tmpfs).

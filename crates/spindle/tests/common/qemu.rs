@@ -9,15 +9,7 @@ use std::time::{Duration, Instant};
 
 /// Fails (never skips) without qemu-system-x86_64.
 pub fn need_qemu_system() {
-    let ok = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "qemu-system-x86_64 is required: install it with `apt-get install -y qemu-system-x86 qemu-utils`"
-    );
+    crate::common::need("qemu-system-x86_64");
 }
 
 /// A stopped (`-S`) TCG guest whose RAM is backed by `ram` (share=off).
