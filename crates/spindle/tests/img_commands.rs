@@ -273,3 +273,17 @@ fn add_leak(img: &std::path::Path) {
     f.write_all_at(&1u16.to_be_bytes(), u64::from_be_bytes(e) + 2 * (end / 65536))
         .unwrap();
 }
+
+/// convert -p prints qemu-img's progress lines when not on a terminal.
+#[test]
+fn convert_progress_off_a_terminal() {
+    let d = scratch();
+    let src = at(&d, "src.raw");
+    mixed_data(&src, 6 << 20, 12);
+    let out = at(&d, "out.qcow2");
+    let o = ok("spindle", &["img", "convert", "-p", "-O", "qcow2", p(&src), p(&out)]);
+    let steps: Vec<&str> = o.split(['\r', '\n']).filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(steps.first().map(|s| s.trim()), Some("(0.00/100%)"), "{o:?}");
+    assert_eq!(steps.last().map(|s| s.trim()), Some("(100.00/100%)"), "{o:?}");
+    assert!(steps.len() >= 3, "{o:?}");
+}

@@ -1,7 +1,7 @@
 //! `spindle img convert`: parallel, allocation-aware copy between images.
 
+use super::progress::Progress;
 use super::{cache_arg, format_arg, parse_opts, size_arg, CliResult};
-use indicatif::{ProgressBar, ProgressStyle};
 use spindle_block::formats::qcow2::CreateOptions;
 use spindle_block::{BlockError, Format, Node, SgList};
 use spindle_io::{spawn, AlignedBuf, CacheMode};
@@ -69,7 +69,7 @@ struct Job {
     target_zeroed: bool,
     compress: bool,
     next: Cell<u64>,
-    bar: Option<ProgressBar>,
+    bar: Option<Progress>,
 }
 
 pub async fn run(a: Args) -> CliResult<()> {
@@ -124,14 +124,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         Node::Qcow2(q) => CHUNK.max(q.cluster_size()),
         _ => CHUNK,
     };
-    let bar = (a.progress && !a.quiet).then(|| {
-        let b = ProgressBar::new(size);
-        b.set_style(
-            ProgressStyle::with_template("    ({percent:>3}.00/100%) {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    });
+    let bar = (a.progress && !a.quiet).then(|| Progress::new(size));
     let job = Rc::new(Job {
         src,
         dst,

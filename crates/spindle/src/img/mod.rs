@@ -11,6 +11,7 @@ mod dd;
 mod info;
 mod map;
 mod measure;
+mod progress;
 mod rebase;
 mod resize;
 mod snapshot;
