@@ -13,7 +13,7 @@ use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,6 +66,9 @@ impl RunQueue {
     }
     fn pop(&self) -> Option<async_task::Runnable> {
         self.tasks.lock().ok()?.pop_front()
+    }
+    fn has_tasks(&self) -> bool {
+        self.tasks.lock().map(|q| !q.is_empty()).unwrap_or(false)
     }
     fn has_work(&self) -> bool {
         self.main_woken.load(Ordering::Acquire) || self.tasks.lock().map(|q| !q.is_empty()).unwrap_or(false)
@@ -120,7 +123,16 @@ impl Runtime {
         Ok(Runtime {
             inner: Rc::new(Inner {
                 engine: RefCell::new(engine),
-                helper: RefCell::new(None),
+                // Native AIO cannot queue fallocate: its helper pool exists
+                // from the start so `event_fds` never changes.
+                helper: RefCell::new(if cfg.engine == EngineKind::Native {
+                    Some(ThreadPoolEngine::new(2).map_err(|source| crate::Error::EngineSetup {
+                        engine: cfg.engine.name(),
+                        source,
+                    })?)
+                } else {
+                    None
+                }),
                 slots: RefCell::new(Slab::with_capacity(cfg.depth as usize)),
                 runq: Arc::new(RunQueue {
                     tasks: Mutex::new(VecDeque::new()),
@@ -136,6 +148,50 @@ impl Runtime {
     /// The engine this runtime uses.
     pub fn engine_kind(&self) -> EngineKind {
         self.inner.kind
+    }
+
+    /// The eventfds that become readable when this runtime has work:
+    /// completions of its engine (and helper pool) and wake-ups from other
+    /// threads. An external event loop (the vhost-user worker's epoll)
+    /// watches them and calls [`Runtime::run_ready`] when one fires.
+    /// The helper pool of the `native` engine is created up front so the
+    /// set does not change later.
+    pub fn event_fds(&self) -> Vec<RawFd> {
+        self.inner.event_fds()
+    }
+
+    /// Spawns a task on this runtime from outside `block_on`; it runs in
+    /// [`Runtime::run_ready`] (or `block_on`).
+    pub fn spawn<F>(&self, fut: F) -> Task<F::Output>
+    where
+        F: Future + 'static,
+        F::Output: 'static,
+    {
+        let _guard = EnterGuard::enter(self.inner.clone());
+        spawn(fut)
+    }
+
+    /// One non-blocking step for an external event loop: resets the
+    /// eventfds, runs every ready task, hands queued I/O to the kernel and
+    /// reaps completions, until nothing is left to do without waiting.
+    /// Never blocks. Returns the number of ops still in flight.
+    pub fn run_ready(&self) -> usize {
+        let _guard = EnterGuard::enter(self.inner.clone());
+        let inner = &self.inner;
+        inner.drain_event_fds();
+        loop {
+            let mut ran = 0;
+            while let Some(r) = inner.runq.pop() {
+                r.run();
+                ran += 1;
+            }
+            let reaped = inner.submit_and_reap();
+            // (The main-future flag belongs to block_on and is not looked at.)
+            if ran == 0 && reaped == 0 && !inner.runq.has_tasks() {
+                break;
+            }
+        }
+        inner.in_flight()
     }
 
     /// Runs `fut` (and any tasks it spawns) to completion on this thread.
@@ -219,27 +275,40 @@ impl Inner {
         n
     }
 
+    /// Ops queued or in flight on the engine and the helper pool.
+    fn in_flight(&self) -> usize {
+        self.engine.borrow().in_flight() + self.helper.borrow().as_ref().map_or(0, |h| h.in_flight())
+    }
+
     /// Sleeps until the engine, the helper pool or a cross-thread wake has news.
-    fn wait(&self) {
-        let mut fds = vec![
-            libc::pollfd {
-                fd: self.engine.borrow().event_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.runq.efd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+    /// Every eventfd that signals work for this runtime.
+    fn event_fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.engine.borrow().event_fd(), self.runq.efd.as_raw_fd()];
         if let Some(h) = self.helper.borrow().as_ref() {
-            fds.push(libc::pollfd {
-                fd: h.event_fd(),
+            fds.push(h.event_fd());
+        }
+        fds
+    }
+
+    /// Resets every eventfd without blocking (they are all non-blocking).
+    fn drain_event_fds(&self) {
+        for fd in self.event_fds() {
+            let mut v: u64 = 0;
+            // SAFETY: reads 8 bytes into a valid u64 from a non-blocking eventfd.
+            unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+        }
+    }
+
+    fn wait(&self) {
+        let mut fds: Vec<libc::pollfd> = self
+            .event_fds()
+            .into_iter()
+            .map(|fd| libc::pollfd {
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
-            });
-        }
+            })
+            .collect();
         // SAFETY: fds is a valid array of pollfd for its length.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         for pfd in &fds {
@@ -399,6 +468,64 @@ mod tests {
                 a.await + b.await
             });
             assert_eq!(out, 3);
+        }
+    }
+
+    /// An external loop (as the vhost-user worker's epoll will be) drives
+    /// the runtime through its eventfds and `run_ready`, never blocking in it.
+    #[test]
+    fn an_external_event_loop_drives_the_runtime() {
+        use std::rc::Rc;
+        for kind in [EngineKind::IoUring, EngineKind::Native, EngineKind::Threads] {
+            let dir = std::env::temp_dir().join(format!("spindle-ext-{}-{kind}", std::process::id()));
+            std::fs::write(&dir, vec![0u8; 1 << 20]).unwrap();
+            let rt = Runtime::new(RuntimeConfig {
+                engine: kind,
+                ..Default::default()
+            })
+            .unwrap();
+            let file = Rc::new(crate::File::open(&dir, crate::OpenOptions::default()).unwrap());
+            let done = Rc::new(std::cell::Cell::new(0));
+            for i in 0..64u64 {
+                let (file, done) = (file.clone(), done.clone());
+                rt.spawn(async move {
+                    let b = vec![i as u8; 4096];
+                    file.write_at(i * 4096, &b, false).await.unwrap();
+                    file.allocate(i * 4096, 4096).await.unwrap(); // fallocate: the helper pool under native AIO
+                    let mut r = vec![0u8; 4096];
+                    file.read_at(i * 4096, &mut r).await.unwrap();
+                    assert!(r.iter().all(|&x| x == i as u8));
+                    done.set(done.get() + 1);
+                })
+                .detach();
+            }
+            let fds = rt.event_fds();
+            let mut rounds = 0;
+            while done.get() < 64 {
+                let in_flight = rt.run_ready();
+                if done.get() == 64 {
+                    break;
+                }
+                assert!(in_flight > 0, "{kind}: tasks wait but no I/O is in flight");
+                let mut p: Vec<libc::pollfd> = fds
+                    .iter()
+                    .map(|&fd| libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                    .collect();
+                // SAFETY: p is a valid pollfd array; a 5 s timeout bounds a lost wake-up.
+                let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, 5000) };
+                assert!(
+                    n > 0,
+                    "{kind}: no eventfd fired within 5 s with {in_flight} ops in flight"
+                );
+                rounds += 1;
+            }
+            assert_eq!(rt.event_fds(), fds, "{kind}: the eventfd set must not change");
+            assert!(rounds < 10_000);
+            let _ = std::fs::remove_file(&dir);
         }
     }
 
