@@ -1,0 +1,174 @@
+//! The qcow2 read path: mapping guest ranges to host clusters, and reads.
+
+use super::meta::{Meta, COMPRESSED, OFFSET_MASK, ZERO};
+use super::{compress, compressed_extent, Piece, Qcow2};
+use crate::error::{fmt_err, io_err, Result};
+use crate::node::BlockStatus;
+use crate::sg::SgList;
+use futures::future::try_join_all;
+
+impl Qcow2 {
+    /// How the range starting at `off` (at most `len`) is stored: one piece
+    /// and its length, within one cluster.
+    pub(super) async fn map_piece(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Piece, u64)> {
+        let cs = 1u64 << self.cluster_bits;
+        let gc = off >> self.cluster_bits;
+        let in_cluster = off & (cs - 1);
+        let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+        if self.ext_l2 {
+            let sub = 1u64 << self.sub_bits;
+            let mut si = (in_cluster >> self.sub_bits) as u32;
+            let kind = |si: u32| -> u8 {
+                if bmp & (1 << si) != 0 {
+                    1
+                } else if bmp & (1 << (si + 32)) != 0 {
+                    2
+                } else {
+                    0
+                }
+            };
+            let k = kind(si);
+            let mut n = sub - (in_cluster & (sub - 1));
+            while si + 1 < 32 && n < len && kind(si + 1) == k {
+                si += 1;
+                n += sub;
+            }
+            let n = n.min(len);
+            if raw & COMPRESSED != 0 {
+                return Ok((Piece::Compressed(raw), (cs - in_cluster).min(len)));
+            }
+            let piece = match k {
+                1 => Piece::Data((raw & OFFSET_MASK) + in_cluster),
+                2 => Piece::Zero,
+                _ => Piece::Backing,
+            };
+            return Ok((piece, n));
+        }
+        let n = (cs - in_cluster).min(len);
+        let piece = if raw & COMPRESSED != 0 {
+            Piece::Compressed(raw)
+        } else if raw & ZERO != 0 && self.v3 {
+            Piece::Zero
+        } else if raw & OFFSET_MASK != 0 {
+            Piece::Data((raw & OFFSET_MASK) + in_cluster)
+        } else {
+            Piece::Backing
+        };
+        Ok((piece, n))
+    }
+
+    /// Maps `[off, off+len)` into pieces, merging neighbours of the same kind.
+    pub(super) async fn map_range(&self, off: u64, len: u64) -> Result<Vec<(u64, u64, Piece)>> {
+        let mut m = self.meta.lock().await;
+        let mut out: Vec<(u64, u64, Piece)> = Vec::new();
+        let mut pos = off;
+        while pos < off + len {
+            let (p, n) = self.map_piece(&mut m, pos, off + len - pos).await?;
+            match (out.last_mut(), p) {
+                (Some((_, l, Piece::Data(h))), Piece::Data(h2)) if *h + *l == h2 => *l += n,
+                (Some((_, l, Piece::Zero)), Piece::Zero) | (Some((_, l, Piece::Backing)), Piece::Backing) => *l += n,
+                _ => out.push((pos, n, p)),
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    /// Reads guest data.
+    pub(crate) async fn read(&self, off: u64, buf: &SgList<'_>) -> Result<()> {
+        let pieces = self.map_range(off, buf.len() as u64).await?;
+        let reads = pieces.into_iter().map(|(pos, n, p)| {
+            let part = buf.slice((pos - off) as usize, n as usize);
+            async move { self.read_piece(pos, p, &part).await }
+        });
+        try_join_all(reads).await?;
+        Ok(())
+    }
+
+    pub(super) async fn read_piece(&self, pos: u64, p: Piece, part: &SgList<'_>) -> Result<()> {
+        match p {
+            Piece::Data(host) => {
+                let mut iov = part.io_slices_mut();
+                self.file
+                    .read_vectored_at(host, &mut iov)
+                    .await
+                    .map_err(io_err(self.path(), "read failed"))
+            }
+            Piece::Zero => {
+                part.fill_zero();
+                Ok(())
+            }
+            Piece::Backing => self.read_backing(pos, part).await,
+            Piece::Compressed(raw) => {
+                let data = self.read_compressed(raw).await?;
+                let cs = 1u64 << self.cluster_bits;
+                let start = (pos & (cs - 1)) as usize;
+                part.copy_from(&data[start..start + part.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) async fn read_backing(&self, pos: u64, part: &SgList<'_>) -> Result<()> {
+        let Some(b) = &self.backing else {
+            part.fill_zero();
+            return Ok(());
+        };
+        let bsize = b.size();
+        let n = part.len() as u64;
+        if pos >= bsize {
+            part.fill_zero();
+            return Ok(());
+        }
+        let inside = n.min(bsize - pos) as usize;
+        if inside < part.len() {
+            part.slice(inside, part.len() - inside).fill_zero();
+        }
+        Box::pin(b.read(pos, &part.slice(0, inside))).await
+    }
+
+    pub(super) async fn read_compressed(&self, raw: u64) -> Result<Vec<u8>> {
+        // At most two clusters by the descriptor's format; bytes past the
+        // end of the file read as zeroes (no fstat on the I/O thread).
+        let (off, len) = compressed_extent(raw, self.cluster_bits);
+        let mut cbuf = vec![0u8; len as usize];
+        self.file
+            .read_at(off, &mut cbuf)
+            .await
+            .map_err(io_err(self.path(), "compressed cluster read failed"))?;
+        compress::decompress(self.compression, &cbuf, 1 << self.cluster_bits)
+            .map_err(|e| fmt_err(self.path(), format!("compressed cluster at 0x{off:x}: {e}")))
+    }
+
+    /// Allocation status of this image alone.
+    pub(crate) async fn block_status(&self, off: u64, len: u64) -> Result<(BlockStatus, u64)> {
+        let mut m = self.meta.lock().await;
+        let (first, mut n) = self.map_piece(&mut m, off, len).await?;
+        // Extend over following clusters of the same kind.
+        while n < len {
+            let (p, k) = self.map_piece(&mut m, off + n, len - n).await?;
+            let same = match (first, p) {
+                (Piece::Data(h), Piece::Data(h2)) => h + n == h2,
+                (Piece::Zero, Piece::Zero) | (Piece::Backing, Piece::Backing) => true,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            n += k;
+        }
+        let st = match first {
+            Piece::Data(h) => BlockStatus::Data {
+                offset: Some(h),
+                compressed: false,
+            },
+            Piece::Compressed(_) => BlockStatus::Data {
+                offset: None,
+                compressed: true,
+            },
+            Piece::Zero => BlockStatus::Zero,
+            Piece::Backing => BlockStatus::Unallocated,
+        };
+        Ok((st, n))
+    }
+}

@@ -1,0 +1,420 @@
+//! The qcow2 write path: in-place and allocating writes, zeroes and
+//! discard, resize, compressed clusters, flush and close.
+
+use super::header::{Header, INCOMPAT_DIRTY};
+use super::meta::{Inflight, Meta, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use super::{check, compress, fmt_err, Qcow2};
+use crate::error::{io_err, Result};
+use crate::sg::SgList;
+use futures::future::try_join_all;
+use futures::lock::Mutex;
+use futures::FutureExt;
+use spindle_io::AlignedBuf;
+use std::io::IoSlice;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl Qcow2 {
+    /// Writes guest data.
+    pub(crate) async fn write(&self, off: u64, buf: &SgList<'_>, fua: bool) -> Result<()> {
+        if self.read_only {
+            return Err(self.ro_err());
+        }
+        self.repair_if_dirty().await?;
+        let cs = 1u64 << self.cluster_bits;
+        let len = buf.len() as u64;
+        let (first, last) = (off >> self.cluster_bits, (off + len - 1) >> self.cluster_bits);
+        let mut m = self.lock_meta_clear_of(first, last + 1).await;
+        self.mark_dirty(&mut m).await?;
+        // Classify clusters: in place, or needing a new cluster.
+        let mut in_place: Vec<(u64, u64, u64)> = Vec::new(); // (guest pos, host, len)
+        let mut allocs: Vec<(u64, u64)> = Vec::new(); // (guest cluster, old raw entry)
+        for gc in first..=last {
+            let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+            let pos = (gc * cs).max(off);
+            let normal = raw & (COMPRESSED | COPIED) == COPIED && raw & OFFSET_MASK != 0;
+            let fits = if self.ext_l2 {
+                let end = ((gc + 1) * cs).min(off + len);
+                let (s0, s1) = (
+                    ((pos & (cs - 1)) >> self.sub_bits),
+                    (((end - 1) & (cs - 1)) >> self.sub_bits),
+                );
+                let mask = ((1u64 << (s1 + 1)) - 1) & !((1u64 << s0) - 1);
+                bmp & mask == mask
+            } else {
+                raw & ZERO == 0
+            };
+            if normal && fits {
+                let host = (raw & OFFSET_MASK) + (pos & (cs - 1));
+                let n = ((gc + 1) * cs).min(off + len) - pos;
+                match in_place.last_mut() {
+                    // Contiguous in guest and host: one write.
+                    Some((p, h, l)) if *p + *l == pos && *h + *l == host => *l += n,
+                    _ => in_place.push((pos, host, n)),
+                }
+            } else {
+                allocs.push((gc, raw));
+            }
+        }
+        if allocs.is_empty() {
+            drop(m);
+            let writes = in_place.iter().map(|&(pos, host, n)| {
+                let part = buf.slice((pos - off) as usize, n as usize);
+                async move { self.write_host(host, &part, fua).await }
+            });
+            try_join_all(writes).await?;
+            return Ok(());
+        }
+        // L2 tables first (as QEMU does), so data runs stay contiguous; then
+        // one contiguous run for the new clusters.
+        for &(gc, _) in &allocs {
+            m.prepare_l2(&self.file, gc).await?;
+        }
+        let base = m.alloc_clusters(&self.file, allocs.len() as u64).await?;
+        let lock = Arc::new(Mutex::new(()));
+        let guard = lock.clone().lock_owned().await;
+        m.inflight.push(Inflight {
+            start: first,
+            end: last + 1,
+            lock,
+        });
+        drop(m);
+        let result = self.write_allocating(off, buf, fua, &in_place, &allocs, base).await;
+        let mut m = self.meta.lock().await;
+        let installed = match result {
+            Ok(()) => self.install(&mut m, &allocs, base).await,
+            Err(e) => Err(e),
+        };
+        if installed.is_err() {
+            // Give the clusters back; the write failed before the mapping changed.
+            for i in 0..allocs.len() as u64 {
+                let _ = m.update_refcount(&self.file, base / cs + i, -1).await;
+            }
+        }
+        m.inflight.retain(|i| i.start != first || i.end != last + 1);
+        drop(guard);
+        installed?;
+        if fua || self.file.cache().write_through() {
+            m.flush(&self.file).await?;
+        }
+        Ok(())
+    }
+
+    /// Locks the metadata once no allocating write is in flight on guest
+    /// clusters `[first, end)`.
+    pub(super) async fn lock_meta_clear_of(&self, first: u64, end: u64) -> futures::lock::MutexGuard<'_, Meta> {
+        loop {
+            let m = self.meta.lock().await;
+            let waiting = m
+                .inflight
+                .iter()
+                .find(|i| i.start < end && first < i.end)
+                .map(|i| i.lock.clone());
+            let Some(lock) = waiting else { return m };
+            drop(m);
+            drop(lock.lock().await);
+        }
+    }
+
+    pub(super) async fn write_host(&self, host: u64, part: &SgList<'_>, fua: bool) -> Result<()> {
+        let iov = part.io_slices();
+        self.file
+            .write_vectored_at(host, &iov, fua)
+            .await
+            .map_err(io_err(self.path(), "write failed"))
+    }
+
+    /// Data phase of an allocating write: new clusters get the request's bytes
+    /// plus copy-on-write of what the request does not cover. New clusters
+    /// are contiguous on the host, so each run of consecutive guest clusters
+    /// is one vectored write.
+    pub(super) async fn write_allocating(
+        &self,
+        off: u64,
+        buf: &SgList<'_>,
+        fua: bool,
+        in_place: &[(u64, u64, u64)],
+        allocs: &[(u64, u64)],
+        base: u64,
+    ) -> Result<()> {
+        let cs = 1u64 << self.cluster_bits;
+        let len = buf.len() as u64;
+        let mut jobs = Vec::new();
+        for &(pos, host, n) in in_place {
+            let part = buf.slice((pos - off) as usize, n as usize);
+            jobs.push(async move { self.write_host(host, &part, fua).await }.boxed_local());
+        }
+        let mut i = 0;
+        while i < allocs.len() {
+            let mut j = i + 1;
+            while j < allocs.len() && allocs[j].0 == allocs[j - 1].0 + 1 {
+                j += 1;
+            }
+            let host = base + i as u64 * cs;
+            let (gstart, gend) = (allocs[i].0 * cs, (allocs[j - 1].0 + 1) * cs);
+            let (a, b) = (off.max(gstart), (off + len).min(gend));
+            let part = buf.slice((a - off) as usize, (b - a) as usize);
+            jobs.push(self.write_new_run(host, gstart, gend, a, b, part, fua).boxed_local());
+            i = j;
+        }
+        try_join_all(jobs).await?;
+        Ok(())
+    }
+
+    /// Writes guest range `[gstart, gend)` to new host clusters at `host`: old
+    /// contents for `[gstart, a)` and `[b, gend)`, the request for `[a, b)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn write_new_run(
+        &self,
+        host: u64,
+        gstart: u64,
+        gend: u64,
+        a: u64,
+        b: u64,
+        part: SgList<'_>,
+        fua: bool,
+    ) -> Result<()> {
+        let mem = self.file.alignment().mem.max(512);
+        let mut head = AlignedBuf::new((a - gstart) as usize, mem);
+        let mut tail = AlignedBuf::new((gend - b) as usize, mem);
+        if !head.is_empty() {
+            self.read_old(gstart, &mut head).await?;
+        }
+        if !tail.is_empty() {
+            self.read_old(b, &mut tail).await?;
+        }
+        let mut iov: Vec<IoSlice<'_>> = vec![IoSlice::new(&head)];
+        iov.extend(part.io_slices());
+        iov.push(IoSlice::new(&tail));
+        self.file
+            .write_vectored_at(host, &iov, fua)
+            .await
+            .map_err(io_err(self.path(), "write failed"))
+    }
+
+    /// Reads what the guest currently sees at `[pos, pos+len)`, clamped to the
+    /// disk size (bytes past it read as zeroes).
+    pub(super) async fn read_old(&self, pos: u64, out: &mut [u8]) -> Result<()> {
+        let size = self.size();
+        let inside = (out.len() as u64).min(size.saturating_sub(pos)) as usize;
+        if inside > 0 {
+            self.read(pos, &SgList::new(&mut out[..inside])).await?;
+        }
+        out[inside..].fill(0);
+        Ok(())
+    }
+
+    pub(super) async fn install(&self, m: &mut Meta, allocs: &[(u64, u64)], base: u64) -> Result<()> {
+        let cs = 1u64 << self.cluster_bits;
+        let full = if self.ext_l2 { u32::MAX as u64 } else { 0 };
+        for (i, &(gc, old)) in allocs.iter().enumerate() {
+            m.set_l2(&self.file, gc, (base + i as u64 * cs) | COPIED, full).await?;
+            m.release_entry(&self.file, old).await?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds refcounts of an image opened writable with the dirty bit set,
+    /// before anything is allocated from them. Call without the meta lock.
+    pub(super) async fn repair_if_dirty(&self) -> Result<()> {
+        if !self.repair_pending.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _g = self.repair_lock.lock().await;
+        if self.repair_pending.load(Ordering::Acquire) {
+            tracing::warn!("{}: dirty bit set, repairing refcounts", self.path().display());
+            let r = check::check(self, check::CheckMode::All).await?;
+            if r.corruptions > 0 || r.check_errors > 0 {
+                return Err(fmt_err(
+                    self.path(),
+                    "refcount repair of the dirty image failed; run 'spindle img check -r all'",
+                ));
+            }
+            self.repair_pending.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Sets the dirty bit before the first write of a lazy-refcount image.
+    pub(super) async fn mark_dirty(&self, m: &mut Meta) -> Result<()> {
+        if self.lazy && m.hdr.incompatible & INCOMPAT_DIRTY == 0 {
+            m.hdr.incompatible |= INCOMPAT_DIRTY;
+            m.write_header(&self.file).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes back metadata in the safe order and makes everything durable.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.meta.lock().await.flush(&self.file).await
+    }
+
+    /// Flushes and clears the dirty bit.
+    pub(crate) async fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.meta.lock().await;
+        m.flush(&self.file).await?;
+        if m.hdr.incompatible & INCOMPAT_DIRTY != 0 {
+            m.hdr.incompatible &= !INCOMPAT_DIRTY;
+            m.write_header(&self.file).await?;
+        }
+        Ok(())
+    }
+
+    /// Discard: whole clusters become unallocated (or zero when a backing
+    /// file would otherwise show through, on v3); partial clusters are left.
+    pub(crate) async fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.zero_or_discard(off, len, true, true).await
+    }
+
+    /// Write-zeroes: whole clusters become zero clusters (v3), partial ones
+    /// are written with zeroes.
+    pub(crate) async fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.zero_or_discard(off, len, may_unmap, false).await
+    }
+
+    pub(super) async fn zero_or_discard(&self, off: u64, len: u64, _may_unmap: bool, discard: bool) -> Result<()> {
+        if self.read_only {
+            return Err(self.ro_err());
+        }
+        let cs = 1u64 << self.cluster_bits;
+        let end = off + len;
+        let size = self.size();
+        // Whole clusters (the last partial cluster of the disk counts as whole).
+        let first_full = off.div_ceil(cs) * cs;
+        let last_full = if end == size {
+            end.div_ceil(cs) * cs
+        } else {
+            end / cs * cs
+        };
+        let can_zero_flag = self.v3 || self.backing.is_none();
+        if !discard && (first_full >= last_full || !can_zero_flag) {
+            return self.write_zero_bytes(off, len).await;
+        }
+        if !discard {
+            if off < first_full {
+                self.write_zero_bytes(off, first_full - off).await?;
+            }
+            if last_full < end {
+                self.write_zero_bytes(last_full, end - last_full).await?;
+            }
+        }
+        if first_full >= last_full {
+            return Ok(());
+        }
+        self.repair_if_dirty().await?;
+        let (g0, g1) = (first_full / cs, last_full / cs);
+        let mut m = self.lock_meta_clear_of(g0, g1).await;
+        self.mark_dirty(&mut m).await?;
+        let zero_needed = !discard || self.backing.is_some();
+        for gc in g0..g1 {
+            let (raw, _) = m.get_l2(&self.file, gc).await?;
+            let (new_raw, new_bmp) = if self.ext_l2 {
+                if zero_needed {
+                    (0, 0xffff_ffffu64 << 32)
+                } else {
+                    (0, 0)
+                }
+            } else if zero_needed && self.v3 {
+                (ZERO, 0)
+            } else {
+                (0, 0)
+            };
+            if raw == new_raw && !self.ext_l2 {
+                continue;
+            }
+            m.set_l2(&self.file, gc, new_raw, new_bmp).await?;
+            m.release_entry(&self.file, raw).await?;
+        }
+        if self.file.cache().write_through() {
+            m.flush(&self.file).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_zero_bytes(&self, off: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let mut zero = vec![0u8; CHUNK.min(len) as usize];
+        let mut pos = off;
+        while pos < off + len {
+            let n = CHUNK.min(off + len - pos) as usize;
+            self.write(pos, &SgList::new(&mut zero[..n]), false).await?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Grows or shrinks the virtual disk.
+    pub(crate) async fn resize(&self, new_size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(self.ro_err());
+        }
+        self.repair_if_dirty().await?;
+        let mut m = self.meta.lock().await;
+        if m.hdr.nb_snapshots > 0 && new_size < m.hdr.size {
+            return Err(fmt_err(
+                self.path(),
+                "cannot shrink an image that has internal snapshots",
+            ));
+        }
+        let cs = 1u64 << self.cluster_bits;
+        let old = m.hdr.size;
+        if new_size < old {
+            // Free clusters past the new end.
+            for gc in new_size.div_ceil(cs)..old.div_ceil(cs) {
+                let (raw, _) = m.get_l2(&self.file, gc).await?;
+                if raw != 0 {
+                    m.set_l2(&self.file, gc, 0, 0).await?;
+                    m.release_entry(&self.file, raw).await?;
+                }
+            }
+            m.flush(&self.file).await?;
+        }
+        let need = Header::l1_entries_for(new_size, self.cluster_bits, m.hdr.l2_bits()) as usize;
+        m.hdr.size = new_size;
+        if need > m.l1.len() {
+            m.resize_l1(&self.file, need).await?;
+        } else {
+            m.write_header(&self.file).await?;
+        }
+        self.size.store(new_size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes one guest cluster compressed (for `convert -c`). The cluster
+    /// must be unallocated. Falls back to a plain write when compression
+    /// does not save space.
+    pub async fn write_compressed(&self, gc: u64, data: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(self.ro_err());
+        }
+        let cs = 1u64 << self.cluster_bits;
+        if self.ext_l2 || data.len() as u64 != cs {
+            return self.write(gc * cs, &SgList::new(&mut data.to_vec()), false).await;
+        }
+        self.repair_if_dirty().await?;
+        let packed = compress::compress(self.compression, data).map_err(|e| fmt_err(self.path(), e))?;
+        if packed.len() as u64 >= cs - 512 {
+            return self.write(gc * cs, &SgList::new(&mut data.to_vec()), false).await;
+        }
+        let mut m = self.meta.lock().await;
+        self.mark_dirty(&mut m).await?;
+        let off = m.alloc_bytes(&self.file, packed.len() as u64).await?;
+        self.file
+            .write_at(off, &packed, false)
+            .await
+            .map_err(io_err(self.path(), "write failed"))?;
+        let x = 62 - (self.cluster_bits - 8);
+        let extra_sectors = ((off + packed.len() as u64 - 1) >> 9) - (off >> 9);
+        let raw = COMPRESSED | (extra_sectors << x) | off;
+        let (old, _) = m.get_l2(&self.file, gc).await?;
+        m.set_l2(&self.file, gc, raw, 0).await?;
+        m.release_entry(&self.file, old).await?;
+        Ok(())
+    }
+}
