@@ -1,0 +1,275 @@
+//! qcow2 metadata: L1, cached L2 slices, refcounts and cluster allocation.
+//!
+//! All of it lives behind the image's async mutex. Every miss is an awaited
+//! read on the runtime, never a blocking call. Write-back follows the order
+//! that makes a crash leak-only: refcount blocks (then the refcount table)
+//! are durable before any L2 slice that relies on them is written, and L2
+//! tables before the L1 entries that point to them.
+
+use super::cache::{get_be64, put_be64, TableCache};
+use super::header::Header;
+use crate::error::{fmt_err, io_err, BlockError, Result};
+use spindle_io::{AlignedBuf, File};
+use std::sync::Arc;
+
+mod refcount;
+mod tables;
+
+/// Host offset bits of L1/L2 entries (bits 9..55).
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Refcount is exactly one: in-place writes allowed.
+pub const COPIED: u64 = 1 << 63;
+/// Compressed cluster.
+pub const COMPRESSED: u64 = 1 << 62;
+/// Reads as zeroes (v3, standard L2 only).
+pub const ZERO: u64 = 1;
+
+/// A guest cluster range being allocated by a write in flight. Others that
+/// touch it wait for `lock` before looking at the mapping again.
+pub struct Inflight {
+    /// First guest cluster.
+    pub start: u64,
+    /// One past the last guest cluster.
+    pub end: u64,
+    /// Held by the allocating write until its L2 entries are installed.
+    pub lock: Arc<futures::lock::Mutex<()>>,
+}
+
+/// Metadata state of an open image.
+pub struct Meta {
+    /// Header as last written.
+    pub hdr: Header,
+    /// Active L1 table (entries as on disk).
+    pub l1: Vec<u64>,
+    l2: TableCache,
+    rc_table: Vec<u64>,
+    rc_table_dirty: bool,
+    rc: TableCache,
+    free_hint: u64,
+    /// One past the highest cluster in use (or the file end).
+    end: u64,
+    compressed_next: u64,
+    /// Allocating writes in flight.
+    pub inflight: Vec<Inflight>,
+    /// Internal snapshots, as in the snapshot table.
+    pub snapshots: Vec<super::snapshot::Snapshot>,
+    /// Bytes of the snapshot table on disk.
+    pub snapshots_table_len: u64,
+}
+
+impl Meta {
+    /// Builds the state from tables read at open time.
+    pub fn new(hdr: Header, l1: Vec<u64>, rc_table: Vec<u64>, file_len: u64, l2_cache: (usize, usize)) -> Meta {
+        let cs = hdr.cluster_size() as usize;
+        let rc_cap = ((1usize << 20) / cs).max(8);
+        Meta {
+            end: file_len.div_ceil(cs as u64),
+            hdr,
+            l1,
+            l2: TableCache::new(l2_cache.0, l2_cache.1),
+            rc_table,
+            rc_table_dirty: false,
+            rc: TableCache::new(cs, rc_cap),
+            free_hint: 0,
+            compressed_next: 0,
+            inflight: Vec::new(),
+            snapshots: Vec::new(),
+            snapshots_table_len: 0,
+        }
+    }
+
+    fn cs(&self) -> u64 {
+        self.hdr.cluster_size()
+    }
+    fn entry_words(&self) -> usize {
+        if self.hdr.extended_l2() {
+            2
+        } else {
+            1
+        }
+    }
+    fn rb_bits(&self) -> u32 {
+        self.hdr.cluster_bits + 3 - self.hdr.refcount_order
+    }
+    fn rc_max(&self) -> u64 {
+        if self.hdr.refcount_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << self.hdr.refcount_order)) - 1
+        }
+    }
+    /// One past the last cluster in use.
+    pub fn end_cluster(&self) -> u64 {
+        self.end
+    }
+    /// log2 of the clusters one refcount block covers.
+    pub fn refcount_block_bits(&self) -> u32 {
+        self.rb_bits()
+    }
+
+    /// The refcount table (for check).
+    pub fn refcount_table(&self) -> &[u64] {
+        &self.rc_table
+    }
+
+    async fn read_buf(&self, f: &File, off: u64, len: usize) -> Result<AlignedBuf> {
+        let mut b = AlignedBuf::new(len, f.alignment().mem.max(512));
+        f.read_at(off, &mut b)
+            .await
+            .map_err(io_err(f.path(), "metadata read failed"))?;
+        Ok(b)
+    }
+
+    fn check_table_offset(&self, f: &File, off: u64, what: &str) -> Result<()> {
+        if !off.is_multiple_of(self.cs()) || off == 0 {
+            return Err(fmt_err(
+                f.path(),
+                format!("{what} offset 0x{off:x} is not cluster aligned; the image is corrupt"),
+            ));
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- L2
+
+    /// The L2 entry (and extended bitmap) of guest cluster `gc`.
+    pub async fn get_l2(&mut self, f: &File, gc: u64) -> Result<(u64, u64)> {
+        let l1i = (gc >> self.hdr.l2_bits()) as usize;
+        let Some(&l1e) = self.l1.get(l1i) else {
+            return Ok((0, 0));
+        };
+        self.get_l2_for(f, l1e, gc).await
+    }
+
+    /// The L2 entry of guest cluster `gc` under the L1 entry `l1e` (of any
+    /// L1 table: the active one or a snapshot's).
+    pub async fn get_l2_for(&mut self, f: &File, l1e: u64, gc: u64) -> Result<(u64, u64)> {
+        let l2_bits = self.hdr.l2_bits();
+        let l2_off = l1e & OFFSET_MASK;
+        if l2_off == 0 {
+            return Ok((0, 0));
+        }
+        self.check_table_offset(f, l2_off, "L2 table")?;
+        let l2i = (gc & ((1 << l2_bits) - 1)) as usize;
+        let (slice_off, idx) = self.slice_pos(l2_off, l2i);
+        let w = self.entry_words();
+        let e = self.l2_slice(f, slice_off).await?;
+        let raw = get_be64(&e.buf, idx * w);
+        let bmp = if w == 2 { get_be64(&e.buf, idx * 2 + 1) } else { 0 };
+        Ok((raw, bmp))
+    }
+
+    fn slice_pos(&self, l2_off: u64, l2i: usize) -> (u64, usize) {
+        let per = self.l2.piece_size() / (8 * self.entry_words());
+        (l2_off + (l2i / per * self.l2.piece_size()) as u64, l2i % per)
+    }
+
+    async fn l2_slice(&mut self, f: &File, off: u64) -> Result<&mut super::cache::Entry> {
+        if self.l2.get(off).is_none() {
+            if self.l2.full() {
+                if let Some((victim, dirty)) = self.l2.victim() {
+                    if dirty {
+                        self.flush_refcounts(f).await?;
+                        self.write_l2_slice(f, victim).await?;
+                    }
+                    self.l2.remove(victim);
+                }
+            }
+            let buf = self.read_buf(f, off, self.l2.piece_size()).await?;
+            self.l2.insert(off, buf, false);
+        }
+        Ok(self.l2.get(off).expect("slice cached above"))
+    }
+
+    async fn write_l2_slice(&mut self, f: &File, off: u64) -> Result<()> {
+        if let Some(e) = self.l2.get(off) {
+            f.write_at(off, &e.buf, false)
+                .await
+                .map_err(io_err(f.path(), "L2 table write failed"))?;
+            e.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Sets the L2 entry of guest cluster `gc`, allocating or un-sharing the
+    /// L2 table first when needed.
+    pub async fn set_l2(&mut self, f: &File, gc: u64, raw: u64, bmp: u64) -> Result<()> {
+        let l2_bits = self.hdr.l2_bits();
+        let l1i = (gc >> l2_bits) as usize;
+        self.prepare_l2(f, gc).await?;
+        let l2_off = self.l1[l1i] & OFFSET_MASK;
+        let (slice_off, idx) = self.slice_pos(l2_off, (gc & ((1 << l2_bits) - 1)) as usize);
+        let w = self.entry_words();
+        let e = self.l2_slice(f, slice_off).await?;
+        put_be64(&mut e.buf, idx * w, raw);
+        if w == 2 {
+            put_be64(&mut e.buf, idx * 2 + 1, bmp);
+        }
+        e.dirty = true;
+        Ok(())
+    }
+
+    /// Makes sure guest cluster `gc` has an L2 table the active L1 owns
+    /// (allocating one, or un-sharing one from a snapshot).
+    pub async fn prepare_l2(&mut self, f: &File, gc: u64) -> Result<()> {
+        let l1i = (gc >> self.hdr.l2_bits()) as usize;
+        let Some(&l1e) = self.l1.get(l1i) else {
+            return Err(BlockError::Invalid(format!(
+                "{}: guest cluster {gc} is beyond the L1 table",
+                f.path().display()
+            )));
+        };
+        if l1e & COPIED == 0 {
+            self.new_l2_table(f, l1i, l1e & OFFSET_MASK).await?;
+        }
+        Ok(())
+    }
+
+    /// Allocates a new L2 table for L1 index `l1i`, copying `old` (a table
+    /// shared with a snapshot) or zero-filled.
+    async fn new_l2_table(&mut self, f: &File, l1i: usize, old: u64) -> Result<()> {
+        let cs = self.cs() as usize;
+        let mut table = AlignedBuf::new(cs, f.alignment().mem.max(512));
+        if old != 0 {
+            // Flush cached slices of the old table so the copy is current.
+            self.flush_l2_range(f, old, old + cs as u64).await?;
+            f.read_at(old, &mut table)
+                .await
+                .map_err(io_err(f.path(), "L2 table read failed"))?;
+        }
+        let new = self.alloc_clusters(f, 1).await?;
+        f.write_at(new, &table, false)
+            .await
+            .map_err(io_err(f.path(), "L2 table write failed"))?;
+        // Refcounts (and the table's contents) durable before L1 points at it.
+        self.flush_refcounts(f).await?;
+        f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
+        self.l1[l1i] = new | COPIED;
+        self.write_l1_entry(f, l1i).await?;
+        if old != 0 {
+            self.l2.invalidate_range(old, old + cs as u64);
+            self.update_refcount(f, old / cs as u64, -1).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_l2_range(&mut self, f: &File, start: u64, end: u64) -> Result<()> {
+        let dirty: Vec<u64> = self.l2.dirty().into_iter().filter(|&o| o >= start && o < end).collect();
+        if !dirty.is_empty() {
+            self.flush_refcounts(f).await?;
+            for o in dirty {
+                self.write_l2_slice(f, o).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes back everything in the safe order and makes it durable.
+    pub async fn flush(&mut self, f: &File) -> Result<()> {
+        self.flush_refcounts(f).await?;
+        for o in self.l2.dirty() {
+            self.write_l2_slice(f, o).await?;
+        }
+        f.flush().await.map_err(io_err(f.path(), "flush failed"))
+    }
+}

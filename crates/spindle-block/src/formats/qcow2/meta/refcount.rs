@@ -1,0 +1,260 @@
+//! Refcounts and cluster allocation.
+
+use super::super::cache::{get_refcount, put_be64, set_refcount};
+use super::super::header::MAX_REFTABLE_BYTES;
+use super::{Meta, COMPRESSED, OFFSET_MASK};
+use crate::error::{fmt_err, io_err, Result};
+use futures::future::{try_join_all, LocalBoxFuture};
+use futures::FutureExt;
+use spindle_io::{AlignedBuf, File};
+
+impl Meta {
+    /// Refcount of host cluster `c` (0 beyond the table).
+    pub async fn refcount(&mut self, f: &File, c: u64) -> Result<u64> {
+        let bi = (c >> self.rb_bits()) as usize;
+        let Some(&rb) = self.rc_table.get(bi) else {
+            return Ok(0);
+        };
+        let rb = rb & !0x1ff;
+        if rb == 0 {
+            return Ok(0);
+        }
+        self.check_table_offset(f, rb, "refcount block")?;
+        let order = self.hdr.refcount_order;
+        let i = (c & ((1 << self.rb_bits()) - 1)) as usize;
+        let e = self.rc_block(f, rb).await?;
+        Ok(get_refcount(&e.buf, order, i))
+    }
+
+    /// Makes room in the refcount cache, writing the victim back if dirty.
+    /// (Refcount blocks have no ordering dependency of their own.)
+    pub(super) async fn evict_rc_if_full(&mut self, f: &File) -> Result<()> {
+        if !self.rc.full() {
+            return Ok(());
+        }
+        if let Some((victim, dirty)) = self.rc.victim() {
+            if dirty {
+                let e = self.rc.get(victim).expect("victim is cached");
+                f.write_at(victim, &e.buf, false)
+                    .await
+                    .map_err(io_err(f.path(), "refcount block write failed"))?;
+            }
+            self.rc.remove(victim);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn rc_block(&mut self, f: &File, off: u64) -> Result<&mut super::super::cache::Entry> {
+        if self.rc.get(off).is_none() {
+            self.evict_rc_if_full(f).await?;
+            let buf = self.read_buf(f, off, self.cs() as usize).await?;
+            self.rc.insert(off, buf, false);
+        }
+        Ok(self.rc.get(off).expect("block cached above"))
+    }
+
+    /// Adds `delta` to the refcount of host cluster `c`.
+    pub fn update_refcount<'a>(&'a mut self, f: &'a File, c: u64, delta: i64) -> LocalBoxFuture<'a, Result<()>> {
+        async move {
+            let cur = self.refcount(f, c).await?;
+            let new = cur as i128 + delta as i128;
+            if new < 0 || new > self.rc_max() as i128 {
+                return Err(fmt_err(
+                    f.path(),
+                    format!("refcount of cluster {c} would become {new}; the image's refcounts are corrupt (run check -r all)"),
+                ));
+            }
+            self.set_refcount(f, c, new as u64).await?;
+            if new == 0 {
+                self.free_hint = self.free_hint.min(c);
+                let cs = self.cs();
+                self.l2.invalidate_range(c * cs, (c + 1) * cs);
+            }
+            Ok(())
+        }
+        .boxed_local()
+    }
+
+    /// Sets the refcount of host cluster `c`, creating refcount blocks and
+    /// growing the refcount table as needed.
+    pub fn set_refcount<'a>(&'a mut self, f: &'a File, c: u64, v: u64) -> LocalBoxFuture<'a, Result<()>> {
+        async move {
+            let bi = (c >> self.rb_bits()) as usize;
+            if bi >= self.rc_table.len() {
+                self.grow_refcount_table(f, bi + 1).await?;
+            }
+            if self.rc_table[bi] & !0x1ff == 0 {
+                // A new refcount block, appended. If it covers itself it
+                // records its own refcount; otherwise that is a nested update.
+                let x = self.end;
+                self.end += 1;
+                let cs = self.cs();
+                self.evict_rc_if_full(f).await?;
+                self.rc
+                    .insert(x * cs, AlignedBuf::new(cs as usize, f.alignment().mem.max(512)), true);
+                self.rc_table[bi] = x * cs;
+                self.rc_table_dirty = true;
+                self.set_refcount(f, x, 1).await?;
+            }
+            let rb = self.rc_table[bi] & !0x1ff;
+            let order = self.hdr.refcount_order;
+            let i = (c & ((1 << self.rb_bits()) - 1)) as usize;
+            let e = self.rc_block(f, rb).await?;
+            set_refcount(&mut e.buf, order, i, v);
+            e.dirty = true;
+            if v > 0 {
+                self.end = self.end.max(c + 1);
+            }
+            Ok(())
+        }
+        .boxed_local()
+    }
+
+    pub(super) async fn grow_refcount_table(&mut self, f: &File, min_entries: usize) -> Result<()> {
+        let cs = self.cs();
+        let per_cluster = (cs / 8) as usize;
+        let want = min_entries.max(self.rc_table.len() * 3 / 2) + per_cluster;
+        let clusters = want.div_ceil(per_cluster) as u64;
+        if clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(fmt_err(
+                f.path(),
+                "the refcount table would exceed 8 MiB; the image is too large for its cluster size",
+            ));
+        }
+        let old_off = self.hdr.refcount_table_offset;
+        let old_clusters = self.hdr.refcount_table_clusters as u64;
+        let start = self.end;
+        self.end += clusters;
+        self.rc_table.resize((clusters * cs / 8) as usize, 0);
+        for c in start..start + clusters {
+            self.set_refcount(f, c, 1).await?;
+        }
+        // New blocks durable, then the new table, then the header switch.
+        self.write_dirty_refblocks(f).await?;
+        f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
+        let mut buf = AlignedBuf::new((clusters * cs) as usize, f.alignment().mem.max(512));
+        for (i, &e) in self.rc_table.iter().enumerate() {
+            put_be64(&mut buf, i, e);
+        }
+        f.write_at(start * cs, &buf, false)
+            .await
+            .map_err(io_err(f.path(), "refcount table write failed"))?;
+        f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
+        self.hdr.refcount_table_offset = start * cs;
+        self.hdr.refcount_table_clusters = clusters as u32;
+        self.write_header(f).await?;
+        self.rc_table_dirty = false;
+        for c in old_off / cs..old_off / cs + old_clusters {
+            self.update_refcount(f, c, -1).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_dirty_refblocks(&mut self, f: &File) -> Result<()> {
+        let dirty = self.rc.dirty();
+        let mut writes = Vec::new();
+        for &o in &dirty {
+            let e = self.rc.get(o).expect("dirty block cached");
+            let copy = {
+                let mut b = AlignedBuf::new(e.buf.len(), f.alignment().mem.max(512));
+                b.copy_from_slice(&e.buf);
+                b
+            };
+            e.dirty = false;
+            writes.push(async move {
+                f.write_at(o, &copy, false)
+                    .await
+                    .map_err(io_err(f.path(), "refcount block write failed"))
+            });
+        }
+        try_join_all(writes).await?;
+        Ok(())
+    }
+
+    /// Writes back refcount blocks and table entries and makes them durable.
+    pub async fn flush_refcounts(&mut self, f: &File) -> Result<()> {
+        if !self.rc.any_dirty() && !self.rc_table_dirty {
+            return Ok(());
+        }
+        self.write_dirty_refblocks(f).await?;
+        f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
+        if self.rc_table_dirty {
+            let cs = self.cs() as usize;
+            let mut buf = AlignedBuf::new(self.rc_table.len() * 8, f.alignment().mem.max(512));
+            for (i, &e) in self.rc_table.iter().enumerate() {
+                put_be64(&mut buf, i, e);
+            }
+            let _ = cs;
+            f.write_at(self.hdr.refcount_table_offset, &buf, false)
+                .await
+                .map_err(io_err(f.path(), "refcount table write failed"))?;
+            f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
+            self.rc_table_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous free clusters (refcount 1). Returns the host offset.
+    pub async fn alloc_clusters(&mut self, f: &File, n: u64) -> Result<u64> {
+        // First run of n clusters with refcount 0; clusters past the end are free.
+        let mut start = self.free_hint;
+        let mut c = start;
+        // The first free cluster the scan passes that the run does not take.
+        let mut first_free: Option<u64> = None;
+        while c < start + n && c < self.end {
+            if self.refcount(f, c).await? != 0 {
+                if first_free.is_none() && c > start {
+                    first_free = Some(start); // a free stretch too short for n
+                }
+                start = c + 1;
+            }
+            c += 1;
+        }
+        // Everything before the hint is in use: the next search starts at the
+        // first hole left behind, or right after this run.
+        self.free_hint = first_free.unwrap_or(start + n);
+        self.end = self.end.max(start + n);
+        for c in start..start + n {
+            self.set_refcount(f, c, 1).await?;
+        }
+        Ok(start * self.cs())
+    }
+
+    /// Allocates `len` bytes for a compressed cluster, packing several into a
+    /// host cluster as QEMU does. Returns the byte offset.
+    pub async fn alloc_bytes(&mut self, f: &File, len: u64) -> Result<u64> {
+        let cs = self.cs();
+        let next = self.compressed_next;
+        if next != 0 && !next.is_multiple_of(cs) && next % cs + len <= cs {
+            self.update_refcount(f, next / cs, 1).await?;
+            self.compressed_next = next + len;
+            return Ok(next);
+        }
+        let start = self.alloc_clusters(f, len.div_ceil(cs)).await?;
+        self.compressed_next = start + len;
+        Ok(start)
+    }
+
+    /// Drops one reference to the cluster(s) an L2 entry points to.
+    pub async fn release_entry(&mut self, f: &File, raw: u64) -> Result<()> {
+        let cs = self.cs();
+        if raw & COMPRESSED != 0 {
+            let (off, len) = super::super::compressed_extent(raw, self.hdr.cluster_bits);
+            for c in off / cs..=(off + len - 1) / cs {
+                self.update_refcount(f, c, -1).await?;
+            }
+        } else if raw & OFFSET_MASK != 0 {
+            self.update_refcount(f, (raw & OFFSET_MASK) / cs, -1).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops one reference to each of the `bytes.div_ceil(cs)` clusters at `off`.
+    pub async fn free_clusters(&mut self, f: &File, off: u64, bytes: u64) -> Result<()> {
+        let cs = self.cs();
+        for c in off / cs..(off + bytes).div_ceil(cs) {
+            self.update_refcount(f, c, -1).await?;
+        }
+        Ok(())
+    }
+}
