@@ -170,7 +170,7 @@ fn corrupt_bit_opens_read_only_until_repaired() {
     need("qemu-img");
     let d = scratch();
     let img = at(&d, "c.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "8M"]);
+    qcow2_create(&img, &[], Some("8M"));
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();

@@ -46,10 +46,7 @@ fn amend_changes_compat_and_lazy_refcounts() {
     let img = at(&d, "a.qcow2");
     let base = at(&d, "base.raw");
     mixed_data(&base, 4 << 20, 6);
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&img)],
-    );
+    qcow2_create(&img, &["-b", "base.raw", "-F", "raw"], None);
     // Zero clusters over a backing file, with and without a host cluster.
     qemu_io(&img, &["write -P 7 0 1M", "write -z 0 128k", "write -z 2M 128k"]);
     let before = at(&d, "before.raw");
@@ -84,10 +81,7 @@ fn rebase_safe_and_unsafe() {
     mixed_data(&a, 4 << 20, 7);
     mixed_data(&b, 4 << 20, 8);
     let top = at(&d, "top.qcow2");
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "a.raw", "-F", "raw", p(&top)],
-    );
+    qcow2_create(&top, &["-b", "a.raw", "-F", "raw"], None);
     qemu_io(&top, &["write -P 9 1M 100k"]);
     let view = at(&d, "view.raw");
     ok("qemu-img", &["convert", "-O", "raw", p(&top), p(&view)]);
@@ -122,20 +116,7 @@ fn commit_writes_into_the_backing_file() {
     mixed_data(&src, 6 << 20, 9);
     ok("qemu-img", &["convert", "-O", "qcow2", p(&src), p(&base)]);
     let top = at(&d, "top.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-        ],
-    );
+    qcow2_create(&top, &["-b", "base.qcow2", "-F", "qcow2"], None);
     qemu_io(&top, &["write -P 3 100k 1M", "write -z 4M 64k"]);
     let view = at(&d, "view.raw");
     ok("qemu-img", &["convert", "-O", "raw", p(&top), p(&view)]);
@@ -222,18 +203,15 @@ fn check_json_matches_qemu_img() {
     let comp = at(&d, "comp.qcow2");
     ok("qemu-img", &["convert", "-c", "-O", "qcow2", p(&src), p(&comp)]);
     let frag = at(&d, "frag.qcow2");
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", p(&frag), "8M"],
-    );
+    qcow2_create(&frag, &["-o", "cluster_size=4k"], Some("8M"));
     qemu_io(
         &frag,
         &["write 4M 64k", "write 0 64k", "write -z 1M 8k", "write 2M 12k"],
     );
     let empty = at(&d, "empty.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&empty), "1M"]);
+    qcow2_create(&empty, &[], Some("1M"));
     let leaky = at(&d, "leaky.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&leaky), "64M"]);
+    qcow2_create(&leaky, &[], Some("64M"));
     qemu_io(&leaky, &["write 0 64k"]);
     add_leak(&leaky);
     for img in [&plain, &comp, &frag, &empty, &leaky] {

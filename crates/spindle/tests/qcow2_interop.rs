@@ -162,27 +162,9 @@ fn backing_chains_read_and_copy_on_write() {
     mixed_data(&base, 16 << 20, 3);
     let mid = at(&d, "mid.qcow2");
     let top = at(&d, "top.qcow2");
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&mid)],
-    );
+    qcow2_create(&mid, &["-b", "base.raw", "-F", "raw"], None);
     qemu_io(&mid, &["write -P 0x33 100k 300k", "write -z 4M 1M"]);
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-        ],
-    );
+    qcow2_create(&top, &["-o", "cluster_size=4k", "-b", "mid.qcow2", "-F", "qcow2"], None);
     qemu_io(&top, &["write -P 0x44 200k 64k", "discard 1M 64k"]);
     let theirs = at(&d, "ref.raw");
     ok("qemu-img", &["convert", "-O", "raw", p(&top), p(&theirs)]);
@@ -242,10 +224,7 @@ fn map_matches_qemu_img() {
     let base = at(&d, "base.raw");
     mixed_data(&base, 8 << 20, 4);
     let img = at(&d, "m.qcow2");
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&img)],
-    );
+    qcow2_create(&img, &["-b", "base.raw", "-F", "raw"], None);
     qemu_io(
         &img,
         &["write 0 192k", "write -z 1M 128k", "write 3M 64k", "write -c 5M 64k"],
@@ -297,19 +276,7 @@ fn dirty_and_leaky_images_are_repaired() {
     qemu_io(&img, &["read -P 0x55 0 4M"]);
     // A writable open of a dirty image repairs before allocating.
     let img2 = at(&d, "lazy2.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            p(&img2),
-            "64M",
-        ],
-    );
+    qcow2_create(&img2, &["-o", "lazy_refcounts=on"], Some("64M"));
     let _ = run(
         "qemu-io",
         &["-c", "write -P 0x66 0 4M", "-c", "abort", "-f", "qcow2", p(&img2)],
@@ -323,7 +290,7 @@ fn dirty_and_leaky_images_are_repaired() {
 
     // Leaks: two clusters past the end with refcount 1, referenced by nothing.
     let leaky = at(&d, "leak.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&leaky), "64M"]);
+    qcow2_create(&leaky, &[], Some("64M"));
     qemu_io(&leaky, &["write 0 64k"]);
     add_leaks(&leaky, 2);
     assert_eq!(run("qemu-img", &["check", p(&leaky)]).status.code(), Some(3));

@@ -33,22 +33,7 @@ fn snapshots_interoperate_with_qemu_img() {
     let base = at(&d, "base.raw");
     mixed_data(&base, 8 << 20, 21);
     let img = at(&d, "s.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p(&img),
-        ],
-    );
+    qcow2_create(&img, &["-o", "cluster_size=4k", "-b", "base.raw", "-F", "raw"], None);
     qemu_io(&img, &["write -P 1 0 1M", "write -z 2M 64k", "write -c -P 5 4M 64k"]);
     let mut saved = BTreeMap::new();
 
@@ -173,19 +158,7 @@ fn random_snapshot_sequences_match_model() {
     let d = scratch();
     let size = 4u64 << 20;
     let img = at(&d, "r.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k,refcount_bits=8",
-            p(&img),
-            "4M",
-        ],
-    );
+    qcow2_create(&img, &["-o", "cluster_size=4k,refcount_bits=8"], Some("4M"));
     let rt = Runtime::new(RuntimeConfig::default()).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(31);
     let mut model = vec![0u8; size as usize];
@@ -262,7 +235,7 @@ fn vmstate_round_trips_through_files_pipes_and_sockets() {
     need("qemu-img");
     let d = scratch();
     let img = at(&d, "vm.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "100M"]);
+    qcow2_create(&img, &[], Some("100M"));
     let state = at(&d, "state.bin");
     mixed_data(&state, 21 << 20, 41); // not a multiple of the chunk
     let want = std::fs::read(&state).unwrap();

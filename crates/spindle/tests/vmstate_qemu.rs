@@ -32,7 +32,7 @@ fn qemu_loadvm_accepts_spindle_written_vm_state() {
     need_qemu_system();
     let d = scratch();
     let img = at(&d, "disk.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "64M"]);
+    qcow2_create(&img, &[], Some("64M"));
     let ram_a = at(&d, "ram-a.bin");
     random_ram(&ram_a, 61);
     let mut a = Qemu::start(d.path(), "a", &ram_a, MEM_MB, None);
@@ -85,7 +85,7 @@ fn spindle_extracts_qemu_savevm_state() {
     need_qemu_system();
     let d = scratch();
     let img = at(&d, "disk.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "64M"]);
+    qcow2_create(&img, &[], Some("64M"));
     let ram = at(&d, "ram.bin");
     random_ram(&ram, 62);
     let mut q = Qemu::start(d.path(), "c", &ram, MEM_MB, Some(&img));

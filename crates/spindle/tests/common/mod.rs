@@ -110,3 +110,12 @@ pub fn qemu_io(img: &Path, ops: &[&str]) -> String {
     args.extend_from_slice(&["-f", "qcow2", p(img)]);
     ok("qemu-io", &args)
 }
+
+/// `qemu-img create -q -f qcow2 OPTS IMG [SIZE]`; asserts success.
+pub fn qcow2_create(img: &Path, opts: &[&str], size: Option<&str>) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(opts);
+    args.push(p(img));
+    args.extend(size);
+    ok("qemu-img", &args);
+}
