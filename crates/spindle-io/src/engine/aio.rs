@@ -51,8 +51,10 @@ pub struct AioEngine {
     pending: VecDeque<usize>,
     in_flight: usize,
     events: Vec<IoEvent>,
-    /// Completions found outside `reap` (submit errors, slot waits).
+    /// Completions found outside `reap` (submit errors).
     backlog: Vec<(u64, i32)>,
+    /// Ops that found every iocb slot taken; they get slots as ops complete.
+    overflow: VecDeque<(u64, Op)>,
 }
 
 impl AioEngine {
@@ -81,6 +83,7 @@ impl AioEngine {
             in_flight: 0,
             events: vec![IoEvent::default(); depth],
             backlog: Vec::new(),
+            overflow: VecDeque::new(),
         })
     }
 
@@ -110,8 +113,9 @@ impl AioEngine {
     }
 }
 
-impl Engine for AioEngine {
-    unsafe fn push(&mut self, token: u64, op: Op) -> Result<(), Unsupported> {
+impl AioEngine {
+    /// Fills a free iocb slot with `op` and queues it for io_submit.
+    fn prepare(&mut self, token: u64, op: Op) {
         let (fd, opcode, buf, nbytes, offset, rw_flags) = match op {
             Op::Readv {
                 fd,
@@ -127,19 +131,8 @@ impl Engine for AioEngine {
                 flags,
             } => (fd, IOCB_CMD_PWRITEV, iov as u64, iovcnt as u64, offset, flags),
             Op::Fsync { fd, datasync } => (fd, if datasync { IOCB_CMD_FDSYNC } else { IOCB_CMD_FSYNC }, 0, 0, 0, 0),
-            Op::Fallocate { .. } => return Err(Unsupported),
+            Op::Fallocate { .. } => unreachable!("push refuses fallocate"),
         };
-        // Out of slots: wait for the kernel to give some back. This only happens
-        // when more ops are queued than the context was sized for.
-        while self.free.is_empty() {
-            self.submit().ok();
-            let mut done = Vec::new();
-            if self.reap_some(&mut done) == 0 {
-                std::thread::yield_now();
-            }
-            // Re-queue reaped completions through the token path.
-            self.backlog.extend(done);
-        }
         let slot = self.free.pop().unwrap_or_default();
         self.tokens[slot] = token;
         self.iocbs[slot] = Iocb {
@@ -155,11 +148,37 @@ impl Engine for AioEngine {
             ..Iocb::default()
         };
         self.pending.push_back(slot);
+    }
+
+    /// Gives freed slots to waiting ops, oldest first.
+    fn admit_overflow(&mut self) {
+        while !self.free.is_empty() {
+            let Some((token, op)) = self.overflow.pop_front() else {
+                break;
+            };
+            self.prepare(token, op);
+        }
+    }
+}
+
+impl Engine for AioEngine {
+    unsafe fn push(&mut self, token: u64, op: Op) -> Result<(), Unsupported> {
+        if matches!(op, Op::Fallocate { .. }) {
+            return Err(Unsupported);
+        }
         self.in_flight += 1;
+        // Out of iocb slots (more ops than the context was sized for): the op
+        // waits here and takes a slot when one comes back. Never spin.
+        if self.free.is_empty() || !self.overflow.is_empty() {
+            self.overflow.push_back((token, op));
+        } else {
+            self.prepare(token, op);
+        }
         Ok(())
     }
 
     fn submit(&mut self) -> io::Result<()> {
+        self.admit_overflow();
         while !self.pending.is_empty() {
             let ptrs: Vec<*mut Iocb> = self.pending.iter().map(|&s| &mut self.iocbs[s] as *mut Iocb).collect();
             // SAFETY: every pointer refers to an iocb in our arena, which outlives the op.

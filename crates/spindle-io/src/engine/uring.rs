@@ -3,6 +3,7 @@
 use super::{new_eventfd, Engine, Unsupported};
 use crate::op::Op;
 use io_uring::{opcode, squeue, types, IoUring};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
@@ -12,6 +13,8 @@ pub struct UringEngine {
     efd: OwnedFd,
     queued: usize,
     in_flight: usize,
+    /// Entries that found the submission queue full; they go in as it drains.
+    waiting: VecDeque<squeue::Entry>,
 }
 
 impl UringEngine {
@@ -26,6 +29,7 @@ impl UringEngine {
             efd,
             queued: 0,
             in_flight: 0,
+            waiting: VecDeque::new(),
         })
     }
 
@@ -66,35 +70,50 @@ impl UringEngine {
 impl Engine for UringEngine {
     unsafe fn push(&mut self, token: u64, op: Op) -> Result<(), Unsupported> {
         let entry = Self::entry(op).user_data(token);
-        loop {
-            // SAFETY: the caller keeps op's buffers alive until its completion is reaped.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                self.queued += 1;
-                self.in_flight += 1;
-                return Ok(());
-            }
-            // Submission queue full: hand the batch to the kernel and retry.
-            if self.submit().is_err() {
-                // EBUSY/EAGAIN: reap to make room; completions are kept by the kernel.
-                std::thread::yield_now();
-            }
+        self.in_flight += 1;
+        // Keep order: once anything waits, later entries wait behind it.
+        // SAFETY: the caller keeps op's buffers alive until its completion is reaped.
+        if !self.waiting.is_empty() || unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.waiting.push_back(entry);
+        } else {
+            self.queued += 1;
         }
+        Ok(())
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        // With completions parked in the kernel's overflow list, entering the
-        // kernel (with GETEVENTS, which the crate adds) moves them to the ring.
-        if self.queued == 0 && !self.ring.submission().cq_overflow() {
-            return Ok(());
-        }
-        match self.ring.submit() {
-            Ok(n) => {
-                self.queued = self.queued.saturating_sub(n);
-                Ok(())
+        loop {
+            // Move waiting entries into the submission queue while it has room.
+            while let Some(e) = self.waiting.front() {
+                // SAFETY: entries in `waiting` were pushed under the same contract.
+                if unsafe { self.ring.submission().push(e) }.is_err() {
+                    break;
+                }
+                self.waiting.pop_front();
+                self.queued += 1;
             }
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
-            Err(e) => Err(e),
+            // With completions parked in the kernel's overflow list, entering the
+            // kernel (with GETEVENTS, which the crate adds) moves them to the ring.
+            if self.queued == 0 && !self.ring.submission().cq_overflow() {
+                return Ok(());
+            }
+            match self.ring.submit() {
+                Ok(n) => self.queued = self.queued.saturating_sub(n),
+                // Busy or interrupted: try again on the next loop iteration;
+                // completions will wake the reactor. Never spin here.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+                    ) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            }
+            if self.waiting.is_empty() {
+                return Ok(());
+            }
         }
     }
 

@@ -235,14 +235,6 @@ impl Qcow2 {
         1 << self.cluster_bits
     }
 
-    /// Whether the image has the dirty bit set (needs a refcount repair).
-    pub fn needs_repair(&self) -> bool {
-        self.meta
-            .try_lock()
-            .map(|m| m.hdr.incompatible & INCOMPAT_DIRTY != 0)
-            .unwrap_or(false)
-    }
-
     /// Format facts.
     pub fn info(&self) -> ImageInfo {
         let m = self.meta.try_lock();
