@@ -71,3 +71,59 @@ fn freed_clusters_are_reused_before_the_file_grows() {
         node.close().await.unwrap();
     });
 }
+
+/// Write-zeroes without may-unmap keeps clusters allocated (zero clusters
+/// with a host offset); with may-unmap it frees them. Both read as zeroes.
+#[test]
+fn write_zeroes_keeps_allocation_unless_unmap_is_allowed() {
+    for ext in [false, true] {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("z.qcow2");
+        let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+        rt.block_on(async {
+            let opts = CreateOptions {
+                size: 4 << 20,
+                extended_l2: ext,
+                ..Default::default()
+            };
+            create(&path, &opts).await.unwrap();
+            let cfg = OpenConfig {
+                format: Some(Format::Qcow2),
+                ..Default::default()
+            };
+            let node = open_image(path.to_str().unwrap(), &cfg).unwrap();
+            let mut b = vec![9u8; 4 * 65536];
+            node.write(0, &SgList::new(&mut b), false).await.unwrap();
+            let kept = host_of(&node, 0).await;
+            node.write_zeroes(0, 2 * 65536, false).await.unwrap();
+            node.write_zeroes(2 * 65536, 2 * 65536, true).await.unwrap();
+            let mut r = vec![1u8; 4 * 65536];
+            node.read(0, &SgList::new(&mut r)).await.unwrap();
+            assert!(r.iter().all(|&x| x == 0), "ext_l2={ext}: zeroes read back");
+            assert_eq!(node.block_status(0, 65536).await.unwrap().0, BlockStatus::Zero);
+            node.close().await.unwrap();
+            drop(node);
+            // Kept: still referenced (the file's cluster count shows it); a new
+            // write elsewhere must not reuse it, while the unmapped ones are free.
+            let node = open_image(path.to_str().unwrap(), &cfg).unwrap();
+            let mut c = vec![5u8; 65536];
+            node.write(40 * 65536, &SgList::new(&mut c), false).await.unwrap();
+            assert_ne!(
+                host_of(&node, 40 * 65536).await,
+                kept,
+                "ext_l2={ext}: a kept cluster was reused"
+            );
+            node.close().await.unwrap();
+        });
+        let o = std::process::Command::new("qemu-img")
+            .args(["check", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "ext_l2={ext}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+}

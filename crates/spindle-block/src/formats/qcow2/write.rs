@@ -278,7 +278,7 @@ impl Qcow2 {
         self.zero_or_discard(off, len, may_unmap, false).await
     }
 
-    pub(super) async fn zero_or_discard(&self, off: u64, len: u64, _may_unmap: bool, discard: bool) -> Result<()> {
+    pub(super) async fn zero_or_discard(&self, off: u64, len: u64, may_unmap: bool, discard: bool) -> Result<()> {
         if self.read_only {
             return Err(self.ro_err());
         }
@@ -312,14 +312,19 @@ impl Qcow2 {
         let mut m = self.lock_meta_clear_of(g0, g1).await;
         self.mark_dirty(&mut m).await?;
         let zero_needed = !discard || self.backing.is_some();
+        const ALL_ZERO: u64 = 0xffff_ffff << 32; // extended L2: every subcluster reads as zero
         for gc in g0..g1 {
             let (raw, _) = m.get_l2(&self.file, gc).await?;
+            // Write-zeroes without may-unmap keeps an owned cluster allocated
+            // (QEMU's "zero cluster with a host offset"): only the flag changes.
+            let owned = raw & (COMPRESSED | COPIED) == COPIED && raw & OFFSET_MASK != 0;
+            if !discard && !may_unmap && owned && (self.v3 || self.ext_l2) {
+                let (keep, bmp) = if self.ext_l2 { (raw, ALL_ZERO) } else { (raw | ZERO, 0) };
+                m.set_l2(&self.file, gc, keep, bmp).await?;
+                continue;
+            }
             let (new_raw, new_bmp) = if self.ext_l2 {
-                if zero_needed {
-                    (0, 0xffff_ffffu64 << 32)
-                } else {
-                    (0, 0)
-                }
+                (0, if zero_needed { ALL_ZERO } else { 0 })
             } else if zero_needed && self.v3 {
                 (ZERO, 0)
             } else {
