@@ -176,9 +176,17 @@ impl Runtime {
     /// reaps completions, until nothing is left to do without waiting.
     /// Never blocks. Returns the number of ops still in flight.
     pub fn run_ready(&self) -> usize {
+        self.inner.drain_event_fds();
+        self.poll_ready()
+    }
+
+    /// [`Runtime::run_ready`] without resetting the eventfds: for polling
+    /// loops, where reading eventfds that did not fire would cost a system
+    /// call per round. A fired eventfd stays readable, so the external
+    /// loop still wakes and calls `run_ready` for it.
+    pub fn poll_ready(&self) -> usize {
         let _guard = EnterGuard::enter(self.inner.clone());
         let inner = &self.inner;
-        inner.drain_event_fds();
         loop {
             let mut ran = 0;
             while let Some(r) = inner.runq.pop() {

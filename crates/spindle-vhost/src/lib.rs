@@ -1,10 +1,51 @@
-//! Spindle's data plane: virtio-blk requests from guest memory to the block
-//! layer.
+//! Spindle's data plane: virtio-blk over vhost-user.
 //!
-//! This crate starts with the part that faces the guest: [`blk::request`]
-//! turns a descriptor chain into a validated request, or into the status a
-//! hostile or broken chain deserves, before any byte is moved. The
-//! vhost-user backend built on rust-vmm's `vhost-user-backend` comes next.
+//! - [`blk`] faces the guest: it turns a descriptor chain into a validated
+//!   request (or the status a hostile chain deserves), runs it against a
+//!   block node zero-copy, and describes the configuration space.
+//! - [`backend`] and `worker` implement rust-vmm's `VhostUserBackend` on
+//!   `&self`: each I/O thread owns a `spindle_io::Runtime` whose eventfds
+//!   sit in the same epoll loop as the queue kicks.
+//! - [`export`] serves a [`device::Device`] on a socket, connection after
+//!   connection; [`stats`] counts requests per queue without locks.
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod blk;
+pub mod device;
+pub mod export;
+pub mod stats;
+mod worker;
+
+pub use device::{Device, DeviceConfig};
+pub use export::Export;
+use std::path::PathBuf;
+
+/// Errors of the data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The vhost-user socket cannot be created.
+    #[error("cannot listen on vhost-user socket {}: {source}", path.display())]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The vhost-user daemon failed.
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+    /// An I/O runtime cannot be created.
+    #[error("cannot start an I/O runtime: {0}")]
+    Runtime(#[source] spindle_io::Error),
+    /// Flushing an image on shutdown failed.
+    #[error("export {name}: cannot flush the image: {source}")]
+    Close {
+        /// Export name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: spindle_block::BlockError,
+    },
+}

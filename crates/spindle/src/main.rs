@@ -1,6 +1,9 @@
 //! `spindle`: the command-line entry point.
 
+mod bench;
+mod ctl;
 mod img;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -17,6 +20,12 @@ struct Cli {
 enum Cmd {
     /// Image tools with qemu-img's names and flags.
     Img(img::ImgArgs),
+    /// Serve images to VMs as vhost-user-blk devices.
+    Serve(serve::Args),
+    /// Load generator for vhost-user sockets, files and devices.
+    Bench(bench::Args),
+    /// Talk to a running `spindle serve --control` (add, remove, list, stats, resize).
+    Ctl(ctl::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,12 +47,19 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Img(a) => match img::run(a) {
-            Ok(code) => ExitCode::from(code),
-            Err(e) => {
-                eprintln!("spindle: {e}");
-                ExitCode::from(1)
-            }
-        },
+        Cmd::Img(a) => exit(img::run(a)),
+        Cmd::Serve(a) => exit(serve::run(a)),
+        Cmd::Bench(a) => exit(bench::run(a)),
+        Cmd::Ctl(a) => exit(ctl::run(a)),
+    }
+}
+
+fn exit(r: img::CliResult<u8>) -> ExitCode {
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("spindle: {e}");
+            ExitCode::from(1)
+        }
     }
 }

@@ -72,7 +72,9 @@ pub async fn complete<M: GuestMemoryBackend + ?Sized>(
 }
 
 /// Executes one request; returns the status and the data bytes written
-/// into guest memory.
+/// into guest memory. Each node operation is boxed so the request's task
+/// stays small: the spawned future is moved once per request, and the
+/// largest operation (a qcow2 allocating write) is kilobytes.
 async fn execute<M: GuestMemoryBackend + ?Sized>(node: &Node, mem: &M, dev: &Device, req: &Request) -> (u8, u32) {
     let ioerr = (VIRTIO_BLK_S_IOERR, 0);
     let off = req.sector.saturating_mul(SECTOR);
@@ -81,7 +83,7 @@ async fn execute<M: GuestMemoryBackend + ?Sized>(node: &Node, mem: &M, dev: &Dev
             let Some(sg) = sg_list(mem, &req.data) else {
                 return ioerr;
             };
-            match node.read(off, &sg).await {
+            match Box::pin(node.read(off, &sg)).await {
                 Ok(()) => (VIRTIO_BLK_S_OK, req.data_len as u32),
                 Err(_) => ioerr,
             }
@@ -90,12 +92,12 @@ async fn execute<M: GuestMemoryBackend + ?Sized>(node: &Node, mem: &M, dev: &Dev
             let Some(sg) = sg_list(mem, &req.data) else {
                 return ioerr;
             };
-            match node.write(off, &sg, dev.write_through).await {
+            match Box::pin(node.write(off, &sg, dev.write_through)).await {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(_) => ioerr,
             }
         }
-        RequestKind::Flush => match node.flush().await {
+        RequestKind::Flush => match Box::pin(node.flush()).await {
             Ok(()) => (VIRTIO_BLK_S_OK, 0),
             Err(_) => ioerr,
         },
@@ -114,9 +116,9 @@ async fn execute<M: GuestMemoryBackend + ?Sized>(node: &Node, mem: &M, dev: &Dev
             for r in ranges {
                 let (o, l) = (r.sector * SECTOR, u64::from(r.sectors) * SECTOR);
                 let res = if zero {
-                    node.write_zeroes(o, l, r.unmap).await
+                    Box::pin(node.write_zeroes(o, l, r.unmap)).await
                 } else {
-                    node.discard(o, l).await
+                    Box::pin(node.discard(o, l)).await
                 };
                 if res.is_err() {
                     return ioerr;

@@ -1,6 +1,8 @@
 //! Helpers for tests that drive the real `spindle` binary and QEMU's tools.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

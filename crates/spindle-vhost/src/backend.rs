@@ -1,0 +1,193 @@
+//! The vhost-user-blk backend: rust-vmm's `VhostUserBackend`, implemented
+//! on `&self` so the worker threads never share a lock.
+//!
+//! vhost-user-backend owns one epoll thread per entry of
+//! [`queues_per_thread`](VhostUserBackend::queues_per_thread); each one is
+//! an I/O thread here. On its first event the thread creates its own
+//! [`spindle_io::Runtime`] and registers the runtime's eventfds with its
+//! epoll loop, so kicks and I/O completions wake the same thread. See
+//! `worker.rs` for what happens on each event.
+
+use crate::blk::config::{parse_write, ConfigWrite};
+use crate::device::Device;
+use crate::worker;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+/// Guest memory as vhost-user maps it.
+pub type Memory = GuestMemoryMmap<()>;
+/// The epoll handler of one I/O thread.
+pub type Handler = VringEpollHandler<Arc<BlkBackend>>;
+
+/// How long `GET_VRING_BASE` and a disconnect wait for accepted requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The backend of one frontend connection to one device.
+pub struct BlkBackend {
+    pub(crate) dev: Arc<Device>,
+    pub(crate) mem: GuestMemoryAtomic<Memory>,
+    pub(crate) event_idx: AtomicBool,
+    /// Requests accepted and not yet completed, per queue.
+    pub(crate) inflight: Arc<[AtomicUsize]>,
+    handlers: OnceLock<Vec<Weak<Handler>>>,
+}
+
+impl BlkBackend {
+    /// A backend for `dev` whose guest memory is `mem` (the same atomic
+    /// the daemon updates on SET_MEM_TABLE).
+    pub fn new(dev: Arc<Device>, mem: GuestMemoryAtomic<Memory>) -> BlkBackend {
+        let queues = dev.cfg.num_queues as usize;
+        BlkBackend {
+            dev,
+            mem,
+            event_idx: AtomicBool::new(false),
+            inflight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
+            handlers: OnceLock::new(),
+        }
+    }
+
+    /// Hands over the daemon's epoll handlers (one per I/O thread), so a
+    /// thread can register its runtime's eventfds on its first event.
+    pub fn set_handlers(&self, handlers: &[Arc<Handler>]) {
+        let _ = self.handlers.set(handlers.iter().map(Arc::downgrade).collect());
+    }
+
+    pub(crate) fn register_runtime(&self, thread: usize, fds: &[i32]) -> io::Result<()> {
+        let handler = self
+            .handlers
+            .get()
+            .and_then(|h| h.get(thread))
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| io::Error::other(format!("I/O thread {thread} has no epoll handler")))?;
+        for &fd in fds {
+            handler.register_listener(fd, EventSet::IN, worker::runtime_event(self.dev.cfg.num_queues))?;
+        }
+        Ok(())
+    }
+
+    /// Requests accepted on all queues and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.iter().map(|n| n.load(Ordering::Acquire)).sum()
+    }
+
+    /// Waits until no request is in flight (on `queue`, or on all queues),
+    /// at most `timeout`. The I/O threads keep completing requests
+    /// meanwhile. Returns whether everything finished.
+    pub fn drain(&self, queue: Option<usize>, timeout: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            let n = match queue {
+                Some(q) => self.inflight.get(q).map_or(0, |n| n.load(Ordering::Acquire)),
+                None => self.in_flight(),
+            };
+            if n == 0 {
+                return true;
+            }
+            if start.elapsed() > timeout {
+                tracing::error!(device = %self.dev.cfg.name, in_flight = n, "requests still in flight after {timeout:?}");
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.dev.cfg.num_queues as usize
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.dev.cfg.queue_size as usize
+    }
+
+    fn features(&self) -> u64 {
+        self.dev.geometry().features()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        self.drain(None, DRAIN_TIMEOUT);
+        self.event_idx.store(false, Ordering::Release);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.dev.geometry().read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        match parse_write(offset, buf) {
+            Ok(ConfigWrite::Writeback(on)) => {
+                tracing::info!(device = %self.dev.cfg.name, "guest turned its write cache {}", if on { "on" } else { "off" });
+                self.dev.set_writeback(on);
+                Ok(())
+            }
+            Err(msg) => {
+                tracing::warn!(device = %self.dev.cfg.name, "refused {msg}");
+                Err(io::Error::new(io::ErrorKind::InvalidInput, msg))
+            }
+        }
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
+        // `self.mem` is the same atomic the daemon just updated.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let threads = self.dev.cfg.iothreads;
+        (0..threads)
+            .map(|t| {
+                (0..self.dev.cfg.num_queues as usize)
+                    .filter(|q| q % threads == t)
+                    .fold(0u64, |m, q| m | 1 << q)
+            })
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if self.drain(Some(queue_index as usize), DRAIN_TIMEOUT) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("queue {queue_index}: requests still in flight"),
+            ))
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        worker::handle_event(self, device_event, vrings, thread_id)
+    }
+}

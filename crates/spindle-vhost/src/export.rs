@@ -1,0 +1,151 @@
+//! Serving one device on one vhost-user socket, connection after
+//! connection.
+//!
+//! The socket is bound once. Each frontend connection gets a fresh
+//! `VhostUserDaemon` (and so fresh I/O threads and runtimes) over the same
+//! device; when the frontend goes away, for instance because QEMU
+//! restarted, the loop drains the requests it had accepted and waits for
+//! the next connection on the same socket.
+
+use crate::backend::{BlkBackend, Memory, DRAIN_TIMEOUT};
+use crate::device::Device;
+use crate::Error;
+use spindle_io::Runtime;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::GuestMemoryAtomic;
+
+/// A device served on a socket.
+pub struct Export {
+    /// The device.
+    pub dev: Arc<Device>,
+    /// The vhost-user socket path.
+    pub socket: PathBuf,
+    stop: AtomicBool,
+    connected: AtomicBool,
+    connections: AtomicU64,
+    shutdown: Mutex<Option<ShutdownHandle>>,
+    listener: Mutex<Option<Listener>>,
+}
+
+impl Export {
+    /// Binds `socket` (replacing a stale socket file) for `dev`.
+    pub fn bind(dev: Arc<Device>, socket: &Path) -> Result<Arc<Export>, Error> {
+        if let Ok(meta) = std::fs::symlink_metadata(socket) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(Error::Bind {
+                    path: socket.to_owned(),
+                    source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket"),
+                });
+            }
+        }
+        let listener = Listener::new(socket, true).map_err(|e| Error::Bind {
+            path: socket.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(Arc::new(Export {
+            dev,
+            socket: socket.to_owned(),
+            stop: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            shutdown: Mutex::new(None),
+            listener: Mutex::new(Some(listener)),
+        }))
+    }
+
+    /// Whether a frontend is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Frontend connections served so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Serves connections until [`Export::stop`]; then flushes the image
+    /// and writes back its metadata. Call once, on a thread of its own.
+    pub fn run(&self) -> Result<(), Error> {
+        let Some(mut listener) = self.listener.lock().ok().and_then(|mut l| l.take()) else {
+            return Ok(());
+        };
+        while !self.stop.load(Ordering::Acquire) {
+            if let Err(e) = self.serve_one(&mut listener) {
+                if self.stop.load(Ordering::Acquire) {
+                    break;
+                }
+                tracing::warn!(device = %self.dev.cfg.name, "connection ended: {e}");
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        self.close()
+    }
+
+    fn serve_one(&self, listener: &mut Listener) -> Result<(), Error> {
+        let mem = GuestMemoryAtomic::new(Memory::new());
+        let backend = Arc::new(BlkBackend::new(self.dev.clone(), mem.clone()));
+        let mut daemon = VhostUserDaemon::new(format!("spindle-{}", self.dev.cfg.name), backend.clone(), mem)
+            .map_err(|e| Error::Daemon(e.to_string()))?;
+        let handlers = daemon.get_epoll_handlers();
+        backend.set_handlers(&handlers);
+        daemon.start(listener).map_err(|e| Error::Daemon(e.to_string()))?;
+        if let Ok(mut s) = self.shutdown.lock() {
+            *s = daemon.shutdown_handle();
+        }
+        if self.stop.load(Ordering::Acquire) {
+            daemon.request_shutdown();
+        }
+        self.connected.store(true, Ordering::Release);
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        tracing::info!(device = %self.dev.cfg.name, socket = %self.socket.display(), "frontend connected");
+        let result = daemon.wait();
+        if let Ok(mut s) = self.shutdown.lock() {
+            *s = None;
+        }
+        self.connected.store(false, Ordering::Release);
+        // The I/O threads still run: let them finish what they accepted
+        // before they are told to exit.
+        backend.drain(None, DRAIN_TIMEOUT);
+        for h in &handlers {
+            h.send_exit_event();
+        }
+        drop(handlers);
+        drop(daemon);
+        tracing::info!(device = %self.dev.cfg.name, "frontend disconnected");
+        match result {
+            // The frontend went away: the normal end of a connection.
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            ))
+            | Ok(()) => Ok(()),
+            Err(e) => Err(Error::Daemon(e.to_string())),
+        }
+    }
+
+    /// Stops serving: disconnects the frontend (after its accepted requests
+    /// complete) and makes [`Export::run`] return.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.shutdown.lock().ok().and_then(|s| s.clone()) {
+            h.shutdown();
+        }
+        // Wake a thread blocked in accept(2).
+        let _ = UnixStream::connect(&self.socket);
+    }
+
+    fn close(&self) -> Result<(), Error> {
+        let rt = Runtime::new(self.dev.cfg.engine).map_err(Error::Runtime)?;
+        let node = self.dev.node.clone();
+        rt.block_on(async move { node.close().await })
+            .map_err(|source| Error::Close {
+                name: self.dev.cfg.name.clone(),
+                source,
+            })
+    }
+}

@@ -1,0 +1,84 @@
+//! `spindle ctl`: a client of the control socket (docs/control.md).
+
+use crate::img::CliResult;
+use crate::serve::ExportArgs;
+use clap::{Args as ClapArgs, Subcommand};
+use serde_json::{json, Value};
+use spindle_block::BlockError;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    /// The control socket of `spindle serve --control`.
+    #[arg(long, short = 'c', value_name = "PATH")]
+    control: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the exports.
+    List,
+    /// Serve another image (hot plug); IMAGE and --vhost-user are required.
+    Add(ExportArgs),
+    /// Stop serving an export (hot unplug); its image is flushed and closed.
+    Remove {
+        /// Export name.
+        name: String,
+    },
+    /// Request statistics: requests, bytes, latency percentiles per operation.
+    Stats {
+        /// Export name.
+        name: String,
+    },
+    /// Change an export's size.
+    Resize {
+        /// Export name.
+        name: String,
+        /// New size (e.g. 20G).
+        size: String,
+        /// Allow shrinking (loses the data beyond the new end).
+        #[arg(long)]
+        shrink: bool,
+    },
+}
+
+/// Sends one request; prints the reply as JSON. Exit 1 when it failed.
+pub fn run(a: Args) -> CliResult<u8> {
+    let req = match a.cmd {
+        Cmd::List => json!({"cmd": "list"}),
+        Cmd::Add(x) => {
+            let (Some(image), Some(_)) = (x.image.clone(), &x.vhost_user) else {
+                return Err(BlockError::Invalid(
+                    "ctl add needs IMAGE and --vhost-user SOCKET".into(),
+                ));
+            };
+            json!({"cmd": "add", "export": x.spec(image)})
+        }
+        Cmd::Remove { name } => json!({"cmd": "remove", "name": name}),
+        Cmd::Stats { name } => json!({"cmd": "stats", "name": name}),
+        Cmd::Resize { name, size, shrink } => json!({"cmd": "resize", "name": name, "size": size, "shrink": shrink}),
+    };
+    let reply = request(&a.control, &req)?;
+    println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+    if reply["ok"] == json!(true) {
+        Ok(0)
+    } else {
+        eprintln!("spindle: ctl: {}", reply["error"].as_str().unwrap_or("request failed"));
+        Ok(1)
+    }
+}
+
+/// One request, one reply.
+pub fn request(path: &std::path::Path, req: &Value) -> CliResult<Value> {
+    let err = |e: std::io::Error| BlockError::Invalid(format!("control socket {}: {e}", path.display()));
+    let mut s = UnixStream::connect(path).map_err(err)?;
+    writeln!(s, "{req}").map_err(err)?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).map_err(err)?;
+    serde_json::from_str(&line)
+        .map_err(|e| BlockError::Invalid(format!("control socket {}: bad reply: {e}", path.display())))
+}

@@ -1,0 +1,222 @@
+//! `spindle serve`: serve images to VMs as vhost-user-blk devices.
+
+pub mod control;
+pub mod server;
+pub mod spec;
+
+use crate::img::{human_size, CliResult};
+use clap::Args as ClapArgs;
+use server::Server;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use spec::{ConfigFile, ExportSpec};
+use spindle_block::BlockError;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Image served when `spindle serve` gets no arguments.
+pub const DEFAULT_IMAGE: &str = "spindle-disk.qcow2";
+const DEFAULT_SIZE: u64 = 8 << 30;
+
+/// What describes one export on a command line (`serve` and `ctl add`).
+#[derive(ClapArgs, Clone)]
+pub struct ExportArgs {
+    /// Image path or null:SIZE (default: ./spindle-disk.qcow2, created 8 GiB thin if missing).
+    pub image: Option<String>,
+    /// vhost-user socket path (default: the image's name with .sock).
+    #[arg(long = "vhost-user", value_name = "SOCKET")]
+    pub vhost_user: Option<PathBuf>,
+    /// Image format: raw or qcow2 (default: probed).
+    #[arg(long, short = 'f')]
+    pub format: Option<String>,
+    /// Cache mode: none (default), writeback, writethrough, directsync, unsafe.
+    #[arg(long)]
+    pub cache: Option<String>,
+    /// I/O engine: io_uring (default), native, threads.
+    #[arg(long)]
+    pub aio: Option<String>,
+    /// Worker threads of the threads engine.
+    #[arg(long)]
+    pub aio_threads: Option<usize>,
+    /// I/O threads serving the device (queue N goes to thread N mod iothreads).
+    #[arg(long)]
+    pub iothreads: Option<usize>,
+    /// Request queues offered to the guest (default 16; a frontend uses as many as it sets up).
+    #[arg(long)]
+    pub num_queues: Option<u16>,
+    /// Largest virtqueue the frontend may set up (default 256).
+    #[arg(long)]
+    pub queue_size: Option<u16>,
+    /// Refuse writes.
+    #[arg(long)]
+    pub readonly: bool,
+    /// GET_ID serial (up to 20 bytes; default: the export name).
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Export name (default: the image's file stem).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Keep polling queues and completions this many microseconds after the last request (0: off).
+    #[arg(long)]
+    pub poll_us: Option<u64>,
+}
+
+#[derive(ClapArgs)]
+pub struct Args {
+    #[command(flatten)]
+    export: ExportArgs,
+    /// Serve the exports of a TOML file instead (see docs/serve.md).
+    #[arg(long, conflicts_with_all = ["image", "vhost_user", "format", "name", "serial"])]
+    config: Option<PathBuf>,
+    /// Control socket for `spindle ctl` (add, remove, list, stats, resize).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+fn default_socket(image: &str) -> PathBuf {
+    if image.starts_with("null:") {
+        return PathBuf::from("spindle-null.sock");
+    }
+    Path::new(image).with_extension("sock")
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+impl ExportArgs {
+    /// The export these arguments describe, serving `image`.
+    pub fn spec(&self, image: String) -> ExportSpec {
+        ExportSpec {
+            socket: absolute(&self.vhost_user.clone().unwrap_or_else(|| default_socket(&image))),
+            image,
+            name: self.name.clone(),
+            format: self.format.clone(),
+            cache: self.cache.clone(),
+            aio: self.aio.clone(),
+            aio_threads: self.aio_threads,
+            iothreads: self.iothreads,
+            num_queues: self.num_queues,
+            queue_size: self.queue_size,
+            readonly: self.readonly,
+            serial: self.serial.clone(),
+            poll_us: self.poll_us,
+        }
+    }
+
+    /// Options given on the command line fill in what a config file's
+    /// export leaves out.
+    fn fill(&self, mut s: ExportSpec) -> ExportSpec {
+        s.cache = s.cache.or(self.cache.clone());
+        s.aio = s.aio.or(self.aio.clone());
+        s.aio_threads = s.aio_threads.or(self.aio_threads);
+        s.iothreads = s.iothreads.or(self.iothreads);
+        s.num_queues = s.num_queues.or(self.num_queues);
+        s.queue_size = s.queue_size.or(self.queue_size);
+        s.poll_us = s.poll_us.or(self.poll_us);
+        s.readonly |= self.readonly;
+        s
+    }
+}
+
+/// Creates the default image when it does not exist yet.
+fn ensure_default_image() -> CliResult<()> {
+    let path = Path::new(DEFAULT_IMAGE);
+    if path.exists() {
+        return Ok(());
+    }
+    let rt = spindle_io::Runtime::new(Default::default())?;
+    rt.block_on(spindle_block::formats::qcow2::create::create(
+        path,
+        &spindle_block::formats::qcow2::create::CreateOptions {
+            size: DEFAULT_SIZE,
+            ..Default::default()
+        },
+    ))?;
+    eprintln!(
+        "spindle: created {DEFAULT_IMAGE} (qcow2, {} thin)",
+        human_size(DEFAULT_SIZE)
+    );
+    Ok(())
+}
+
+/// How to attach an export, for QEMU and for libvirt.
+pub fn attach_lines(e: &spindle_vhost::Export) -> String {
+    let sock = e.socket.display();
+    let q = e.dev.cfg.iothreads;
+    let id = format!(
+        "spindle-{}",
+        e.dev.cfg.name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+    );
+    format!(
+        "QEMU (guest RAM must be shared):\n  qemu-system-x86_64 ... \\\n    -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem \\\n    -chardev socket,id={id},path={sock},reconnect=1 \\\n    -device vhost-user-blk-pci,chardev={id},num-queues={q}\n\
+libvirt (inside <domain>; needs <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>):\n  <disk type='vhostuser' device='disk'>\n    <driver name='qemu' type='raw' queues='{q}'/>\n    <source type='unix' path='{sock}'><reconnect enabled='yes' timeout='1'/></source>\n    <target dev='vdb' bus='virtio'/>\n  </disk>"
+    )
+}
+
+/// Runs `spindle serve` until SIGINT or SIGTERM.
+pub fn run(a: Args) -> CliResult<u8> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| BlockError::Invalid(format!("cannot install signal handlers: {e}")))?;
+    let (specs, control) = match &a.config {
+        Some(path) => {
+            let cfg = ConfigFile::load(path)?;
+            let control = a.control.clone().or(cfg.control);
+            (cfg.exports.into_iter().map(|s| a.export.fill(s)).collect(), control)
+        }
+        None => {
+            let image = match &a.export.image {
+                Some(i) => i.clone(),
+                None => {
+                    ensure_default_image()?;
+                    DEFAULT_IMAGE.to_string()
+                }
+            };
+            (vec![a.export.spec(image)], a.control.clone())
+        }
+    };
+    let server = Arc::new(Server::default());
+    for spec in specs {
+        let image = spec.image.clone();
+        let export = match server.add(spec) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = server.remove_all();
+                return Err(BlockError::Invalid(format!("{image}: {e}")));
+            }
+        };
+        let d = &export.dev;
+        println!(
+            "spindle: serving {} ({}, {}) as '{}' on {}{}",
+            image,
+            d.node.info().format,
+            human_size(d.capacity()),
+            d.cfg.name,
+            export.socket.display(),
+            if d.cfg.read_only { ", read-only" } else { "" }
+        );
+        println!("{}", attach_lines(&export));
+    }
+    if let Some(path) = &control {
+        let path = absolute(path);
+        if let Err(e) = control::listen(&path, server.clone()) {
+            let _ = server.remove_all();
+            return Err(BlockError::Invalid(format!(
+                "cannot listen on control socket {}: {e}",
+                path.display()
+            )));
+        }
+        println!("spindle: control socket {}", path.display());
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let sig = signals.forever().next().unwrap_or(SIGTERM);
+    eprintln!(
+        "spindle: {}: finishing in-flight requests, flushing, exiting",
+        if sig == SIGINT { "SIGINT" } else { "SIGTERM" }
+    );
+    let res = server.remove_all();
+    if let Some(path) = &control {
+        let _ = std::fs::remove_file(path);
+    }
+    res.map(|_| 0)
+}

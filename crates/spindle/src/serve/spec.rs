@@ -1,0 +1,176 @@
+//! What one export is made of, as the command line, a `--config` file and
+//! the control socket's `add` describe it; and turning that into a device.
+
+use serde::{Deserialize, Serialize};
+use spindle_block::{open_image, BlockError, Format, OpenConfig};
+use spindle_io::{CacheMode, EngineKind, RuntimeConfig};
+use spindle_vhost::{Device, DeviceConfig};
+use std::path::{Path, PathBuf};
+
+/// Polling window when none is given, chosen by `bench/vhost.sh` (see
+/// docs/serve.md).
+pub const DEFAULT_POLL_US: u64 = 0;
+/// Request queues offered when none is given. A frontend uses as many as
+/// it sets up; QEMU refuses to start when it wants more than offered.
+pub const DEFAULT_NUM_QUEUES: u16 = 16;
+
+/// One export. Every field but `image` and `socket` has a default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSpec {
+    /// Image path, or `null:SIZE`.
+    pub image: String,
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Name for `spindle ctl` (default: the image's file stem).
+    pub name: Option<String>,
+    /// `raw` or `qcow2` (default: probed).
+    pub format: Option<String>,
+    /// Cache mode (default: none, or writeback where O_DIRECT is refused).
+    pub cache: Option<String>,
+    /// I/O engine: io_uring (default), native, threads.
+    pub aio: Option<String>,
+    /// Worker threads of the `threads` engine.
+    pub aio_threads: Option<usize>,
+    /// I/O threads (default 1).
+    pub iothreads: Option<usize>,
+    /// Request queues offered (default 16).
+    pub num_queues: Option<u16>,
+    /// Largest virtqueue (default 256).
+    pub queue_size: Option<u16>,
+    /// Refuse writes.
+    #[serde(default)]
+    pub readonly: bool,
+    /// GET_ID string (default: the name).
+    pub serial: Option<String>,
+    /// Polling window in microseconds (0 = off).
+    pub poll_us: Option<u64>,
+}
+
+fn invalid(msg: String) -> BlockError {
+    BlockError::Invalid(msg)
+}
+
+impl ExportSpec {
+    /// The export's name.
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            if self.image.starts_with("null:") {
+                return "null".to_string();
+            }
+            let p = Path::new(&self.image);
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| self.image.replace(':', "-"))
+        })
+    }
+
+    /// Checks every setting and opens the image.
+    pub fn open(&self) -> Result<Device, BlockError> {
+        let name = self.name();
+        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c == '/') {
+            return Err(invalid(format!(
+                "export name '{name}': use 1 to 64 printable characters, no '/'"
+            )));
+        }
+        let iothreads = self.iothreads.unwrap_or(1);
+        if !(1..=64).contains(&iothreads) {
+            return Err(invalid(format!("{name}: iothreads {iothreads} must be from 1 to 64")));
+        }
+        let num_queues = self.num_queues.unwrap_or(DEFAULT_NUM_QUEUES.max(iothreads as u16));
+        if !(1..=64).contains(&num_queues) {
+            return Err(invalid(format!("{name}: num-queues {num_queues} must be from 1 to 64")));
+        }
+        let queue_size = self.queue_size.unwrap_or(256);
+        if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
+            return Err(invalid(format!(
+                "{name}: queue-size {queue_size} must be a power of two from 2 to 32768"
+            )));
+        }
+        let poll_us = self.poll_us.unwrap_or(DEFAULT_POLL_US);
+        if poll_us > 1_000_000 {
+            return Err(invalid(format!(
+                "{name}: poll-us {poll_us} must be at most 1000000 (1 s)"
+            )));
+        }
+        let aio_threads = self.aio_threads.unwrap_or(8);
+        if !(1..=256).contains(&aio_threads) {
+            return Err(invalid(format!(
+                "{name}: aio-threads {aio_threads} must be from 1 to 256"
+            )));
+        }
+        let engine: EngineKind = self.aio.as_deref().unwrap_or("io_uring").parse()?;
+        let serial = self.serial.clone().unwrap_or_else(|| name.clone());
+        if serial.len() > 20 {
+            return Err(invalid(format!("{name}: serial '{serial}' is longer than 20 bytes")));
+        }
+        let format: Option<Format> = self.format.as_deref().map(str::parse).transpose()?;
+        let explicit_cache = self.cache.is_some();
+        let cache: CacheMode = self.cache.as_deref().unwrap_or("none").parse()?;
+        let mut cfg = OpenConfig {
+            format,
+            cache,
+            read_only: self.readonly,
+            ..Default::default()
+        };
+        let node = match open_image(&self.image, &cfg) {
+            // tmpfs and some FUSE file systems refuse O_DIRECT.
+            Err(BlockError::Setup(spindle_io::Error::Open { source, .. }))
+                if !explicit_cache && source.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                tracing::warn!(
+                    "{}: the file system refuses O_DIRECT; serving with cache=writeback",
+                    self.image
+                );
+                cfg.cache = CacheMode::Writeback;
+                open_image(&self.image, &cfg)?
+            }
+            other => other?,
+        };
+        Ok(Device::new(
+            node,
+            DeviceConfig {
+                name,
+                serial,
+                num_queues,
+                iothreads,
+                queue_size,
+                poll_ns: poll_us * 1000,
+                engine: RuntimeConfig {
+                    engine,
+                    depth: 256,
+                    threads: aio_threads,
+                },
+                read_only: self.readonly,
+            },
+        ))
+    }
+}
+
+/// A `--config` file: an optional control socket and the exports.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Control socket path.
+    pub control: Option<PathBuf>,
+    /// Exports.
+    #[serde(default, rename = "export")]
+    pub exports: Vec<ExportSpec>,
+}
+
+impl ConfigFile {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<ConfigFile, BlockError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(format!("cannot read config file {}: {e}", path.display())))?;
+        let cfg: ConfigFile = toml::from_str(&text)
+            .map_err(|e| invalid(format!("config file {}: {}", path.display(), e.to_string().trim_end())))?;
+        if cfg.exports.is_empty() {
+            return Err(invalid(format!(
+                "config file {}: no [[export]] tables (each needs image and socket)",
+                path.display()
+            )));
+        }
+        Ok(cfg)
+    }
+}

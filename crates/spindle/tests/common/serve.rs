@@ -1,0 +1,218 @@
+//! Running `spindle serve` and a test guest under QEMU (TCG).
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `spindle serve` process, stopped with SIGINT (or killed on drop).
+pub struct Serve {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub control: Option<PathBuf>,
+}
+
+fn wait_for(path: &Path, child: &mut Child, log: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "spindle serve exited ({st}) before {} appeared:\n{}",
+                path.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Serve {
+    /// Starts `spindle serve ARGS` in `dir` and waits for `sockets` (and
+    /// the control socket, if `--control` is among the arguments).
+    pub fn start(dir: &Path, args: &[&str], sockets: &[&Path]) -> Serve {
+        let log = dir.join(format!("serve-{}.log", std::process::id() ^ rand_u32()));
+        let f = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spindle"))
+            .arg("serve")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .env("SPINDLE_LOG", "info")
+            .spawn()
+            .expect("spawn spindle serve");
+        let control = args
+            .iter()
+            .position(|a| *a == "--control")
+            .map(|i| dir.join(args[i + 1]));
+        for s in sockets.iter().copied().chain(control.as_deref()) {
+            wait_for(s, &mut child, &log);
+        }
+        Serve {
+            child: Some(child),
+            log,
+            control,
+        }
+    }
+
+    /// Sends one control request and returns the reply.
+    pub fn ctl(&self, req: &Value) -> Value {
+        let path = self.control.as_ref().expect("started without --control");
+        let mut s = UnixStream::connect(path).expect("connect control socket");
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+    }
+
+    /// Sends SIGINT and waits for the exit (at most 60 s).
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on the pid of a child this process spawned.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("spindle serve did not exit within 60 s of SIGINT:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the server printed.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::time::SystemTime;
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
+
+/// Builds (once) Debian's kernel plus a busybox initramfs; returns the
+/// directory holding `vmlinuz` and `base.cpio.gz`.
+pub fn guest_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest/build.sh");
+    let o = Command::new("sh")
+        .arg(&script)
+        .arg(&dir)
+        .output()
+        .expect("run tests/guest/build.sh");
+    assert!(
+        o.status.success(),
+        "building the test guest failed (it needs busybox-static, cpio and the Debian archive):\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    dir
+}
+
+/// Boots the guest with one vhost-user-blk disk per `(socket, queues)`
+/// (vda, vdb, ...), runs `script` in it and returns the console output
+/// between GUEST-START and GUEST-END.
+pub fn boot(work: &Path, disks: &[(&Path, u16)], script: &str) -> String {
+    super::need("qemu-system-x86_64");
+    let g = guest_dir();
+    let t = work.join("guest-test");
+    std::fs::create_dir_all(&t).unwrap();
+    std::fs::write(t.join("test.sh"), script).unwrap();
+    let cpio = Command::new("sh")
+        .arg("-c")
+        .arg("echo test.sh | cpio -o -H newc 2>/dev/null | gzip")
+        .current_dir(&t)
+        .output()
+        .unwrap();
+    let mut initrd = std::fs::read(g.join("base.cpio.gz")).unwrap();
+    initrd.extend_from_slice(&cpio.stdout);
+    let initrd_path = work.join("initrd.gz");
+    std::fs::write(&initrd_path, initrd).unwrap();
+    let mut args: Vec<String> = [
+        "-accel",
+        "tcg",
+        "-m",
+        "512",
+        "-smp",
+        "2",
+        "-nographic",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-object",
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-numa",
+        "node,memdev=mem",
+        "-append",
+        "console=ttyS0 quiet panic=-1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(["-kernel".into(), g.join("vmlinuz").display().to_string()]);
+    args.extend(["-initrd".into(), initrd_path.display().to_string()]);
+    for (i, (sock, queues)) in disks.iter().enumerate() {
+        args.extend(["-chardev".into(), format!("socket,id=c{i},path={}", sock.display())]);
+        args.extend([
+            "-device".into(),
+            format!("vhost-user-blk-pci,chardev=c{i},num-queues={queues}"),
+        ]);
+    }
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let start = Instant::now();
+    let out = loop {
+        if child.try_wait().unwrap().is_some() {
+            break child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > Duration::from_secs(240) {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "the guest did not finish in 240 s:\n{}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let Some(s) = text.find("GUEST-START") else {
+        panic!(
+            "the guest never ran its test:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let body = &text[s..];
+    assert!(body.contains("GUEST-END rc=0"), "the guest test failed:\n{body}");
+    body.to_string()
+}
