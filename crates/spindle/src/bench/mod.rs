@@ -167,7 +167,7 @@ pub fn run(a: Args) -> CliResult<u8> {
                 "target": t, "driver": driver, "rw": a.rw, "bs": bs, "iodepth": a.iodepth,
                 "queues": a.queues, "runtime_s": secs, "ios": ios, "iops": iops,
                 "bw_bytes": bw, "lat_us": {"p50": us(50.0), "p99": us(99.0), "p999": us(99.9)},
-                "errors": errors, "flushes": flushes,
+                "errors": errors, "flushes": flushes, "first_error": first_error,
                 "verify": {"enabled": a.verify, "checked": checked, "failures": failures},
             })
         );

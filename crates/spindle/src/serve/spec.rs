@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// Polling window when none is given, chosen by `bench/vhost.sh` (see
 /// docs/serve.md).
-pub const DEFAULT_POLL_US: u64 = 0;
+pub const DEFAULT_POLL_US: u64 = 64;
 /// Request queues offered when none is given. A frontend uses as many as
 /// it sets up; QEMU refuses to start when it wants more than offered.
 pub const DEFAULT_NUM_QUEUES: u16 = 16;

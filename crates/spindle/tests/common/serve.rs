@@ -64,6 +64,13 @@ impl Serve {
         }
     }
 
+    /// Uses the control socket at `path` (set by a config file), once it exists.
+    pub fn use_control(&mut self, path: &Path) {
+        let child = self.child.as_mut().unwrap();
+        wait_for(path, child, &self.log);
+        self.control = Some(path.to_owned());
+    }
+
     /// Sends one control request and returns the reply.
     pub fn ctl(&self, req: &Value) -> Value {
         let path = self.control.as_ref().expect("started without --control");
