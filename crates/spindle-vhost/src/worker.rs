@@ -11,8 +11,9 @@
 //! 4. The thread signals each queue's call eventfd once per batch, and only
 //!    when EVENT_IDX says the driver wants it.
 //! 5. With polling on, the thread keeps looking at its queues and
-//!    completions, notifications off, until nothing has happened for
-//!    `poll_ns`; then it turns notifications back on and sleeps in epoll.
+//!    completions, notifications off, until nothing has happened for the
+//!    current window (adaptive, up to `poll_ns`, as QEMU's poll-max-ns);
+//!    then it turns notifications back on and sleeps in epoll.
 
 use crate::backend::{BlkBackend, Memory};
 use crate::blk::{complete, parse, Parsed, RequestKind, VIRTIO_BLK_S_OK};
@@ -45,6 +46,10 @@ struct Worker {
     dirty: Rc<RefCell<Vec<bool>>>,
     /// Queues (by index on this thread) whose guest notifications are off.
     quiet: RefCell<Vec<bool>>,
+    /// Current adaptive polling window.
+    poll_ns: std::cell::Cell<u64>,
+    /// When the thread last went back to sleep in epoll.
+    slept_at: std::cell::Cell<Option<Instant>>,
 }
 
 thread_local! {
@@ -61,6 +66,8 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         rt,
         dirty: Rc::new(RefCell::new(vec![false; queues])),
         quiet: RefCell::new(vec![false; queues]),
+        poll_ns: std::cell::Cell::new(0),
+        slept_at: std::cell::Cell::new(None),
     });
     WORKER.with(|slot| *slot.borrow_mut() = Some(w.clone()));
     Ok(w)
@@ -77,15 +84,35 @@ pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], t
     }
     signal(&w, vrings);
     if b.dev.cfg.poll_ns > 0 {
-        poll(b, &w, thread, vrings);
+        adapt_poll(&w, b.dev.cfg.poll_ns);
+        if w.poll_ns.get() > 0 {
+            poll(b, &w, thread, vrings, w.poll_ns.get());
+        }
+        w.slept_at.set(Some(Instant::now()));
     }
     Ok(())
 }
 
+/// QEMU's adaptive polling: the window grows (from 4 us, doubling up to
+/// `max_ns`) while events arrive within `max_ns` of going to sleep, which
+/// polling would have caught; it halves when the thread slept longer,
+/// where polling only burns CPU (disk-bound work at low queue depth).
+fn adapt_poll(w: &Worker, max_ns: u64) {
+    let Some(at) = w.slept_at.take() else { return };
+    let slept = at.elapsed().as_nanos() as u64;
+    let cur = w.poll_ns.get();
+    let next = if slept > max_ns {
+        cur / 2
+    } else {
+        (cur * 2).clamp(4_000.min(max_ns), max_ns)
+    };
+    w.poll_ns.set(next);
+}
+
 /// Polls the thread's queues and runtime until `poll_ns` pass without
 /// work, with guest notifications off; then re-enables them.
-fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) {
-    let budget = Duration::from_nanos(b.dev.cfg.poll_ns);
+fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock], poll_ns: u64) {
+    let budget = Duration::from_nanos(poll_ns);
     let mut last_work = Instant::now();
     let mut unsignalled_since: Option<Instant> = None;
     loop {

@@ -7,6 +7,10 @@ use spindle_vhost::stats::Histogram;
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
 
+/// A request that takes longer than this is a failure (a dead server
+/// must not hang the client).
+const STALL: Duration = Duration::from_secs(30);
+
 /// The access pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(clippy::enum_variant_names)]
@@ -225,7 +229,8 @@ impl Job {
         let mut in_flight = self.depth;
         let mut timed_out = false;
         while in_flight > 0 {
-            let n = match self.q.do_io(&mut comps, 1, None, None) {
+            let mut limit = STALL;
+            let n = match self.q.do_io(&mut comps, 1, Some(&mut limit), None) {
                 Ok(n) => n,
                 Err(e) => {
                     r.errors += in_flight as u64;
@@ -315,7 +320,8 @@ impl Job {
             in_flight += 1;
         }
         while in_flight > 0 {
-            let Ok(n) = self.q.do_io(comps, 1, None, None) else {
+            let mut limit = STALL;
+            let Ok(n) = self.q.do_io(comps, 1, Some(&mut limit), None) else {
                 r.errors += 1;
                 return;
             };

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""spindle serve vs qemu-storage-daemon, vhost-user-blk, same client.
+
+Both servers serve the same image with the same options (O_DIRECT,
+io_uring, one I/O thread, one queue); `spindle bench` (libblkio's
+virtio-blk-vhost-user driver) drives both. Runs alternate between the two
+servers; each figure is the median of REPS runs. fio on the raw file gives
+the device's limit. Usage: bench/vhost.py [DIR]   (env: REPS=3 RUNTIME=5)
+"""
+import json, os, statistics, subprocess, sys, time
+
+DIR = sys.argv[1] if len(sys.argv) > 1 else "/var/tmp/spindle-bench"
+REPS = int(os.environ.get("REPS", "3"))
+RUNTIME = os.environ.get("RUNTIME", "5")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPINDLE = os.path.join(ROOT, "target/release/spindle")
+SOCK = os.path.join(DIR, "bench.sock")
+SIZE = 1 << 30
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, **kw)
+
+
+def wait_sock(proc):
+    for _ in range(500):
+        if os.path.exists(SOCK):
+            return
+        if proc.poll() is not None:
+            sys.exit(f"server exited early: {proc.args}")
+        time.sleep(0.01)
+    sys.exit("socket never appeared")
+
+
+def start(kind, target, fmt):
+    if os.path.exists(SOCK):
+        os.unlink(SOCK)
+    if kind == "spindle":
+        args = [SPINDLE, "serve", target, "--vhost-user", SOCK, "--iothreads", "1", "--num-queues", "1"]
+        if not target.startswith("null:"):
+            args += ["--format", fmt, "--cache", "none", "--aio", "io_uring"]
+    else:
+        args = ["qemu-storage-daemon"]
+        if target.startswith("null:"):
+            args += ["--blockdev", f"driver=null-co,node-name=d0,size={SIZE}"]
+        else:
+            args += ["--blockdev", f"driver=file,node-name=f0,filename={target},cache.direct=on,aio=io_uring",
+                     "--blockdev", f"driver={fmt},node-name=d0,file=f0"]
+        args += ["--object", "iothread,id=iot0", "--export",
+                 f"type=vhost-user-blk,id=e0,addr.type=unix,addr.path={SOCK},node-name=d0,writable=on,iothread=iot0"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_sock(p)
+    return p
+
+
+def client(rw, qd):
+    out = subprocess.run([SPINDLE, "bench", SOCK, "--rw", rw, "--bs", "4k", "--iodepth", str(qd),
+                          "--runtime", RUNTIME, "--output", "json"], check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout)
+    assert r["errors"] == 0, r
+    return r
+
+
+def fio(path, qd):
+    out = subprocess.run(["fio", "--name=dev", f"--filename={path}", "--rw=randread", "--bs=4k", "--direct=1",
+                          "--ioengine=io_uring", f"--iodepth={qd}", f"--runtime={RUNTIME}", "--time_based",
+                          "--output-format=json"], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)["jobs"][0]["read"]["iops"]
+
+
+def main():
+    os.makedirs(DIR, exist_ok=True)
+    raw, q = os.path.join(DIR, "bench.raw"), os.path.join(DIR, "bench.qcow2")
+    if not os.path.exists(raw):
+        sh("dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={SIZE >> 20}", "status=none")
+    if not os.path.exists(q):
+        sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q)
+    rows = [
+        ("null 4k randread QD32", f"null:{SIZE}", "raw", "randread", 32),
+        ("null 4k randread QD1", f"null:{SIZE}", "raw", "randread", 1),
+        ("raw O_DIRECT 4k randread QD32", raw, "raw", "randread", 32),
+        ("raw O_DIRECT 4k randread QD1", raw, "raw", "randread", 1),
+        ("qcow2 allocated 4k randread QD32", q, "qcow2", "randread", 32),
+        ("qcow2 allocated 4k randwrite QD32", q, "qcow2", "randwrite", 32),
+    ]
+    dev = {qd: statistics.median(fio(raw, qd) for _ in range(REPS)) for qd in (32, 1)}
+    print(f"| row | qsd IOPS | spindle IOPS | spindle/qsd | spindle p99 us | qsd p99 us |")
+    print("|---|---|---|---|---|---|")
+    results = []
+    for name, target, fmt, rw, qd in rows:
+        figs = {"spindle": [], "qsd": []}
+        for _ in range(REPS):
+            for kind in ("spindle", "qsd"):
+                p = start(kind, target, fmt)
+                try:
+                    figs[kind].append(client(rw, qd))
+                finally:
+                    p.terminate()
+                    p.wait()
+        med = {k: sorted(v, key=lambda r: r["iops"])[len(v) // 2] for k, v in figs.items()}
+        s, qs = med["spindle"], med["qsd"]
+        print(f"| {name} | {qs['iops']:.0f} | {s['iops']:.0f} | {s['iops'] / qs['iops']:.2f}x | "
+              f"{s['lat_us']['p99']:.0f} | {qs['lat_us']['p99']:.0f} |", flush=True)
+        results.append((name, s, qs))
+    print(f"| fio on the raw file, 4k randread QD32 (device limit) | | {dev[32]:.0f} | | | |")
+    print(f"| fio on the raw file, 4k randread QD1 (device limit) | | {dev[1]:.0f} | | | |")
+    for name, s, _ in results:
+        if name.startswith("raw"):
+            qd = 32 if "QD32" in name else 1
+            print(f"spindle {name}: {100 * s['iops'] / dev[qd]:.0f}% of fio")
+
+
+main()
