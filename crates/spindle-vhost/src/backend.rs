@@ -34,8 +34,12 @@ pub struct BlkBackend {
     pub(crate) dev: Arc<Device>,
     pub(crate) mem: GuestMemoryAtomic<Memory>,
     pub(crate) event_idx: AtomicBool,
-    /// Requests accepted and not yet completed, per queue.
+    /// Requests accepted and not yet completed, per queue; a thread that
+    /// is popping a queue counts one more, so a drain never sees zero
+    /// between a pop and its request's count.
     pub(crate) inflight: Arc<[AtomicUsize]>,
+    /// Set once the frontend is gone: no new request is accepted.
+    pub(crate) stopping: AtomicBool,
     handlers: OnceLock<Vec<Weak<Handler>>>,
 }
 
@@ -49,6 +53,7 @@ impl BlkBackend {
             mem,
             event_idx: AtomicBool::new(false),
             inflight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
+            stopping: AtomicBool::new(false),
             handlers: OnceLock::new(),
         }
     }
@@ -70,6 +75,12 @@ impl BlkBackend {
             handler.register_listener(fd, EventSet::IN, worker::runtime_event(self.dev.cfg.num_queues))?;
         }
         Ok(())
+    }
+
+    /// Stops accepting requests (the frontend is gone); those already
+    /// accepted still complete. Follow with [`BlkBackend::drain`].
+    pub fn stop_accepting(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 
     /// Requests accepted on all queues and not yet completed.

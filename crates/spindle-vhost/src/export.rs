@@ -109,8 +109,10 @@ impl Export {
             *s = None;
         }
         self.connected.store(false, Ordering::Release);
-        // The I/O threads still run: let them finish what they accepted
-        // before they are told to exit.
+        // The I/O threads still run: the driver may still be adding
+        // requests to the shared rings, so stop taking them, then let the
+        // threads finish what they accepted before they are told to exit.
+        backend.stop_accepting();
         backend.drain(None, DRAIN_TIMEOUT);
         for h in &handlers {
             h.send_exit_event();

@@ -46,10 +46,19 @@ struct Worker {
     dirty: Rc<RefCell<Vec<bool>>>,
     /// Queues (by index on this thread) whose guest notifications are off.
     quiet: RefCell<Vec<bool>>,
-    /// Current adaptive polling window.
-    poll_ns: std::cell::Cell<u64>,
-    /// When the thread last went back to sleep in epoll.
-    slept_at: std::cell::Cell<Option<Instant>>,
+    /// Adaptive polling windows: [waiting for the driver, waiting for I/O].
+    poll_ns: [std::cell::Cell<u64>; 2],
+    /// When the thread last went to sleep in epoll, and whether it had I/O
+    /// in flight then.
+    slept: std::cell::Cell<Option<(Instant, bool)>>,
+    /// Requests refused so far (for log rate limiting).
+    refused: std::cell::Cell<u64>,
+}
+
+impl Worker {
+    fn window(&self, busy: bool) -> u64 {
+        self.poll_ns[usize::from(busy)].get()
+    }
 }
 
 thread_local! {
@@ -66,8 +75,9 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         rt,
         dirty: Rc::new(RefCell::new(vec![false; queues])),
         quiet: RefCell::new(vec![false; queues]),
-        poll_ns: std::cell::Cell::new(0),
-        slept_at: std::cell::Cell::new(None),
+        poll_ns: [std::cell::Cell::new(0), std::cell::Cell::new(0)],
+        slept: std::cell::Cell::new(None),
+        refused: std::cell::Cell::new(0),
     });
     WORKER.with(|slot| *slot.borrow_mut() = Some(w.clone()));
     Ok(w)
@@ -76,43 +86,48 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
 /// Entry point from `VhostUserBackend::handle_event`.
 pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], thread: usize) -> io::Result<()> {
     let w = worker(b, thread, vrings.len())?;
-    if (event as usize) < vrings.len() {
-        pop_queue(b, &w, thread, event as usize, vrings, false);
-        w.rt.poll_ready();
-    } else {
-        w.rt.run_ready();
+    let max = b.dev.cfg.poll_ns;
+    if max > 0 {
+        adapt_poll(&w, max);
     }
+    let mut in_flight = if (event as usize) < vrings.len() {
+        pop_queue(b, &w, thread, event as usize, vrings, false);
+        w.rt.poll_ready()
+    } else {
+        w.rt.run_ready()
+    };
     signal(&w, vrings);
-    if b.dev.cfg.poll_ns > 0 {
-        adapt_poll(&w, b.dev.cfg.poll_ns);
-        if w.poll_ns.get() > 0 {
-            poll(b, &w, thread, vrings, w.poll_ns.get());
+    if max > 0 {
+        if w.window(in_flight > 0) > 0 {
+            in_flight = poll(b, &w, thread, vrings);
         }
-        w.slept_at.set(Some(Instant::now()));
+        w.slept.set(Some((Instant::now(), in_flight > 0)));
     }
     Ok(())
 }
 
-/// QEMU's adaptive polling: the window grows (from 4 us, doubling up to
-/// `max_ns`) while events arrive within `max_ns` of going to sleep, which
-/// polling would have caught; it halves when the thread slept longer,
-/// where polling only burns CPU (disk-bound work at low queue depth).
+/// Adaptive polling, as QEMU's poll-max-ns, with one window for each thing
+/// a thread can wait for: the driver's next request (nothing in flight;
+/// usually microseconds away) and its own I/O (the device's latency). A
+/// window grows (from 4 us, doubling up to `max_ns`) when the thread woke
+/// within `max_ns` of going to sleep, which polling would have caught, and
+/// halves when it slept longer, where polling only burns CPU.
 fn adapt_poll(w: &Worker, max_ns: u64) {
-    let Some(at) = w.slept_at.take() else { return };
+    let Some((at, busy)) = w.slept.take() else { return };
     let slept = at.elapsed().as_nanos() as u64;
-    let cur = w.poll_ns.get();
-    let next = if slept > max_ns {
+    let cell = &w.poll_ns[usize::from(busy)];
+    let cur = cell.get();
+    cell.set(if slept > max_ns {
         cur / 2
     } else {
         (cur * 2).clamp(4_000.min(max_ns), max_ns)
-    };
-    w.poll_ns.set(next);
+    });
 }
 
-/// Polls the thread's queues and runtime until `poll_ns` pass without
-/// work, with guest notifications off; then re-enables them.
-fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock], poll_ns: u64) {
-    let budget = Duration::from_nanos(poll_ns);
+/// Polls the thread's queues and runtime with guest notifications off
+/// until the current window (by what the thread waits for) passes without
+/// work; then re-enables them. Returns the ops still in flight.
+fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> usize {
     let mut last_work = Instant::now();
     let mut unsignalled_since: Option<Instant> = None;
     loop {
@@ -120,7 +135,7 @@ fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock], poll_
         for i in 0..vrings.len() {
             popped += pop_queue(b, w, thread, i, vrings, true);
         }
-        w.rt.poll_ready();
+        let in_flight = w.rt.poll_ready();
         // Interrupt coalescing: while the driver keeps adding requests,
         // completions wait (at most COALESCE) and go out in one interrupt;
         // as soon as a round brings nothing new, they go out at once.
@@ -136,7 +151,7 @@ fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock], poll_
         }
         if work > 0 {
             last_work = Instant::now();
-        } else if last_work.elapsed() >= budget {
+        } else if last_work.elapsed() >= Duration::from_nanos(w.window(in_flight > 0)) {
             break;
         }
         std::hint::spin_loop();
@@ -144,8 +159,9 @@ fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock], poll_
     for i in 0..vrings.len() {
         pop_queue(b, w, thread, i, vrings, false);
     }
-    w.rt.poll_ready();
+    let in_flight = w.rt.poll_ready();
     signal(w, vrings);
+    in_flight
 }
 
 /// Pops every available chain of queue `local` and spawns its request.
@@ -178,7 +194,18 @@ fn pop_queue(
         }
     }
     let queue = thread + local * b.dev.cfg.iothreads;
-    let mem = b.mem.memory().into_inner();
+    // Counted as in flight while popping (see `BlkBackend::inflight`).
+    b.inflight[queue].fetch_add(1, Ordering::AcqRel);
+    let popped = if b.stopping.load(Ordering::Acquire) {
+        0
+    } else {
+        pop_chains(b, w, queue, local, vring, keep_quiet)
+    };
+    b.inflight[queue].fetch_sub(1, Ordering::AcqRel);
+    popped
+}
+
+fn pop_chains(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &VringRwLock, keep_quiet: bool) -> usize {
     let limits = b.dev.limits();
     let mut popped = 0;
     loop {
@@ -187,12 +214,26 @@ fn pop_queue(
             w.quiet.borrow_mut()[local] = true;
         }
         loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let parsed = parse(chain, &*mem, &limits);
-            spawn_request(b, w, queue, local, vring.clone(), mem.clone(), head, parsed);
-            popped += 1;
+            let pending = available(b, vring);
+            if pending == 0 {
+                break;
+            }
+            // Guest memory is loaded after the avail index was read: a
+            // frontend publishes a request only once the memory it uses
+            // was acknowledged (ADD_MEM_REG, SET_MEM_TABLE), so this
+            // snapshot maps every buffer of these `pending` chains.
+            let mem = b.mem.memory().into_inner();
+            for _ in 0..pending {
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let parsed = parse(chain, &*mem, &limits);
+                if let Parsed::Fail { reason, .. } | Parsed::Drop { reason } = &parsed {
+                    log_refused(w, &b.dev.cfg.name, queue, head, reason);
+                }
+                spawn_request(b, w, queue, local, vring.clone(), mem.clone(), head, parsed);
+                popped += 1;
+            }
         }
         if keep_quiet {
             break;
@@ -204,6 +245,30 @@ fn pop_queue(
         }
     }
     popped
+}
+
+/// Logs a refused request: the first few per I/O thread as warnings, the
+/// rest at debug level, so a hostile guest cannot flood the log.
+fn log_refused(w: &Worker, device: &str, queue: usize, head: u16, reason: &str) {
+    let n = w.refused.get();
+    w.refused.set(n + 1);
+    if n < 8 {
+        tracing::warn!(device, queue, "refused request {head}: {reason}");
+        if n == 7 {
+            tracing::warn!(device, queue, "further refused requests are logged at debug level");
+        }
+    } else {
+        tracing::debug!(device, queue, "refused request {head}: {reason}");
+    }
+}
+
+/// Chains the driver has made available and this queue has not popped.
+fn available(b: &BlkBackend, vring: &VringRwLock) -> u16 {
+    let guard = b.mem.memory();
+    let st = vring.get_ref();
+    let q = st.get_queue();
+    q.avail_idx(&*guard, Ordering::Acquire)
+        .map_or(0, |idx| (idx - std::num::Wrapping(q.next_avail())).0)
 }
 
 fn classify(p: &Parsed) -> (Op, u64) {

@@ -150,6 +150,7 @@ fn a_client_killed_mid_io_does_not_disturb_other_exports_and_can_reconnect() {
     assert_eq!(v["verify"]["failures"], json!(0), "{v}");
     // The killed client's export serves the next frontend.
     let v = bench(&sa, &["--rw", "randrw", "--verify", "--runtime", "1", "--iodepth", "8"]);
+    assert_eq!(v["errors"], json!(0), "{v}\n{}", s.log_text());
     assert_eq!(v["verify"]["failures"], json!(0), "{v}");
     let list = s.ctl(&json!({"cmd": "list"}));
     assert_eq!(list["exports"][0]["name"], json!("a"));
