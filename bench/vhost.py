@@ -61,6 +61,13 @@ def client(rw, qd):
     return r
 
 
+def direct(path, rw, qd):
+    """The same client on the file itself (blkio's io_uring driver, O_DIRECT)."""
+    out = subprocess.run([SPINDLE, "bench", path, "--rw", rw, "--bs", "4k", "--iodepth", str(qd),
+                          "--runtime", RUNTIME, "--output", "json"], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)["iops"]
+
+
 def fio(path, qd):
     out = subprocess.run(["fio", "--name=dev", f"--filename={path}", "--rw=randread", "--bs=4k", "--direct=1",
                           "--ioengine=io_uring", f"--iodepth={qd}", f"--runtime={RUNTIME}", "--time_based",
@@ -83,12 +90,13 @@ def main():
         ("qcow2 allocated 4k randread QD32", q, "qcow2", "randread", 32),
         ("qcow2 allocated 4k randwrite QD32", q, "qcow2", "randwrite", 32),
     ]
-    dev = {qd: statistics.median(fio(raw, qd) for _ in range(REPS)) for qd in (32, 1)}
     print(f"| row | qsd IOPS | spindle IOPS | spindle/qsd | spindle p99 us | qsd p99 us |")
     print("|---|---|---|---|---|---|")
     results = []
+    limits = {}
     for name, target, fmt, rw, qd in rows:
         figs = {"spindle": [], "qsd": []}
+        lim = {"fio": [], "direct": []}
         for _ in range(REPS):
             for kind in ("spindle", "qsd"):
                 p = start(kind, target, fmt)
@@ -97,17 +105,24 @@ def main():
                 finally:
                     p.terminate()
                     p.wait()
+            if target == raw:
+                lim["fio"].append(fio(raw, qd))
+                lim["direct"].append(direct(raw, rw, qd))
+        if target == raw:
+            limits[name] = {k: statistics.median(v) for k, v in lim.items()}
         med = {k: sorted(v, key=lambda r: r["iops"])[len(v) // 2] for k, v in figs.items()}
         s, qs = med["spindle"], med["qsd"]
         print(f"| {name} | {qs['iops']:.0f} | {s['iops']:.0f} | {s['iops'] / qs['iops']:.2f}x | "
               f"{s['lat_us']['p99']:.0f} | {qs['lat_us']['p99']:.0f} |", flush=True)
         results.append((name, s, qs))
-    print(f"| fio on the raw file, 4k randread QD32 (device limit) | | {dev[32]:.0f} | | | |")
-    print(f"| fio on the raw file, 4k randread QD1 (device limit) | | {dev[1]:.0f} | | | |")
+    print()
+    print("| device limit (same runs, interleaved) | fio IOPS | spindle bench on the file IOPS | spindle serve / fio | spindle serve / same client on the file |")
+    print("|---|---|---|---|---|")
     for name, s, _ in results:
-        if name.startswith("raw"):
-            qd = 32 if "QD32" in name else 1
-            print(f"spindle {name}: {100 * s['iops'] / dev[qd]:.0f}% of fio")
+        if name in limits:
+            l = limits[name]
+            print(f"| {name} | {l['fio']:.0f} | {l['direct']:.0f} | {100 * s['iops'] / l['fio']:.0f}% | "
+                  f"{100 * s['iops'] / l['direct']:.0f}% |")
 
 
 main()

@@ -36,9 +36,13 @@ pub(crate) fn runtime_event(num_queues: u16) -> u64 {
     u64::from(num_queues) + 1
 }
 
-/// Longest a completion waits for others to share its interrupt while the
-/// thread polls.
-const COALESCE: Duration = Duration::from_micros(20);
+/// Chains a polling round pops from one queue before it runs them and
+/// signals their completions. Small rounds let the driver reap and refill
+/// while this thread works on the next round, instead of the two taking
+/// turns over the whole queue depth: on null at QD32 this doubled IOPS
+/// (0.57M to 1.15M), on O_DIRECT raw it raised QD32 from 84k to 106k
+/// (bench/vhost.py; 4 and 8 were best, 1 and 16 worse).
+const POLL_BATCH: u16 = 8;
 
 struct Worker {
     rt: Runtime,
@@ -129,26 +133,15 @@ fn adapt_poll(w: &Worker, max_ns: u64) {
 /// work; then re-enables them. Returns the ops still in flight.
 fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> usize {
     let mut last_work = Instant::now();
-    let mut unsignalled_since: Option<Instant> = None;
     loop {
         let mut popped = 0;
         for i in 0..vrings.len() {
             popped += pop_queue(b, w, thread, i, vrings, true);
         }
         let in_flight = w.rt.poll_ready();
-        // Interrupt coalescing: while the driver keeps adding requests,
-        // completions wait (at most COALESCE) and go out in one interrupt;
-        // as soon as a round brings nothing new, they go out at once.
-        let mut work = popped;
-        if w.dirty.borrow().iter().any(|d| *d) {
-            let since = *unsignalled_since.get_or_insert_with(Instant::now);
-            if popped == 0 || since.elapsed() >= COALESCE {
-                work += signal(w, vrings);
-                unsignalled_since = None;
-            } else {
-                work += 1;
-            }
-        }
+        // Completions go out every round: the driver reaps them while
+        // this thread pops the next round.
+        let work = popped + signal(w, vrings);
         if work > 0 {
             last_work = Instant::now();
         } else if last_work.elapsed() >= Duration::from_nanos(w.window(in_flight > 0)) {
@@ -223,6 +216,7 @@ fn pop_chains(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &Vr
             // was acknowledged (ADD_MEM_REG, SET_MEM_TABLE), so this
             // snapshot maps every buffer of these `pending` chains.
             let mem = b.mem.memory().into_inner();
+            let pending = if keep_quiet { pending.min(POLL_BATCH) } else { pending };
             for _ in 0..pending {
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
@@ -233,6 +227,9 @@ fn pop_chains(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &Vr
                 }
                 spawn_request(b, w, queue, local, vring.clone(), mem.clone(), head, parsed);
                 popped += 1;
+            }
+            if keep_quiet {
+                break;
             }
         }
         if keep_quiet {
