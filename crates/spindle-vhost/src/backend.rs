@@ -13,9 +13,10 @@ use crate::device::Device;
 use crate::worker;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -41,6 +42,8 @@ pub struct BlkBackend {
     /// Set once the frontend is gone: no new request is accepted.
     pub(crate) stopping: AtomicBool,
     handlers: OnceLock<Vec<Weak<Handler>>>,
+    /// The backend request channel (control plane only).
+    backend_req: Mutex<Option<Backend>>,
 }
 
 impl BlkBackend {
@@ -55,6 +58,7 @@ impl BlkBackend {
             inflight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
             stopping: AtomicBool::new(false),
             handlers: OnceLock::new(),
+            backend_req: Mutex::new(None),
         }
     }
 
@@ -81,6 +85,20 @@ impl BlkBackend {
     /// accepted still complete. Follow with [`BlkBackend::drain`].
     pub fn stop_accepting(&self) {
         self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Tells the frontend the configuration space changed (a resize), so it
+    /// re-reads it and interrupts the driver. Returns false when the
+    /// frontend set up no backend request channel.
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        let guard = self
+            .backend_req
+            .lock()
+            .map_err(|_| io::Error::other("backend channel lock poisoned"))?;
+        match guard.as_ref() {
+            Some(b) => b.send_config_change().map(|_| true).map_err(io::Error::other),
+            None => Ok(false),
+        }
     }
 
     /// Requests accepted on all queues and not yet completed.
@@ -132,6 +150,13 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        if let Ok(mut b) = self.backend_req.lock() {
+            *b = Some(backend);
+        }
     }
 
     fn reset_device(&self) {

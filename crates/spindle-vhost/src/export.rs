@@ -30,6 +30,7 @@ pub struct Export {
     connections: AtomicU64,
     shutdown: Mutex<Option<ShutdownHandle>>,
     listener: Mutex<Option<Listener>>,
+    current: Mutex<Option<Arc<BlkBackend>>>,
 }
 
 impl Export {
@@ -56,6 +57,7 @@ impl Export {
             connections: AtomicU64::new(0),
             shutdown: Mutex::new(None),
             listener: Mutex::new(Some(listener)),
+            current: Mutex::new(None),
         }))
     }
 
@@ -98,6 +100,9 @@ impl Export {
         if let Ok(mut s) = self.shutdown.lock() {
             *s = daemon.shutdown_handle();
         }
+        if let Ok(mut c) = self.current.lock() {
+            *c = Some(backend.clone());
+        }
         if self.stop.load(Ordering::Acquire) {
             daemon.request_shutdown();
         }
@@ -107,6 +112,9 @@ impl Export {
         let result = daemon.wait();
         if let Ok(mut s) = self.shutdown.lock() {
             *s = None;
+        }
+        if let Ok(mut c) = self.current.lock() {
+            *c = None;
         }
         self.connected.store(false, Ordering::Release);
         // The I/O threads still run: the driver may still be adding
@@ -127,6 +135,16 @@ impl Export {
             ))
             | Ok(()) => Ok(()),
             Err(e) => Err(Error::Daemon(e.to_string())),
+        }
+    }
+
+    /// Tells the connected frontend (if any) that the configuration space
+    /// changed. Returns whether a frontend was told.
+    pub fn notify_config_change(&self) -> std::io::Result<bool> {
+        let backend = self.current.lock().ok().and_then(|c| c.clone());
+        match backend {
+            Some(b) => b.notify_config_change(),
+            None => Ok(false),
         }
     }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::serve::{boot, Serve};
+use common::serve::{boot, ctl_at, Serve};
 use common::{assert_clean, ok, p, scratch};
 use serde_json::json;
 use std::os::unix::fs::MetadataExt;
@@ -44,6 +44,9 @@ for d in vda vdb vdc; do
   echo "$d MD5 $(cat /tmp/p0 /tmp/p1 | md5sum | cut -d' ' -f1)"
   blkdiscard -o 67108864 -l 33554432 /dev/$d && echo "$d DISCARD-OK"
 done
+# The host grows vda through the control socket; the guest must see it.
+for i in $(seq 600); do [ "$(cat /sys/block/vda/size)" != 524288 ] && break; sleep 0.1; done
+echo "vda SIZE $(cat /sys/block/vda/size)"
 "#;
 
 #[test]
@@ -107,8 +110,31 @@ fn guest_uses_raw_qcow2_and_backed_qcow2_with_two_queues() {
         &["--config", "spindle.toml", "--iothreads", "2", "--control", "ctl.sock"],
         &[&socks[0], &socks[1], &socks[2]],
     );
+    // Once the guest has discarded on vda, grow it from the host.
+    let resizer = std::thread::spawn({
+        let ctl = dir.join("ctl.sock");
+        move || {
+            for _ in 0..1200 {
+                let st = ctl_at(&ctl, &json!({"cmd": "stats", "name": "raw"}));
+                let discards = st["stats"].as_array().unwrap().iter().any(|s| s["op"] == "discard");
+                if discards {
+                    return ctl_at(&ctl, &json!({"cmd": "resize", "name": "raw", "size": "320M"}));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            panic!("the guest never discarded on vda");
+        }
+    });
     let out = boot(dir, &[(&socks[0], 2), (&socks[1], 2), (&socks[2], 2)], SCRIPT);
     println!("{out}");
+    let resized = resizer.join().unwrap();
+    assert_eq!(resized["ok"], json!(true), "{resized}");
+    assert_eq!(resized["guest_notified"], json!(true), "{resized}");
+    assert!(
+        out.contains("vda SIZE 655360"),
+        "the guest did not see the resize: {out}"
+    );
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 320 << 20);
 
     let names = ["raw", "q", "over"];
     for (i, name) in names.iter().enumerate() {

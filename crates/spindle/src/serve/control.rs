@@ -61,10 +61,9 @@ pub fn handle(server: &Server, line: &str) -> Value {
         Request::Stats { name } => server
             .stats(&name)
             .map(|(s, q)| json!({"ok": true, "name": name, "stats": s, "queue_requests": q})),
-        Request::Resize { name, size, shrink } => server.resize(&name, &size, shrink).map(|n| {
-            json!({"ok": true, "name": name, "size": n,
-                   "note": "the new capacity is in the config space; the guest sees it when it re-reads the configuration (vhost 0.18 cannot send CONFIG_CHANGE_MSG)"})
-        }),
+        Request::Resize { name, size, shrink } => server
+            .resize(&name, &size, shrink)
+            .map(|(n, told)| json!({"ok": true, "name": name, "size": n, "guest_notified": told})),
     };
     res.unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
 }

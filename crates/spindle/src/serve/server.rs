@@ -161,9 +161,10 @@ impl Server {
         Ok((e.dev.stats(), e.dev.queue_requests()))
     }
 
-    /// Grows (or, with `shrink`, shrinks) `name` to `size` and publishes
-    /// the new capacity in the configuration space.
-    pub fn resize(&self, name: &str, size: &str, shrink: bool) -> Result<u64, BlockError> {
+    /// Grows (or, with `shrink`, shrinks) `name` to `size`, publishes the
+    /// new capacity in the configuration space and tells the connected
+    /// frontend (returns whether one was told).
+    pub fn resize(&self, name: &str, size: &str, shrink: bool) -> Result<(u64, bool), BlockError> {
         let export = self.export(name)?;
         let dev = &export.dev;
         if dev.cfg.read_only {
@@ -187,7 +188,13 @@ impl Server {
         let node = dev.node.clone();
         rt.block_on(async move { node.resize(new, shrink).await })?;
         dev.set_capacity(new);
-        Ok(new)
+        let notified = export.notify_config_change().map_err(|e| {
+            invalid(format!(
+                "'{name}' is now {} but the frontend was not told: {e}",
+                human_size(new)
+            ))
+        })?;
+        Ok((new, notified))
     }
 }
 

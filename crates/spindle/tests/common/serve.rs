@@ -73,12 +73,7 @@ impl Serve {
 
     /// Sends one control request and returns the reply.
     pub fn ctl(&self, req: &Value) -> Value {
-        let path = self.control.as_ref().expect("started without --control");
-        let mut s = UnixStream::connect(path).expect("connect control socket");
-        writeln!(s, "{req}").unwrap();
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+        ctl_at(self.control.as_ref().expect("started without --control"), req)
     }
 
     /// Sends SIGINT and waits for the exit (at most 60 s).
@@ -103,6 +98,15 @@ impl Serve {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Sends one request to the control socket at `path`.
+pub fn ctl_at(path: &Path, req: &Value) -> Value {
+    let mut s = UnixStream::connect(path).expect("connect control socket");
+    writeln!(s, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
 }
 
 impl Drop for Serve {
