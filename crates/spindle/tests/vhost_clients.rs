@@ -325,3 +325,34 @@ fn bad_serve_arguments_get_one_clear_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("bogus"), "{err}");
 }
+
+#[test]
+fn every_engine_serves_verified_data() {
+    let d = scratch();
+    let dir = d.path();
+    for aio in ["io_uring", "native", "threads"] {
+        let img = dir.join(format!("{aio}.raw"));
+        // Preallocated: native AIO blocks on sparse files.
+        ok("fallocate", &["-l", "64M", p(&img)]);
+        let sock = dir.join(format!("{aio}.sock"));
+        let s = Serve::start(
+            dir,
+            &[p(&img), "--vhost-user", p(&sock), "--aio", aio, "--control", "ctl.sock"],
+            &[&sock],
+        );
+        let v = bench(
+            &sock,
+            &["--rw", "randrw", "--verify", "--runtime", "1", "--iodepth", "16"],
+        );
+        assert_eq!(
+            (v["errors"].clone(), v["verify"]["failures"].clone()),
+            (json!(0), json!(0)),
+            "{aio}: {v}"
+        );
+        assert!(v["verify"]["checked"].as_u64().unwrap() > 100, "{aio}: {v}");
+        let st = s.ctl(&json!({"cmd": "stats", "name": aio}));
+        assert!(op(&st, "write")["requests"].as_u64().unwrap() > 0, "{aio}: {st}");
+        assert!(s.stop().success(), "{aio}");
+        std::fs::remove_file(dir.join("ctl.sock")).ok();
+    }
+}
