@@ -53,6 +53,17 @@ def start(kind, target, fmt):
     return p
 
 
+def stop(p):
+    p.terminate()
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        # qemu-storage-daemon 7.2 sometimes ignores SIGTERM after its
+        # client left; do not let that hang the benchmark.
+        p.kill()
+        p.wait()
+
+
 def client(rw, qd):
     out = subprocess.run([SPINDLE, "bench", SOCK, "--rw", rw, "--bs", "4k", "--iodepth", str(qd),
                           "--runtime", RUNTIME, "--output", "json"], check=True, capture_output=True, text=True)
@@ -103,8 +114,7 @@ def main():
                 try:
                     figs[kind].append(client(rw, qd))
                 finally:
-                    p.terminate()
-                    p.wait()
+                    stop(p)
             if target == raw:
                 lim["fio"].append(fio(raw, qd))
                 lim["direct"].append(direct(raw, rw, qd))

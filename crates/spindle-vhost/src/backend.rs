@@ -179,9 +179,11 @@ impl VhostUserBackend for BlkBackend {
                 self.dev.set_writeback(on);
                 Ok(())
             }
+            // Read-only fields ignore writes (virtio 1.2, 2.5): an error
+            // here would make the vhost-user handler drop the connection.
             Err(msg) => {
-                tracing::warn!(device = %self.dev.cfg.name, "refused {msg}");
-                Err(io::Error::new(io::ErrorKind::InvalidInput, msg))
+                tracing::warn!(device = %self.dev.cfg.name, "ignored {msg}");
+                Ok(())
             }
         }
     }

@@ -356,3 +356,68 @@ fn every_engine_serves_verified_data() {
         std::fs::remove_file(dir.join("ctl.sock")).ok();
     }
 }
+
+#[test]
+fn serve_without_arguments_creates_and_serves_the_default_disk() {
+    let d = scratch();
+    let dir = d.path();
+    let sock = dir.join("spindle-disk.sock");
+    let s = Serve::start(dir, &[], &[&sock]);
+    let img = dir.join("spindle-disk.qcow2");
+    let info: Value = serde_json::from_str(&ok("qemu-img", &["info", "--output=json", p(&img)])).unwrap();
+    assert_eq!(info["virtual-size"], json!(8u64 << 30), "{info}");
+    assert_eq!(info["format"], json!("qcow2"));
+    let v = bench(
+        &sock,
+        &[
+            "--rw",
+            "randrw",
+            "--verify",
+            "--runtime",
+            "1",
+            "--iodepth",
+            "8",
+            "--size",
+            "64M",
+        ],
+    );
+    assert_eq!(v["verify"]["failures"], json!(0), "{v}");
+    let log = s.log_text();
+    assert!(log.contains("created spindle-disk.qcow2"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "-chardev socket,id=spindle-spindle-disk,path={},reconnect=1",
+            sock.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("-device vhost-user-blk-pci,chardev=spindle-spindle-disk"),
+        "{log}"
+    );
+    assert!(log.contains("<disk type='vhostuser' device='disk'>"), "{log}");
+    assert!(
+        log.contains(&format!("<source type='unix' path='{}'>", sock.display())),
+        "{log}"
+    );
+    assert!(s.stop().success());
+    assert_clean(&img);
+    // A second run opens the existing disk instead of creating it.
+    let s = Serve::start(dir, &[], &[&sock]);
+    assert!(s.stop().success());
+    assert!(!s_log_created_twice(dir));
+}
+
+fn s_log_created_twice(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("serve-"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .contains("created spindle-disk.qcow2")
+        })
+        .count()
+        > 1
+}

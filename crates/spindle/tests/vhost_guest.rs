@@ -44,6 +44,12 @@ for d in vda vdb vdc; do
   echo "$d MD5 $(cat /tmp/p0 /tmp/p1 | md5sum | cut -d' ' -f1)"
   blkdiscard -o 67108864 -l 33554432 /dev/$d && echo "$d DISCARD-OK"
 done
+# CONFIG_WCE: the guest turns vdb's write cache off; writes go on working.
+# (QEMU 7.2 keeps this change to itself: no SET_CONFIG reaches the backend.
+# crates/spindle-vhost/tests/config_frontend.rs covers the backend's side.)
+echo "write through" > /sys/block/vdb/queue/write_cache
+echo "vdb cache=$(cat /sys/block/vdb/queue/write_cache | tr ' ' _)"
+dd if=/tmp/p0 of=/dev/vdb bs=64k seek=160 oflag=direct 2>/dev/null && echo "vdb WT-WRITE-OK"
 # The host grows vda through the control socket; the guest must see it.
 for i in $(seq 600); do [ "$(cat /sys/block/vda/size)" != 524288 ] && break; sleep 0.1; done
 echo "vda SIZE $(cat /sys/block/vda/size)"
@@ -161,6 +167,10 @@ fn guest_uses_raw_qcow2_and_backed_qcow2_with_two_queues() {
     assert!(
         out.contains("vdb queues=2 cache=write_back opt=65536"),
         "qcow2 cluster size as opt_io_size: {out}"
+    );
+    assert!(
+        out.contains("vdb cache=write_through") && out.contains("vdb WT-WRITE-OK"),
+        "{out}"
     );
     let status = server.stop();
     assert!(status.success(), "spindle serve exited with {status}");

@@ -48,6 +48,8 @@ pub struct ExportInfo {
     pub iothreads: usize,
     /// Request queues offered.
     pub num_queues: u16,
+    /// The guest's write cache is on (CONFIG_WCE); off means write-through.
+    pub write_cache: bool,
 }
 
 fn invalid(msg: String) -> BlockError {
@@ -141,6 +143,7 @@ impl Server {
                     readonly: d.cfg.read_only,
                     iothreads: d.cfg.iothreads,
                     num_queues: d.cfg.num_queues,
+                    write_cache: d.writeback(),
                 }
             })
             .collect()
