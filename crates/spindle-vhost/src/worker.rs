@@ -50,8 +50,8 @@ struct Worker {
     dirty: Rc<RefCell<Vec<bool>>>,
     /// Queues (by index on this thread) whose guest notifications are off.
     quiet: RefCell<Vec<bool>>,
-    /// Adaptive polling windows: [waiting for the driver, waiting for I/O].
-    poll_ns: [std::cell::Cell<u64>; 2],
+    /// Adaptive polling window for the wait on the driver.
+    poll_ns: std::cell::Cell<u64>,
     /// When the thread last went to sleep in epoll, and whether it had I/O
     /// in flight then.
     slept: std::cell::Cell<Option<(Instant, bool)>>,
@@ -60,8 +60,14 @@ struct Worker {
 }
 
 impl Worker {
+    /// How long to poll for: the adaptive window while nothing is in
+    /// flight, nothing while the thread waits for its own I/O.
     fn window(&self, busy: bool) -> u64 {
-        self.poll_ns[usize::from(busy)].get()
+        if busy {
+            0
+        } else {
+            self.poll_ns.get()
+        }
     }
 }
 
@@ -79,7 +85,7 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         rt,
         dirty: Rc::new(RefCell::new(vec![false; queues])),
         quiet: RefCell::new(vec![false; queues]),
-        poll_ns: [std::cell::Cell::new(0), std::cell::Cell::new(0)],
+        poll_ns: std::cell::Cell::new(0),
         slept: std::cell::Cell::new(None),
         refused: std::cell::Cell::new(0),
     });
@@ -110,18 +116,21 @@ pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], t
     Ok(())
 }
 
-/// Adaptive polling, as QEMU's poll-max-ns, with one window for each thing
-/// a thread can wait for: the driver's next request (nothing in flight;
-/// usually microseconds away) and its own I/O (the device's latency). A
-/// window grows (from 4 us, doubling up to `max_ns`) when the thread woke
-/// within `max_ns` of going to sleep, which polling would have caught, and
-/// halves when it slept longer, where polling only burns CPU.
+/// Adaptive polling, as QEMU's poll-max-ns, for the wait on the driver's
+/// next request: the window grows (from 4 us, doubling up to `max_ns`)
+/// when the thread woke within `max_ns` of going to sleep, which polling
+/// would have caught, and halves when it slept longer. A thread whose only
+/// wait is its own I/O does not poll: spinning through the device's
+/// latency cost 10-15% at QD1 on O_DIRECT raw and gained nothing at QD32
+/// (bench/vhost.py runs, docs/serve.md).
 fn adapt_poll(w: &Worker, max_ns: u64) {
     let Some((at, busy)) = w.slept.take() else { return };
+    if busy {
+        return;
+    }
     let slept = at.elapsed().as_nanos() as u64;
-    let cell = &w.poll_ns[usize::from(busy)];
-    let cur = cell.get();
-    cell.set(if slept > max_ns {
+    let cur = w.poll_ns.get();
+    w.poll_ns.set(if slept > max_ns {
         cur / 2
     } else {
         (cur * 2).clamp(4_000.min(max_ns), max_ns)
