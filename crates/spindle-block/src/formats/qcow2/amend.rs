@@ -13,7 +13,7 @@ impl Qcow2 {
         if self.read_only {
             return Err(self.ro_err());
         }
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         m.flush(&self.file).await?;
         m.hdr.backing_file = name;
         m.hdr.backing_format = format;
@@ -26,7 +26,7 @@ impl Qcow2 {
             return Err(self.ro_err());
         }
         self.repair_if_dirty().await?;
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         if on && m.hdr.version < 3 {
             return Err(fmt_err(self.path(), "lazy refcounts need compat=1.1"));
         }
@@ -48,18 +48,18 @@ impl Qcow2 {
             return Err(self.ro_err());
         }
         self.repair_if_dirty().await?;
-        let cur = self.meta.lock().await.hdr.version;
+        let cur = self.lock_meta().await.hdr.version;
         if cur == version {
             return Ok(());
         }
         if version == 3 {
-            let mut m = self.meta.lock().await;
+            let mut m = self.lock_meta().await;
             m.flush(&self.file).await?;
             m.hdr.version = 3;
             return m.write_header(&self.file).await;
         }
         {
-            let m = self.meta.lock().await;
+            let m = self.lock_meta().await;
             let h = &m.hdr;
             let why = if h.refcount_order != 4 {
                 Some("refcount_bits other than 16")
@@ -84,7 +84,7 @@ impl Qcow2 {
         let clusters = self.size().div_ceil(cs);
         let mut zero_clusters = Vec::new();
         {
-            let mut m = self.meta.lock().await;
+            let mut m = self.lock_meta().await;
             for gc in 0..clusters {
                 let (raw, _) = m.get_l2(&self.file, gc).await?;
                 if raw & ZERO != 0 && raw & COMPRESSED == 0 {
@@ -94,7 +94,7 @@ impl Qcow2 {
         }
         for (gc, raw) in zero_clusters {
             let host = raw & OFFSET_MASK;
-            let mut m = self.meta.lock().await;
+            let mut m = self.lock_meta().await;
             if self.backing.is_none() {
                 // Unallocated reads as zeroes without a backing file.
                 m.set_l2(&self.file, gc, 0, 0).await?;
@@ -107,18 +107,18 @@ impl Qcow2 {
                     .write_zeroes(host, cs, false)
                     .await
                     .map_err(crate::error::io_err(self.path(), "write failed"))?;
-                let mut m = self.meta.lock().await;
+                let mut m = self.lock_meta().await;
                 m.set_l2(&self.file, gc, raw & !ZERO, 0).await?;
             } else {
                 // Clear the flag first so the write allocates a fresh cluster.
-                let mut m = self.meta.lock().await;
+                let mut m = self.lock_meta().await;
                 m.set_l2(&self.file, gc, 0, 0).await?;
                 drop(m);
                 let mut z = vec![0u8; cs.min(self.size() - gc * cs) as usize];
                 self.write(gc * cs, &crate::SgList::new(&mut z), false).await?;
             }
         }
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         m.flush(&self.file).await?;
         m.hdr.version = 2;
         m.hdr.incompatible = 0;
@@ -135,7 +135,7 @@ impl Qcow2 {
         }
         self.repair_if_dirty().await?;
         let cs = self.cluster_size();
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         for gc in 0..self.size().div_ceil(cs) {
             let (raw, _) = m.get_l2(&self.file, gc).await?;
             if raw != 0 {

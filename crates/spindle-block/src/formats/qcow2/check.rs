@@ -54,7 +54,7 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
     let mut r = CheckReport::default();
     let cs = q.cluster_size();
     let file_len = f.len().map_err(io_err(q.path(), "cannot get size"))?;
-    let mut m = q.meta.lock().await;
+    let mut m = q.lock_meta().await;
     m.flush(f).await.ok();
     let mut refs: HashMap<u64, u64> = HashMap::new();
     // Counts one reference to every cluster of [off, off+len). References

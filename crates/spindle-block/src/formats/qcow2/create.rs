@@ -179,7 +179,7 @@ pub async fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
 async fn preallocate(q: &Qcow2, mode: Preallocation) -> Result<()> {
     let cs = q.cluster_size();
     let clusters = q.size().div_ceil(cs);
-    let mut m = q.meta.lock().await;
+    let mut m = q.lock_meta().await;
     let l2_bits = m.hdr.l2_bits();
     let full = if q.ext_l2 { u32::MAX as u64 } else { 0 };
     let mut gc = 0;

@@ -18,6 +18,7 @@ mod meta;
 mod read;
 pub mod snapshot;
 mod snapshots;
+mod tlb;
 mod vmstate;
 mod write;
 
@@ -86,6 +87,9 @@ pub struct Qcow2 {
     compression: Compression,
     size: AtomicU64,
     meta: Mutex<Meta>,
+    /// Id and mapping generation for the per-thread L2 entry cache (tlb.rs).
+    tlb_id: u64,
+    map_gen: AtomicU64,
     backing: Option<Box<Node>>,
     read_only: bool,
     lazy: bool,
@@ -95,6 +99,13 @@ pub struct Qcow2 {
     repair_lock: Mutex<()>,
     /// Why the image is read-only, when it is not the caller's choice.
     ro_reason: String,
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        // Entries on other threads go when those threads end.
+        tlb::forget(self.tlb_id);
+    }
 }
 
 /// Offset and byte length of a compressed cluster's data.
@@ -197,6 +208,8 @@ impl Qcow2 {
             compression: hdr.compression,
             size: AtomicU64::new(hdr.size),
             lazy: hdr.lazy_refcounts(),
+            tlb_id: tlb::new_id(),
+            map_gen: AtomicU64::new(0),
             meta: Mutex::new({
                 let mut m = Meta::new(hdr, l1, rct, file_len, (slice as usize, slices));
                 m.snapshots_table_len = snapshot_table_len;
@@ -208,6 +221,14 @@ impl Qcow2 {
             read_only,
         };
         Ok(q)
+    }
+
+    /// Takes the metadata lock to change something: bumps the mapping
+    /// generation first, so no thread uses a cached L2 entry from before.
+    pub(super) async fn lock_meta(&self) -> futures::lock::MutexGuard<'_, Meta> {
+        let m = self.meta.lock().await;
+        self.map_gen.fetch_add(1, Ordering::SeqCst);
+        m
     }
 
     /// Guest-visible size.

@@ -1,20 +1,34 @@
 //! The qcow2 read path: mapping guest ranges to host clusters, and reads.
 
 use super::meta::{Meta, COMPRESSED, OFFSET_MASK, ZERO};
-use super::{compress, compressed_extent, Piece, Qcow2};
+use super::{compress, compressed_extent, tlb, Piece, Qcow2};
 use crate::error::{fmt_err, io_err, Result};
 use crate::node::BlockStatus;
 use crate::sg::SgList;
 use futures::future::try_join_all;
+use std::sync::atomic::Ordering;
+
+/// Appends a piece, merging it into the last one when they continue.
+fn push_piece(out: &mut Vec<(u64, u64, Piece)>, pos: u64, n: u64, p: Piece) {
+    match (out.last_mut(), p) {
+        (Some((_, l, Piece::Data(h))), Piece::Data(h2)) if *h + *l == h2 => *l += n,
+        (Some((_, l, Piece::Zero)), Piece::Zero) | (Some((_, l, Piece::Backing)), Piece::Backing) => *l += n,
+        _ => out.push((pos, n, p)),
+    }
+}
 
 impl Qcow2 {
     /// How the range starting at `off` (at most `len`) is stored: one piece
     /// and its length, within one cluster.
     pub(super) async fn map_piece(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Piece, u64)> {
+        let (raw, bmp) = m.get_l2(&self.file, off >> self.cluster_bits).await?;
+        Ok(self.piece_of(raw, bmp, off, len))
+    }
+
+    /// The piece at `off` (at most `len`) given its cluster's L2 entry.
+    fn piece_of(&self, raw: u64, bmp: u64, off: u64, len: u64) -> (Piece, u64) {
         let cs = 1u64 << self.cluster_bits;
-        let gc = off >> self.cluster_bits;
         let in_cluster = off & (cs - 1);
-        let (raw, bmp) = m.get_l2(&self.file, gc).await?;
         if self.ext_l2 {
             let sub = 1u64 << self.sub_bits;
             let mut si = (in_cluster >> self.sub_bits) as u32;
@@ -35,14 +49,14 @@ impl Qcow2 {
             }
             let n = n.min(len);
             if raw & COMPRESSED != 0 {
-                return Ok((Piece::Compressed(raw), (cs - in_cluster).min(len)));
+                return (Piece::Compressed(raw), (cs - in_cluster).min(len));
             }
             let piece = match k {
                 1 => Piece::Data((raw & OFFSET_MASK) + in_cluster),
                 2 => Piece::Zero,
                 _ => Piece::Backing,
             };
-            return Ok((piece, n));
+            return (piece, n);
         }
         let n = (cs - in_cluster).min(len);
         let piece = if raw & COMPRESSED != 0 {
@@ -54,21 +68,39 @@ impl Qcow2 {
         } else {
             Piece::Backing
         };
-        Ok((piece, n))
+        (piece, n)
     }
 
     /// Maps `[off, off+len)` into pieces, merging neighbours of the same kind.
+    /// Served from this thread's L2 entry cache when every cluster hits;
+    /// otherwise under the metadata lock, filling the cache.
     pub(super) async fn map_range(&self, off: u64, len: u64) -> Result<Vec<(u64, u64, Piece)>> {
-        let mut m = self.meta.lock().await;
+        let gen = self.map_gen.load(Ordering::SeqCst);
         let mut out: Vec<(u64, u64, Piece)> = Vec::new();
         let mut pos = off;
         while pos < off + len {
-            let (p, n) = self.map_piece(&mut m, pos, off + len - pos).await?;
-            match (out.last_mut(), p) {
-                (Some((_, l, Piece::Data(h))), Piece::Data(h2)) if *h + *l == h2 => *l += n,
-                (Some((_, l, Piece::Zero)), Piece::Zero) | (Some((_, l, Piece::Backing)), Piece::Backing) => *l += n,
-                _ => out.push((pos, n, p)),
-            }
+            let Some((raw, bmp)) = tlb::get(self.tlb_id, gen, pos >> self.cluster_bits) else {
+                break;
+            };
+            let (p, n) = self.piece_of(raw, bmp, pos, off + len - pos);
+            push_piece(&mut out, pos, n, p);
+            pos += n;
+        }
+        if pos == off + len {
+            return Ok(out);
+        }
+        out.clear();
+        let mut m = self.meta.lock().await;
+        // Lookups do not bump the generation; this one was current while
+        // the entries below are read under the lock.
+        let gen = self.map_gen.load(Ordering::SeqCst);
+        let mut pos = off;
+        while pos < off + len {
+            let gc = pos >> self.cluster_bits;
+            let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+            tlb::put(self.tlb_id, gen, gc, (raw, bmp));
+            let (p, n) = self.piece_of(raw, bmp, pos, off + len - pos);
+            push_piece(&mut out, pos, n, p);
             pos += n;
         }
         Ok(out)

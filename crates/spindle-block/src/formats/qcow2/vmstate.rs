@@ -162,7 +162,7 @@ impl Qcow2 {
 
     /// Grows the active L1 so it maps up to `end` (VM state lies past the disk).
     async fn cover_l1(&self, end: u64) -> Result<()> {
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         let span = 1u64 << (self.cluster_bits + m.hdr.l2_bits());
         let need = end.div_ceil(span) as usize;
         if need > m.l1.len() {
@@ -283,7 +283,7 @@ impl Qcow2 {
         let cs = 1u64 << self.cluster_bits;
         let mut plan = Vec::new();
         {
-            let mut m = self.meta.lock().await;
+            let mut m = self.lock_meta().await;
             let l2_bits = m.hdr.l2_bits();
             let mut pos = 0u64;
             while pos < out.len() as u64 {

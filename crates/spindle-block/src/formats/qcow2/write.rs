@@ -80,7 +80,7 @@ impl Qcow2 {
         });
         drop(m);
         let result = self.write_allocating(off, buf, fua, &in_place, &allocs, base).await;
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         let installed = match result {
             Ok(()) => self.install(&mut m, &allocs, base).await,
             Err(e) => Err(e),
@@ -104,7 +104,7 @@ impl Qcow2 {
     /// clusters `[first, end)`.
     pub(super) async fn lock_meta_clear_of(&self, first: u64, end: u64) -> futures::lock::MutexGuard<'_, Meta> {
         loop {
-            let m = self.meta.lock().await;
+            let m = self.lock_meta().await;
             let waiting = m
                 .inflight
                 .iter()
@@ -249,7 +249,7 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        self.meta.lock().await.flush(&self.file).await
+        self.lock_meta().await.flush(&self.file).await
     }
 
     /// Flushes and clears the dirty bit.
@@ -257,7 +257,7 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         m.flush(&self.file).await?;
         if m.hdr.incompatible & INCOMPAT_DIRTY != 0 {
             m.hdr.incompatible &= !INCOMPAT_DIRTY;
@@ -360,7 +360,7 @@ impl Qcow2 {
             return Err(self.ro_err());
         }
         self.repair_if_dirty().await?;
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         if m.hdr.nb_snapshots > 0 && new_size < m.hdr.size {
             return Err(fmt_err(
                 self.path(),
@@ -407,7 +407,7 @@ impl Qcow2 {
         if packed.len() as u64 >= cs - 512 {
             return self.write(gc * cs, &SgList::new(&mut data.to_vec()), false).await;
         }
-        let mut m = self.meta.lock().await;
+        let mut m = self.lock_meta().await;
         self.mark_dirty(&mut m).await?;
         let off = m.alloc_bytes(&self.file, packed.len() as u64).await?;
         self.file
