@@ -76,7 +76,11 @@ impl BlkBackend {
             .and_then(Weak::upgrade)
             .ok_or_else(|| io::Error::other(format!("I/O thread {thread} has no epoll handler")))?;
         for &fd in fds {
-            handler.register_listener(fd, EventSet::IN, worker::runtime_event(self.dev.cfg.num_queues))?;
+            handler.register_listener(
+                fd,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                worker::runtime_event(self.dev.cfg.num_queues),
+            )?;
         }
         Ok(())
     }
