@@ -34,7 +34,6 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct BlkBackend {
     pub(crate) dev: Arc<Device>,
     pub(crate) mem: GuestMemoryAtomic<Memory>,
-    pub(crate) event_idx: AtomicBool,
     /// Requests accepted and not yet completed, per queue; a thread that
     /// is popping a queue counts one more, so a drain never sees zero
     /// between a pop and its request's count.
@@ -54,7 +53,6 @@ impl BlkBackend {
         BlkBackend {
             dev,
             mem,
-            event_idx: AtomicBool::new(false),
             inflight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
             stopping: AtomicBool::new(false),
             handlers: OnceLock::new(),
@@ -165,12 +163,10 @@ impl VhostUserBackend for BlkBackend {
 
     fn reset_device(&self) {
         self.drain(None, DRAIN_TIMEOUT);
-        self.event_idx.store(false, Ordering::Release);
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
-    }
+    /// The vrings track EVENT_IDX themselves (`needs_notification`).
+    fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         self.dev.geometry().read(offset, size)

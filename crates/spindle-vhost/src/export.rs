@@ -26,36 +26,46 @@ pub struct Export {
     /// The vhost-user socket path.
     pub socket: PathBuf,
     stop: AtomicBool,
-    connected: AtomicBool,
     connections: AtomicU64,
-    shutdown: Mutex<Option<ShutdownHandle>>,
     listener: Mutex<Option<Listener>>,
-    current: Mutex<Option<Arc<BlkBackend>>>,
+    /// The connected frontend, if any (control plane only).
+    current: Mutex<Option<Connection>>,
+}
+
+/// What the control plane needs of a live connection.
+struct Connection {
+    shutdown: Option<ShutdownHandle>,
+    backend: Arc<BlkBackend>,
+}
+
+/// Makes `path` free for a new listening socket: a stale socket file is
+/// removed; anything else there is an error, never deleted.
+pub fn claim_socket_path(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "exists and is not a socket",
+        )),
+        Err(_) => Ok(()),
+    }
 }
 
 impl Export {
     /// Binds `socket` (replacing a stale socket file) for `dev`.
     pub fn bind(dev: Arc<Device>, socket: &Path) -> Result<Arc<Export>, Error> {
-        if let Ok(meta) = std::fs::symlink_metadata(socket) {
-            use std::os::unix::fs::FileTypeExt;
-            if !meta.file_type().is_socket() {
-                return Err(Error::Bind {
-                    path: socket.to_owned(),
-                    source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket"),
-                });
-            }
-        }
-        let listener = Listener::new(socket, true).map_err(|e| Error::Bind {
+        let bind_err = |source| Error::Bind {
             path: socket.to_owned(),
-            source: std::io::Error::other(e),
-        })?;
+            source,
+        };
+        claim_socket_path(socket).map_err(bind_err)?;
+        let listener = Listener::new(socket, false).map_err(|e| bind_err(std::io::Error::other(e)))?;
         Ok(Arc::new(Export {
             dev,
             socket: socket.to_owned(),
             stop: AtomicBool::new(false),
-            connected: AtomicBool::new(false),
             connections: AtomicU64::new(0),
-            shutdown: Mutex::new(None),
             listener: Mutex::new(Some(listener)),
             current: Mutex::new(None),
         }))
@@ -63,7 +73,7 @@ impl Export {
 
     /// Whether a frontend is connected now.
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
+        self.current.lock().is_ok_and(|c| c.is_some())
     }
 
     /// Frontend connections served so far.
@@ -97,26 +107,21 @@ impl Export {
         let handlers = daemon.get_epoll_handlers();
         backend.set_handlers(&handlers);
         daemon.start(listener).map_err(|e| Error::Daemon(e.to_string()))?;
-        if let Ok(mut s) = self.shutdown.lock() {
-            *s = daemon.shutdown_handle();
-        }
         if let Ok(mut c) = self.current.lock() {
-            *c = Some(backend.clone());
+            *c = Some(Connection {
+                shutdown: daemon.shutdown_handle(),
+                backend: backend.clone(),
+            });
         }
         if self.stop.load(Ordering::Acquire) {
             daemon.request_shutdown();
         }
-        self.connected.store(true, Ordering::Release);
         self.connections.fetch_add(1, Ordering::AcqRel);
         tracing::info!(device = %self.dev.cfg.name, socket = %self.socket.display(), "frontend connected");
         let result = daemon.wait();
-        if let Ok(mut s) = self.shutdown.lock() {
-            *s = None;
-        }
         if let Ok(mut c) = self.current.lock() {
             *c = None;
         }
-        self.connected.store(false, Ordering::Release);
         // The I/O threads still run: the driver may still be adding
         // requests to the shared rings, so stop taking them, then let the
         // threads finish what they accepted before they are told to exit.
@@ -141,7 +146,11 @@ impl Export {
     /// Tells the connected frontend (if any) that the configuration space
     /// changed. Returns whether a frontend was told.
     pub fn notify_config_change(&self) -> std::io::Result<bool> {
-        let backend = self.current.lock().ok().and_then(|c| c.clone());
+        let backend = self
+            .current
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|c| c.backend.clone()));
         match backend {
             Some(b) => b.notify_config_change(),
             None => Ok(false),
@@ -152,7 +161,12 @@ impl Export {
     /// complete) and makes [`Export::run`] return.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.shutdown.lock().ok().and_then(|s| s.clone()) {
+        if let Some(h) = self
+            .current
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().and_then(|c| c.shutdown.clone()))
+        {
             h.shutdown();
         }
         // Wake a thread blocked in accept(2).

@@ -29,6 +29,18 @@ fn bench(sock: &Path, args: &[&str]) -> Value {
     v
 }
 
+/// Starts `spindle bench SOCK ARGS` in the background, output discarded.
+fn spawn_bench(sock: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .arg("bench")
+        .arg(sock)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn op<'a>(stats: &'a Value, name: &str) -> &'a Value {
     stats["stats"]
         .as_array()
@@ -116,21 +128,7 @@ fn a_client_killed_mid_io_does_not_disturb_other_exports_and_can_reconnect() {
     std::fs::write(dir.join("s.toml"), cfg).unwrap();
     let mut s = Serve::start(dir, &["--config", "s.toml"], &[&sa, &sb]);
     s.use_control(&dir.join("ctl.sock"));
-    let mut victim = Command::new(env!("CARGO_BIN_EXE_spindle"))
-        .args([
-            "bench",
-            p(&sa),
-            "--rw",
-            "randwrite",
-            "--runtime",
-            "30",
-            "--iodepth",
-            "32",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut victim = spawn_bench(&sa, &["--rw", "randwrite", "--runtime", "30", "--iodepth", "32"]);
     let other = std::thread::spawn({
         let sb = sb.clone();
         move || {
@@ -238,10 +236,9 @@ fn sigint_drains_in_flight_writes_and_leaves_qcow2_clean() {
     ok("qemu-img", &["create", "-f", "qcow2", p(&img), "512M"]);
     let sock = dir.join("busy.sock");
     let s = Serve::start(dir, &[p(&img), "--vhost-user", p(&sock), "--iothreads", "2"], &[&sock]);
-    let mut load = Command::new(env!("CARGO_BIN_EXE_spindle"))
-        .args([
-            "bench",
-            p(&sock),
+    let mut load = spawn_bench(
+        &sock,
+        &[
             "--rw",
             "randwrite",
             "--runtime",
@@ -250,11 +247,8 @@ fn sigint_drains_in_flight_writes_and_leaves_qcow2_clean() {
             "64",
             "--queues",
             "2",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let st = s.stop();
     let _ = load.kill();

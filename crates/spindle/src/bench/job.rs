@@ -87,6 +87,16 @@ struct Slot {
     start: Instant,
 }
 
+/// Marks the block of `s` as having a request in flight (or not). A flush
+/// has no block and leaves the marks alone.
+fn set_busy(busy: &mut [bool], s: &Slot, on: bool) {
+    if s.kind != Kind::Flush {
+        if let Some(b) = busy.get_mut(s.block as usize) {
+            *b = on;
+        }
+    }
+}
+
 /// A queue and its buffers.
 pub struct Job {
     q: Blkioq,
@@ -161,6 +171,30 @@ impl Job {
         }
     }
 
+    /// Waits for at least one completion (at most `STALL`) and moves each
+    /// finished request out of `slots` into `done` as (slot, request, result).
+    fn reap(
+        &mut self,
+        comps: &mut [MaybeUninit<Completion>],
+        slots: &mut [Option<Slot>],
+        done: &mut Vec<(usize, Slot, i32)>,
+    ) -> Result<(), String> {
+        done.clear();
+        let mut limit = STALL;
+        let n = self
+            .q
+            .do_io(comps, 1, Some(&mut limit), None)
+            .map_err(|e| format!("do_io: {}", e.message()))?;
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            let c = unsafe { c.assume_init_read() };
+            if let Some(s) = slots.get_mut(c.user_data).and_then(Option::take) {
+                done.push((c.user_data, s, c.ret));
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the timed phase, then (with verify) the read-back phase.
     pub fn run(mut self, runtime: Duration) -> QueueResult {
         let mut r = QueueResult::default();
@@ -171,6 +205,7 @@ impl Job {
         let mut cursor = 0u64;
         let mut writes = 0u64;
         let mut comps: Vec<MaybeUninit<Completion>> = (0..self.depth).map(|_| MaybeUninit::uninit()).collect();
+        let mut done = Vec::with_capacity(self.depth);
         let start = Instant::now();
         let deadline = start + runtime;
         let (rw, flush_every, own_blocks) = (self.rw, self.flush_every, self.own_blocks);
@@ -220,47 +255,33 @@ impl Job {
         #[allow(clippy::needless_range_loop)]
         for slot in 0..self.depth {
             let s = next(&mut rng, &busy, &mut gens, &mut writes);
-            if let Some(b) = busy.get_mut(s.block as usize) {
-                *b = s.kind != Kind::Flush;
-            }
+            set_busy(&mut busy, &s, true);
             slots[slot] = Some(s);
             self.submit(slot, s);
         }
         let mut in_flight = self.depth;
         let mut timed_out = false;
         while in_flight > 0 {
-            let mut limit = STALL;
-            let n = match self.q.do_io(&mut comps, 1, Some(&mut limit), None) {
-                Ok(n) => n,
-                Err(e) => {
-                    r.errors += in_flight as u64;
-                    r.first_error.get_or_insert_with(|| format!("do_io: {}", e.message()));
-                    break;
-                }
-            };
+            if let Err(e) = self.reap(&mut comps, &mut slots, &mut done) {
+                r.errors += in_flight as u64;
+                r.first_error.get_or_insert(e);
+                break;
+            }
             let now = Instant::now();
             timed_out |= now >= deadline;
             if timed_out && r.elapsed.is_zero() {
                 r.elapsed = now - start;
             }
-            for c in &comps[..n] {
-                // SAFETY: do_io initialised the first `n` completions.
-                let c = unsafe { c.assume_init_read() };
-                let slot = c.user_data;
-                let Some(s) = slots.get_mut(slot).and_then(Option::take) else {
-                    continue;
-                };
-                if let Some(b) = busy.get_mut(s.block as usize) {
-                    *b = false;
-                }
-                if c.ret < 0 {
+            for &(slot, s, ret) in &done {
+                set_busy(&mut busy, &s, false);
+                if ret < 0 {
                     r.errors += 1;
                     r.first_error.get_or_insert_with(|| {
                         format!(
                             "{:?} of block {}: {}",
                             s.kind as u8,
                             s.block,
-                            std::io::Error::from_raw_os_error(-c.ret)
+                            std::io::Error::from_raw_os_error(-ret)
                         )
                     });
                 } else if s.kind == Kind::Flush {
@@ -281,9 +302,7 @@ impl Job {
                     continue;
                 }
                 let s = next(&mut rng, &busy, &mut gens, &mut writes);
-                if let Some(b) = busy.get_mut(s.block as usize) {
-                    *b = s.kind != Kind::Flush;
-                }
+                set_busy(&mut busy, &s, true);
                 slots[slot] = Some(s);
                 self.submit(slot, s);
             }
@@ -305,6 +324,7 @@ impl Job {
             .filter(|(_, g)| **g > 0)
             .map(|(b, g)| (b as u64, *g));
         let mut slots: Vec<Option<Slot>> = vec![None; self.depth];
+        let mut done = Vec::with_capacity(self.depth);
         let mut in_flight = 0;
         #[allow(clippy::needless_range_loop)]
         for slot in 0..self.depth {
@@ -320,20 +340,13 @@ impl Job {
             in_flight += 1;
         }
         while in_flight > 0 {
-            let mut limit = STALL;
-            let Ok(n) = self.q.do_io(comps, 1, Some(&mut limit), None) else {
+            if self.reap(comps, &mut slots, &mut done).is_err() {
                 r.errors += 1;
                 return;
-            };
-            for c in &comps[..n] {
-                // SAFETY: do_io initialised the first `n` completions.
-                let c = unsafe { c.assume_init_read() };
-                let slot = c.user_data;
-                let Some(s) = slots.get_mut(slot).and_then(Option::take) else {
-                    continue;
-                };
+            }
+            for &(slot, s, ret) in &done {
                 r.checked += 1;
-                if c.ret < 0 || !pattern::check(self.buf_slice(slot), s.block, s.gen) {
+                if ret < 0 || !pattern::check(self.buf_slice(slot), s.block, s.gen) {
                     r.failures += 1;
                     r.first_error.get_or_insert_with(|| {
                         format!(

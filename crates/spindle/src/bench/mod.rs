@@ -136,7 +136,16 @@ pub fn run(a: Args) -> CliResult<u8> {
     let start = Instant::now();
     let results: Vec<QueueResult> = std::thread::scope(|s| {
         let handles: Vec<_> = jobs.into_iter().map(|j| s.spawn(move || j.run(runtime))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| QueueResult {
+                    errors: 1,
+                    first_error: Some("a queue thread panicked".into()),
+                    ..Default::default()
+                })
+            })
+            .collect()
     });
     let elapsed = results
         .iter()

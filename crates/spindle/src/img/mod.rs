@@ -231,12 +231,14 @@ pub fn parse_opts(opts: &[String]) -> CliResult<Vec<(String, String)>> {
 /// O_DIRECT (tmpfs) or the spec is no file (null:).
 pub fn open_direct_if_possible(spec: &str, fmt: Option<Format>, read_only: bool) -> CliResult<Node> {
     match open(spec, fmt, CacheMode::None, read_only) {
-        Ok(n) => Ok(n),
-        Err(BlockError::Setup(spindle_io::Error::Open { source, .. })) if source.raw_os_error() == Some(22) => {
-            open(spec, fmt, CacheMode::Writeback, read_only)
-        }
-        Err(e) => Err(e),
+        Err(e) if direct_refused(&e) => open(spec, fmt, CacheMode::Writeback, read_only),
+        other => other,
     }
+}
+
+/// Whether opening failed only because the file system refuses O_DIRECT.
+pub fn direct_refused(e: &BlockError) -> bool {
+    matches!(e, BlockError::Setup(spindle_io::Error::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL))
 }
 
 #[cfg(test)]

@@ -70,12 +70,7 @@ pub fn handle(server: &Server, line: &str) -> Value {
 
 /// Listens on `path` and serves requests until the process exits.
 pub fn listen(path: &Path, server: Arc<Server>) -> std::io::Result<()> {
-    if std::fs::symlink_metadata(path).is_ok() {
-        use std::os::unix::fs::FileTypeExt;
-        if std::fs::symlink_metadata(path)?.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        }
-    }
+    spindle_vhost::export::claim_socket_path(path)?;
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new().name("control".into()).spawn(move || {
         for conn in listener.incoming().flatten() {

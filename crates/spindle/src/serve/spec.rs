@@ -115,9 +115,7 @@ impl ExportSpec {
         };
         let node = match open_image(&self.image, &cfg) {
             // tmpfs and some FUSE file systems refuse O_DIRECT.
-            Err(BlockError::Setup(spindle_io::Error::Open { source, .. }))
-                if !explicit_cache && source.raw_os_error() == Some(libc::EINVAL) =>
-            {
+            Err(e) if !explicit_cache && crate::img::direct_refused(&e) => {
                 tracing::warn!(
                     "{}: the file system refuses O_DIRECT; serving with cache=writeback",
                     self.image
