@@ -14,6 +14,7 @@ pub mod backend;
 pub mod blk;
 pub mod device;
 pub mod export;
+mod kick;
 pub mod stats;
 mod worker;
 

@@ -10,14 +10,16 @@
 //!    on the used ring.
 //! 4. The thread signals each queue's call eventfd once per batch, and only
 //!    when EVENT_IDX says the driver wants it.
-//! 5. With polling on, the thread keeps looking at its queues and
-//!    completions, notifications off, until nothing has happened for the
-//!    current window (adaptive, up to `poll_ns`, as QEMU's poll-max-ns);
-//!    then it turns notifications back on and sleeps in epoll.
+//! 5. With nothing left in flight, the thread either polls (`worth_polling`:
+//!    it keeps looking at its queues and completions, notifications off,
+//!    until nothing has happened for `poll_ns`) or takes one look at its
+//!    queues with kicks held (`signal_and_look`); then it turns
+//!    notifications back on and sleeps in epoll.
 
 use crate::backend::{BlkBackend, Memory};
 use crate::blk::{complete, parse, Parsed, RequestKind, VIRTIO_BLK_S_OK};
 use crate::device::Device;
+use crate::kick::hold_kicks;
 use crate::stats::Op;
 use spindle_io::Runtime;
 use std::cell::RefCell;
@@ -50,25 +52,12 @@ struct Worker {
     dirty: Rc<RefCell<Vec<bool>>>,
     /// Queues (by index on this thread) whose guest notifications are off.
     quiet: RefCell<Vec<bool>>,
-    /// Adaptive polling window for the wait on the driver.
-    poll_ns: std::cell::Cell<u64>,
-    /// When the thread last went to sleep in epoll, and whether it had I/O
-    /// in flight then.
-    slept: std::cell::Cell<Option<(Instant, bool)>>,
+    /// Since the last polling decision: whether more than one request was
+    /// in flight, and whether the thread slept waiting for its own I/O.
+    deep: std::cell::Cell<bool>,
+    waited: std::cell::Cell<bool>,
     /// Requests refused so far (for log rate limiting).
     refused: std::cell::Cell<u64>,
-}
-
-impl Worker {
-    /// How long to poll for: the adaptive window while nothing is in
-    /// flight, nothing while the thread waits for its own I/O.
-    fn window(&self, busy: bool) -> u64 {
-        if busy {
-            0
-        } else {
-            self.poll_ns.get()
-        }
-    }
 }
 
 thread_local! {
@@ -85,8 +74,8 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         rt,
         dirty: Rc::new(RefCell::new(vec![false; queues])),
         quiet: RefCell::new(vec![false; queues]),
-        poll_ns: std::cell::Cell::new(0),
-        slept: std::cell::Cell::new(None),
+        deep: std::cell::Cell::new(false),
+        waited: std::cell::Cell::new(false),
         refused: std::cell::Cell::new(0),
     });
     WORKER.with(|slot| *slot.borrow_mut() = Some(w.clone()));
@@ -96,10 +85,6 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
 /// Entry point from `VhostUserBackend::handle_event`.
 pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], thread: usize) -> io::Result<()> {
     let w = worker(b, thread, vrings.len())?;
-    let max = b.dev.cfg.poll_ns;
-    if max > 0 {
-        adapt_poll(&w, max);
-    }
     // The runtime's eventfds are edge-triggered in this epoll: each signal
     // is one event, so they need not be read (two system calls saved per
     // wake-up). Their counters only grow; eventfds saturate, never fail.
@@ -107,41 +92,71 @@ pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], t
         pop_queue(b, &w, thread, event as usize, vrings, false);
     }
     let mut in_flight = w.rt.poll_ready();
-    signal(&w, vrings);
-    if max > 0 {
-        if w.window(in_flight > 0) > 0 {
-            in_flight = poll(b, &w, thread, vrings);
-        }
-        w.slept.set(Some((Instant::now(), in_flight > 0)));
+    let poll_ns = b.dev.cfg.poll_ns;
+    // A thread with I/O in flight sleeps until it completes: no polling
+    // through the device's latency (it cost 10-15% at QD1 on O_DIRECT raw
+    // and gained nothing at QD32; bench/vhost.py runs, docs/serve.md).
+    if in_flight > 0 {
+        signal(&w, vrings);
+    } else if poll_ns > 0 && worth_polling(&w) {
+        signal(&w, vrings);
+        in_flight = poll(b, &w, thread, vrings, poll_ns);
+    } else {
+        in_flight = signal_and_look(b, &w, thread, vrings);
     }
+    w.deep.set(w.deep.get() || in_flight > 1);
+    w.waited.set(w.waited.get() || in_flight > 0);
     Ok(())
 }
 
-/// Adaptive polling, as QEMU's poll-max-ns, for the wait on the driver's
-/// next request: the window grows (from 4 us, doubling up to `max_ns`)
-/// when the thread woke within `max_ns` of going to sleep, which polling
-/// would have caught, and halves when it slept longer. A thread whose only
-/// wait is its own I/O does not poll: spinning through the device's
-/// latency cost 10-15% at QD1 on O_DIRECT raw and gained nothing at QD32
-/// (bench/vhost.py runs, docs/serve.md).
-fn adapt_poll(w: &Worker, max_ns: u64) {
-    let Some((at, busy)) = w.slept.take() else { return };
-    if busy {
-        return;
+/// Signals the completions of a thread with nothing in flight that will
+/// not poll, then takes one look at its queues for the driver's answer,
+/// with kicks held meanwhile. A driver woken on this CPU runs at once,
+/// publishes its next request and sleeps again before this thread
+/// continues, so the look finds the request with no kick (one system call
+/// fewer on each side) and submits it before the thread returns to epoll.
+/// Returns the ops in flight.
+fn signal_and_look(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> usize {
+    if !w.dirty.borrow().contains(&true) {
+        return 0;
     }
-    let slept = at.elapsed().as_nanos() as u64;
-    let cur = w.poll_ns.get();
-    w.poll_ns.set(if slept > max_ns {
-        cur / 2
-    } else {
-        (cur * 2).clamp(4_000.min(max_ns), max_ns)
-    });
+    for (i, vring) in vrings.iter().enumerate() {
+        if !w.quiet.borrow()[i] {
+            hold_kicks(&*b.mem.memory(), vring.get_mut().get_queue_mut());
+            w.quiet.borrow_mut()[i] = true;
+        }
+    }
+    signal(w, vrings);
+    for i in 0..vrings.len() {
+        pop_queue(b, w, thread, i, vrings, false);
+    }
+    let in_flight = w.rt.poll_ready();
+    signal(w, vrings);
+    in_flight
+}
+
+/// Whether to poll for the driver's next request, now that nothing is in
+/// flight. Polling pays when the driver's turnaround is most of a
+/// request's life: when requests completed without the thread sleeping
+/// (null, cached, very fast devices: 3x IOPS at QD1 on null) or when the
+/// driver keeps several in flight, so rounds overlap (QD32). A lone
+/// request that already slept through the device's latency gains little
+/// from it, and a busy CPU here makes the scheduler wake the driver on
+/// another CPU instead: on O_DIRECT raw at QD1 that cost 7% in this
+/// project's 2-vCPU VM (docs/serve.md).
+fn worth_polling(w: &Worker) -> bool {
+    let worth = w.deep.get() || !w.waited.get();
+    w.deep.set(false);
+    w.waited.set(false);
+    worth
 }
 
 /// Polls the thread's queues and runtime with guest notifications off
-/// until the current window (by what the thread waits for) passes without
-/// work; then re-enables them. Returns the ops still in flight.
-fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> usize {
+/// until `poll_ns` passes with no work and nothing in flight (a thread
+/// with I/O in flight stops at the first idle round: its completions wake
+/// it); then re-enables them. Returns the ops still in flight.
+fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock], poll_ns: u64) -> usize {
+    let window = Duration::from_nanos(poll_ns);
     let mut last_work = Instant::now();
     loop {
         let mut popped = 0;
@@ -149,12 +164,13 @@ fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> us
             popped += pop_queue(b, w, thread, i, vrings, true);
         }
         let in_flight = w.rt.poll_ready();
+        w.deep.set(w.deep.get() || in_flight > 1);
         // Completions go out every round: the driver reaps them while
         // this thread pops the next round.
         let work = popped + signal(w, vrings);
         if work > 0 {
             last_work = Instant::now();
-        } else if last_work.elapsed() >= Duration::from_nanos(w.window(in_flight > 0)) {
+        } else if in_flight > 0 || last_work.elapsed() >= window {
             break;
         }
         std::hint::spin_loop();

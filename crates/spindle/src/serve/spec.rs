@@ -7,7 +7,7 @@ use spindle_io::{CacheMode, EngineKind, RuntimeConfig};
 use spindle_vhost::{Device, DeviceConfig};
 use std::path::{Path, PathBuf};
 
-/// Polling window when none is given, chosen by `bench/vhost.sh` (see
+/// Polling window when none is given, chosen with `bench/vhost.py` (see
 /// docs/serve.md).
 pub const DEFAULT_POLL_US: u64 = 64;
 /// Request queues offered when none is given. A frontend uses as many as
