@@ -4,14 +4,17 @@
 Both servers serve the same image with the same options (O_DIRECT,
 io_uring, one I/O thread, one queue); `spindle bench` (libblkio's
 virtio-blk-vhost-user driver) drives both. Runs alternate between the two
-servers; each figure is the median of REPS runs. fio on the raw file gives
-the device's limit. Usage: bench/vhost.py [DIR]   (env: REPS=3 RUNTIME=5)
+servers; each figure is the median of REPS runs, and the paired column is
+the mean of the per-pair ratios with its 95% confidence interval. fio on
+the raw file gives the device's limit.
+Usage: bench/vhost.py [DIR]   (env: REPS=3 RUNTIME=5 ROWS=substring)
 """
-import json, os, statistics, subprocess, sys, time
+import json, math, os, statistics, subprocess, sys, time
 
 DIR = sys.argv[1] if len(sys.argv) > 1 else "/var/tmp/spindle-bench"
 REPS = int(os.environ.get("REPS", "3"))
 RUNTIME = os.environ.get("RUNTIME", "5")
+ROWS = os.environ.get("ROWS", "")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPINDLE = os.path.join(ROOT, "target/release/spindle")
 SOCK = os.path.join(DIR, "bench.sock")
@@ -101,8 +104,9 @@ def main():
         ("qcow2 allocated 4k randread QD32", q, "qcow2", "randread", 32),
         ("qcow2 allocated 4k randwrite QD32", q, "qcow2", "randwrite", 32),
     ]
-    print(f"| row | qsd IOPS | spindle IOPS | spindle/qsd | spindle p99 us | qsd p99 us |")
-    print("|---|---|---|---|---|---|")
+    rows = [r for r in rows if ROWS in r[0]]
+    print(f"| row | qsd IOPS | spindle IOPS | spindle/qsd | paired ratio (95% CI) | spindle p99 us | qsd p99 us |")
+    print("|---|---|---|---|---|---|---|")
     results = []
     limits = {}
     for name, target, fmt, rw, qd in rows:
@@ -122,7 +126,10 @@ def main():
             limits[name] = {k: statistics.median(v) for k, v in lim.items()}
         med = {k: sorted(v, key=lambda r: r["iops"])[len(v) // 2] for k, v in figs.items()}
         s, qs = med["spindle"], med["qsd"]
+        ratios = [a["iops"] / b["iops"] for a, b in zip(figs["spindle"], figs["qsd"])]
+        ci = 1.96 * statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else 0
         print(f"| {name} | {qs['iops']:.0f} | {s['iops']:.0f} | {s['iops'] / qs['iops']:.2f}x | "
+              f"{statistics.mean(ratios):.2f}x ± {ci:.2f} | "
               f"{s['lat_us']['p99']:.0f} | {qs['lat_us']['p99']:.0f} |", flush=True)
         results.append((name, s, qs))
     print()

@@ -171,6 +171,17 @@ impl Job {
         }
     }
 
+    /// Hands the requests queued so far to the driver without waiting. The
+    /// timed phase calls it after each replacement request, as fio does by
+    /// default (iodepth_batch_submit=1): the device gets each request as
+    /// soon as its slot is free instead of in batches of everything that
+    /// completed together. Batching cost 12% on O_DIRECT raw at QD32
+    /// (91k against fio's 104k on the same file; 106k after this change).
+    fn push(&mut self) {
+        // Errors of the submission show up in the completions it reaps.
+        let _ = self.q.do_io(&mut [], 0, None, None);
+    }
+
     /// Waits for at least one completion (at most `STALL`) and moves each
     /// finished request out of `slots` into `done` as (slot, request, result).
     fn reap(
@@ -305,6 +316,7 @@ impl Job {
                 set_busy(&mut busy, &s, true);
                 slots[slot] = Some(s);
                 self.submit(slot, s);
+                self.push();
             }
         }
         if r.elapsed.is_zero() {
