@@ -7,7 +7,9 @@ virtio-blk-vhost-user driver) drives both. Runs alternate between the two
 servers; each figure is the median of REPS runs, and the paired column is
 the mean of the per-pair ratios with its 95% confidence interval. fio on
 the raw file gives the device's limit.
-Usage: bench/vhost.py [DIR]   (env: REPS=3 RUNTIME=5 ROWS=substring)
+Usage: bench/vhost.py [DIR]
+  env: REPS=3 RUNTIME=5 ROWS=substring CLIENT="extra spindle bench options"
+  (CLIENT=--batch-submit gives the client's batching mode)
 """
 import json, math, os, statistics, subprocess, sys, time
 
@@ -15,6 +17,7 @@ DIR = sys.argv[1] if len(sys.argv) > 1 else "/var/tmp/spindle-bench"
 REPS = int(os.environ.get("REPS", "3"))
 RUNTIME = os.environ.get("RUNTIME", "5")
 ROWS = os.environ.get("ROWS", "")
+CLIENT = os.environ.get("CLIENT", "").split()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPINDLE = os.path.join(ROOT, "target/release/spindle")
 SOCK = os.path.join(DIR, "bench.sock")
@@ -69,7 +72,7 @@ def stop(p):
 
 def client(rw, qd):
     out = subprocess.run([SPINDLE, "bench", SOCK, "--rw", rw, "--bs", "4k", "--iodepth", str(qd),
-                          "--runtime", RUNTIME, "--output", "json"], check=True, capture_output=True, text=True)
+                          "--runtime", RUNTIME, "--output", "json", *CLIENT], check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
     assert r["errors"] == 0, r
     return r
@@ -78,7 +81,7 @@ def client(rw, qd):
 def direct(path, rw, qd):
     """The same client on the file itself (blkio's io_uring driver, O_DIRECT)."""
     out = subprocess.run([SPINDLE, "bench", path, "--rw", rw, "--bs", "4k", "--iodepth", str(qd),
-                          "--runtime", RUNTIME, "--output", "json"], check=True, capture_output=True, text=True)
+                          "--runtime", RUNTIME, "--output", "json", *CLIENT], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)["iops"]
 
 

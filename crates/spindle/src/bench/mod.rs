@@ -47,6 +47,10 @@ pub struct Args {
     /// Issue a flush every N writes (0: never).
     #[arg(long, default_value_t = 0)]
     flush_every: u64,
+    /// Submit the replacements for everything that completed together as
+    /// one batch (default: each request as soon as its slot frees, as fio).
+    #[arg(long)]
+    batch_submit: bool,
     /// human or json.
     #[arg(long, default_value = "human")]
     output: String,
@@ -131,6 +135,7 @@ pub fn run(a: Args) -> CliResult<u8> {
             blocks,
             a.verify,
             a.flush_every,
+            a.batch_submit,
         ));
     }
     let start = Instant::now();
