@@ -9,6 +9,7 @@
 //! before anything is read or written; a bad chain yields a status, never a
 //! panic.
 
+use smallvec::SmallVec;
 use spindle_block::SgList;
 use std::ops::Deref;
 use virtio_queue::DescriptorChain;
@@ -156,7 +157,9 @@ where
 {
     // virtio-queue bounds the walk by the queue size, so a looping chain ends.
     let max_descs = limits.seg_max as usize + 2;
-    let mut descs: Vec<Desc> = Vec::new();
+    // On the stack for the usual chain (header, data, status): no
+    // allocation per request.
+    let mut descs: SmallVec<[Desc; 8]> = SmallVec::new();
     let mut too_many = false;
     // The status byte is the last byte of the last writable descriptor, so
     // the walk goes to the end even when there are too many to keep.
@@ -203,7 +206,7 @@ where
     }
     let (readable, writable) = descs.split_at(first_write);
     // Writable stream without the status byte.
-    let mut writable: Vec<Desc> = writable.to_vec();
+    let mut writable: SmallVec<[Desc; 8]> = writable.iter().copied().collect();
     if let Some(d) = writable.iter_mut().rev().find(|d| d.len > 0) {
         d.len -= 1;
     }
@@ -212,7 +215,8 @@ where
     if readable_len < HEADER as u64 {
         return fail(VIRTIO_BLK_S_IOERR, "request header is shorter than 16 bytes");
     }
-    let Ok(header) = read_stream(mem, readable, 0, HEADER) else {
+    let mut header = [0u8; HEADER];
+    let Ok(()) = read_stream(mem, readable, 0, &mut header) else {
         return fail(VIRTIO_BLK_S_IOERR, "request header lies outside guest memory");
     };
     let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
@@ -299,7 +303,8 @@ where
             if n > u64::from(max) {
                 return fail(VIRTIO_BLK_S_IOERR, "more segments than the device allows");
             }
-            let Ok(raw) = read_stream(mem, readable, HEADER as u64, payload_in as usize) else {
+            let mut raw = vec![0u8; payload_in as usize];
+            let Ok(()) = read_stream(mem, readable, HEADER as u64, &mut raw) else {
                 return fail(VIRTIO_BLK_S_IOERR, "segment list lies outside guest memory");
             };
             let mut ranges = Vec::with_capacity(n as usize);
@@ -336,14 +341,14 @@ where
     Parsed::Request(req)
 }
 
-/// Reads `len` bytes at `offset` of the byte stream the descriptors form.
+/// Fills `out` from `offset` of the byte stream the descriptors form.
 fn read_stream<M: GuestMemoryBackend + ?Sized>(
     mem: &M,
     descs: &[Desc],
     mut offset: u64,
-    len: usize,
-) -> Result<Vec<u8>, ()> {
-    let mut out = vec![0u8; len];
+    out: &mut [u8],
+) -> Result<(), ()> {
+    let len = out.len();
     let mut pos = 0;
     for d in descs {
         if pos == len {
@@ -361,7 +366,7 @@ fn read_stream<M: GuestMemoryBackend + ?Sized>(
         offset = 0;
     }
     if pos == len {
-        Ok(out)
+        Ok(())
     } else {
         Err(())
     }
@@ -404,7 +409,10 @@ fn buffers<M: GuestMemoryBackend + ?Sized>(
     }
     // Buffers must not overlap: each byte of guest memory belongs to one
     // I/O at a time (the block layer's SgList contract).
-    let mut sorted: Vec<(u64, u64)> = out.iter().map(|(a, l)| (a.raw_value(), *l as u64)).collect();
+    if out.len() < 2 {
+        return Ok(out);
+    }
+    let mut sorted: SmallVec<[(u64, u64); 8]> = out.iter().map(|(a, l)| (a.raw_value(), *l as u64)).collect();
     sorted.sort_unstable();
     if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
         return Err("data buffers overlap");
