@@ -29,6 +29,14 @@ fn bench(sock: &Path, args: &[&str]) -> Value {
     v
 }
 
+/// `spindle bench SOCK --rw randrw --verify` for `secs` seconds at `iodepth`,
+/// plus `extra` options.
+fn verify_run(sock: &Path, secs: &str, iodepth: &str, extra: &[&str]) -> Value {
+    let mut a = vec!["--rw", "randrw", "--verify", "--runtime", secs, "--iodepth", iodepth];
+    a.extend_from_slice(extra);
+    bench(sock, &a)
+}
+
 /// Starts `spindle bench SOCK ARGS` in the background, output discarded.
 fn spawn_bench(sock: &Path, args: &[&str]) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_spindle"))
@@ -62,22 +70,7 @@ fn blkio_writes_verifies_and_flushes() {
         &[p(&img), "--vhost-user", p(&sock), "--control", "ctl.sock"],
         &[&sock],
     );
-    let v = bench(
-        &sock,
-        &[
-            "--rw",
-            "randrw",
-            "--verify",
-            "--runtime",
-            "2",
-            "--iodepth",
-            "8",
-            "--size",
-            "64M",
-            "--flush-every",
-            "64",
-        ],
-    );
+    let v = verify_run(&sock, "2", "8", &["--size", "64M", "--flush-every", "64"]);
     assert_eq!(v["errors"], json!(0), "{v}");
     assert!(v["verify"]["checked"].as_u64().unwrap() > 1000, "{v}");
     assert_eq!(v["verify"]["failures"], json!(0), "{v}");
@@ -102,10 +95,7 @@ fn verify_catches_a_device_that_drops_writes() {
     let dir = d.path();
     let sock = dir.join("null.sock");
     let s = Serve::start(dir, &["null:64M", "--vhost-user", p(&sock)], &[&sock]);
-    let v = bench(
-        &sock,
-        &["--rw", "randrw", "--verify", "--runtime", "1", "--iodepth", "4"],
-    );
+    let v = verify_run(&sock, "1", "4", &[]);
     assert!(v["verify"]["failures"].as_u64().unwrap() > 0, "{v}");
     assert!(s.stop().success());
 }
@@ -131,12 +121,7 @@ fn a_client_killed_mid_io_does_not_disturb_other_exports_and_can_reconnect() {
     let mut victim = spawn_bench(&sa, &["--rw", "randwrite", "--runtime", "30", "--iodepth", "32"]);
     let other = std::thread::spawn({
         let sb = sb.clone();
-        move || {
-            bench(
-                &sb,
-                &["--rw", "randrw", "--verify", "--runtime", "3", "--iodepth", "16"],
-            )
-        }
+        move || verify_run(&sb, "3", "16", &[])
     });
     std::thread::sleep(Duration::from_millis(1200));
     let list = s.ctl(&json!({"cmd": "list"}));
@@ -147,7 +132,7 @@ fn a_client_killed_mid_io_does_not_disturb_other_exports_and_can_reconnect() {
     assert_eq!(v["errors"], json!(0), "{v}\n{}", s.log_text());
     assert_eq!(v["verify"]["failures"], json!(0), "{v}");
     // The killed client's export serves the next frontend.
-    let v = bench(&sa, &["--rw", "randrw", "--verify", "--runtime", "1", "--iodepth", "8"]);
+    let v = verify_run(&sa, "1", "8", &[]);
     assert_eq!(v["errors"], json!(0), "{v}\n{}", s.log_text());
     assert_eq!(v["verify"]["failures"], json!(0), "{v}");
     let list = s.ctl(&json!({"cmd": "list"}));
@@ -196,10 +181,7 @@ fn control_socket_hot_plugs_lists_resizes_and_unplugs() {
         .collect();
     assert_eq!(names, vec![json!("one"), json!("two")], "{list}");
     assert_eq!(list["exports"][1]["format"], json!("qcow2"));
-    let v = bench(
-        &sock2,
-        &["--rw", "randrw", "--verify", "--runtime", "1", "--iodepth", "8"],
-    );
+    let v = verify_run(&sock2, "1", "8", &[]);
     assert_eq!(v["verify"]["failures"], json!(0));
     // Same name or socket twice, unknown export, bad JSON: one clear error each.
     for (req, want) in [
@@ -334,10 +316,7 @@ fn every_engine_serves_verified_data() {
             &[p(&img), "--vhost-user", p(&sock), "--aio", aio, "--control", "ctl.sock"],
             &[&sock],
         );
-        let v = bench(
-            &sock,
-            &["--rw", "randrw", "--verify", "--runtime", "1", "--iodepth", "16"],
-        );
+        let v = verify_run(&sock, "1", "16", &[]);
         assert_eq!(
             (v["errors"].clone(), v["verify"]["failures"].clone()),
             (json!(0), json!(0)),
@@ -361,20 +340,7 @@ fn serve_without_arguments_creates_and_serves_the_default_disk() {
     let info: Value = serde_json::from_str(&ok("qemu-img", &["info", "--output=json", p(&img)])).unwrap();
     assert_eq!(info["virtual-size"], json!(8u64 << 30), "{info}");
     assert_eq!(info["format"], json!("qcow2"));
-    let v = bench(
-        &sock,
-        &[
-            "--rw",
-            "randrw",
-            "--verify",
-            "--runtime",
-            "1",
-            "--iodepth",
-            "8",
-            "--size",
-            "64M",
-        ],
-    );
+    let v = verify_run(&sock, "1", "8", &["--size", "64M"]);
     assert_eq!(v["verify"]["failures"], json!(0), "{v}");
     let log = s.log_text();
     assert!(log.contains("created spindle-disk.qcow2"), "{log}");
@@ -430,22 +396,7 @@ fn two_io_threads_allocate_one_qcow2_concurrently() {
     );
     let sock = dir.join("mt.sock");
     let s = Serve::start(dir, &[p(&img), "--vhost-user", p(&sock), "--iothreads", "2"], &[&sock]);
-    let v = bench(
-        &sock,
-        &[
-            "--rw",
-            "randrw",
-            "--verify",
-            "--runtime",
-            "3",
-            "--iodepth",
-            "32",
-            "--queues",
-            "2",
-            "--flush-every",
-            "200",
-        ],
-    );
+    let v = verify_run(&sock, "3", "32", &["--queues", "2", "--flush-every", "200"]);
     assert_eq!(
         (v["errors"].clone(), v["verify"]["failures"].clone()),
         (json!(0), json!(0)),
