@@ -21,6 +21,7 @@ use crate::blk::{complete, parse, Parsed, RequestKind, VIRTIO_BLK_S_OK};
 use crate::device::Device;
 use crate::kick::hold_kicks;
 use crate::stats::Op;
+use smallvec::SmallVec;
 use spindle_io::Runtime;
 use std::cell::RefCell;
 use std::io;
@@ -117,22 +118,35 @@ pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], t
 /// fewer on each side) and submits it before the thread returns to epoll.
 /// Returns the ops in flight.
 fn signal_and_look(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> usize {
-    if !w.dirty.borrow().contains(&true) {
-        return 0;
+    // Only the queues about to be signalled get an answer to look for, and
+    // only live ones: `pop_queue` skips a disabled or unready queue, so a
+    // hold there would outlive the look and swallow the next kick.
+    let held: SmallVec<[usize; 8]> = (0..vrings.len())
+        .filter(|&i| w.dirty.borrow()[i] && live(&vrings[i]))
+        .collect();
+    if held.is_empty() {
+        signal(w, vrings);
+        return w.rt.poll_ready();
     }
-    for (i, vring) in vrings.iter().enumerate() {
+    for &i in &held {
         if !w.quiet.borrow()[i] {
-            hold_kicks(&*b.mem.memory(), vring.get_mut().get_queue_mut());
+            hold_kicks(&*b.mem.memory(), vrings[i].get_mut().get_queue_mut());
             w.quiet.borrow_mut()[i] = true;
         }
     }
     signal(w, vrings);
-    for i in 0..vrings.len() {
+    for &i in &held {
         pop_queue(b, w, thread, i, vrings, false);
     }
     let in_flight = w.rt.poll_ready();
     signal(w, vrings);
     in_flight
+}
+
+/// Whether the driver has the queue enabled and set up.
+fn live(vring: &VringRwLock) -> bool {
+    let st = vring.get_ref();
+    st.is_enabled() && st.get_queue().ready()
 }
 
 /// Whether to poll for the driver's next request, now that nothing is in
