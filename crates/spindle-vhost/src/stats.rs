@@ -92,17 +92,25 @@ impl QueueStats {
         self.ops.iter().map(|c| c.requests.load(Relaxed)).sum()
     }
 
-    /// Counts one finished request.
+    /// Counts one finished request. Only the queue's own I/O thread calls
+    /// this, so each counter is bumped with a plain load and store rather
+    /// than a locked read-modify-write (four fewer locked instructions per
+    /// request); readers on other threads still see whole values.
     pub fn record(&self, op: Op, bytes: u64, ok: bool, latency_ns: u64) {
         let c = &self.ops[op as usize];
-        c.requests.fetch_add(1, Relaxed);
+        bump(&c.requests, 1);
         if ok {
-            c.bytes.fetch_add(bytes, Relaxed);
+            bump(&c.bytes, bytes);
         } else {
-            c.errors.fetch_add(1, Relaxed);
+            bump(&c.errors, 1);
         }
-        c.hist[bucket(latency_ns)].fetch_add(1, Relaxed);
+        bump(&c.hist[bucket(latency_ns)], 1);
     }
+}
+
+/// Adds `n` to a counter that has a single writer.
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Relaxed).wrapping_add(n), Relaxed);
 }
 
 /// Summed figures of one kind of request.

@@ -26,7 +26,7 @@ use spindle_io::Runtime;
 use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost_user_backend::{VringRwLock, VringT};
@@ -49,8 +49,8 @@ const POLL_BATCH: u16 = 8;
 
 struct Worker {
     rt: Runtime,
-    /// Queues (by index on this thread) with used entries not yet signalled.
-    dirty: Rc<RefCell<Vec<bool>>>,
+    /// What the thread's request tasks share with it.
+    shared: Rc<Shared>,
     /// Queues (by index on this thread) whose guest notifications are off.
     quiet: RefCell<Vec<bool>>,
     /// Since the last polling decision: whether more than one request was
@@ -59,6 +59,16 @@ struct Worker {
     waited: std::cell::Cell<bool>,
     /// Requests refused so far (for log rate limiting).
     refused: std::cell::Cell<u64>,
+}
+
+/// What a request's task reaches through one `Rc`: no atomic operation
+/// per request on the way in or out.
+struct Shared {
+    dev: Arc<Device>,
+    /// Per queue (by index on this thread): finished chains, as (head,
+    /// used length), not yet on the used ring. `signal` publishes them
+    /// under one vring lock and one guest-memory load per queue.
+    done: RefCell<Vec<Vec<(u16, u32)>>>,
 }
 
 thread_local! {
@@ -73,7 +83,10 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
     b.register_runtime(thread, &rt.event_fds())?;
     let w = Rc::new(Worker {
         rt,
-        dirty: Rc::new(RefCell::new(vec![false; queues])),
+        shared: Rc::new(Shared {
+            dev: b.dev.clone(),
+            done: RefCell::new(vec![Vec::new(); queues]),
+        }),
         quiet: RefCell::new(vec![false; queues]),
         deep: std::cell::Cell::new(false),
         waited: std::cell::Cell::new(false),
@@ -98,9 +111,9 @@ pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], t
     // through the device's latency (it cost 10-15% at QD1 on O_DIRECT raw
     // and gained nothing at QD32; bench/vhost.py runs, docs/serve.md).
     if in_flight > 0 {
-        signal(&w, vrings);
+        signal(b, &w, thread, vrings);
     } else if poll_ns > 0 && worth_polling(&w) {
-        signal(&w, vrings);
+        signal(b, &w, thread, vrings);
         in_flight = poll(b, &w, thread, vrings, poll_ns);
     } else {
         in_flight = signal_and_look(b, &w, thread, vrings);
@@ -122,10 +135,10 @@ fn signal_and_look(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwL
     // only live ones: `pop_queue` skips a disabled or unready queue, so a
     // hold there would outlive the look and swallow the next kick.
     let held: SmallVec<[usize; 8]> = (0..vrings.len())
-        .filter(|&i| w.dirty.borrow()[i] && live(&vrings[i]))
+        .filter(|&i| !w.shared.done.borrow()[i].is_empty() && live(&vrings[i]))
         .collect();
     if held.is_empty() {
-        signal(w, vrings);
+        signal(b, w, thread, vrings);
         return w.rt.poll_ready();
     }
     for &i in &held {
@@ -134,12 +147,12 @@ fn signal_and_look(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwL
             w.quiet.borrow_mut()[i] = true;
         }
     }
-    signal(w, vrings);
+    signal(b, w, thread, vrings);
     for &i in &held {
         pop_queue(b, w, thread, i, vrings, false);
     }
     let in_flight = w.rt.poll_ready();
-    signal(w, vrings);
+    signal(b, w, thread, vrings);
     in_flight
 }
 
@@ -181,7 +194,7 @@ fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock], poll_
         w.deep.set(w.deep.get() || in_flight > 1);
         // Completions go out every round: the driver reaps them while
         // this thread pops the next round.
-        let work = popped + signal(w, vrings);
+        let work = popped + signal(b, w, thread, vrings);
         if work > 0 {
             last_work = Instant::now();
         } else if in_flight > 0 || last_work.elapsed() >= window {
@@ -193,7 +206,7 @@ fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock], poll_
         pop_queue(b, w, thread, i, vrings, false);
     }
     let in_flight = w.rt.poll_ready();
-    signal(w, vrings);
+    signal(b, w, thread, vrings);
     in_flight
 }
 
@@ -227,13 +240,18 @@ fn pop_queue(
         }
     }
     let queue = thread + local * b.dev.cfg.iothreads;
-    // Counted as in flight while popping (see `BlkBackend::inflight`).
+    // Counted as in flight while popping (see `BlkBackend::inflight`);
+    // each popped request stays counted until `signal` puts it on the
+    // used ring. Adding before subtracting keeps a drain from seeing zero.
     b.inflight[queue].fetch_add(1, Ordering::AcqRel);
     let popped = if b.stopping.load(Ordering::Acquire) {
         0
     } else {
         pop_chains(b, w, queue, local, vring, keep_quiet)
     };
+    if popped > 0 {
+        b.inflight[queue].fetch_add(popped, Ordering::AcqRel);
+    }
     b.inflight[queue].fetch_sub(1, Ordering::AcqRel);
     popped
 }
@@ -255,17 +273,20 @@ fn pop_chains(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &Vr
             // frontend publishes a request only once the memory it uses
             // was acknowledged (ADD_MEM_REG, SET_MEM_TABLE), so this
             // snapshot maps every buffer of these `pending` chains.
-            let mem = b.mem.memory().into_inner();
+            let mem = Rc::new(b.mem.memory().into_inner());
             let pending = if keep_quiet { pending.min(POLL_BATCH) } else { pending };
+            // One clock read per round: a request's latency is counted
+            // from the round that popped it.
+            let start = Instant::now();
             for _ in 0..pending {
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let parsed = parse(chain, &*mem, &limits);
+                let parsed = parse(chain, &**mem, &limits);
                 if let Parsed::Fail { reason, .. } | Parsed::Drop { reason } = &parsed {
                     log_refused(w, &b.dev.cfg.name, queue, head, reason);
                 }
-                spawn_request(b, w, queue, local, vring.clone(), mem.clone(), head, parsed);
+                spawn_request(w, queue, local, mem.clone(), head, parsed, start);
                 popped += 1;
             }
             if keep_quiet {
@@ -322,50 +343,64 @@ fn classify(p: &Parsed) -> (Op, u64) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Runs one request as a task on the thread's runtime, polled at once:
+/// a request that needs no I/O (null, a failed parse) finishes here; one
+/// that does has its I/O queued for the round's submit. Its used entry
+/// waits in `Shared::done` for `signal`. The round's memory snapshot
+/// comes in an `Rc` so each request clones it without an atomic
+/// operation (one `Rc` allocation per round, not one atomic per request).
+#[allow(clippy::redundant_allocation)]
 fn spawn_request(
-    b: &BlkBackend,
     w: &Worker,
     queue: usize,
     local: usize,
-    vring: VringRwLock,
-    mem: Arc<Memory>,
+    mem: Rc<Arc<Memory>>,
     head: u16,
     parsed: Parsed,
+    start: Instant,
 ) {
     let (op, bytes) = classify(&parsed);
-    let dev: Arc<Device> = b.dev.clone();
-    let inflight: Arc<[AtomicUsize]> = b.inflight.clone();
-    let dirty = w.dirty.clone();
-    inflight[queue].fetch_add(1, Ordering::AcqRel);
-    let task = w.rt.spawn(async move {
-        let start = Instant::now();
-        let ident = dev.ident();
-        let c = complete(&dev.node, &*mem, &ident, parsed).await;
+    let sh = w.shared.clone();
+    let task = w.rt.spawn_now(async move {
+        let ident = sh.dev.ident();
+        let c = complete(&sh.dev.node, &**mem, &ident, parsed).await;
         let ok = c.status == Some(VIRTIO_BLK_S_OK);
-        dev.queue_stats(queue)
+        sh.dev
+            .queue_stats(queue)
             .record(op, bytes, ok, start.elapsed().as_nanos() as u64);
-        if let Err(e) = vring.add_used(head, c.used_len) {
-            tracing::warn!(device = %dev.cfg.name, queue, "cannot return descriptor {head} to the used ring: {e}");
-        }
-        dirty.borrow_mut()[local] = true;
-        inflight[queue].fetch_sub(1, Ordering::AcqRel);
+        sh.done.borrow_mut()[local].push((head, c.used_len));
     });
     task.detach();
 }
 
-/// Signals each queue that got used entries, if the driver wants an
-/// interrupt. Returns how many queues had entries.
-fn signal(w: &Worker, vrings: &[VringRwLock]) -> usize {
+/// Puts each queue's finished chains on its used ring, under one vring
+/// lock and one guest-memory load per queue, and signals the queue if
+/// EVENT_IDX says the driver wants it. Returns how many queues had
+/// entries.
+fn signal(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> usize {
     let mut n = 0;
-    let mut dirty = w.dirty.borrow_mut();
-    for (i, d) in dirty.iter_mut().enumerate() {
-        if std::mem::take(d) {
-            n += 1;
-            if vrings[i].needs_notification().unwrap_or(true) {
-                let _ = vrings[i].signal_used_queue();
+    let mut done = w.shared.done.borrow_mut();
+    for (i, list) in done.iter_mut().enumerate() {
+        if list.is_empty() {
+            continue;
+        }
+        n += 1;
+        let queue = thread + i * b.dev.cfg.iothreads;
+        {
+            let mem = b.mem.memory();
+            let mut st = vrings[i].get_mut();
+            let q = st.get_queue_mut();
+            for &(head, len) in list.iter() {
+                if let Err(e) = q.add_used(&*mem, head, len) {
+                    tracing::warn!(device = %b.dev.cfg.name, queue, "cannot return descriptor {head} to the used ring: {e}");
+                }
+            }
+            if q.needs_notification(&*mem).unwrap_or(true) {
+                let _ = st.signal_used_queue();
             }
         }
+        b.inflight[queue].fetch_sub(list.len(), Ordering::AcqRel);
+        list.clear();
     }
     n
 }
