@@ -6,7 +6,9 @@ io_uring, one I/O thread, one queue); `spindle bench` (libblkio's
 virtio-blk-vhost-user driver) drives both. Runs alternate between the two
 servers; each figure is the median of REPS runs, and the paired column is
 the mean of the per-pair ratios with its 95% confidence interval. fio on
-the raw file gives the device's limit.
+the raw file gives the device's limit. The CPU columns are the server
+process's user+system time during the client's run divided by the
+requests done (polling included), median over the runs.
 Usage: bench/vhost.py [DIR]
   env: REPS=3 RUNTIME=5 ROWS=substring CLIENT="extra spindle bench options"
   (CLIENT=--batch-submit gives the client's batching mode)
@@ -70,11 +72,20 @@ def stop(p):
         p.wait()
 
 
-def client(rw, qd):
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def client(rw, qd, server):
+    before = cpu_s(server.pid)
     out = subprocess.run([SPINDLE, "bench", SOCK, "--rw", rw, "--bs", "4k", "--iodepth", str(qd),
                           "--runtime", RUNTIME, "--output", "json", *CLIENT], check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
     assert r["errors"] == 0, r
+    r["cpu_us"] = (cpu_s(server.pid) - before) * 1e6 / max(r["ios"], 1)
     return r
 
 
@@ -108,8 +119,9 @@ def main():
         ("qcow2 allocated 4k randwrite QD32", q, "qcow2", "randwrite", 32),
     ]
     rows = [r for r in rows if ROWS in r[0]]
-    print(f"| row | qsd IOPS | spindle IOPS | spindle/qsd | paired ratio (95% CI) | spindle p99 us | qsd p99 us |")
-    print("|---|---|---|---|---|---|---|")
+    print("| row | qsd IOPS | spindle IOPS | spindle/qsd | paired ratio (95% CI) | spindle p99 us | qsd p99 us "
+          "| spindle CPU us/req | qsd CPU us/req |")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = []
     limits = {}
     for name, target, fmt, rw, qd in rows:
@@ -119,7 +131,7 @@ def main():
             for kind in ("spindle", "qsd"):
                 p = start(kind, target, fmt)
                 try:
-                    figs[kind].append(client(rw, qd))
+                    figs[kind].append(client(rw, qd, p))
                 finally:
                     stop(p)
             if target == raw:
@@ -133,7 +145,9 @@ def main():
         ci = 1.96 * statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else 0
         print(f"| {name} | {qs['iops']:.0f} | {s['iops']:.0f} | {s['iops'] / qs['iops']:.2f}x | "
               f"{statistics.mean(ratios):.2f}x ± {ci:.2f} | "
-              f"{s['lat_us']['p99']:.0f} | {qs['lat_us']['p99']:.0f} |", flush=True)
+              f"{s['lat_us']['p99']:.0f} | {qs['lat_us']['p99']:.0f} | "
+              f"{statistics.median(r['cpu_us'] for r in figs['spindle']):.2f} | "
+              f"{statistics.median(r['cpu_us'] for r in figs['qsd']):.2f} |", flush=True)
         results.append((name, s, qs))
     print()
     print("| device limit (same runs, interleaved) | fio IOPS | spindle bench on the file IOPS | spindle serve / fio | spindle serve / same client on the file |")

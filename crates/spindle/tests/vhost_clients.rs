@@ -406,3 +406,27 @@ fn two_io_threads_allocate_one_qcow2_concurrently() {
     assert!(s.stop().success());
     assert_clean(&img);
 }
+
+#[test]
+fn a_polling_client_writes_and_verifies() {
+    // `--poll` takes libblkio's poll queues: the client never waits for the
+    // server's interrupt, so the server must publish used entries that the
+    // driver finds by looking, with notifications off on its side.
+    let d = scratch();
+    let dir = d.path();
+    let img = dir.join("d.raw");
+    ok("truncate", &["-s", "64M", p(&img)]);
+    let sock = dir.join("d.sock");
+    let s = Serve::start(dir, &[p(&img), "--vhost-user", p(&sock)], &[&sock]);
+    let v = verify_run(&sock, "1", "16", &["--poll", "--flush-every", "50"]);
+    assert_eq!(v["verify"]["failures"], json!(0), "{v}");
+    assert!(v["ios"].as_u64().unwrap() > 1000, "{v}");
+    assert!(s.stop().success());
+
+    // A file has no poll queues here: one clear error line, a failed exit.
+    let o = run("spindle", &["bench", p(&img), "--poll", "--runtime", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("--poll needs a vhost-user socket"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
