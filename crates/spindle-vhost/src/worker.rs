@@ -390,13 +390,20 @@ fn signal(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> 
             let mem = b.mem.memory();
             let mut st = vrings[i].get_mut();
             let q = st.get_queue_mut();
-            for &(head, len) in list.iter() {
-                if let Err(e) = q.add_used(&*mem, head, len) {
-                    tracing::warn!(device = %b.dev.cfg.name, queue, "cannot return descriptor {head} to the used ring: {e}");
+            // A queue reset after a drain gave up (RESET_DEVICE, a
+            // disconnect) has no ring left: its late completions are
+            // dropped, not written to stale addresses.
+            if q.ready() {
+                for &(head, len) in list.iter() {
+                    if let Err(e) = q.add_used(&*mem, head, len) {
+                        tracing::warn!(device = %b.dev.cfg.name, queue, "cannot return descriptor {head} to the used ring: {e}");
+                    }
                 }
-            }
-            if q.needs_notification(&*mem).unwrap_or(true) {
-                let _ = st.signal_used_queue();
+                if q.needs_notification(&*mem).unwrap_or(true) {
+                    let _ = st.signal_used_queue();
+                }
+            } else {
+                tracing::warn!(device = %b.dev.cfg.name, queue, "dropped {} completions of a queue that was reset", list.len());
             }
         }
         b.inflight[queue].fetch_sub(list.len(), Ordering::AcqRel);
