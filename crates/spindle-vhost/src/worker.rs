@@ -57,6 +57,10 @@ struct Worker {
     /// in flight, and whether the thread slept waiting for its own I/O.
     deep: std::cell::Cell<bool>,
     waited: std::cell::Cell<bool>,
+    /// Since the last polling decision: whether the driver asked for an
+    /// interrupt (EVENT_IDX) for any completion. A driver that never does
+    /// is awake, busy or polling its used ring, and answers at once.
+    interrupted: std::cell::Cell<bool>,
     /// Requests refused so far (for log rate limiting).
     refused: std::cell::Cell<u64>,
 }
@@ -90,6 +94,7 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         quiet: RefCell::new(vec![false; queues]),
         deep: std::cell::Cell::new(false),
         waited: std::cell::Cell::new(false),
+        interrupted: std::cell::Cell::new(false),
         refused: std::cell::Cell::new(0),
     });
     WORKER.with(|slot| *slot.borrow_mut() = Some(w.clone()));
@@ -166,15 +171,21 @@ fn live(vring: &VringRwLock) -> bool {
 /// flight. Polling pays when the driver's turnaround is most of a
 /// request's life: when requests completed without the thread sleeping
 /// (null, cached, very fast devices: 3x IOPS at QD1 on null) or when the
-/// driver keeps several in flight, so rounds overlap (QD32). A lone
-/// request that already slept through the device's latency gains little
-/// from it, and a busy CPU here makes the scheduler wake the driver on
-/// another CPU instead: on O_DIRECT raw at QD1 that cost 7% in this
-/// project's 2-vCPU VM (docs/serve.md).
+/// driver keeps several in flight, so rounds overlap (QD32), or when the
+/// driver wanted no interrupt for its completions: it is awake (polling
+/// its used ring, like a `--poll` client or a guest in polling mode) and
+/// sends the next request at once, which polling catches without a kick.
+/// A lone request that already slept through the device's latency, for a
+/// driver that sleeps until its interrupt, gains little from it, and a
+/// busy CPU here makes the scheduler wake the driver on another CPU
+/// instead: on O_DIRECT raw at QD1 that cost 7% in this project's 2-vCPU
+/// VM (docs/serve.md). The flags cover the requests since the last
+/// decision, so a change of driver behaviour shows one request late.
 fn worth_polling(w: &Worker) -> bool {
-    let worth = w.deep.get() || !w.waited.get();
+    let worth = w.deep.get() || !w.waited.get() || !w.interrupted.get();
     w.deep.set(false);
     w.waited.set(false);
+    w.interrupted.set(false);
     worth
 }
 
@@ -401,6 +412,7 @@ fn signal(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> 
                 }
                 if q.needs_notification(&*mem).unwrap_or(true) {
                     let _ = st.signal_used_queue();
+                    w.interrupted.set(true);
                 }
             } else {
                 tracing::warn!(device = %b.dev.cfg.name, queue, "dropped {} completions of a queue that was reset", list.len());
