@@ -3,11 +3,10 @@
 //! 1. A kick (or a runtime eventfd, or a poll round) arrives.
 //! 2. The thread pops every available descriptor chain of its queues,
 //!    validates it (`blk::request::parse`) and spawns one task per request
-//!    on the thread's runtime. The task submits I/O through the engine,
-//!    zero-copy into guest memory.
-//! 3. `Runtime::run_ready` hands the queued I/O to the kernel in one batch
-//!    and reaps completions in one batch; each finished task puts its chain
-//!    on the used ring.
+//!    on the thread's runtime, polled at once; its I/O goes to the kernel
+//!    right away, zero-copy into guest memory.
+//! 3. `Runtime::poll_ready` reaps completions in one batch; each finished
+//!    task leaves its chain for `signal`, which puts it on the used ring.
 //! 4. The thread signals each queue's call eventfd once per batch, and only
 //!    when EVENT_IDX says the driver wants it.
 //! 5. With nothing left in flight, the thread either polls (`worth_polling`:
@@ -298,6 +297,13 @@ fn pop_chains(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &Vr
                     log_refused(w, &b.dev.cfg.name, queue, head, reason);
                 }
                 spawn_request(w, queue, local, mem.clone(), head, parsed, start);
+                // Its I/O goes to the kernel now, not at the end of the
+                // round: the device starts on it while the rest are parsed.
+                // On O_DIRECT raw QD32 that took Spindle from 82-90% of fio
+                // to 88-93% (two 10-pair runs), for 7-19% more CPU per
+                // request (one io_uring_enter each). Null queues nothing:
+                // no system call.
+                w.rt.submit_queued();
                 popped += 1;
             }
             if keep_quiet {
