@@ -175,7 +175,7 @@ impl Runtime {
     /// finishes in its first poll (a request on a null or cached node)
     /// never reaches the run queue; one that waits for I/O is woken like
     /// any other. Its I/O is queued, not yet submitted: call
-    /// [`Runtime::poll_ready`] after a batch of these.
+    /// [`Runtime::submit_queued`] or [`Runtime::poll_ready`] next.
     pub fn spawn_now<F>(&self, fut: F) -> Task<F::Output>
     where
         F: Future + 'static,
@@ -192,12 +192,7 @@ impl Runtime {
     /// without running tasks or reaping. Costs nothing (no system call)
     /// when none are queued.
     pub fn submit_queued(&self) {
-        if let Err(e) = self.inner.engine.borrow_mut().submit() {
-            tracing::error!("I/O engine submit failed: {e}");
-        }
-        if let Some(h) = self.inner.helper.borrow_mut().as_mut() {
-            let _ = h.submit();
-        }
+        self.inner.submit();
     }
 
     /// One non-blocking step for an external event loop: resets the
@@ -285,19 +280,23 @@ impl Drop for EnterGuard {
 }
 
 impl Inner {
-    /// Hands queued ops to the kernel and records finished ones. Returns how
-    /// many completions were reaped.
-    fn submit_and_reap(&self) -> usize {
-        let mut reaped = self.reaped.borrow_mut();
-        {
-            let mut eng = self.engine.borrow_mut();
-            if let Err(e) = eng.submit() {
-                tracing::error!("I/O engine submit failed: {e}");
-            }
-            eng.reap(&mut reaped);
+    /// Hands queued ops to the kernel (engine and helper pool).
+    fn submit(&self) {
+        if let Err(e) = self.engine.borrow_mut().submit() {
+            tracing::error!("I/O engine submit failed: {e}");
         }
         if let Some(h) = self.helper.borrow_mut().as_mut() {
             let _ = h.submit();
+        }
+    }
+
+    /// Hands queued ops to the kernel and records finished ones. Returns how
+    /// many completions were reaped.
+    fn submit_and_reap(&self) -> usize {
+        self.submit();
+        let mut reaped = self.reaped.borrow_mut();
+        self.engine.borrow_mut().reap(&mut reaped);
+        if let Some(h) = self.helper.borrow_mut().as_mut() {
             h.reap(&mut reaped);
         }
         let n = reaped.len();

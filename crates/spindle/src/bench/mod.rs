@@ -111,12 +111,10 @@ pub fn run(a: Args) -> CliResult<u8> {
         )));
     }
     b.connect().map_err(|e| blkio_err("cannot connect", t, e))?;
-    let (irq_queues, poll_queues) = if a.poll { (0, a.queues) } else { (a.queues, 0) };
-    b.set_i32("num-queues", irq_queues as i32)
-        .map_err(|e| blkio_err("num-queues", t, e))?;
-    if a.poll {
-        b.set_i32("num-poll-queues", poll_queues as i32)
-            .map_err(|e| blkio_err("num-poll-queues", t, e))?;
+    // All queues are interrupt-driven, or all are poll queues.
+    let (irq, poll) = if a.poll { (0, a.queues) } else { (a.queues, 0) };
+    for (prop, n) in [("num-queues", irq), ("num-poll-queues", poll)] {
+        b.set_i32(prop, n as i32).map_err(|e| blkio_err(prop, t, e))?;
     }
     let capacity = b.get_u64("capacity").map_err(|e| blkio_err("capacity", t, e))?;
     let size = match &a.size {
