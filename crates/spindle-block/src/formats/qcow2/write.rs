@@ -354,40 +354,73 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Grows or shrinks the virtual disk.
+    /// Grows or shrinks the virtual disk. Everything that can refuse the
+    /// new size is checked before anything changes, and the in-memory
+    /// size changes only once the header says so.
     pub(crate) async fn resize(&self, new_size: u64) -> Result<()> {
         if self.read_only {
             return Err(self.ro_err());
         }
+        if !new_size.is_multiple_of(512) {
+            return Err(fmt_err(self.path(), "the new size must be a multiple of 512 bytes"));
+        }
+        let l2_bits = self.cluster_bits - if self.ext_l2 { 4 } else { 3 };
+        let need = Header::l1_entries_for(new_size, self.cluster_bits, l2_bits);
+        if need * 8 > super::header::MAX_L1_BYTES {
+            return Err(fmt_err(
+                self.path(),
+                format!(
+                    "a {new_size}-byte disk needs an L1 table over 32 MiB with {} KiB clusters; use a larger cluster size",
+                    (1u64 << self.cluster_bits) >> 10
+                ),
+            ));
+        }
         self.repair_if_dirty().await?;
-        let mut m = self.lock_meta().await;
-        if m.hdr.nb_snapshots > 0 && new_size < m.hdr.size {
+        let cs = 1u64 << self.cluster_bits;
+        let mut m = self.lock_meta_clear_of(new_size / cs, u64::MAX).await;
+        let old = m.hdr.size;
+        if m.hdr.nb_snapshots > 0 && new_size < old {
             return Err(fmt_err(
                 self.path(),
                 "cannot shrink an image that has internal snapshots",
             ));
         }
-        let cs = 1u64 << self.cluster_bits;
-        let old = m.hdr.size;
         if new_size < old {
-            // Free clusters past the new end.
-            for gc in new_size.div_ceil(cs)..old.div_ceil(cs) {
-                let (raw, _) = m.get_l2(&self.file, gc).await?;
-                if raw != 0 {
-                    m.set_l2(&self.file, gc, 0, 0).await?;
-                    m.release_entry(&self.file, raw).await?;
-                }
-            }
+            self.free_past(&mut m, new_size.div_ceil(cs), old.div_ceil(cs)).await?;
             m.flush(&self.file).await?;
         }
-        let need = Header::l1_entries_for(new_size, self.cluster_bits, m.hdr.l2_bits()) as usize;
         m.hdr.size = new_size;
-        if need > m.l1.len() {
-            m.resize_l1(&self.file, need).await?;
+        let res = if need as usize > m.l1.len() {
+            m.resize_l1(&self.file, need as usize).await
         } else {
-            m.write_header(&self.file).await?;
+            m.write_header(&self.file).await
+        };
+        if let Err(e) = res {
+            m.hdr.size = old;
+            return Err(e);
         }
         self.size.store(new_size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Unmaps guest clusters `[first, end)` (a shrink), visiting only the
+    /// L2 tables that exist.
+    async fn free_past(&self, m: &mut Meta, first: u64, end: u64) -> Result<()> {
+        let l2_bits = m.hdr.l2_bits();
+        let mut gc = first;
+        while gc < end {
+            let l1i = (gc >> l2_bits) as usize;
+            if m.l1.get(l1i).is_none_or(|e| e & OFFSET_MASK == 0) {
+                gc = ((l1i as u64) + 1) << l2_bits;
+                continue;
+            }
+            let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+            if raw != 0 || bmp != 0 {
+                m.set_l2(&self.file, gc, 0, 0).await?;
+                m.release_entry(&self.file, raw).await?;
+            }
+            gc += 1;
+        }
         Ok(())
     }
 

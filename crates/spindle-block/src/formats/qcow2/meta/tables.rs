@@ -133,9 +133,10 @@ impl Meta {
         let old_clusters = (self.l1.len() as u64 * 8).div_ceil(cs);
         let clusters = (entries as u64 * 8).div_ceil(cs).max(1);
         let new_off = self.alloc_clusters(f, clusters).await?;
-        self.l1.resize(entries, 0);
+        let mut l1 = self.l1.clone();
+        l1.resize(entries, 0);
         let mut buf = AlignedBuf::new((clusters * cs) as usize, f.alignment().mem.max(512));
-        for (i, &e) in self.l1.iter().enumerate() {
+        for (i, &e) in l1.iter().enumerate() {
             put_be64(&mut buf, i, e);
         }
         f.write_at(new_off, &buf, false)
@@ -143,9 +144,17 @@ impl Meta {
             .map_err(io_err(f.path(), "L1 table write failed"))?;
         self.flush_refcounts(f).await?;
         f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
+        // The header switches to the new table; until it says so, the old
+        // one stays in use (a failure leaks the new clusters at most).
+        let (old_hdr_off, old_hdr_size) = (self.hdr.l1_table_offset, self.hdr.l1_size);
         self.hdr.l1_table_offset = new_off;
         self.hdr.l1_size = entries as u32;
-        self.write_header(f).await?;
+        if let Err(e) = self.write_header(f).await {
+            self.hdr.l1_table_offset = old_hdr_off;
+            self.hdr.l1_size = old_hdr_size;
+            return Err(e);
+        }
+        self.l1 = l1;
         if old_off != 0 && old_clusters > 0 {
             for c in old_off / cs..old_off / cs + old_clusters {
                 self.update_refcount(f, c, -1).await?;
