@@ -25,6 +25,15 @@ pub enum BlockError {
         /// The problem.
         msg: String,
     },
+    /// Metadata read from the image is inconsistent, or a write would land
+    /// on metadata: the image gets the corrupt bit and the request fails.
+    #[error("{}: image is corrupt: {msg}", path.display())]
+    Corrupt {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
     /// The image or node cannot be written.
     #[error("{}: image is read-only{}", path.display(), if reason.is_empty() { String::new() } else { format!(" ({reason})") })]
     ReadOnly {
@@ -75,6 +84,14 @@ pub(crate) fn io_err<'a>(
         path: path.to_path_buf(),
         context,
         source,
+    }
+}
+
+/// Helper: a corruption found in the image's metadata.
+pub(crate) fn corrupt(path: &std::path::Path, msg: impl Into<String>) -> BlockError {
+    BlockError::Corrupt {
+        path: path.to_path_buf(),
+        msg: msg.into(),
     }
 }
 

@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod fault;
 pub mod formats;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -16,6 +17,7 @@ mod open;
 mod sg;
 
 pub use error::{BlockError, Result};
+pub use formats::qcow2::header::printable;
 pub use node::{BlockStatus, Extent, ImageInfo, Node};
 pub use open::{backing_path, open_image, parse_size, probe, Format, OpenConfig};
 pub use sg::SgList;

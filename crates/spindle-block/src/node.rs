@@ -141,7 +141,7 @@ impl Node {
                 buf.fill_zero();
                 Ok(())
             }
-            Node::Qcow2(d) => d.read(offset, buf).await,
+            Node::Qcow2(d) => d.guard(d.read(offset, buf).await).await,
         }
     }
 
@@ -154,7 +154,7 @@ impl Node {
         match self {
             Node::Raw(d) => d.write(offset, buf, fua).await,
             Node::Null(_) => Ok(()),
-            Node::Qcow2(d) => d.write(offset, buf, fua).await,
+            Node::Qcow2(d) => d.guard(d.write(offset, buf, fua).await).await,
         }
     }
 
@@ -163,7 +163,7 @@ impl Node {
         match self {
             Node::Raw(d) => d.flush().await,
             Node::Null(_) => Ok(()),
-            Node::Qcow2(d) => d.flush().await,
+            Node::Qcow2(d) => d.guard(d.flush().await).await,
         }
     }
 
@@ -174,7 +174,7 @@ impl Node {
         match self {
             Node::Raw(d) => d.discard(offset, len).await,
             Node::Null(_) => Ok(()),
-            Node::Qcow2(d) => d.discard(offset, len).await,
+            Node::Qcow2(d) => d.guard(d.discard(offset, len).await).await,
         }
     }
 
@@ -184,7 +184,7 @@ impl Node {
         match self {
             Node::Raw(d) => d.write_zeroes(offset, len, may_unmap).await,
             Node::Null(_) => Ok(()),
-            Node::Qcow2(d) => d.write_zeroes(offset, len, may_unmap).await,
+            Node::Qcow2(d) => d.guard(d.write_zeroes(offset, len, may_unmap).await).await,
         }
     }
 
@@ -195,7 +195,7 @@ impl Node {
         match self {
             Node::Raw(d) => d.block_status(offset, len),
             Node::Null(_) => Ok((BlockStatus::Zero, len)),
-            Node::Qcow2(d) => d.block_status(offset, len).await,
+            Node::Qcow2(d) => d.guard(d.block_status(offset, len).await).await,
         }
     }
 
@@ -257,7 +257,7 @@ impl Node {
                 d.resize(new_size);
                 Ok(())
             }
-            Node::Qcow2(d) => d.resize(new_size).await,
+            Node::Qcow2(d) => d.guard(d.resize(new_size).await).await,
         }
     }
 
@@ -265,7 +265,7 @@ impl Node {
     /// writable node.
     pub async fn close(&self) -> Result<()> {
         match self {
-            Node::Qcow2(d) => d.close().await,
+            Node::Qcow2(d) => d.guard(d.close().await).await,
             other => other.flush().await,
         }
     }

@@ -174,7 +174,7 @@ fn open_path(
         Format::Raw => Ok(Node::Raw(Raw::new(file, probed)?)),
         Format::Null => Err(BlockError::Invalid("null images have no path".into())),
         Format::Qcow2 => {
-            let q = qcow2::Qcow2::open(file, None, cfg.qcow2)?;
+            let mut q = qcow2::Qcow2::open(file, None, cfg.qcow2)?;
             let info = q.info();
             let backing = match (&info.backing_file, cfg.open_backing) {
                 (Some(name), true) => {
@@ -194,18 +194,7 @@ fn open_path(
                 }
                 _ => None,
             };
-            let q = qcow2::Qcow2::open(
-                File::open(
-                    path,
-                    OpenOptions {
-                        cache: cfg.cache,
-                        read_only,
-                        create: false,
-                    },
-                )?,
-                backing,
-                cfg.qcow2,
-            )?;
+            q.set_backing_node(backing);
             Ok(Node::Qcow2(Box::new(q)))
         }
     }

@@ -58,7 +58,9 @@ fn exit(r: img::CliResult<u8>) -> ExitCode {
     match r {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("spindle: {e}");
+            // Errors may quote names read from an image: no control bytes
+            // reach the terminal.
+            eprintln!("spindle: {}", spindle_block::printable(&e.to_string()));
             ExitCode::from(1)
         }
     }

@@ -104,10 +104,10 @@ fn human(node: &Node, info: &ImageInfo) -> String {
         s += &format!("cluster_size: {cs}\n");
     }
     if let Some(b) = &info.backing_file {
-        s += &format!("backing file: {b}\n");
+        s += &format!("backing file: {}\n", spindle_block::printable(b));
     }
     if let Some(f) = &info.backing_format {
-        s += &format!("backing file format: {f}\n");
+        s += &format!("backing file format: {}\n", spindle_block::printable(f));
     }
     if let Some(q) = &info.qcow2 {
         s += &format!(

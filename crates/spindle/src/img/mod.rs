@@ -40,6 +40,10 @@ pub struct ImgArgs {
     /// Worker threads of the `threads` engine (1 to 256).
     #[arg(long, global = true, default_value_t = 8)]
     aio_threads: usize,
+    /// Test only: fail a planned metadata write or flush of every qcow2
+    /// image the command opens, like QEMU's blkdebug (see docs/testing.md).
+    #[arg(long = "x-inject-error", global = true, hide = true)]
+    inject_error: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +97,12 @@ pub fn run(a: ImgArgs) -> CliResult<u8> {
         l2_cache_size: a.l2_cache_size.as_deref().map(size_arg).transpose()?,
         l2_cache_entry_size: entry,
         repair: false,
+        inject: a
+            .inject_error
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(BlockError::Invalid)?,
     });
     if !(1..=256).contains(&a.aio_threads) {
         return Err(BlockError::Invalid(format!(

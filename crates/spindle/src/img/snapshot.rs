@@ -74,8 +74,8 @@ pub fn list(snaps: &[Snapshot]) -> String {
         };
         s += &format!(
             "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
-            sn.id,
-            sn.name,
+            spindle_block::printable(&sn.id),
+            spindle_block::printable(&sn.name),
             super::human_size(sn.vm_state_size),
             local_time(sn.date_sec as i64),
             clock,

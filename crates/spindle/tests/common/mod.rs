@@ -1,6 +1,7 @@
 //! Helpers for tests that drive the real `spindle` binary and QEMU's tools.
 #![allow(dead_code)]
 
+pub mod qcow2;
 pub mod serve;
 
 use std::path::{Path, PathBuf};

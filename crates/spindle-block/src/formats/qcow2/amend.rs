@@ -2,17 +2,21 @@
 //! emptying (for commit).
 
 use super::header::{Compression, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
-use super::meta::{COMPRESSED, OFFSET_MASK, ZERO};
+use super::meta::ZERO;
 use super::{check, Qcow2};
 use crate::error::{fmt_err, Result};
+use crate::fault;
 
 impl Qcow2 {
     /// Points the image at another backing file (or none). Only the header
     /// changes; callers that need the data preserved copy it first (safe rebase).
     pub async fn set_backing(&self, name: Option<String>, format: Option<String>) -> Result<()> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        let r = self.set_backing_inner(name, format).await;
+        self.guard(r).await
+    }
+
+    async fn set_backing_inner(&self, name: Option<String>, format: Option<String>) -> Result<()> {
+        self.check_writable()?;
         let mut m = self.lock_meta().await;
         m.flush(&self.file).await?;
         m.hdr.backing_file = name;
@@ -22,9 +26,12 @@ impl Qcow2 {
 
     /// Turns lazy refcounts on or off (v3 only).
     pub async fn set_lazy_refcounts(&self, on: bool) -> Result<()> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        let r = self.set_lazy_refcounts_inner(on).await;
+        self.guard(r).await
+    }
+
+    async fn set_lazy_refcounts_inner(&self, on: bool) -> Result<()> {
+        self.check_writable()?;
         self.repair_if_dirty().await?;
         let mut m = self.lock_meta().await;
         if on && m.hdr.version < 3 {
@@ -44,9 +51,12 @@ impl Qcow2 {
     /// 16-bit refcounts, no extended L2, zlib, and no snapshots; zero
     /// clusters are turned into what v2 can express.
     pub async fn set_version(&self, version: u32) -> Result<()> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        let r = self.set_version_inner(version).await;
+        self.guard(r).await
+    }
+
+    async fn set_version_inner(&self, version: u32) -> Result<()> {
+        self.check_writable()?;
         self.repair_if_dirty().await?;
         let cur = self.lock_meta().await.hdr.version;
         if cur == version {
@@ -86,14 +96,14 @@ impl Qcow2 {
         {
             let mut m = self.lock_meta().await;
             for gc in 0..clusters {
-                let (raw, _) = m.get_l2(&self.file, gc).await?;
-                if raw & ZERO != 0 && raw & COMPRESSED == 0 {
-                    zero_clusters.push((gc, raw));
+                let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+                let e = self.entry_at(gc * cs, raw, bmp)?;
+                if e.zero != 0 {
+                    zero_clusters.push((gc, raw, e.host));
                 }
             }
         }
-        for (gc, raw) in zero_clusters {
-            let host = raw & OFFSET_MASK;
+        for (gc, raw, host) in zero_clusters {
             let mut m = self.lock_meta().await;
             if self.backing.is_none() {
                 // Unallocated reads as zeroes without a backing file.
@@ -101,8 +111,11 @@ impl Qcow2 {
                 m.release_entry(&self.file, raw).await?;
                 continue;
             }
-            drop(m);
             if host != 0 {
+                m.check_overlap(&self.file, host, cs, None)?;
+                drop(m);
+                fault::check(self.faults.as_deref(), fault::Kind::Data)
+                    .map_err(crate::error::io_err(self.path(), "write failed"))?;
                 self.file
                     .write_zeroes(host, cs, false)
                     .await
@@ -111,7 +124,6 @@ impl Qcow2 {
                 m.set_l2(&self.file, gc, raw & !ZERO, 0).await?;
             } else {
                 // Clear the flag first so the write allocates a fresh cluster.
-                let mut m = self.lock_meta().await;
                 m.set_l2(&self.file, gc, 0, 0).await?;
                 drop(m);
                 let mut z = vec![0u8; cs.min(self.size() - gc * cs) as usize];
@@ -130,12 +142,16 @@ impl Qcow2 {
     /// Drops every cluster of the active L1 so the whole disk reads from the
     /// backing file again (QEMU's make_empty, used after commit).
     pub async fn make_empty(&self) -> Result<()> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        let r = self.make_empty_inner().await;
+        self.guard(r).await
+    }
+
+    async fn make_empty_inner(&self) -> Result<()> {
+        self.check_writable()?;
         self.repair_if_dirty().await?;
         let cs = self.cluster_size();
         let mut m = self.lock_meta().await;
+        self.mark_dirty(&mut m).await?;
         for gc in 0..self.size().div_ceil(cs) {
             let (raw, _) = m.get_l2(&self.file, gc).await?;
             if raw != 0 {

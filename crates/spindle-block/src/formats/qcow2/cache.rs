@@ -76,6 +76,10 @@ impl TableCache {
     pub fn any_dirty(&self) -> bool {
         self.map.values().any(|e| e.dirty)
     }
+    /// Forgets every piece (the caller wrote back the dirty ones).
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
     /// Forgets every piece whose offset lies in `[start, end)`.
     pub fn invalidate_range(&mut self, start: u64, end: u64) {
         self.map.retain(|&o, _| o < start || o >= end);

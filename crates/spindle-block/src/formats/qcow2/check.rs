@@ -1,5 +1,6 @@
 //! Consistency check and repair, with qemu-img check's semantics.
 
+use super::entry::{L1_RESERVED, L2_RESERVED};
 use super::meta::{COMPRESSED, COPIED, OFFSET_MASK};
 use super::snapshot;
 use super::{compressed_extent, Qcow2};
@@ -82,14 +83,32 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
         hdr.refcount_table_offset,
         hdr.refcount_table_clusters as u64 * cs,
     );
-    for &e in m.refcount_table() {
+    // Refcount blocks that cannot be read are reported once; their
+    // clusters are not compared below.
+    let mut bad_blocks = std::collections::HashSet::new();
+    for (i, &e) in m.refcount_table().iter().enumerate() {
         let off = e & !0x1ff;
+        let why = if e & 0x1ff != 0 {
+            Some("has reserved bits set")
+        } else if !off.is_multiple_of(cs) {
+            Some("is not cluster aligned; refcount table entry corrupted")
+        } else if off >= file_len {
+            Some("is outside image")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            r.corruptions += 1;
+            r.messages.push(format!("ERROR refcount block {i} {why}"));
+            bad_blocks.insert(i as u64);
+            continue;
+        }
         if off != 0 {
             inc(&mut refs, off, cs);
         }
     }
     // Snapshot table and the L1 tables to walk: active first.
-    let mut l1s: Vec<(Vec<u64>, bool)> = vec![(m.l1.clone(), true)];
+    let mut l1s: Vec<(Vec<u64>, bool)> = vec![(m.l1().to_vec(), true)];
     inc(&mut refs, hdr.l1_table_offset, hdr.l1_size as u64 * 8);
     let mut snapshot_l1_bytes = 0u64;
     if hdr.nb_snapshots > 0 {
@@ -106,6 +125,16 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
                         r.corruptions += 1;
                         r.messages
                             .push(format!("ERROR snapshot {} has an oversized L1 table", s.id));
+                        continue;
+                    }
+                    if !s.l1_table_offset.is_multiple_of(cs) {
+                        r.corruptions += 1;
+                        r.messages.push(format!(
+                            "ERROR snapshot {} ({}) l1_offset=0x{:x}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                            s.id,
+                            super::header::printable(&s.name),
+                            s.l1_table_offset
+                        ));
                         continue;
                     }
                     let bytes = s.l1_size as u64 * 8;
@@ -148,16 +177,26 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
     let l2_bits = hdr.l2_bits();
     let words = if hdr.extended_l2() { 2 } else { 1 };
     let mut last_host;
+    let layout = q.layout();
     for (l1, active) in &l1s {
         for (i, &l1e) in l1.iter().enumerate() {
+            if l1e == 0 {
+                continue;
+            }
+            if l1e & L1_RESERVED != 0 {
+                r.corruptions += 1;
+                r.messages
+                    .push(format!("ERROR found L1 entry with reserved bits set: {l1e:x}"));
+            }
             let l2_off = l1e & OFFSET_MASK;
             if l2_off == 0 {
                 continue;
             }
             if !l2_off.is_multiple_of(cs) || l2_off >= file_len {
                 r.corruptions += 1;
-                r.messages
-                    .push(format!("ERROR l2_offset=0x{l2_off:x}: invalid L2 table offset"));
+                r.messages.push(format!(
+                    "ERROR l2_offset={l2_off:x}: Table is not cluster aligned or lies past the end of the file; L1 entry corrupted"
+                ));
                 continue;
             }
             inc(&mut refs, l2_off, cs);
@@ -177,10 +216,33 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
             // QEMU counts fragmentation within each L2 table.
             last_host = 0;
             for j in 0..(1usize << l2_bits) {
-                let raw = u64::from_be_bytes(t[j * 8 * words..j * 8 * words + 8].try_into().unwrap_or_default());
+                let word = |k: usize| {
+                    let o = (j * words + k) * 8;
+                    u64::from_be_bytes(t[o..o + 8].try_into().unwrap_or_default())
+                };
+                let raw = word(0);
+                let bmp = if words == 2 { word(1) } else { 0 };
                 let gc = ((i as u64) << l2_bits) + j as u64;
+                if raw & COMPRESSED == 0 && raw & L2_RESERVED != 0 {
+                    r.corruptions += 1;
+                    r.messages
+                        .push(format!("ERROR found l2 entry with reserved bits set: {raw:x}"));
+                }
                 if raw & COMPRESSED != 0 {
                     let (off, len) = compressed_extent(raw, hdr.cluster_bits);
+                    if raw & COPIED != 0 {
+                        r.corruptions += 1;
+                        r.messages.push(format!(
+                            "ERROR: coffset=0x{off:x}: copied flag must never be set for compressed clusters"
+                        ));
+                    }
+                    if bmp != 0 {
+                        r.corruptions += 1;
+                        r.messages.push(format!(
+                            "ERROR compressed cluster {j} with non-zero subcluster allocation bitmap, entry=0x{raw:x}"
+                        ));
+                        continue;
+                    }
                     inc(&mut refs, off & !511, len + (off & 511));
                     if *active {
                         // Compressed clusters count as fragmented, as in QEMU.
@@ -191,14 +253,26 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
                     continue;
                 }
                 let host = raw & OFFSET_MASK;
-                if host == 0 {
-                    continue;
-                }
-                if !host.is_multiple_of(cs) {
+                if let Err(why) = layout.decode(raw, bmp) {
                     r.corruptions += 1;
+                    if !host.is_multiple_of(cs) {
+                        r.messages.push(format!(
+                            "ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted"
+                        ));
+                        continue;
+                    }
+                    if host == 0 && layout.ext_l2 {
+                        r.messages
+                            .push("ERROR: Unallocated cluster has non-zero subcluster allocation map".into());
+                        continue;
+                    }
+                    // A bad bitmap or a v2 zero flag: reads of the cluster
+                    // fail. A host cluster it names still counts as used.
                     r.messages.push(format!(
-                        "ERROR offset=0x{host:x}: Cluster is not properly aligned; L2 entry corrupted."
+                        "ERROR guest cluster {gc} (offset={host:x}): {why}; L2 entry corrupted"
                     ));
+                }
+                if host == 0 {
                     continue;
                 }
                 inc(&mut refs, host, cs);
@@ -249,6 +323,9 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
         .iter()
         .flat_map(|&b| (b << rb_bits)..=((b << rb_bits) | ((1 << rb_bits) - 1)).min(max_cluster));
     for c in clusters {
+        if bad_blocks.contains(&(c >> rb_bits)) {
+            continue;
+        }
         let want = refs.get(&c).copied().unwrap_or(0);
         let have = m.refcount(f, c).await?;
         if want > 0 || have > 0 {
@@ -282,6 +359,9 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
     // COPIED flags of the active tables must match refcount == 1.
     for (idx, raw, is_l1) in active_entries {
         let host = raw & OFFSET_MASK;
+        if bad_blocks.contains(&((host / cs) >> rb_bits)) {
+            continue;
+        }
         let rc = m.refcount(f, host / cs).await?;
         let want_copied = rc == 1;
         if (raw & COPIED != 0) == want_copied {
@@ -294,7 +374,7 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
             ));
             let fixed = if want_copied { raw | COPIED } else { raw & !COPIED };
             if is_l1 {
-                m.l1[idx as usize] = fixed;
+                m.set_l1(idx as usize, fixed);
                 m.write_l1_entry(f, idx as usize).await?;
             } else {
                 let (_, bmp) = m.get_l2(f, idx).await?;

@@ -163,7 +163,9 @@ impl Header {
         let mut h = Header {
             version,
             cluster_bits,
-            size: be64(buf, 24),
+            // QEMU counts whole sectors: a size that is not a multiple of
+            // 512 is rounded down (and written back so).
+            size: be64(buf, 24) & !511,
             l1_size: be32(buf, 36),
             l1_table_offset: be64(buf, 40),
             refcount_table_offset: be64(buf, 48),
@@ -271,7 +273,13 @@ impl Header {
             if bl > MAX_BACKING_NAME || bo.saturating_add(bl as u64) > limit as u64 {
                 return Err("backing file name is too long or lies outside the first cluster".into());
             }
-            h.backing_file = Some(String::from_utf8_lossy(&buf[bo as usize..(bo + bl as u64) as usize]).into_owned());
+            // As QEMU reads it: a C string, so a NUL ends it, and an empty
+            // name means no backing file.
+            let raw = &buf[bo as usize..(bo + bl as u64) as usize];
+            let name = raw.split(|&b| b == 0).next().unwrap_or_default();
+            if !name.is_empty() {
+                h.backing_file = Some(String::from_utf8_lossy(name).into_owned());
+            }
         }
         // Table sanity, with QEMU's caps.
         let aligned = |o: u64| o.is_multiple_of(cs);
@@ -377,6 +385,26 @@ impl Header {
             b[off..off + name.len()].copy_from_slice(name.as_bytes());
         }
         Ok(b)
+    }
+}
+
+/// A name read from an image (backing file, snapshot), safe to print:
+/// control characters are escaped, so an image cannot send escape
+/// sequences to the terminal.
+pub fn printable(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.chars().any(char::is_control) {
+        name.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        name.into()
     }
 }
 

@@ -12,6 +12,7 @@ mod cache;
 pub mod check;
 mod compress;
 pub mod create;
+mod entry;
 pub mod header;
 pub mod measure;
 mod meta;
@@ -23,6 +24,7 @@ mod vmstate;
 mod write;
 
 use crate::error::{fmt_err, io_err, BlockError, Result};
+use crate::fault;
 use crate::node::{ImageInfo, Node};
 use futures::lock::Mutex;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -65,6 +67,8 @@ pub struct Qcow2Options {
     pub l2_cache_entry_size: Option<u64>,
     /// Open an image marked corrupt writable, to repair it (`check -r`).
     pub repair: bool,
+    /// Test only: fail one planned metadata write or flush.
+    pub inject: Option<fault::Plan>,
 }
 
 /// How one guest range is stored.
@@ -99,6 +103,11 @@ pub struct Qcow2 {
     repair_lock: Mutex<()>,
     /// Why the image is read-only, when it is not the caller's choice.
     ro_reason: String,
+    /// Corruption found while open, or a failed header switch: nothing
+    /// writes to the image any more.
+    health: std::sync::Arc<meta::Health>,
+    /// Test-only fault injection, shared with the metadata.
+    faults: Option<std::sync::Arc<fault::Injector>>,
 }
 
 impl Drop for Qcow2 {
@@ -133,9 +142,14 @@ fn read_snapshot_table(
     f.read_exact_at(&mut buf, hdr.snapshots_offset)
         .map_err(io_err(path, "cannot read the snapshot table"))?;
     let (snaps, len) = snapshot::parse_table(&buf, hdr.nb_snapshots).map_err(|m| fmt_err(path, m))?;
+    // As QEMU: an oversized L1 table fails the open; a bad offset fails
+    // only operations on that snapshot (check_snapshot_l1).
     for s in &snaps {
-        if s.l1_size as u64 * 8 > header::MAX_L1_BYTES || s.l1_table_offset % hdr.cluster_size() != 0 {
-            return Err(fmt_err(path, format!("snapshot {} has an invalid L1 table", s.id)));
+        if s.l1_size as u64 * 8 > header::MAX_L1_BYTES {
+            return Err(fmt_err(
+                path,
+                format!("snapshot {} has an L1 table larger than 32 MiB", s.id),
+            ));
         }
     }
     Ok((snaps, len))
@@ -197,7 +211,11 @@ impl Qcow2 {
         let slices = (cache / slice).max(4) as usize;
         let ext_l2 = hdr.extended_l2();
         let dirty = hdr.incompatible & INCOMPAT_DIRTY != 0;
+        let faults = opts.inject.map(|p| std::sync::Arc::new(fault::Injector::new(p)));
+        let health = std::sync::Arc::new(meta::Health::default());
         let q = Qcow2 {
+            health: health.clone(),
+            faults: faults.clone(),
             repair_pending: std::sync::atomic::AtomicBool::new(dirty && !read_only),
             repair_lock: Mutex::new(()),
             ro_reason,
@@ -211,8 +229,14 @@ impl Qcow2 {
             tlb_id: tlb::new_id(),
             map_gen: AtomicU64::new(0),
             meta: Mutex::new({
-                let mut m = Meta::new(hdr, l1, rct, file_len, (slice as usize, slices));
+                let mut m = Meta::new(hdr, l1, rct, file_len, (slice as usize, slices), faults, health);
                 m.snapshots_table_len = snapshot_table_len;
+                // Spindle implements no autoclear feature: opened
+                // writable, they all go with the next header write.
+                if !read_only && m.hdr.autoclear != 0 {
+                    m.hdr.autoclear = 0;
+                    m.header_pending = true;
+                }
                 m.snapshots = snapshots;
                 m
             }),
@@ -294,5 +318,72 @@ impl Qcow2 {
             path: self.path().into(),
             reason: self.ro_reason.clone(),
         }
+    }
+
+    /// Refuses changes to an image opened read-only or found corrupt.
+    pub(super) fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(self.ro_err());
+        }
+        self.check_usable()
+    }
+
+    /// Refuses metadata write-back (and changes) once the image was found
+    /// corrupt or a header switch failed.
+    pub(super) fn check_usable(&self) -> Result<()> {
+        let reason = if self.health.corrupted.load(Ordering::Acquire) {
+            "found corrupt while open and marked corrupt; repair it with 'spindle img check -r all'"
+        } else if self.health.stale.load(Ordering::Acquire) {
+            "a metadata update failed half-way; reopen the image"
+        } else {
+            return Ok(());
+        };
+        Err(BlockError::ReadOnly {
+            path: self.path().into(),
+            reason: reason.into(),
+        })
+    }
+
+    /// How L2 entries of this image are decoded.
+    pub(super) fn layout(&self) -> entry::Layout {
+        entry::Layout {
+            cluster_bits: self.cluster_bits,
+            v3: self.v3,
+            ext_l2: self.ext_l2,
+        }
+    }
+
+    /// Passes `r` on; a corruption of this image found on the way first
+    /// marks the image corrupt (QEMU's `qcow2_signal_corruption`): the
+    /// corrupt bit goes into the header when the image is writable, and
+    /// from then on every change is refused. Call where no metadata lock
+    /// is held (the public entry points).
+    pub(crate) async fn guard<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(BlockError::Corrupt { path, msg }) = &r {
+            if path == self.path() && !self.health.corrupted.swap(true, Ordering::AcqRel) {
+                tracing::error!(
+                    "{}: {msg}; the image is marked corrupt and no longer written (repair it with 'spindle img check -r all')",
+                    path.display()
+                );
+                if !self.read_only {
+                    let mut m = self.meta.lock().await;
+                    m.hdr.incompatible |= INCOMPAT_CORRUPT;
+                    if let Err(e) = m.write_header(&self.file).await {
+                        tracing::error!("{}: cannot set the corrupt bit: {e}", path.display());
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    /// Attaches the backing node (at open, before the image is shared).
+    pub fn set_backing_node(&mut self, backing: Option<Box<Node>>) {
+        self.backing = backing;
+    }
+
+    /// Whether a corruption was found (and marked) while open.
+    pub fn is_corrupted(&self) -> bool {
+        self.health.corrupted.load(Ordering::Acquire)
     }
 }

@@ -1,8 +1,9 @@
 //! The qcow2 read path: mapping guest ranges to host clusters, and reads.
 
-use super::meta::{Meta, COMPRESSED, OFFSET_MASK, ZERO};
+use super::entry::Entry;
+use super::meta::Meta;
 use super::{compress, compressed_extent, tlb, Piece, Qcow2};
-use crate::error::{fmt_err, io_err, Result};
+use crate::error::{corrupt, fmt_err, io_err, Result};
 use crate::node::BlockStatus;
 use crate::sg::SgList;
 use futures::future::try_join_all;
@@ -22,53 +23,56 @@ impl Qcow2 {
     /// and its length, within one cluster.
     pub(super) async fn map_piece(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Piece, u64)> {
         let (raw, bmp) = m.get_l2(&self.file, off >> self.cluster_bits).await?;
-        Ok(self.piece_of(raw, bmp, off, len))
+        self.piece_of(raw, bmp, off, len)
+    }
+
+    /// Decodes the L2 entry of the guest cluster at `off`, refusing what
+    /// QEMU refuses (see entry.rs) as a corruption of this image.
+    pub(super) fn entry_at(&self, off: u64, raw: u64, bmp: u64) -> Result<Entry> {
+        self.layout().decode(raw, bmp).map_err(|m| {
+            corrupt(
+                self.path(),
+                format!(
+                    "L2 entry for guest offset 0x{:x}: {m}",
+                    off & !((1u64 << self.cluster_bits) - 1)
+                ),
+            )
+        })
     }
 
     /// The piece at `off` (at most `len`) given its cluster's L2 entry.
-    fn piece_of(&self, raw: u64, bmp: u64, off: u64, len: u64) -> (Piece, u64) {
+    pub(super) fn piece_of(&self, raw: u64, bmp: u64, off: u64, len: u64) -> Result<(Piece, u64)> {
+        let e = self.entry_at(off, raw, bmp)?;
         let cs = 1u64 << self.cluster_bits;
         let in_cluster = off & (cs - 1);
-        if self.ext_l2 {
-            let sub = 1u64 << self.sub_bits;
-            let mut si = (in_cluster >> self.sub_bits) as u32;
-            let kind = |si: u32| -> u8 {
-                if bmp & (1 << si) != 0 {
-                    1
-                } else if bmp & (1 << (si + 32)) != 0 {
-                    2
-                } else {
-                    0
-                }
-            };
-            let k = kind(si);
-            let mut n = sub - (in_cluster & (sub - 1));
-            while si + 1 < 32 && n < len && kind(si + 1) == k {
-                si += 1;
-                n += sub;
-            }
-            let n = n.min(len);
-            if raw & COMPRESSED != 0 {
-                return (Piece::Compressed(raw), (cs - in_cluster).min(len));
-            }
-            let piece = match k {
-                1 => Piece::Data((raw & OFFSET_MASK) + in_cluster),
-                2 => Piece::Zero,
-                _ => Piece::Backing,
-            };
-            return (piece, n);
+        if let Some(raw) = e.compressed {
+            return Ok((Piece::Compressed(raw), (cs - in_cluster).min(len)));
         }
-        let n = (cs - in_cluster).min(len);
-        let piece = if raw & COMPRESSED != 0 {
-            Piece::Compressed(raw)
-        } else if raw & ZERO != 0 && self.v3 {
-            Piece::Zero
-        } else if raw & OFFSET_MASK != 0 {
-            Piece::Data((raw & OFFSET_MASK) + in_cluster)
-        } else {
-            Piece::Backing
+        // Standard L2 entries are one subcluster as large as the cluster.
+        let sub = 1u64 << self.sub_bits;
+        let subclusters = (cs >> self.sub_bits) as u32;
+        let kind = |si: u32| -> u8 {
+            if e.alloc >> si & 1 != 0 {
+                1
+            } else if e.zero >> si & 1 != 0 {
+                2
+            } else {
+                0
+            }
         };
-        (piece, n)
+        let mut si = (in_cluster >> self.sub_bits) as u32;
+        let k = kind(si);
+        let mut n = sub - (in_cluster & (sub - 1));
+        while si + 1 < subclusters && n < len && kind(si + 1) == k {
+            si += 1;
+            n += sub;
+        }
+        let piece = match k {
+            1 => Piece::Data(e.host + in_cluster),
+            2 => Piece::Zero,
+            _ => Piece::Backing,
+        };
+        Ok((piece, n.min(len)))
     }
 
     /// Maps `[off, off+len)` into pieces, merging neighbours of the same kind.
@@ -82,7 +86,7 @@ impl Qcow2 {
             let Some((raw, bmp)) = tlb::get(self.tlb_id, gen, pos >> self.cluster_bits) else {
                 break;
             };
-            let (p, n) = self.piece_of(raw, bmp, pos, off + len - pos);
+            let (p, n) = self.piece_of(raw, bmp, pos, off + len - pos)?;
             push_piece(&mut out, pos, n, p);
             pos += n;
         }
@@ -98,8 +102,8 @@ impl Qcow2 {
         while pos < off + len {
             let gc = pos >> self.cluster_bits;
             let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+            let (p, n) = self.piece_of(raw, bmp, pos, off + len - pos)?;
             tlb::put(self.tlb_id, gen, gc, (raw, bmp));
-            let (p, n) = self.piece_of(raw, bmp, pos, off + len - pos);
             push_piece(&mut out, pos, n, p);
             pos += n;
         }

@@ -1,15 +1,15 @@
 //! Internal snapshots: create, list, apply and delete, compatible with
 //! `qemu-img snapshot` and QEMU's savevm/loadvm.
 //!
-//! Every operation keeps QEMU's order so that a crash leaks at most:
-//! refcounts go up (and are durable) before anything new points at the
-//! clusters, and go down only after nothing points at them any more.
+//! Each operation builds its new state beside the old one and switches to
+//! it with one header write (meta/txn.rs), so a crash at any point leaves
+//! either the old image or the new one, both consistent.
 
-use super::header::MAX_SNAPSHOTS;
-use super::meta::{Meta, COPIED};
-use super::snapshot::{self, Snapshot};
+use super::header::{printable, MAX_SNAPSHOTS};
+use super::meta::{Meta, OFFSET_MASK};
+use super::snapshot::Snapshot;
 use super::Qcow2;
-use crate::error::{fmt_err, BlockError, Result};
+use crate::error::{corrupt, fmt_err, BlockError, Result};
 use std::sync::atomic::Ordering;
 
 /// Longest snapshot name or id accepted.
@@ -49,9 +49,11 @@ impl Qcow2 {
 
     /// Creates a snapshot. With `hand_over_vmstate`, the L2 tables that map
     /// the VM state area move from the active L1 to the snapshot instead of
-    /// being shared and then dropped: nothing there is walked or counted
-    /// twice. They are unlinked from the active L1 before the table commit,
-    /// so a crash in between leaks them at most.
+    /// being shared: nothing there is walked or counted twice.
+    ///
+    /// The active L1 table becomes the snapshot's as it is; the new active
+    /// L1 reaches the same clusters, each now with one more reference
+    /// (meta/txn.rs: all of it takes effect with one header write).
     pub(super) async fn create_snapshot(
         &self,
         name: &str,
@@ -59,9 +61,20 @@ impl Qcow2 {
         vm_clock_nsec: u64,
         hand_over_vmstate: bool,
     ) -> Result<Snapshot> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        let r = self
+            .create_snapshot_inner(name, vm_state_size, vm_clock_nsec, hand_over_vmstate)
+            .await;
+        self.guard(r).await
+    }
+
+    async fn create_snapshot_inner(
+        &self,
+        name: &str,
+        vm_state_size: u64,
+        vm_clock_nsec: u64,
+        hand_over_vmstate: bool,
+    ) -> Result<Snapshot> {
+        self.check_writable()?;
         if name.is_empty() || name.len() > MAX_NAME {
             return Err(fmt_err(
                 self.path(),
@@ -83,27 +96,23 @@ impl Qcow2 {
                 format!("a snapshot named '{name}' already exists"),
             ));
         }
-        m.flush(f).await?;
-        // The snapshot's copy of the L1 table (flags are meaningless there).
-        let copy: Vec<u8> = m.l1.iter().flat_map(|e| (e & !COPIED).to_be_bytes()).collect();
-        let l1_off = m.write_new_clusters(f, &copy).await?;
-        // The VM state area starts at an L1 entry boundary.
+        let mut sw = m.begin_switch(f).await?;
+        let old_l1 = m.l1().to_vec();
+        // The VM state area starts at an L1 entry boundary; its tables stay
+        // with the snapshot alone.
         let disk_entries = if hand_over_vmstate {
-            ((self.vm_state_offset() >> (self.cluster_bits + m.hdr.l2_bits())) as usize).min(m.l1.len())
+            ((self.vm_state_offset() >> (self.cluster_bits + m.hdr.l2_bits())) as usize).min(old_l1.len())
         } else {
-            m.l1.len()
+            old_l1.len()
         };
-        if disk_entries < m.l1.len() {
-            m.l1[disk_entries..].fill(0);
-            m.write_l1(f).await?;
-            m.flush(f).await?;
+        // The new active L1 is a second L1 reaching the disk's tables.
+        m.sh_reference_l1(f, &mut sw.shadow, &old_l1[..disk_entries], 1).await?;
+        sw.l1 = vec![0; old_l1.len()];
+        for (i, &e) in old_l1[..disk_entries].iter().enumerate() {
+            if e & OFFSET_MASK != 0 {
+                m.sh_activate(f, &mut sw, i, e & OFFSET_MASK).await?;
+            }
         }
-        // Everything the active L1 reaches gains a reference; COPIED goes.
-        let mut l1 = m.l1[..disk_entries].to_vec();
-        m.update_snapshot_refcount(f, &mut l1, 1).await?;
-        m.l1[..disk_entries].copy_from_slice(&l1);
-        m.write_l1(f).await?;
-        m.flush(f).await?;
         let next_id = m
             .snapshots
             .iter()
@@ -115,8 +124,8 @@ impl Qcow2 {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let sn = Snapshot {
-            l1_table_offset: l1_off,
-            l1_size: m.l1.len() as u32,
+            l1_table_offset: m.hdr.l1_table_offset,
+            l1_size: old_l1.len() as u32,
             id: next_id.to_string(),
             name: name.to_string(),
             date_sec: now.as_secs() as u32,
@@ -131,104 +140,97 @@ impl Qcow2 {
         };
         let mut snaps = m.snapshots.clone();
         snaps.push(sn.clone());
-        self.commit_table(&mut m, snaps).await?;
+        sw.snapshots = Some(snaps);
+        m.commit_switch(f, sw, true).await?;
         Ok(sn)
     }
 
-    /// Writes a new snapshot table, switches the header to it (the commit
-    /// point), then frees the old one.
-    async fn commit_table(&self, m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
-        let f = &self.file;
-        let table = snapshot::serialize_table(&snaps);
-        if table.len() as u64 > snapshot::MAX_TABLE_BYTES {
-            return Err(fmt_err(self.path(), "the snapshot table would exceed 64 MiB"));
-        }
-        let new_off = if snaps.is_empty() {
-            0
-        } else {
-            m.write_new_clusters(f, &table).await?
-        };
-        m.flush(f).await?;
-        let (old_off, old_len) = (m.hdr.snapshots_offset, m.snapshots_table_len);
-        m.hdr.snapshots_offset = new_off;
-        m.hdr.nb_snapshots = snaps.len() as u32;
-        m.write_header(f).await?;
-        m.snapshots = snaps;
-        m.snapshots_table_len = if new_off == 0 { 0 } else { table.len() as u64 };
-        if old_off != 0 && old_len > 0 {
-            m.free_clusters(f, old_off, old_len).await?;
-        }
-        m.flush(f).await
-    }
-
     /// Checks that the image may change, then locks its metadata with no
-    /// write in flight and finds snapshot `id_or_name` (by id, then name).
+    /// write in flight and finds snapshot `id_or_name` (by id, then name),
+    /// whose L1 table must be valid.
     async fn begin(&self, id_or_name: &str) -> Result<(futures::lock::MutexGuard<'_, Meta>, usize)> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        self.check_writable()?;
         self.repair_if_dirty().await?;
         let m = self.lock_meta_clear_of(0, u64::MAX).await;
-        match Self::find(&m.snapshots, id_or_name) {
-            Some(i) => Ok((m, i)),
-            None => Err(self.not_found(id_or_name)),
-        }
+        let i = Self::find(&m.snapshots, id_or_name).ok_or_else(|| self.not_found(id_or_name))?;
+        self.check_snapshot_l1(&m.snapshots[i])?;
+        Ok((m, i))
     }
 
-    /// Recomputes the COPIED flags of the active L1 and the L2 tables it
-    /// reaches, after references changed, and writes the L1 back.
-    async fn refresh_active_flags(&self, m: &mut Meta) -> Result<()> {
-        let mut cur = m.l1.clone();
-        m.update_snapshot_refcount(&self.file, &mut cur, 0).await?;
-        m.l1 = cur;
-        m.write_l1(&self.file).await
+    /// Refuses a snapshot whose L1 table cannot be used (QEMU opens such
+    /// an image and fails only operations on that snapshot).
+    pub(super) fn check_snapshot_l1(&self, sn: &Snapshot) -> Result<()> {
+        let cs = self.cluster_size();
+        if sn.l1_size > 0 && (sn.l1_table_offset == 0 || !sn.l1_table_offset.is_multiple_of(cs)) {
+            return Err(corrupt(
+                self.path(),
+                format!(
+                    "snapshot {} ({}) has an invalid L1 table offset 0x{:x}",
+                    sn.id,
+                    printable(&sn.name),
+                    sn.l1_table_offset
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Reverts the disk to a snapshot (qemu-img snapshot -a).
     pub async fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        let r = self.snapshot_apply_inner(id_or_name).await;
+        self.guard(r).await
+    }
+
+    async fn snapshot_apply_inner(&self, id_or_name: &str) -> Result<()> {
         let (mut m, i) = self.begin(id_or_name).await?;
         let f = &self.file;
         let sn = m.snapshots[i].clone();
-        m.flush(f).await?;
+        let mut sw = m.begin_switch(f).await?;
         let sn_l1 = m.read_l1(f, sn.l1_table_offset, sn.l1_size).await?;
-        if sn_l1.len() > m.l1.len() {
-            m.resize_l1(f, sn_l1.len()).await?;
-        }
-        // The snapshot's clusters gain the active L1's reference first...
-        let mut new_l1 = sn_l1;
-        new_l1.resize(m.l1.len(), 0);
-        m.update_snapshot_refcount(f, &mut new_l1, 1).await?;
-        m.flush(f).await?;
-        let mut old = std::mem::replace(&mut m.l1, new_l1);
-        m.write_l1(f).await?;
-        f.flush()
-            .await
-            .map_err(crate::error::io_err(self.path(), "flush failed"))?;
-        // ...and the old active clusters lose it once nothing points at them.
-        m.update_snapshot_refcount(f, &mut old, -1).await?;
-        self.refresh_active_flags(&mut m).await?;
-        if let Some(size) = sn.disk_size {
-            if size != m.hdr.size {
-                m.hdr.size = size;
-                m.write_header(f).await?;
-                self.size.store(size, Ordering::Relaxed);
+        let old_l1 = m.l1().to_vec();
+        // The active L1 reaches the snapshot's tables instead of its own.
+        m.sh_reference_l1(f, &mut sw.shadow, &sn_l1, 1).await?;
+        m.sh_reference_l1(f, &mut sw.shadow, &old_l1, -1).await?;
+        sw.l1 = vec![0; old_l1.len().max(sn_l1.len())];
+        for (i, &e) in sn_l1.iter().enumerate() {
+            if e & OFFSET_MASK != 0 {
+                m.sh_activate(f, &mut sw, i, e & OFFSET_MASK).await?;
             }
         }
-        m.flush(f).await
+        sw.size = sn.disk_size.unwrap_or(m.hdr.size);
+        m.commit_switch(f, sw, false).await?;
+        self.size.store(m.hdr.size, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Deletes a snapshot and frees what only it used.
     pub async fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
+        let r = self.snapshot_delete_inner(id_or_name).await;
+        self.guard(r).await
+    }
+
+    async fn snapshot_delete_inner(&self, id_or_name: &str) -> Result<()> {
         let (mut m, i) = self.begin(id_or_name).await?;
         let f = &self.file;
-        m.flush(f).await?;
+        let mut sw = m.begin_switch(f).await?;
         let mut snaps = m.snapshots.clone();
         let sn = snaps.remove(i);
-        self.commit_table(&mut m, snaps).await?;
-        let mut sn_l1 = m.read_l1(f, sn.l1_table_offset, sn.l1_size).await?;
-        m.update_snapshot_refcount(f, &mut sn_l1, -1).await?;
-        m.free_clusters(f, sn.l1_table_offset, sn.l1_size as u64 * 8).await?;
-        self.refresh_active_flags(&mut m).await?;
-        m.flush(f).await
+        let sn_l1 = m.read_l1(f, sn.l1_table_offset, sn.l1_size).await?;
+        m.sh_reference_l1(f, &mut sw.shadow, &sn_l1, -1).await?;
+        if sn.l1_size > 0 {
+            m.sh_add_range(f, &mut sw.shadow, sn.l1_table_offset, sn.l1_size as u64 * 8, -1)
+                .await?;
+        }
+        // Clusters the snapshot shared may belong to the active L1 alone
+        // now: its tables get COPIED where that holds.
+        let old_l1 = m.l1().to_vec();
+        sw.l1 = vec![0; old_l1.len()];
+        for (i, &e) in old_l1.iter().enumerate() {
+            if e & OFFSET_MASK != 0 {
+                m.sh_activate(f, &mut sw, i, e & OFFSET_MASK).await?;
+            }
+        }
+        sw.snapshots = Some(snaps);
+        m.commit_switch(f, sw, false).await
     }
 }

@@ -8,9 +8,9 @@
 //! snapshot's VM state in order with read-ahead, and a writer thread drains
 //! it into the destination. Blocking stream I/O stays off the I/O thread.
 
-use super::meta::{COMPRESSED, OFFSET_MASK, ZERO};
+use super::meta::OFFSET_MASK;
 use super::snapshot::Snapshot;
-use super::Qcow2;
+use super::{Piece, Qcow2};
 use crate::error::{fmt_err, io_err, Result};
 use crate::SgList;
 use futures::channel::mpsc;
@@ -111,9 +111,17 @@ impl Qcow2 {
     /// state area and takes snapshot `name` with it. The snapshot exists
     /// fully, durable, or not at all.
     pub async fn save_vmstate(&self, name: &str, src: Box<dyn Read + Send>, opts: VmStateOptions) -> Result<Snapshot> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        let r = self.save_vmstate_inner(name, src, opts).await;
+        self.guard(r).await
+    }
+
+    async fn save_vmstate_inner(
+        &self,
+        name: &str,
+        src: Box<dyn Read + Send>,
+        opts: VmStateOptions,
+    ) -> Result<Snapshot> {
+        self.check_writable()?;
         if self.snapshot_list().await.iter().any(|s| s.name == name) {
             return Err(fmt_err(
                 self.path(),
@@ -165,9 +173,9 @@ impl Qcow2 {
         let mut m = self.lock_meta().await;
         let span = 1u64 << (self.cluster_bits + m.hdr.l2_bits());
         let need = end.div_ceil(span) as usize;
-        if need > m.l1.len() {
+        if need > m.l1().len() {
             // Headroom so a long stream does not rewrite the L1 table per chunk.
-            let want = need.max(m.l1.len() + m.l1.len() / 2).max(need + 4);
+            let want = need.max(m.l1().len() + m.l1().len() / 2).max(need + 4);
             m.resize_l1(&self.file, want).await?;
         }
         Ok(())
@@ -178,8 +186,8 @@ impl Qcow2 {
         let mut m = self.lock_meta_clear_of(0, u64::MAX).await;
         let span_bits = self.cluster_bits + m.hdr.l2_bits();
         let first_l1 = (base >> span_bits) as usize;
-        for l1i in first_l1..m.l1.len() {
-            if m.l1[l1i] & OFFSET_MASK == 0 {
+        for l1i in first_l1..m.l1().len() {
+            if m.l1()[l1i] & OFFSET_MASK == 0 {
                 continue;
             }
             let first = (l1i as u64) << m.hdr.l2_bits();
@@ -202,6 +210,16 @@ impl Qcow2 {
         dst: W,
         opts: VmStateOptions,
     ) -> Result<(u64, W)> {
+        let r = self.load_vmstate_inner(id_or_name, dst, opts).await;
+        self.guard(r).await
+    }
+
+    async fn load_vmstate_inner<W: Write + Send + 'static>(
+        &self,
+        id_or_name: &str,
+        dst: W,
+        opts: VmStateOptions,
+    ) -> Result<(u64, W)> {
         let snaps = self.snapshot_list().await;
         let sn = snaps
             .iter()
@@ -209,6 +227,7 @@ impl Qcow2 {
             .or_else(|| snaps.iter().find(|s| s.name == id_or_name))
             .cloned()
             .ok_or_else(|| self.not_found(id_or_name))?;
+        self.check_snapshot_l1(&sn)?;
         let l1 = self
             .meta
             .lock()
@@ -280,7 +299,6 @@ impl Qcow2 {
     /// Reads through a snapshot's L1 table; unmapped and zero ranges read as
     /// zeroes (VM state never comes from a backing file).
     async fn read_with_l1(&self, l1: &[u64], off: u64, out: &mut [u8]) -> Result<()> {
-        let cs = 1u64 << self.cluster_bits;
         let mut plan = Vec::new();
         {
             let mut m = self.lock_meta().await;
@@ -289,39 +307,34 @@ impl Qcow2 {
             while pos < out.len() as u64 {
                 let g = off + pos;
                 let gc = g >> self.cluster_bits;
-                let n = (cs - (g & (cs - 1))).min(out.len() as u64 - pos);
                 let l1e = l1.get((gc >> l2_bits) as usize).copied().unwrap_or(0);
                 let (raw, bmp) = if l1e == 0 {
                     (0, 0)
                 } else {
                     m.get_l2_for(&self.file, l1e, gc).await?
                 };
-                plan.push((pos, n, raw, bmp));
+                let (piece, n) = self.piece_of(raw, bmp, g, out.len() as u64 - pos)?;
+                plan.push((pos, n, piece));
                 pos += n;
             }
         }
         // Host-contiguous plain clusters become one read; the rest is
         // zero-filled or inflated.
+        let cs = 1u64 << self.cluster_bits;
         let mut reads: Vec<(u64, u64, u64)> = Vec::new(); // (pos, len, host)
-        for (pos, n, raw, bmp) in plan {
+        for (pos, n, piece) in plan {
             let part = &mut out[pos as usize..(pos + n) as usize];
-            let in_cluster = (off + pos) & (cs - 1);
-            let host = raw & OFFSET_MASK;
-            let plain = if self.ext_l2 {
-                bmp & 0xffff_ffff != 0
-            } else {
-                raw & ZERO == 0
-            };
-            if raw & COMPRESSED != 0 {
-                let data = self.read_compressed(raw).await?;
-                part.copy_from_slice(&data[in_cluster as usize..(in_cluster + n) as usize]);
-            } else if host != 0 && plain {
-                match reads.last_mut() {
-                    Some((p, l, h)) if *p + *l == pos && *h + *l == host + in_cluster => *l += n,
-                    _ => reads.push((pos, n, host + in_cluster)),
+            match piece {
+                Piece::Data(host) => match reads.last_mut() {
+                    Some((p, l, h)) if *p + *l == pos && *h + *l == host => *l += n,
+                    _ => reads.push((pos, n, host)),
+                },
+                Piece::Compressed(raw) => {
+                    let data = self.read_compressed(raw).await?;
+                    let in_cluster = ((off + pos) & (cs - 1)) as usize;
+                    part.copy_from_slice(&data[in_cluster..in_cluster + n as usize]);
                 }
-            } else {
-                part.fill(0);
+                Piece::Zero | Piece::Backing => part.fill(0),
             }
         }
         let sg = SgList::new(out);

@@ -5,6 +5,7 @@ use super::header::{Header, INCOMPAT_DIRTY};
 use super::meta::{Inflight, Meta, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::{check, compress, fmt_err, Qcow2};
 use crate::error::{io_err, Result};
+use crate::fault;
 use crate::sg::SgList;
 use futures::future::try_join_all;
 use futures::lock::Mutex;
@@ -17,9 +18,7 @@ use std::sync::Arc;
 impl Qcow2 {
     /// Writes guest data.
     pub(crate) async fn write(&self, off: u64, buf: &SgList<'_>, fua: bool) -> Result<()> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        self.check_writable()?;
         self.repair_if_dirty().await?;
         let cs = 1u64 << self.cluster_bits;
         let len = buf.len() as u64;
@@ -32,21 +31,18 @@ impl Qcow2 {
         for gc in first..=last {
             let (raw, bmp) = m.get_l2(&self.file, gc).await?;
             let pos = (gc * cs).max(off);
-            let normal = raw & (COMPRESSED | COPIED) == COPIED && raw & OFFSET_MASK != 0;
-            let fits = if self.ext_l2 {
-                let end = ((gc + 1) * cs).min(off + len);
-                let (s0, s1) = (
-                    ((pos & (cs - 1)) >> self.sub_bits),
-                    (((end - 1) & (cs - 1)) >> self.sub_bits),
-                );
-                let mask = ((1u64 << (s1 + 1)) - 1) & !((1u64 << s0) - 1);
-                bmp & mask == mask
-            } else {
-                raw & ZERO == 0
-            };
-            if normal && fits {
-                let host = (raw & OFFSET_MASK) + (pos & (cs - 1));
-                let n = ((gc + 1) * cs).min(off + len) - pos;
+            let e = self.entry_at(gc * cs, raw, bmp)?;
+            let normal = e.copied && e.compressed.is_none() && e.host != 0;
+            // Standard L2 entries have one subcluster: bit 0.
+            let end = ((gc + 1) * cs).min(off + len);
+            let (s0, s1) = (
+                ((pos & (cs - 1)) >> self.sub_bits),
+                (((end - 1) & (cs - 1)) >> self.sub_bits),
+            );
+            let mask = (((1u64 << (s1 + 1)) - 1) & !((1u64 << s0) - 1)) as u32;
+            if normal && e.alloc & mask == mask {
+                let host = e.host + (pos & (cs - 1));
+                let n = end - pos;
                 match in_place.last_mut() {
                     // Contiguous in guest and host: one write.
                     Some((p, h, l)) if *p + *l == pos && *h + *l == host => *l += n,
@@ -55,6 +51,9 @@ impl Qcow2 {
             } else {
                 allocs.push((gc, raw));
             }
+        }
+        for &(_, host, n) in &in_place {
+            m.check_overlap(&self.file, host, n, None)?;
         }
         if allocs.is_empty() {
             drop(m);
@@ -71,6 +70,9 @@ impl Qcow2 {
             m.prepare_l2(&self.file, gc).await?;
         }
         let base = m.alloc_clusters(&self.file, allocs.len() as u64).await?;
+        // Newly allocated clusters that hold metadata: the refcounts are
+        // corrupt. Nothing is written and nothing is given back.
+        m.check_overlap(&self.file, base, allocs.len() as u64 * cs, None)?;
         let lock = Arc::new(Mutex::new(()));
         let guard = lock.clone().lock_owned().await;
         m.inflight.push(Inflight {
@@ -117,6 +119,7 @@ impl Qcow2 {
     }
 
     pub(super) async fn write_host(&self, host: u64, part: &SgList<'_>, fua: bool) -> Result<()> {
+        fault::check(self.faults.as_deref(), fault::Kind::Data).map_err(io_err(self.path(), "write failed"))?;
         let iov = part.io_slices();
         self.file
             .write_vectored_at(host, &iov, fua)
@@ -186,6 +189,7 @@ impl Qcow2 {
         let mut iov: Vec<IoSlice<'_>> = vec![IoSlice::new(&head)];
         iov.extend(part.io_slices());
         iov.push(IoSlice::new(&tail));
+        fault::check(self.faults.as_deref(), fault::Kind::Data).map_err(io_err(self.path(), "write failed"))?;
         self.file
             .write_vectored_at(host, &iov, fua)
             .await
@@ -236,9 +240,15 @@ impl Qcow2 {
     }
 
     /// Sets the dirty bit before the first write of a lazy-refcount image.
+    /// Before the first change of the image's contents: a lazy-refcount
+    /// image gets its dirty bit, and autoclear bits Spindle does not
+    /// implement (persistent bitmaps) go, so QEMU does not trust bitmaps
+    /// that these writes make stale.
     pub(super) async fn mark_dirty(&self, m: &mut Meta) -> Result<()> {
         if self.lazy && m.hdr.incompatible & INCOMPAT_DIRTY == 0 {
             m.hdr.incompatible |= INCOMPAT_DIRTY;
+            m.write_header(&self.file).await?;
+        } else if m.header_pending {
             m.write_header(&self.file).await?;
         }
         Ok(())
@@ -256,6 +266,10 @@ impl Qcow2 {
     pub(crate) async fn close(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
+        }
+        if self.health.stale.load(Ordering::Acquire) {
+            // The header in memory may not be the one on disk.
+            return self.check_usable();
         }
         let mut m = self.lock_meta().await;
         m.flush(&self.file).await?;
@@ -279,9 +293,7 @@ impl Qcow2 {
     }
 
     pub(super) async fn zero_or_discard(&self, off: u64, len: u64, may_unmap: bool, discard: bool) -> Result<()> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        self.check_writable()?;
         let cs = 1u64 << self.cluster_bits;
         let end = off + len;
         let size = self.size();
@@ -314,10 +326,11 @@ impl Qcow2 {
         let zero_needed = !discard || self.backing.is_some();
         const ALL_ZERO: u64 = 0xffff_ffff << 32; // extended L2: every subcluster reads as zero
         for gc in g0..g1 {
-            let (raw, _) = m.get_l2(&self.file, gc).await?;
+            let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+            let e = self.entry_at(gc * cs, raw, bmp)?;
             // Write-zeroes without may-unmap keeps an owned cluster allocated
             // (QEMU's "zero cluster with a host offset"): only the flag changes.
-            let owned = raw & (COMPRESSED | COPIED) == COPIED && raw & OFFSET_MASK != 0;
+            let owned = e.copied && e.compressed.is_none() && e.host != 0;
             if !discard && !may_unmap && owned && (self.v3 || self.ext_l2) {
                 let (keep, bmp) = if self.ext_l2 { (raw, ALL_ZERO) } else { (raw | ZERO, 0) };
                 m.set_l2(&self.file, gc, keep, bmp).await?;
@@ -358,9 +371,7 @@ impl Qcow2 {
     /// new size is checked before anything changes, and the in-memory
     /// size changes only once the header says so.
     pub(crate) async fn resize(&self, new_size: u64) -> Result<()> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        self.check_writable()?;
         if !new_size.is_multiple_of(512) {
             return Err(fmt_err(self.path(), "the new size must be a multiple of 512 bytes"));
         }
@@ -390,7 +401,7 @@ impl Qcow2 {
             m.flush(&self.file).await?;
         }
         m.hdr.size = new_size;
-        let res = if need as usize > m.l1.len() {
+        let res = if need as usize > m.l1().len() {
             m.resize_l1(&self.file, need as usize).await
         } else {
             m.write_header(&self.file).await
@@ -410,7 +421,7 @@ impl Qcow2 {
         let mut gc = first;
         while gc < end {
             let l1i = (gc >> l2_bits) as usize;
-            if m.l1.get(l1i).is_none_or(|e| e & OFFSET_MASK == 0) {
+            if m.l1().get(l1i).is_none_or(|e| e & OFFSET_MASK == 0) {
                 gc = ((l1i as u64) + 1) << l2_bits;
                 continue;
             }
@@ -428,9 +439,12 @@ impl Qcow2 {
     /// must be unallocated. Falls back to a plain write when compression
     /// does not save space.
     pub async fn write_compressed(&self, gc: u64, data: &[u8]) -> Result<()> {
-        if self.read_only {
-            return Err(self.ro_err());
-        }
+        let r = self.write_compressed_inner(gc, data).await;
+        self.guard(r).await
+    }
+
+    async fn write_compressed_inner(&self, gc: u64, data: &[u8]) -> Result<()> {
+        self.check_writable()?;
         let cs = 1u64 << self.cluster_bits;
         if self.ext_l2 || data.len() as u64 != cs {
             return self.write(gc * cs, &SgList::new(&mut data.to_vec()), false).await;
@@ -443,6 +457,8 @@ impl Qcow2 {
         let mut m = self.lock_meta().await;
         self.mark_dirty(&mut m).await?;
         let off = m.alloc_bytes(&self.file, packed.len() as u64).await?;
+        m.check_overlap(&self.file, off, packed.len() as u64, None)?;
+        fault::check(self.faults.as_deref(), fault::Kind::Data).map_err(io_err(self.path(), "write failed"))?;
         self.file
             .write_at(off, &packed, false)
             .await

@@ -7,13 +7,19 @@
 //! tables before the L1 entries that point to them.
 
 use super::cache::{get_be64, put_be64, TableCache};
+use super::entry::Layout;
 use super::header::Header;
-use crate::error::{fmt_err, io_err, BlockError, Result};
+use crate::error::{corrupt, io_err, BlockError, Result};
+use crate::fault::{self, Injector, Kind};
 use spindle_io::{AlignedBuf, File};
 use std::sync::Arc;
 
+pub mod overlap;
 mod refcount;
 mod tables;
+pub mod txn;
+
+pub use overlap::Area;
 
 /// Host offset bits of L1/L2 entries (bits 9..55).
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -35,12 +41,29 @@ pub struct Inflight {
     pub lock: Arc<futures::lock::Mutex<()>>,
 }
 
+/// What the image and its metadata share about the image's health.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// A corruption was found while open (and marked): no more changes.
+    pub corrupted: std::sync::atomic::AtomicBool,
+    /// A header switch failed: which state the disk holds is unknown, so
+    /// nothing more is written through this open image.
+    pub stale: std::sync::atomic::AtomicBool,
+}
+
 /// Metadata state of an open image.
 pub struct Meta {
     /// Header as last written.
     pub hdr: Header,
-    /// Active L1 table (entries as on disk).
-    pub l1: Vec<u64>,
+    /// Active L1 table (entries as on disk); changed only through
+    /// `set_l1`/`replace_l1`, which keep the overlap index in step.
+    l1: Vec<u64>,
+    /// Clusters of active L2 tables and refcount blocks (overlap check).
+    overlaps: overlap::Index,
+    /// Test-only fault injection.
+    faults: Option<Arc<Injector>>,
+    /// Shared with the image.
+    health: Arc<Health>,
     l2: TableCache,
     rc_table: Vec<u64>,
     rc_table_dirty: bool,
@@ -55,15 +78,29 @@ pub struct Meta {
     pub snapshots: Vec<super::snapshot::Snapshot>,
     /// Bytes of the snapshot table on disk.
     pub snapshots_table_len: u64,
+    /// The header in memory differs from the one on disk in a way that
+    /// must reach the disk before the image changes (autoclear bits).
+    pub header_pending: bool,
 }
 
 impl Meta {
     /// Builds the state from tables read at open time.
-    pub fn new(hdr: Header, l1: Vec<u64>, rc_table: Vec<u64>, file_len: u64, l2_cache: (usize, usize)) -> Meta {
+    pub fn new(
+        hdr: Header,
+        l1: Vec<u64>,
+        rc_table: Vec<u64>,
+        file_len: u64,
+        l2_cache: (usize, usize),
+        faults: Option<Arc<Injector>>,
+        health: Arc<Health>,
+    ) -> Meta {
         let cs = hdr.cluster_size() as usize;
         let rc_cap = ((1usize << 20) / cs).max(8);
         Meta {
             end: file_len.div_ceil(cs as u64),
+            overlaps: overlap::Index::build(&l1, &rc_table, hdr.cluster_bits),
+            faults,
+            health,
             hdr,
             l1,
             l2: TableCache::new(l2_cache.0, l2_cache.1),
@@ -75,11 +112,91 @@ impl Meta {
             inflight: Vec::new(),
             snapshots: Vec::new(),
             snapshots_table_len: 0,
+            header_pending: false,
         }
     }
 
     fn cs(&self) -> u64 {
         self.hdr.cluster_size()
+    }
+
+    /// How L2 entries are decoded.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            cluster_bits: self.hdr.cluster_bits,
+            v3: self.hdr.version == 3,
+            ext_l2: self.hdr.extended_l2(),
+        }
+    }
+
+    /// The active L1 table.
+    pub fn l1(&self) -> &[u64] {
+        &self.l1
+    }
+
+    /// Sets active L1 entry `i` (in memory; `write_l1_entry` writes it).
+    pub fn set_l1(&mut self, i: usize, v: u64) {
+        let old = std::mem::replace(&mut self.l1[i], v);
+        self.overlaps.set_l1(old, v, self.hdr.cluster_bits);
+    }
+
+    /// Replaces the active L1 table (in memory).
+    pub fn replace_l1(&mut self, l1: Vec<u64>) {
+        self.l1 = l1;
+        self.reindex();
+    }
+
+    /// Rebuilds the overlap index from the L1 and refcount tables.
+    pub(super) fn reindex(&mut self) {
+        self.overlaps = overlap::Index::build(&self.l1, &self.rc_table, self.hdr.cluster_bits);
+    }
+
+    /// Refuses a write of `[off, off + len)` that would land on metadata
+    /// other than `except`, as a corruption (the write is not issued).
+    pub fn check_overlap(&self, f: &File, off: u64, len: u64, except: Option<Area>) -> Result<()> {
+        match self.overlap(off, len, except) {
+            None => Ok(()),
+            Some(area) => Err(corrupt(
+                f.path(),
+                format!(
+                    "a write of {len} bytes at host offset 0x{off:x} would overwrite the {} (metadata overlap); it was not issued",
+                    area.name()
+                ),
+            )),
+        }
+    }
+
+    /// The fault injector, if any (tests).
+    pub fn faults(&self) -> Option<&Injector> {
+        self.faults.as_deref()
+    }
+
+    /// Writes metadata of `area` at `off`, after the overlap check.
+    pub(super) async fn write_meta(
+        &self,
+        f: &File,
+        area: Area,
+        off: u64,
+        buf: &[u8],
+        what: &'static str,
+    ) -> Result<()> {
+        self.check_overlap(f, off, buf.len() as u64, Some(area))?;
+        let kind = match area {
+            Area::MainHeader => Kind::Header,
+            Area::ActiveL1 | Area::InactiveL1 => Kind::L1,
+            Area::ActiveL2 => Kind::L2,
+            Area::RefcountTable => Kind::RefcountTable,
+            Area::RefcountBlock => Kind::RefcountBlock,
+            Area::SnapshotTable => Kind::SnapshotTable,
+        };
+        fault::check(self.faults(), kind).map_err(io_err(f.path(), what))?;
+        f.write_at(off, buf, false).await.map_err(io_err(f.path(), what))
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn sync(&self, f: &File) -> Result<()> {
+        fault::check(self.faults(), Kind::Flush).map_err(io_err(f.path(), "flush failed"))?;
+        f.flush().await.map_err(io_err(f.path(), "flush failed"))
     }
     fn entry_words(&self) -> usize {
         if self.hdr.extended_l2() {
@@ -122,9 +239,9 @@ impl Meta {
 
     fn check_table_offset(&self, f: &File, off: u64, what: &str) -> Result<()> {
         if !off.is_multiple_of(self.cs()) || off == 0 {
-            return Err(fmt_err(
+            return Err(corrupt(
                 f.path(),
-                format!("{what} offset 0x{off:x} is not cluster aligned; the image is corrupt"),
+                format!("{what} offset 0x{off:x} is not cluster aligned"),
             ));
         }
         Ok(())
@@ -182,13 +299,15 @@ impl Meta {
     }
 
     async fn write_l2_slice(&mut self, f: &File, off: u64) -> Result<()> {
-        if let Some(e) = self.l2.get(off) {
-            f.write_at(off, &e.buf, false)
-                .await
-                .map_err(io_err(f.path(), "L2 table write failed"))?;
-            e.dirty = false;
-        }
-        Ok(())
+        let Some(e) = self.l2.get(off) else { return Ok(()) };
+        let buf = std::mem::replace(&mut e.buf, AlignedBuf::new(0, 1));
+        let r = self
+            .write_meta(f, Area::ActiveL2, off, &buf, "L2 table write failed")
+            .await;
+        let e = self.l2.get(off).expect("slice still cached");
+        e.buf = buf;
+        e.dirty &= r.is_err();
+        r
     }
 
     /// Sets the L2 entry of guest cluster `gc`, allocating or un-sharing the
@@ -238,14 +357,17 @@ impl Meta {
                 .map_err(io_err(f.path(), "L2 table read failed"))?;
         }
         let new = self.alloc_clusters(f, 1).await?;
-        f.write_at(new, &table, false)
-            .await
-            .map_err(io_err(f.path(), "L2 table write failed"))?;
+        self.write_meta(f, Area::ActiveL2, new, &table, "L2 table write failed")
+            .await?;
         // Refcounts (and the table's contents) durable before L1 points at it.
         self.flush_refcounts(f).await?;
-        f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
-        self.l1[l1i] = new | COPIED;
-        self.write_l1_entry(f, l1i).await?;
+        self.sync(f).await?;
+        let prev = self.l1[l1i];
+        self.set_l1(l1i, new | COPIED);
+        if let Err(e) = self.write_l1_entry(f, l1i).await {
+            self.set_l1(l1i, prev);
+            return Err(e);
+        }
         if old != 0 {
             self.l2.invalidate_range(old, old + cs as u64);
             self.update_refcount(f, old / cs as u64, -1).await?;
@@ -270,6 +392,6 @@ impl Meta {
         for o in self.l2.dirty() {
             self.write_l2_slice(f, o).await?;
         }
-        f.flush().await.map_err(io_err(f.path(), "flush failed"))
+        self.sync(f).await
     }
 }

@@ -2,8 +2,8 @@
 
 use super::super::cache::{get_refcount, put_be64, set_refcount};
 use super::super::header::MAX_REFTABLE_BYTES;
-use super::{Meta, COMPRESSED, OFFSET_MASK};
-use crate::error::{fmt_err, io_err, Result};
+use super::{Area, Meta};
+use crate::error::{corrupt, fmt_err, Result};
 use futures::future::{try_join_all, LocalBoxFuture};
 use futures::FutureExt;
 use spindle_io::{AlignedBuf, File};
@@ -19,7 +19,12 @@ impl Meta {
         if rb == 0 {
             return Ok(0);
         }
-        self.check_table_offset(f, rb, "refcount block")?;
+        if !rb.is_multiple_of(self.cs()) {
+            return Err(corrupt(
+                f.path(),
+                format!("refcount block offset 0x{rb:x} (refcount table index {bi}) is not cluster aligned"),
+            ));
+        }
         let order = self.hdr.refcount_order;
         let i = (c & ((1 << self.rb_bits()) - 1)) as usize;
         let e = self.rc_block(f, rb).await?;
@@ -35,9 +40,12 @@ impl Meta {
         if let Some((victim, dirty)) = self.rc.victim() {
             if dirty {
                 let e = self.rc.get(victim).expect("victim is cached");
-                f.write_at(victim, &e.buf, false)
-                    .await
-                    .map_err(io_err(f.path(), "refcount block write failed"))?;
+                let buf = std::mem::replace(&mut e.buf, AlignedBuf::new(0, 1));
+                let r = self
+                    .write_meta(f, Area::RefcountBlock, victim, &buf, "refcount block write failed")
+                    .await;
+                self.rc.get(victim).expect("victim is cached").buf = buf;
+                r?;
             }
             self.rc.remove(victim);
         }
@@ -93,6 +101,7 @@ impl Meta {
                 self.rc
                     .insert(x * cs, AlignedBuf::new(cs as usize, f.alignment().mem.max(512)), true);
                 self.rc_table[bi] = x * cs;
+                self.overlaps.set_block(0, x * cs, self.hdr.cluster_bits);
                 self.rc_table_dirty = true;
                 self.set_refcount(f, x, 1).await?;
             }
@@ -131,18 +140,22 @@ impl Meta {
         }
         // New blocks durable, then the new table, then the header switch.
         self.write_dirty_refblocks(f).await?;
-        f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
+        self.sync(f).await?;
         let mut buf = AlignedBuf::new((clusters * cs) as usize, f.alignment().mem.max(512));
         for (i, &e) in self.rc_table.iter().enumerate() {
             put_be64(&mut buf, i, e);
         }
-        f.write_at(start * cs, &buf, false)
-            .await
-            .map_err(io_err(f.path(), "refcount table write failed"))?;
-        f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
+        self.write_meta(f, Area::RefcountTable, start * cs, &buf, "refcount table write failed")
+            .await?;
+        self.sync(f).await?;
+        let (old_hdr_off, old_hdr_clusters) = (self.hdr.refcount_table_offset, self.hdr.refcount_table_clusters);
         self.hdr.refcount_table_offset = start * cs;
         self.hdr.refcount_table_clusters = clusters as u32;
-        self.write_header(f).await?;
+        if let Err(e) = self.write_header(f).await {
+            self.hdr.refcount_table_offset = old_hdr_off;
+            self.hdr.refcount_table_clusters = old_hdr_clusters;
+            return Err(e);
+        }
         self.rc_table_dirty = false;
         for c in old_off / cs..old_off / cs + old_clusters {
             self.update_refcount(f, c, -1).await?;
@@ -160,14 +173,20 @@ impl Meta {
                 b.copy_from_slice(&e.buf);
                 b
             };
-            e.dirty = false;
-            writes.push(async move {
-                f.write_at(o, &copy, false)
-                    .await
-                    .map_err(io_err(f.path(), "refcount block write failed"))
-            });
+            writes.push((o, copy));
         }
-        try_join_all(writes).await?;
+        let this = &*self;
+        let jobs = writes.iter().map(|(o, copy)| async move {
+            this.write_meta(f, Area::RefcountBlock, *o, copy, "refcount block write failed")
+                .await
+        });
+        try_join_all(jobs).await?;
+        // Clean only once written: a failed write-back is tried again.
+        for (o, _) in &writes {
+            if let Some(e) = self.rc.get(*o) {
+                e.dirty = false;
+            }
+        }
         Ok(())
     }
 
@@ -177,7 +196,7 @@ impl Meta {
             return Ok(());
         }
         self.write_dirty_refblocks(f).await?;
-        f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
+        self.sync(f).await?;
         if self.rc_table_dirty {
             let cs = self.cs() as usize;
             let mut buf = AlignedBuf::new(self.rc_table.len() * 8, f.alignment().mem.max(512));
@@ -185,10 +204,10 @@ impl Meta {
                 put_be64(&mut buf, i, e);
             }
             let _ = cs;
-            f.write_at(self.hdr.refcount_table_offset, &buf, false)
-                .await
-                .map_err(io_err(f.path(), "refcount table write failed"))?;
-            f.flush().await.map_err(io_err(f.path(), "flush failed"))?;
+            let off = self.hdr.refcount_table_offset;
+            self.write_meta(f, Area::RefcountTable, off, &buf, "refcount table write failed")
+                .await?;
+            self.sync(f).await?;
             self.rc_table_dirty = false;
         }
         Ok(())
@@ -235,25 +254,26 @@ impl Meta {
         Ok(start)
     }
 
-    /// Drops one reference to the cluster(s) an L2 entry points to.
+    /// Drops one reference to the cluster(s) an L2 entry points to. An
+    /// entry that does not decode (a corrupt offset) frees nothing, as
+    /// QEMU does: freeing the cluster it happens to point into could free
+    /// metadata.
     pub async fn release_entry(&mut self, f: &File, raw: u64) -> Result<()> {
         let cs = self.cs();
-        if raw & COMPRESSED != 0 {
+        let e = match self.layout().decode(raw, 0) {
+            Ok(e) => e,
+            Err(why) => {
+                tracing::warn!("{}: not freeing a cluster: {why}", f.path().display());
+                return Ok(());
+            }
+        };
+        if let Some(raw) = e.compressed {
             let (off, len) = super::super::compressed_extent(raw, self.hdr.cluster_bits);
             for c in off / cs..=(off + len - 1) / cs {
                 self.update_refcount(f, c, -1).await?;
             }
-        } else if raw & OFFSET_MASK != 0 {
-            self.update_refcount(f, (raw & OFFSET_MASK) / cs, -1).await?;
-        }
-        Ok(())
-    }
-
-    /// Drops one reference to each of the `bytes.div_ceil(cs)` clusters at `off`.
-    pub async fn free_clusters(&mut self, f: &File, off: u64, bytes: u64) -> Result<()> {
-        let cs = self.cs();
-        for c in off / cs..(off + bytes).div_ceil(cs) {
-            self.update_refcount(f, c, -1).await?;
+        } else if e.host != 0 {
+            self.update_refcount(f, e.host / cs, -1).await?;
         }
         Ok(())
     }
