@@ -81,6 +81,9 @@ pub struct Meta {
     /// The header in memory differs from the one on disk in a way that
     /// must reach the disk before the image changes (autoclear bits).
     pub header_pending: bool,
+    /// References dropped by metadata not yet durable: applied by `flush`
+    /// once the L1 and L2 changes that dropped them are on disk.
+    pending_decrefs: Vec<u64>,
 }
 
 impl Meta {
@@ -113,6 +116,7 @@ impl Meta {
             snapshots: Vec::new(),
             snapshots_table_len: 0,
             header_pending: false,
+            pending_decrefs: Vec::new(),
         }
     }
 
@@ -370,7 +374,7 @@ impl Meta {
         }
         if old != 0 {
             self.l2.invalidate_range(old, old + cs as u64);
-            self.update_refcount(f, old / cs as u64, -1).await?;
+            self.release_later(old / cs as u64);
         }
         Ok(())
     }
@@ -386,12 +390,21 @@ impl Meta {
         Ok(())
     }
 
-    /// Writes back everything in the safe order and makes it durable.
+    /// Writes back everything in the safe order and makes it durable:
+    /// refcount increments before the L2 tables that use them, then the
+    /// L2 tables, then the decrements their changes allow (QEMU orders its
+    /// caches the same way): a crash never leaves a refcount below the
+    /// references on disk, only above (a leak).
     pub async fn flush(&mut self, f: &File) -> Result<()> {
         self.flush_refcounts(f).await?;
         for o in self.l2.dirty() {
             self.write_l2_slice(f, o).await?;
         }
-        self.sync(f).await
+        self.sync(f).await?;
+        if !self.pending_decrefs.is_empty() {
+            self.apply_decrefs(f).await?;
+            self.flush_refcounts(f).await?;
+        }
+        Ok(())
     }
 }

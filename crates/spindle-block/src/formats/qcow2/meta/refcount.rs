@@ -158,7 +158,7 @@ impl Meta {
         }
         self.rc_table_dirty = false;
         for c in old_off / cs..old_off / cs + old_clusters {
-            self.update_refcount(f, c, -1).await?;
+            self.release_later(c);
         }
         Ok(())
     }
@@ -270,10 +270,28 @@ impl Meta {
         if let Some(raw) = e.compressed {
             let (off, len) = super::super::compressed_extent(raw, self.hdr.cluster_bits);
             for c in off / cs..=(off + len - 1) / cs {
-                self.update_refcount(f, c, -1).await?;
+                self.release_later(c);
             }
         } else if e.host != 0 {
-            self.update_refcount(f, e.host / cs, -1).await?;
+            self.release_later(e.host / cs);
+        }
+        Ok(())
+    }
+
+    /// Drops one reference to cluster `c` once the metadata change that
+    /// dropped it is durable (see `flush`).
+    pub fn release_later(&mut self, c: u64) {
+        self.pending_decrefs.push(c);
+    }
+
+    /// Applies the deferred decrements to the cached refcount blocks. One
+    /// that would go below zero is a corruption of the refcounts: it is
+    /// reported and skipped, the others still apply.
+    pub(super) async fn apply_decrefs(&mut self, f: &File) -> Result<()> {
+        for c in std::mem::take(&mut self.pending_decrefs) {
+            if let Err(e) = self.update_refcount(f, c, -1).await {
+                tracing::warn!("{e}");
+            }
         }
         Ok(())
     }

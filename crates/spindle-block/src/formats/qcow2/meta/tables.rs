@@ -76,7 +76,7 @@ impl Meta {
         self.replace_l1(l1);
         if old_off != 0 && old_clusters > 0 {
             for c in old_off / cs..old_off / cs + old_clusters {
-                self.update_refcount(f, c, -1).await?;
+                self.release_later(c);
             }
         }
         Ok(())
