@@ -67,9 +67,15 @@ impl std::fmt::Debug for RangeLocks {
 const MAX_IOV: usize = 1024;
 
 impl File {
-    /// Opens `path`. Setup-time only: this blocks.
+    /// Opens `path` with QEMU's image locks for the access: a reader, a
+    /// writer, or a creator ([`Locking`]). Setup-time only: this blocks.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<File> {
-        Self::open_with_lock(path, opts, Locking::NONE)
+        let locking = if opts.create {
+            Locking::CREATE
+        } else {
+            Locking::for_access(opts.read_only)
+        };
+        Self::open_with_lock(path, opts, locking)
     }
 
     /// Opens `path` holding `locking` for the File's lifetime; fails with
