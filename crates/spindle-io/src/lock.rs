@@ -89,7 +89,8 @@ impl Locking {
         hold: Perms::NONE,
         share: Perms::ALL,
     };
-    /// A reader (qemu-img's read-only opens, backing files, read-only exports).
+    /// A reader that keeps writers out (a read-only export or VM disk, a
+    /// copy's source, a backing file under either).
     pub const READ: Locking = Locking {
         hold: Perms::CONSISTENT_READ,
         share: SHARE_READERS,
@@ -99,7 +100,8 @@ impl Locking {
         hold: Perms::CONSISTENT_READ.with(Perms::WRITE).with(Perms::RESIZE),
         share: SHARE_READERS,
     };
-    /// Metadata only: holds nothing but keeps writers out (`qemu-img info`).
+    /// Metadata only: holds nothing but keeps writers out (`qemu-img info`
+    /// of a qcow2 image).
     pub const METADATA: Locking = Locking {
         hold: Perms::NONE,
         share: SHARE_READERS,
