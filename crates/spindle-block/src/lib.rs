@@ -19,5 +19,5 @@ mod sg;
 pub use error::{BlockError, Result};
 pub use formats::qcow2::header::printable;
 pub use node::{BlockStatus, Extent, ImageInfo, Node};
-pub use open::{backing_path, open_image, parse_size, probe, Format, OpenConfig};
+pub use open::{backing_path, open_image, parse_size, probe, Format, OpenConfig, Sharing};
 pub use sg::SgList;

@@ -3,7 +3,7 @@
 use crate::error::{fmt_err, io_err, BlockError, Result};
 use crate::formats::{null::Null, qcow2, raw::Raw};
 use crate::node::Node;
-use spindle_io::{CacheMode, File, OpenOptions};
+use spindle_io::{CacheMode, File, Locking, OpenOptions, Perms};
 use std::path::{Path, PathBuf};
 
 /// Longest backing chain Spindle follows.
@@ -58,6 +58,52 @@ pub struct OpenConfig {
     pub open_backing: bool,
     /// qcow2 tunables.
     pub qcow2: qcow2::Qcow2Options,
+    /// What other users (QEMU, qemu-img, other exports) may do to the
+    /// images meanwhile; decides the image locks with `read_only`.
+    pub sharing: Sharing,
+    /// Only the images' metadata is read (`info`): the locks claim no read
+    /// permission, as QEMU's metadata-only opens.
+    pub metadata_only: bool,
+}
+
+/// What others may do to an open image, as QEMU's shared permissions.
+/// Whatever this says, a writer of the image is never let in beside a
+/// Spindle writer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Sharing {
+    /// Others may read, not write or resize: a guest's disk, a copy's source.
+    #[default]
+    Readers,
+    /// A look, as qemu-img's info, map, compare: a raw image may be written
+    /// meanwhile, a qcow2 image not (its metadata must hold still, so
+    /// QEMU's qcow2 driver keeps writers out of every open).
+    Look,
+    /// Everything, writers of qcow2 images too (qemu-img's
+    /// `-U`/`--force-share`); read-only opens only.
+    All,
+}
+
+impl OpenConfig {
+    /// QEMU's image locks for an image of the chain (backing files inherit
+    /// the sharing, as QEMU's backing nodes do from their parent).
+    fn locking(&self, format: Format, read_only: bool) -> Locking {
+        let hold = match (read_only, self.metadata_only) {
+            (true, true) => Perms::NONE,
+            (true, false) => Perms::CONSISTENT_READ,
+            (false, _) => Locking::WRITE.hold,
+        };
+        let keep_writers_out = match self.sharing {
+            Sharing::Readers => true,
+            Sharing::Look => format == Format::Qcow2 || !read_only,
+            Sharing::All => false,
+        };
+        let share = if keep_writers_out {
+            Perms::ALL.without(Perms::WRITE).without(Perms::RESIZE)
+        } else {
+            Perms::ALL
+        };
+        Locking { hold, share }
+    }
 }
 
 impl Default for OpenConfig {
@@ -68,6 +114,8 @@ impl Default for OpenConfig {
             read_only: false,
             open_backing: true,
             qcow2: Default::default(),
+            sharing: Sharing::Readers,
+            metadata_only: false,
         }
     }
 }
@@ -135,6 +183,11 @@ pub fn open_image(spec: &str, cfg: &OpenConfig) -> Result<Node> {
             "'{spec}': the null format takes a spec like null:1G"
         )));
     }
+    if cfg.sharing == Sharing::All && !cfg.read_only {
+        return Err(BlockError::Invalid(format!(
+            "{spec}: force-share (-U) can only be used with read-only images"
+        )));
+    }
     let mut seen = Vec::new();
     open_path(Path::new(spec), cfg.format, cfg, cfg.read_only, &mut seen)
 }
@@ -162,14 +215,13 @@ fn open_path(
         Some(f) => f,
         None => probe(path)?,
     };
-    let file = File::open(
-        path,
-        OpenOptions {
-            cache: cfg.cache,
-            read_only,
-            create: false,
-        },
-    )?;
+    let opts = OpenOptions {
+        cache: cfg.cache,
+        read_only,
+        create: false,
+    };
+    // Locked from here until the node closes; backing files after it, as QEMU.
+    let file = File::open_with_lock(path, opts, cfg.locking(format, read_only))?;
     match format {
         Format::Raw => Ok(Node::Raw(Raw::new(file, probed)?)),
         Format::Null => Err(BlockError::Invalid("null images have no path".into())),
@@ -188,8 +240,11 @@ fn open_path(
                     if bfmt == Some(Format::Null) {
                         return Err(fmt_err(path, "a null backing format is not allowed"));
                     }
-                    let b = open_path(&bpath, bfmt, cfg, true, seen)
-                        .map_err(|e| fmt_err(path, format!("cannot open backing file: {e}")))?;
+                    let b = open_path(&bpath, bfmt, cfg, true, seen).map_err(|e| match e {
+                        // Names the backing file itself, and stays an in-use error.
+                        e @ BlockError::Setup(spindle_io::Error::InUse { .. }) => e,
+                        e => fmt_err(path, format!("cannot open backing file: {e}")),
+                    })?;
                     Some(Box::new(b))
                 }
                 _ => None,
@@ -234,6 +289,83 @@ mod tests {
         assert_eq!(parse_size("99999999999E"), None);
         assert_eq!(parse_null_spec("null:4M").unwrap().unwrap(), 4 << 20);
         assert!(parse_null_spec("null:abc").unwrap().is_err());
+    }
+
+    /// The locks of each kind of open, as strace shows QEMU 7.2's tools
+    /// taking them (qemu-img, qemu-io, qemu-system-x86_64 with a disk).
+    #[test]
+    fn locks_are_qemus_per_format_and_use() {
+        let cfg = |sharing, metadata_only| OpenConfig {
+            sharing,
+            metadata_only,
+            ..Default::default()
+        };
+        let rw = Perms::CONSISTENT_READ.with(Perms::WRITE).with(Perms::RESIZE);
+        let readers = Perms::ALL.without(Perms::WRITE).without(Perms::RESIZE);
+        let l = |hold, share| Locking { hold, share };
+        let cr = Perms::CONSISTENT_READ;
+        let none = Perms::NONE;
+        for f in [Format::Raw, Format::Qcow2] {
+            // A guest's disk and a writer never share writing.
+            assert_eq!(cfg(Sharing::Readers, false).locking(f, false), l(rw, readers));
+            assert_eq!(cfg(Sharing::Look, false).locking(f, false), l(rw, readers));
+            // A copy's source, a read-only export, a backing file of either.
+            assert_eq!(cfg(Sharing::Readers, false).locking(f, true), l(cr, readers));
+            // -U: qemu-img check -U, map -U; info -U takes no locks at all.
+            assert_eq!(cfg(Sharing::All, false).locking(f, true), l(cr, Perms::ALL));
+            assert_eq!(cfg(Sharing::All, true).locking(f, true), Locking::NONE);
+        }
+        // qemu-img map/compare/check: raw shares everything, qcow2 keeps
+        // writers off its metadata; info holds nothing.
+        assert_eq!(cfg(Sharing::Look, false).locking(Format::Raw, true), l(cr, Perms::ALL));
+        assert_eq!(cfg(Sharing::Look, false).locking(Format::Qcow2, true), l(cr, readers));
+        assert_eq!(cfg(Sharing::Look, true).locking(Format::Raw, true), Locking::NONE);
+        assert_eq!(cfg(Sharing::Look, true).locking(Format::Qcow2, true), l(none, readers));
+    }
+
+    #[test]
+    fn an_image_is_opened_writable_once() {
+        let dir =
+            tempfile::tempdir_in(std::env::var("SPINDLE_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let spec = path.to_str().unwrap();
+        let rw = OpenConfig::default();
+        let ro = OpenConfig {
+            read_only: true,
+            ..Default::default()
+        };
+        let look = OpenConfig {
+            sharing: Sharing::Look,
+            ..ro.clone()
+        };
+        let in_use = |r: Result<Node>| match r {
+            Err(BlockError::Setup(spindle_io::Error::InUse { .. })) => {}
+            Err(e) => panic!("expected an in-use error, got {e}"),
+            Ok(_) => panic!("expected an in-use error, the open succeeded"),
+        };
+        let w = open_image(spec, &rw).unwrap();
+        in_use(open_image(spec, &rw));
+        in_use(open_image(spec, &ro));
+        // A raw image may be looked at while written, as with qemu-img.
+        open_image(spec, &look).unwrap();
+        drop(w);
+        let r = open_image(spec, &ro).unwrap();
+        let _r2 = open_image(spec, &ro).unwrap();
+        in_use(open_image(spec, &rw));
+        drop(r);
+        let forced = OpenConfig {
+            sharing: Sharing::All,
+            ..rw.clone()
+        };
+        let e = open_image(spec, &forced)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("can only be used with read-only images"), "{e}");
+        // Null devices have no file and no locks.
+        let _n1 = open_image("null:1M", &rw).unwrap();
+        let _n2 = open_image("null:1M", &rw).unwrap();
     }
 
     #[test]

@@ -36,6 +36,33 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Another user of the image (QEMU, qemu-img, another Spindle export)
+    /// conflicts with this open, by QEMU's image locks.
+    #[error(
+        "{}: image is in use: another process {} the \"{perm}\" permission (is a VM or qemu-img using it?)",
+        path.display(),
+        if *held { "holds" } else { "does not share" }
+    )]
+    InUse {
+        /// The image.
+        path: PathBuf,
+        /// QEMU's name of the permission in conflict ("write", "resize", ...).
+        perm: &'static str,
+        /// Whether the other holds it (else it forbids this open holding it).
+        held: bool,
+    },
+    /// An image lock could not be taken or tested (not a conflict: the file
+    /// system refused, as QEMU's "Failed to lock byte").
+    #[error("{}: cannot lock byte {byte} of the image: {source}", path.display())]
+    Lock {
+        /// The image.
+        path: PathBuf,
+        /// The lock byte.
+        byte: u64,
+        /// What fcntl said.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Result alias for the I/O layer's setup functions.

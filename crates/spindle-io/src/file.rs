@@ -3,6 +3,7 @@
 use crate::buf::AlignedBuf;
 use crate::cache::CacheMode;
 use crate::error::{Error, Result};
+use crate::lock::{self, Locking};
 use crate::op::Op;
 use crate::range_lock::RangeLocks;
 use crate::runtime::submit;
@@ -28,7 +29,7 @@ pub struct OpenOptions {
     pub cache: CacheMode,
     /// Open read-only.
     pub read_only: bool,
-    /// Create the file if missing (and truncate it).
+    /// Create the file if missing (and truncate it, once the lock is taken).
     pub create: bool,
 }
 
@@ -66,8 +67,20 @@ impl std::fmt::Debug for RangeLocks {
 const MAX_IOV: usize = 1024;
 
 impl File {
-    /// Opens `path`. Setup-time only: this blocks.
+    /// Opens `path` with QEMU's image locks for the access: a reader, a
+    /// writer, or a creator ([`Locking`]). Setup-time only: this blocks.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<File> {
+        let locking = if opts.create {
+            Locking::CREATE
+        } else {
+            Locking::for_access(opts.read_only)
+        };
+        Self::open_with_lock(path, opts, locking)
+    }
+
+    /// Opens `path` holding `locking` for the File's lifetime; fails with
+    /// [`Error::InUse`] when another user of the image conflicts.
+    pub fn open_with_lock(path: &Path, opts: OpenOptions, locking: Locking) -> Result<File> {
         let err = |context: &str, source| Error::Open {
             path: path.to_path_buf(),
             context: context.into(),
@@ -76,7 +89,7 @@ impl File {
         let mut o = fs::OpenOptions::new();
         o.read(true).write(!opts.read_only);
         if opts.create {
-            o.create(true).truncate(true);
+            o.create(true).truncate(false);
         }
         let mut flags = libc::O_CLOEXEC;
         if opts.cache.direct() {
@@ -93,7 +106,12 @@ impl File {
                 err("cannot open", e)
             }
         })?;
+        lock::acquire(std::os::fd::AsFd::as_fd(&f), path, locking)?;
         let meta = f.metadata().map_err(|e| err("cannot stat", e))?;
+        if opts.create && meta.is_file() {
+            // Only now that nobody else uses it.
+            f.set_len(0).map_err(|e| err("cannot truncate", e))?;
+        }
         let block_device = meta.file_type().is_block_device();
         let fd: OwnedFd = f.into();
         let align = if opts.cache.direct() {

@@ -9,7 +9,8 @@
 //!
 //! [`File`] wraps an image file or block device opened with one of QEMU's
 //! cache modes ([`CacheMode`]), discovers its O_DIRECT alignment and serves
-//! unaligned requests through bounce buffers.
+//! unaligned requests through bounce buffers. It takes QEMU's image locks
+//! ([`lock`]) so QEMU and Spindle keep out of each other's images.
 #![deny(missing_docs)]
 
 mod buf;
@@ -17,6 +18,7 @@ mod cache;
 pub mod engine;
 mod error;
 mod file;
+pub mod lock;
 mod op;
 mod range_lock;
 mod runtime;
@@ -26,5 +28,6 @@ pub use cache::CacheMode;
 pub use engine::EngineKind;
 pub use error::{Error, Result};
 pub use file::{Alignment, File, OpenOptions};
+pub use lock::{Locking, Perms};
 pub use op::Op;
 pub use runtime::{spawn, Runtime, RuntimeConfig, Task};

@@ -44,6 +44,7 @@ fn kill_during_allocating_writes_leaves_leaks_at_most() {
         std::thread::sleep(Duration::from_millis(*delay_ms));
         child.kill().expect("kill");
         let _ = child.wait();
+        wait_unlocked(&img);
         let code = run("qemu-img", &["check", p(&img)]).status.code();
         assert!(
             matches!(code, Some(0) | Some(3)),

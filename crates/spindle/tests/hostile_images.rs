@@ -139,7 +139,7 @@ fn probed_raw_refuses_a_forged_header() {
     std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
     let node = spindle_block::open_image(p(&raw), &Default::default()).unwrap();
     let rt = spindle_io::Runtime::new(Default::default()).unwrap();
-    rt.block_on(async {
+    rt.block_on(async move {
         let mut forged = vec![0u8; 512];
         forged[..4].copy_from_slice(b"QFI\xfb");
         let e = node
@@ -151,6 +151,9 @@ fn probed_raw_refuses_a_forged_header() {
         node.write(4096, &spindle_block::SgList::new(&mut forged), false)
             .await
             .unwrap();
+        // Closed first: a second writable open would be refused (image locks).
+        node.close().await.unwrap();
+        drop(node);
         let cfg = spindle_block::OpenConfig {
             format: Some(spindle_block::Format::Raw),
             ..Default::default()

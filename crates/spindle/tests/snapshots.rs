@@ -353,6 +353,7 @@ fn kill_during_snapshot_create_leaves_leaks_at_most() {
         std::thread::sleep(std::time::Duration::from_millis(*ms));
         let _ = child.kill();
         let _ = child.wait();
+        wait_unlocked(&img);
         let code = run("qemu-img", &["check", p(&img)]).status.code();
         assert!(
             matches!(code, Some(0) | Some(3)),

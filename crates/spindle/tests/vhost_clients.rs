@@ -337,7 +337,8 @@ fn serve_without_arguments_creates_and_serves_the_default_disk() {
     let sock = dir.join("spindle-disk.sock");
     let s = Serve::start(dir, &[], &[&sock]);
     let img = dir.join("spindle-disk.qcow2");
-    let info: Value = serde_json::from_str(&ok("qemu-img", &["info", "--output=json", p(&img)])).unwrap();
+    // -U: the served image is locked against qemu-img's plain look.
+    let info: Value = serde_json::from_str(&ok("qemu-img", &["info", "-U", "--output=json", p(&img)])).unwrap();
     assert_eq!(info["virtual-size"], json!(8u64 << 30), "{info}");
     assert_eq!(info["format"], json!("qcow2"));
     let v = verify_run(&sock, "1", "8", &["--size", "64M"]);

@@ -20,7 +20,12 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> CliResult<()> {
-    let node = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, false)?;
+    let node = super::open(
+        &a.filename,
+        format_arg(&a.format)?,
+        CacheMode::Writeback,
+        super::Access::Write,
+    )?;
     let Node::Qcow2(q) = &node else {
         return Err(BlockError::Invalid(format!(
             "{}: amend supports qcow2 images only",

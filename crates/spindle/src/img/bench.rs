@@ -9,6 +9,10 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Look at an image another process writes (qemu-img's -U): skip the
+    /// image lock's check against writers.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Number of requests.
     #[arg(short = 'c', default_value_t = 75000)]
     count: u64,
@@ -59,7 +63,8 @@ pub async fn run(a: Args) -> CliResult<()> {
 
 async fn bench(a: Args) -> CliResult<()> {
     let cache = cache_arg(&a.cache, CacheMode::Writeback)?;
-    let node = Rc::new(super::open(&a.filename, format_arg(&a.format)?, cache, !a.write)?);
+    let access = super::Access::of(!a.write, a.force_share, &a.filename)?;
+    let node = Rc::new(super::open(&a.filename, format_arg(&a.format)?, cache, access)?);
     let bs = size_arg(&a.size)?;
     let step = match &a.step {
         Some(s) => size_arg(s)?,

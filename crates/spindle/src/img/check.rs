@@ -9,6 +9,10 @@ use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Look at an image another process writes (qemu-img's -U): skip the
+    /// image lock's check against writers.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Format (probed if not given).
     #[arg(short = 'f')]
     format: Option<String>,
@@ -32,12 +36,10 @@ pub async fn run(a: Args) -> CliResult<u8> {
         Some("all") => CheckMode::All,
         Some(r) => return Err(BlockError::Invalid(format!("-r takes 'leaks' or 'all', not '{r}'"))),
     };
+    let access = super::Access::of(mode == CheckMode::Report, a.force_share, &a.filename)?;
     let cfg = OpenConfig {
-        format: format_arg(&a.format)?,
-        cache: CacheMode::Writeback,
-        read_only: mode == CheckMode::Report,
         open_backing: false,
-        ..super::open_config(None, CacheMode::Writeback, false)
+        ..super::open_config(format_arg(&a.format)?, CacheMode::Writeback, access)
     };
     // Repair may open an image marked corrupt writable.
     let cfg = OpenConfig {
@@ -47,7 +49,7 @@ pub async fn run(a: Args) -> CliResult<u8> {
         },
         ..cfg
     };
-    let node = spindle_block::open_image(&a.filename, &cfg)?;
+    let node = super::open_with(&a.filename, &cfg, access)?;
     let Node::Qcow2(q) = &node else {
         eprintln!("spindle: {}: this image format does not support checks", a.filename);
         return Ok(63);

@@ -1,6 +1,6 @@
 //! `spindle img commit`: write an image's data into its backing file.
 
-use super::{format_arg, CliResult};
+use super::{format_arg, Access, CliResult};
 use spindle_block::{BlockError, BlockStatus, Node, SgList};
 use spindle_io::CacheMode;
 
@@ -23,27 +23,33 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> CliResult<()> {
-    let top = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, false)?;
+    // Only the image's own clusters are copied: no need to read through
+    // its backing file, which is opened once, writable, below.
+    let cfg = spindle_block::OpenConfig {
+        open_backing: false,
+        ..super::open_config(format_arg(&a.format)?, CacheMode::Writeback, Access::Write)
+    };
+    let top = super::open_with(&a.filename, &cfg, Access::Write)?;
     let Node::Qcow2(q) = &top else {
         return Err(BlockError::Invalid(format!(
             "{}: only qcow2 images have a backing file to commit to",
             a.filename
         )));
     };
-    let Some(backing) = top.backing() else {
+    let info = top.info();
+    let Some(backing) = &info.backing_file else {
         return Err(BlockError::Invalid(format!(
             "{}: image has no backing file",
             a.filename
         )));
     };
-    let info = top.info();
     let fmt = format_arg(&info.backing_format)?;
-    // The backing file opened again, writable, as its own node.
+    let bpath = spindle_block::backing_path(std::path::Path::new(&a.filename), backing)?;
     let base = super::open(
-        backing.path().to_str().unwrap_or_default(),
+        bpath.to_str().unwrap_or(backing),
         fmt,
         CacheMode::Writeback,
-        false,
+        Access::Write,
     )?;
     if base.size() < top.size() {
         base.resize(top.size(), false).await?;

@@ -6,6 +6,10 @@ use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Look at an image another process writes (qemu-img's -U): skip the
+    /// image lock's check against writers.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// First image's format.
     #[arg(short = 'f')]
     format1: Option<String>,
@@ -56,9 +60,12 @@ async fn first_allocation_mismatch(one: &Node, two: &Node) -> CliResult<Option<u
 
 pub async fn run(a: Args) -> CliResult<u8> {
     let cache = cache_arg(&a.cache, CacheMode::Writeback)?;
+    let access = super::Access::Look {
+        force_share: a.force_share,
+    };
     let (one, two) = match (
-        super::open(&a.image1, format_arg(&a.format1)?, cache, true),
-        super::open(&a.image2, format_arg(&a.format2)?, cache, true),
+        super::open(&a.image1, format_arg(&a.format1)?, cache, access),
+        super::open(&a.image2, format_arg(&a.format2)?, cache, access),
     ) {
         (Ok(x), Ok(y)) => (x, y),
         (Err(e), _) | (_, Err(e)) => {

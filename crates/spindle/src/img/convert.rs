@@ -10,6 +10,10 @@ use std::rc::Rc;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Look at an image another process writes (qemu-img's -U): skip the
+    /// image lock's check against writers.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Source format (probed if not given).
     #[arg(short = 'f')]
     src_format: Option<String>,
@@ -75,9 +79,17 @@ struct Job {
 pub async fn run(a: Args) -> CliResult<()> {
     let out_fmt: Format = a.out_format.parse()?;
     let src_fmt = format_arg(&a.src_format)?;
+    let src_access = super::Access::Copy {
+        force_share: a.force_share,
+    };
     let src = match &a.src_cache {
-        Some(_) => super::open(&a.source, src_fmt, cache_arg(&a.src_cache, CacheMode::Writeback)?, true)?,
-        None => super::open_direct_if_possible(&a.source, src_fmt, true)?,
+        Some(_) => super::open(
+            &a.source,
+            src_fmt,
+            cache_arg(&a.src_cache, CacheMode::Writeback)?,
+            src_access,
+        )?,
+        None => super::open_direct_if_possible(&a.source, src_fmt, src_access)?,
     };
     let size = src.size();
     let pairs = parse_opts(&a.options)?;
@@ -110,9 +122,9 @@ pub async fn run(a: Args) -> CliResult<()> {
             &a.target,
             Some(out_fmt),
             cache_arg(&a.cache, CacheMode::Writeback)?,
-            false,
+            super::Access::Write,
         )?,
-        None => super::open_direct_if_possible(&a.target, Some(out_fmt), false)?,
+        None => super::open_direct_if_possible(&a.target, Some(out_fmt), super::Access::Write)?,
     };
     if dst.size() < size {
         return Err(BlockError::Invalid(format!(

@@ -3,6 +3,7 @@
 use super::{format_arg, parse_opts, size_arg, CliResult};
 use spindle_block::formats::qcow2::{self, header::Compression, CreateOptions, Preallocation};
 use spindle_block::{BlockError, Format};
+use spindle_io::{File, Locking, OpenOptions};
 use std::path::Path;
 
 #[derive(clap::Args)]
@@ -88,6 +89,7 @@ pub async fn create_image(
             if o.compression == Compression::Zstd && o.version == 3 {
                 // qemu-img sets compat 1.1 by default; zstd is valid there.
             }
+            refuse_if_in_use(path)?;
             qcow2::create(Path::new(path), &o).await
         }
         Format::Raw => {
@@ -111,13 +113,34 @@ pub async fn create_image(
     }
 }
 
+/// Like qemu-img, never truncate an image another process uses: take the
+/// image lock of a creator (QEMU's) and let go before the format writes it.
+fn refuse_if_in_use(path: &str) -> CliResult<()> {
+    if Path::new(path).exists() {
+        drop(File::open_with_lock(
+            Path::new(path),
+            OpenOptions::default(),
+            Locking::CREATE,
+        )?);
+    }
+    Ok(())
+}
+
 async fn create_raw(path: &str, size: u64, prealloc: Preallocation) -> CliResult<()> {
     let err = |e| BlockError::Io {
         path: path.into(),
         context: "cannot create",
         source: e,
     };
-    let f = std::fs::File::create(path).map_err(err)?;
+    // Truncated only once the creator's lock is held.
+    let create = OpenOptions {
+        create: true,
+        ..Default::default()
+    };
+    let f = File::open(Path::new(path), create).map_err(|e| match e {
+        spindle_io::Error::Open { source, .. } => err(source),
+        e => e.into(),
+    })?;
     f.set_len(size).map_err(err)?;
     drop(f);
     if prealloc == Preallocation::Off {
@@ -128,7 +151,7 @@ async fn create_raw(path: &str, size: u64, prealloc: Preallocation) -> CliResult
             "raw images support preallocation off, falloc and full".into(),
         ));
     }
-    let file = spindle_io::File::open(Path::new(path), Default::default())?;
+    let file = File::open(Path::new(path), Default::default())?;
     file.allocate(0, size).await.map_err(err)?;
     if prealloc == Preallocation::Full {
         file.write_zeroes(0, size, false).await.map_err(err)?;
@@ -153,7 +176,14 @@ pub async fn run(a: Args) -> CliResult<()> {
             Some(b) => {
                 let bpath = spindle_block::backing_path(Path::new(&a.filename), b)?;
                 let fmt = format_arg(&base.backing_format)?;
-                let node = super::open(bpath.to_str().unwrap_or(b), fmt, spindle_io::CacheMode::Writeback, true)?;
+                // Only its size, and without locks: what qemu-img create does.
+                let size_only = super::Access::Metadata { force_share: true };
+                let node = super::open(
+                    bpath.to_str().unwrap_or(b),
+                    fmt,
+                    spindle_io::CacheMode::Writeback,
+                    size_only,
+                )?;
                 node.size()
             }
             None => {

@@ -7,6 +7,10 @@ use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Look at an image another process writes (qemu-img's -U): skip the
+    /// image lock's check against writers.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Input format.
     #[arg(short = 'f')]
     format: Option<String>,
@@ -51,7 +55,10 @@ pub async fn run(a: Args) -> CliResult<()> {
     if bs == 0 || bs > 64 << 20 {
         return Err(BlockError::Invalid("bs must be between 1 byte and 64 MiB".into()));
     }
-    let src = super::open(&input, format_arg(&a.format)?, CacheMode::Writeback, true)?;
+    let access = super::Access::Look {
+        force_share: a.force_share,
+    };
+    let src = super::open(&input, format_arg(&a.format)?, CacheMode::Writeback, access)?;
     let start = skip
         .checked_mul(bs)
         .filter(|&s| s <= src.size())
@@ -71,7 +78,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         },
     )
     .await?;
-    let dst = super::open(&output, Some(out_fmt), CacheMode::Writeback, false)?;
+    let dst = super::open(&output, Some(out_fmt), CacheMode::Writeback, super::Access::Write)?;
     let mut buf = vec![0u8; bs.max(1 << 20) as usize];
     let mut pos = 0;
     while pos < len {

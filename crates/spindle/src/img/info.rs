@@ -7,6 +7,10 @@ use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Look at an image another process writes (qemu-img's -U): skip the
+    /// image lock's check against writers.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Format (probed if not given).
     #[arg(short = 'f')]
     format: Option<String>,
@@ -119,7 +123,10 @@ fn human(node: &Node, info: &ImageInfo) -> String {
 }
 
 pub async fn run(a: Args) -> CliResult<()> {
-    let node = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, true)?;
+    let access = super::Access::Metadata {
+        force_share: a.force_share,
+    };
+    let node = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, access)?;
     let mut chain = vec![&node];
     if a.backing_chain {
         while let Some(b) = chain[chain.len() - 1].backing() {

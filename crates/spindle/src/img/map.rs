@@ -6,6 +6,10 @@ use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Look at an image another process writes (qemu-img's -U): skip the
+    /// image lock's check against writers.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Format (probed if not given).
     #[arg(short = 'f')]
     format: Option<String>,
@@ -59,7 +63,10 @@ pub async fn extents(node: &Node) -> CliResult<Vec<(u64, Extent)>> {
 }
 
 pub async fn run(a: Args) -> CliResult<()> {
-    let node = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, true)?;
+    let access = super::Access::Look {
+        force_share: a.force_share,
+    };
+    let node = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, access)?;
     let ex = extents(&node).await?;
     match a.output.as_str() {
         "json" => {

@@ -8,6 +8,10 @@ use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Look at an image another process writes (qemu-img's -U): skip the
+    /// image lock's check against writers.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Output format of the image to be created.
     #[arg(short = 'O', default_value = "raw")]
     out_format: String,
@@ -54,7 +58,14 @@ pub async fn run(a: Args) -> CliResult<()> {
             ))
         }
         (None, None) => return Err(BlockError::Invalid("give --size SIZE or an input image".into())),
-        (None, Some(f)) => Some(super::open(f, format_arg(&a.format)?, CacheMode::Writeback, true)?),
+        (None, Some(f)) => Some(super::open(
+            f,
+            format_arg(&a.format)?,
+            CacheMode::Writeback,
+            super::Access::Look {
+                force_share: a.force_share,
+            },
+        )?),
         (Some(_), None) => None,
     };
     let size = match (&a.size, &input) {

@@ -18,7 +18,7 @@ mod snapshot;
 
 use clap::{Args, Subcommand};
 use spindle_block::formats::qcow2::Qcow2Options;
-use spindle_block::{open_image, BlockError, Format, Node, OpenConfig};
+use spindle_block::{open_image, BlockError, Format, Node, OpenConfig, Sharing};
 use spindle_io::{CacheMode, EngineKind, Runtime, RuntimeConfig};
 
 /// Errors of the CLI: one line each.
@@ -149,13 +149,69 @@ pub fn cache_arg(c: &Option<String>, default: CacheMode) -> CliResult<CacheMode>
 /// L2 cache tunables given on the command line.
 static QCOW2_OPTIONS: std::sync::OnceLock<Qcow2Options> = std::sync::OnceLock::new();
 
+/// What a command does with an image, which decides the image locks it
+/// takes: QEMU's, as the same qemu-img command takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads and writes: others may only read.
+    Write,
+    /// A look, for a command without `-U` (a rebase's new backing file).
+    Read,
+    /// Reads a consistent image, for a command with `-U` (convert's source).
+    Copy {
+        /// `-U`/`--force-share`: let writers in.
+        force_share: bool,
+    },
+    /// A look, for a command with `-U` (map, compare, check, ...): a raw
+    /// image may be written meanwhile, a qcow2 image only with `-U`.
+    Look {
+        /// `-U`/`--force-share`.
+        force_share: bool,
+    },
+    /// A look at the metadata only (`info`), with `-U`.
+    Metadata {
+        /// `-U`/`--force-share`.
+        force_share: bool,
+    },
+}
+
+impl Access {
+    /// A look when `read_only`, else writable; `-U` with writing is an
+    /// error, as in qemu-img.
+    pub fn of(read_only: bool, force_share: bool, image: &str) -> CliResult<Access> {
+        match (read_only, force_share) {
+            (true, _) => Ok(Access::Look { force_share }),
+            (false, false) => Ok(Access::Write),
+            (false, true) => Err(BlockError::Invalid(format!(
+                "{image}: force-share (-U) can only be used with read-only images"
+            ))),
+        }
+    }
+
+    /// `Some(given)` when the command takes `-U`.
+    fn force_share(self) -> Option<bool> {
+        match self {
+            Access::Copy { force_share } | Access::Look { force_share } | Access::Metadata { force_share } => {
+                Some(force_share)
+            }
+            Access::Write | Access::Read => None,
+        }
+    }
+}
+
 /// Open settings for a command's image, with the command line's qcow2 tunables.
-pub fn open_config(format: Option<Format>, cache: CacheMode, read_only: bool) -> OpenConfig {
+pub fn open_config(format: Option<Format>, cache: CacheMode, access: Access) -> OpenConfig {
     OpenConfig {
         format,
         cache,
-        read_only,
+        read_only: access != Access::Write,
         qcow2: QCOW2_OPTIONS.get().copied().unwrap_or_default(),
+        sharing: match access {
+            _ if access.force_share() == Some(true) => Sharing::All,
+            Access::Read | Access::Look { .. } | Access::Metadata { .. } => Sharing::Look,
+            Access::Write | Access::Copy { .. } => Sharing::Readers,
+        },
+        metadata_only: matches!(access, Access::Metadata { .. }),
         ..Default::default()
     }
 }
@@ -164,12 +220,27 @@ pub fn open_config(format: Option<Format>, cache: CacheMode, read_only: bool) ->
 static NATIVE_AIO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Opens an image for a command.
-pub fn open(spec: &str, format: Option<Format>, cache: CacheMode, read_only: bool) -> CliResult<Node> {
-    let node = open_image(spec, &open_config(format, cache, read_only))?;
-    if NATIVE_AIO.load(std::sync::atomic::Ordering::Relaxed) && !read_only {
+pub fn open(spec: &str, format: Option<Format>, cache: CacheMode, access: Access) -> CliResult<Node> {
+    open_with(spec, &open_config(format, cache, access), access)
+}
+
+/// Opens an image with settings from [`open_config`] (adjusted by the caller).
+pub fn open_with(spec: &str, cfg: &OpenConfig, access: Access) -> CliResult<Node> {
+    let node = open_image(spec, cfg).map_err(|e| suggest_force_share(e, access))?;
+    if NATIVE_AIO.load(std::sync::atomic::Ordering::Relaxed) && !cfg.read_only {
         warn_native_on_sparse(&node);
     }
     Ok(node)
+}
+
+/// An image in use by a writer can still be looked at with `-U`.
+fn suggest_force_share(e: BlockError, access: Access) -> BlockError {
+    match e {
+        BlockError::Setup(spindle_io::Error::InUse { held: true, .. }) if access.force_share() == Some(false) => {
+            BlockError::Invalid(format!("{e}; use -U for a read-only look"))
+        }
+        e => e,
+    }
 }
 
 /// Linux AIO blocks in io_submit when a write must allocate blocks of a
@@ -239,9 +310,9 @@ pub fn parse_opts(opts: &[String]) -> CliResult<Vec<(String, String)>> {
 
 /// Opens with O_DIRECT, or with the page cache where the file system has no
 /// O_DIRECT (tmpfs) or the spec is no file (null:).
-pub fn open_direct_if_possible(spec: &str, fmt: Option<Format>, read_only: bool) -> CliResult<Node> {
-    match open(spec, fmt, CacheMode::None, read_only) {
-        Err(e) if direct_refused(&e) => open(spec, fmt, CacheMode::Writeback, read_only),
+pub fn open_direct_if_possible(spec: &str, fmt: Option<Format>, access: Access) -> CliResult<Node> {
+    match open(spec, fmt, CacheMode::None, access) {
+        Err(e) if direct_refused(&e) => open(spec, fmt, CacheMode::Writeback, access),
         other => other,
     }
 }

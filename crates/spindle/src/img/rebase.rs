@@ -1,7 +1,7 @@
 //! `spindle img rebase`: change an image's backing file, keeping what the
 //! guest sees (safe mode) or only the header (`-u`).
 
-use super::{format_arg, CliResult};
+use super::{format_arg, Access, CliResult};
 use spindle_block::{BlockError, BlockStatus, Format, Node, SgList};
 use spindle_io::CacheMode;
 use std::path::Path;
@@ -35,9 +35,9 @@ pub async fn run(a: Args) -> CliResult<()> {
         format: format_arg(&a.format)?,
         cache: CacheMode::Writeback,
         open_backing: !a.unsafe_mode,
-        ..super::open_config(None, CacheMode::Writeback, false)
+        ..super::open_config(None, CacheMode::Writeback, Access::Write)
     };
-    let node = spindle_block::open_image(&a.filename, &cfg)?;
+    let node = super::open_with(&a.filename, &cfg, Access::Write)?;
     let Node::Qcow2(q) = &node else {
         return Err(BlockError::Invalid(format!(
             "{}: only qcow2 images have a backing file",
@@ -60,7 +60,7 @@ pub async fn run(a: Args) -> CliResult<()> {
                     path.to_str().unwrap_or(b),
                     fmt,
                     CacheMode::Writeback,
-                    true,
+                    Access::Read,
                 )?)
             }
         }

@@ -22,7 +22,12 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> CliResult<()> {
-    let node = super::open(&a.filename, format_arg(&a.format)?, CacheMode::Writeback, false)?;
+    let node = super::open(
+        &a.filename,
+        format_arg(&a.format)?,
+        CacheMode::Writeback,
+        super::Access::Write,
+    )?;
     let cur = node.size();
     let new = if let Some(s) = a.size.strip_prefix('+') {
         cur.checked_add(size_arg(s)?)

@@ -10,6 +10,10 @@ use std::io::{Read, Write};
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("op").required(true).args(["list", "create", "apply", "delete", "extract"])))]
 pub struct Args {
+    /// Look at an image another process writes (qemu-img's -U): skip the
+    /// image lock's check against writers.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// List snapshots.
     #[arg(short = 'l')]
     list: bool,
@@ -166,15 +170,11 @@ fn sink(spec: &str) -> CliResult<Sink> {
 
 pub async fn run(a: Args) -> CliResult<()> {
     let read_only = a.list || a.extract.is_some();
+    let access = super::Access::of(read_only, a.force_share, &a.filename)?;
     let fmt = format_arg(&a.format)?;
     let node = match &a.cache {
-        Some(_) => super::open(
-            &a.filename,
-            fmt,
-            super::cache_arg(&a.cache, CacheMode::None)?,
-            read_only,
-        )?,
-        None => super::open_direct_if_possible(&a.filename, fmt, read_only)?,
+        Some(_) => super::open(&a.filename, fmt, super::cache_arg(&a.cache, CacheMode::None)?, access)?,
+        None => super::open_direct_if_possible(&a.filename, fmt, access)?,
     };
     let Node::Qcow2(q) = &node else {
         return Err(BlockError::Invalid(format!(

@@ -14,7 +14,8 @@ pub fn need(tool: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    let install = if tool.starts_with("qemu-system") {
+    // qemu-storage-daemon comes in qemu-system-common, with qemu-system-x86.
+    let install = if tool.starts_with("qemu-system") || tool == "qemu-storage-daemon" {
         "apt-get install -y qemu-system-x86 && apt-get install -y qemu-utils"
     } else {
         "apt-get install -y qemu-utils"
@@ -121,4 +122,25 @@ pub fn qcow2_create(img: &Path, opts: &[&str], size: Option<&str>) {
     args.push(p(img));
     args.extend(size);
     ok("qemu-img", &args);
+}
+
+/// The bytes of `path` that anyone holds OFD locks (QEMU's image locks) on.
+pub fn ofd_locked_bytes(path: &Path) -> Vec<u64> {
+    spindle_io::lock::locked_bytes(path).expect("read /proc/locks")
+}
+
+/// Waits (at most 10 s) until nobody holds image locks on `path`. A killed
+/// process's io_uring keeps its files, and so their locks, open for a
+/// moment after the process is gone.
+pub fn wait_unlocked(path: &Path) {
+    let start = std::time::Instant::now();
+    while !ofd_locked_bytes(path).is_empty() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{} is still locked 10 s after its user ended: {:?}",
+            path.display(),
+            ofd_locked_bytes(path)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
