@@ -44,9 +44,11 @@ fn assert_leaks_at_most(img: &Path, what: &str) -> Option<i32> {
     code
 }
 
-/// Starts `spindle ARGS`, kills it after `delay`; returns whether it had
-/// already finished (successfully) by then.
-fn kill_after(args: &[&str], delay: Duration) -> bool {
+/// Starts `spindle ARGS`, kills it after `delay`, and waits until the
+/// kernel lets go of `img`'s locks (io_uring keeps a killed process's
+/// files open for a moment); returns whether it had already finished
+/// (successfully) by then.
+fn kill_after(args: &[&str], delay: Duration, img: &Path) -> bool {
     let mut child = Command::new(env!("CARGO_BIN_EXE_spindle"))
         .args(args)
         .stdout(Stdio::null())
@@ -57,6 +59,9 @@ fn kill_after(args: &[&str], delay: Duration) -> bool {
     let finished = matches!(child.try_wait(), Ok(Some(s)) if s.success());
     let _ = child.kill();
     let _ = child.wait();
+    if img.exists() {
+        wait_unlocked(img);
+    }
     finished
 }
 
@@ -86,13 +91,15 @@ fn report(t: &Tally) {
     );
 }
 
-/// A qcow2 image with 4k clusters, data, and one snapshot `base`.
+/// A qcow2 image with 512-byte clusters (so many L2 tables and refcount
+/// blocks that a snapshot operation takes a while), data, and one snapshot
+/// `base`.
 fn data_image(d: &tempfile::TempDir, name: &str) -> PathBuf {
     let img = at(d, name);
-    qcow2_create(&img, &["-o", "cluster_size=4k"], Some("48M"));
-    qemu_io(&img, &["write -P 1 0 40M", "write -z 40M 1M"]);
+    qcow2_create(&img, &["-o", "cluster_size=512"], Some("24M"));
+    qemu_io(&img, &["write -P 1 0 20M", "write -z 20M 1M"]);
     ok("qemu-img", &["snapshot", "-c", "base", p(&img)]);
-    qemu_io(&img, &["write -P 2 8M 16M"]);
+    qemu_io(&img, &["write -P 2 4M 8M"]);
     img
 }
 
@@ -115,7 +122,7 @@ fn kill_during_snapshot_create_delete_and_apply() {
     };
     for i in 0..KILLS {
         let name = format!("k{i}");
-        t.mid_way += !kill_after(&["img", "snapshot", "-c", &name, p(&img)], delay(i, full)) as usize;
+        t.mid_way += !kill_after(&["img", "snapshot", "-c", &name, p(&img)], delay(i, full), &img) as usize;
         t.leaky += (assert_leaks_at_most(&img, &format!("create killed at {:?}", delay(i, full))) == Some(3)) as usize;
         assert!(view(&img, None) == active, "create: the active view changed");
         if has_snapshot(&img, &name) {
@@ -136,9 +143,9 @@ fn kill_during_snapshot_create_delete_and_apply() {
     let full = duration(&|| (), &["img", "snapshot", "-d", "victim", p(&img)]);
     for i in 0..KILLS {
         ok("qemu-img", &["snapshot", "-c", "victim", p(&img)]);
-        qemu_io(&img, &[&format!("write -P {} {}M 1M", 10 + i, i)]);
+        qemu_io(&img, &[&format!("write -P {} {}M 1M", 10 + i, i % 20)]);
         let active = view(&img, None);
-        t.mid_way += !kill_after(&["img", "snapshot", "-d", "victim", p(&img)], delay(i, full)) as usize;
+        t.mid_way += !kill_after(&["img", "snapshot", "-d", "victim", p(&img)], delay(i, full), &img) as usize;
         t.leaky += (assert_leaks_at_most(&img, "delete") == Some(3)) as usize;
         assert!(view(&img, None) == active, "delete: the active view changed");
         if has_snapshot(&img, "victim") {
@@ -156,9 +163,9 @@ fn kill_during_snapshot_create_delete_and_apply() {
     };
     let full = duration(&|| (), &["img", "snapshot", "-a", "base", p(&img)]);
     for i in 0..KILLS {
-        qemu_io(&img, &[&format!("write -P {} {}M 2M", 40 + i, i)]);
+        qemu_io(&img, &[&format!("write -P {} {}M 2M", 40 + i, i % 20)]);
         let before = view(&img, None);
-        t.mid_way += !kill_after(&["img", "snapshot", "-a", "base", p(&img)], delay(i, full)) as usize;
+        t.mid_way += !kill_after(&["img", "snapshot", "-a", "base", p(&img)], delay(i, full), &img) as usize;
         t.leaky += (assert_leaks_at_most(&img, "apply") == Some(3)) as usize;
         let now = view(&img, None);
         assert!(
@@ -339,7 +346,7 @@ fn kill_during_every_other_mutating_command() {
         for i in 0..KILLS {
             let _ = std::fs::remove_file(&dst);
             (c.setup)();
-            t.mid_way += !kill_after(&argv, delay(i, full)) as usize;
+            t.mid_way += !kill_after(&argv, delay(i, full), &c.image) as usize;
             if !c.image.exists() || std::fs::metadata(&c.image).unwrap().len() < 512 {
                 continue; // killed before the output existed
             }
