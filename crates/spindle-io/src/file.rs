@@ -58,6 +58,12 @@ pub struct File {
     exact_length: bool,
 }
 
+impl Drop for File {
+    fn drop(&mut self) {
+        lock::release(std::os::fd::AsFd::as_fd(&self.fd));
+    }
+}
+
 impl std::fmt::Debug for RangeLocks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RangeLocks")

@@ -170,6 +170,18 @@ pub(crate) fn acquire(fd: BorrowedFd<'_>, path: &Path, locking: Locking) -> Resu
     Ok(())
 }
 
+/// Drops every lock this open holds, when the image is closed. Closing the
+/// descriptor would drop them too, but only once the last reference to
+/// the open goes, and io_uring's workers keep one for a moment after the
+/// process (or the File) is gone: QEMU would see the image in use.
+pub(crate) fn release(fd: BorrowedFd<'_>) {
+    for base in [PERM_BASE, SHARED_BASE] {
+        let mut fl = flock(base, libc::F_UNLCK as libc::c_short);
+        fl.l_len = 8;
+        let _ = fcntl_lock(fd, libc::F_OFD_SETLK, &mut fl);
+    }
+}
+
 /// The bytes of `path` that any open file description holds OFD locks on,
 /// sorted, from /proc/locks: what Spindle, QEMU and qemu-img hold. For
 /// diagnostics and tests.
@@ -239,6 +251,7 @@ fn locked_by_others(fd: BorrowedFd<'_>, byte: u64) -> io::Result<bool> {
 mod tests {
     use super::*;
     use crate::{File, OpenOptions};
+    use std::os::fd::FromRawFd;
     use std::path::PathBuf;
 
     fn image() -> (tempfile::TempDir, PathBuf) {
@@ -268,6 +281,24 @@ mod tests {
             Err(e) => panic!("expected an in-use error, got {e}"),
             Ok(_) => panic!("expected an in-use error, the open succeeded"),
         }
+    }
+
+    /// A closed image lets go of its locks even while something else (an
+    /// io_uring worker, here a dup) still holds the open description.
+    #[test]
+    fn closing_releases_locks_while_the_open_lives_on() {
+        let (_d, path) = image();
+        let f = open(&path, Locking::WRITE).unwrap();
+        assert!(!locked_bytes(&path).unwrap().is_empty());
+        // SAFETY: dup of a descriptor we own; the OwnedFd below closes it.
+        let dup = unsafe { libc::dup(f.raw_fd()) };
+        assert!(dup >= 0);
+        // SAFETY: dup returned a fresh descriptor that nothing else owns.
+        let dup = unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) };
+        drop(f);
+        assert_eq!(locked_bytes(&path).unwrap(), Vec::<u64>::new());
+        open(&path, Locking::WRITE).expect("the image is free once closed");
+        drop(dup);
     }
 
     #[test]

@@ -153,7 +153,23 @@ pub async fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     for i in 0..3 {
         super::cache::set_refcount(rb, hdr.refcount_order, i, 1);
     }
-    std::fs::write(path, &img).map_err(io_err(path, "cannot create"))?;
+    // Created (and truncated) only once the creator's lock is held, so an
+    // image in use elsewhere is refused before anything changes.
+    {
+        let created = File::open(
+            path,
+            OpenOptions {
+                cache: CacheMode::Writeback,
+                read_only: false,
+                create: true,
+            },
+        )?;
+        created
+            .write_at(0, &img, false)
+            .await
+            .map_err(io_err(path, "cannot create"))?;
+        created.flush().await.map_err(io_err(path, "cannot create"))?;
+    }
 
     let file = File::open(
         path,
