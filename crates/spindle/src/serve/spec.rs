@@ -113,18 +113,28 @@ impl ExportSpec {
             read_only: self.readonly,
             ..Default::default()
         };
+        let mut fell_back = false;
         let node = match open_image(&self.image, &cfg) {
             // tmpfs and some FUSE file systems refuse O_DIRECT.
             Err(e) if !explicit_cache && crate::img::direct_refused(&e) => {
-                tracing::warn!(
-                    "{}: the file system refuses O_DIRECT; serving with cache=writeback",
-                    self.image
-                );
+                fell_back = true;
                 cfg.cache = CacheMode::Writeback;
                 open_image(&self.image, &cfg)?
             }
             other => other?,
         };
+        if node.size() < 512 {
+            return Err(invalid(format!(
+                "the image is {} bytes; a disk needs at least 512",
+                node.size()
+            )));
+        }
+        if fell_back {
+            tracing::warn!(
+                "{}: the file system refuses O_DIRECT; serving with cache=writeback",
+                self.image
+            );
+        }
         Ok(Device::new(
             node,
             DeviceConfig {

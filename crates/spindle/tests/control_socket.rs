@@ -1,0 +1,319 @@
+//! The control socket of `spindle serve` under hostile and unlucky use:
+//! malformed bytes, many concurrent requests, refused resizes, 0-byte
+//! exports, a stuck export at shutdown.
+
+mod common;
+
+use common::serve::{exchange, Serve};
+use common::{assert_clean, ok, p, run, scratch};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn start_null(dir: &Path) -> Serve {
+    let sock = dir.join("n.sock");
+    Serve::start(
+        dir,
+        &[
+            "null:64M",
+            "--vhost-user",
+            p(&sock),
+            "--name",
+            "n",
+            "--control",
+            "ctl.sock",
+        ],
+        &[&sock],
+    )
+}
+
+fn refusal(reply: &str) -> String {
+    let v: Value = serde_json::from_str(reply).unwrap_or_else(|e| panic!("reply {reply:?} is not JSON: {e}"));
+    assert_eq!(v["ok"], json!(false), "{reply}");
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {reply}"))
+        .to_string()
+}
+
+#[test]
+fn every_hostile_request_line_gets_exactly_one_reply_naming_the_problem() {
+    let d = scratch();
+    let s = start_null(d.path());
+    let ctl = d.path().join("ctl.sock");
+    let mut long = vec![b'x'; 64 * 1024 + 1];
+    long.push(b'\n');
+    let deep = format!("{}\n", "[".repeat(10_000));
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"\xff\xfe{\"cmd\":\"list\"}\n".to_vec(), "not UTF-8"),
+        (long, "longer than 65536 bytes"),
+        (b"\n".to_vec(), "empty request"),
+        (b"  \t \r\n".to_vec(), "empty request"),
+        (b"[]\n".to_vec(), "must be a JSON object, not an array"),
+        (b"null\n".to_vec(), "not null"),
+        (b"{\"cmd\":\"list\",\"x\":1}\n".to_vec(), "unknown field `x`"),
+        (
+            b"{\"cmd\":\"remove\",\"name\":\"n\",\"force\":true}\n".to_vec(),
+            "unknown field `force`",
+        ),
+        (
+            b"{\"cmd\":\"add\",\"export\":{\"image\":\"null:1M\",\"socket\":\"/tmp/x\",\"colour\":\"red\"}}\n".to_vec(),
+            "unknown field `colour`",
+        ),
+        (deep.into_bytes(), "recursion limit"),
+        (
+            b"{\"cmd\":\"resize\",\"name\":\"n\",\"size\":1e999}\n".to_vec(),
+            "number out of range",
+        ),
+        (
+            b"{\"cmd\":\"resize\",\"name\":\"n\",\"size\":123456789012345678901234567890}\n".to_vec(),
+            "invalid type",
+        ),
+        (
+            b"{\"cmd\":\"resize\",\"name\":\"n\",\"size\":\"99999999E\"}\n".to_vec(),
+            "99999999E",
+        ),
+        (b"{\"cmd\":\"frobnicate\"}\n".to_vec(), "unknown cmd `frobnicate`"),
+        (b"{\"cmd\":42}\n".to_vec(), "`cmd` must be a string"),
+        (b"{\"name\":\"n\"}\n".to_vec(), "missing field `cmd`"),
+        (b"{\"cmd\":\"stats\"}\n".to_vec(), "missing field `name`"),
+        (b"{\"cmd\":\"stats\",\"name\":[1]}\n".to_vec(), "invalid type"),
+        (b"{\"cmd\":\"list\"".to_vec(), "not valid JSON"),
+    ];
+    // One connection per case...
+    for (bytes, want) in &cases {
+        let lines = exchange(&ctl, bytes, LIMIT);
+        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(60)]).into_owned();
+        assert_eq!(lines.len(), 1, "{shown:?}: want one reply, got {lines:?}");
+        let e = refusal(&lines[0]);
+        assert!(e.contains(want), "{shown:?}: want '{want}' in: {e}");
+    }
+    // ...and all of them on one connection, each followed by a good
+    // request: the connection stays usable and the replies stay in order.
+    let mut all = Vec::new();
+    for (bytes, _) in &cases {
+        all.extend_from_slice(bytes);
+        if !bytes.ends_with(b"\n") {
+            all.push(b'\n');
+        }
+        all.extend_from_slice(b"{\"cmd\":\"list\"}\n");
+    }
+    let lines = exchange(&ctl, &all, LIMIT);
+    assert_eq!(lines.len(), 2 * cases.len(), "{lines:#?}");
+    for (i, (_, want)) in cases.iter().enumerate() {
+        assert!(refusal(&lines[2 * i]).contains(want), "{}: want '{want}'", lines[2 * i]);
+        let list: Value = serde_json::from_str(&lines[2 * i + 1]).unwrap();
+        assert_eq!(list["exports"][0]["name"], json!("n"), "{list}");
+    }
+    // An unterminated last request is answered too; the export is intact.
+    let lines = exchange(&ctl, b"{\"cmd\":\"stats\",\"name\":\"n\"}", LIMIT);
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].contains("\"ok\":true"), "{lines:?}");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_hundred_concurrent_adds_and_removes_are_all_answered() {
+    let d = scratch();
+    let dir = d.path().to_owned();
+    let mut s = start_null(&dir);
+    let ctl = dir.join("ctl.sock");
+    // Ten names, each added and removed by ten connections at once, so
+    // a name is often re-added while its old export is still stopping.
+    for round in 0..5 {
+        let threads: Vec<_> = (0..100)
+            .map(|i| {
+                let (ctl, dir) = (ctl.clone(), dir.clone());
+                std::thread::spawn(move || {
+                    let k = (i / 2 + round) % 10;
+                    let req = if i % 2 == 0 {
+                        json!({"cmd": "add", "export": {
+                            "image": format!("null:{}M", k + 1), "name": format!("e{k}"),
+                            "socket": dir.join(format!("e{k}.sock"))}})
+                    } else {
+                        json!({"cmd": "remove", "name": format!("e{k}")})
+                    };
+                    let t = Instant::now();
+                    let lines = exchange(&ctl, format!("{req}\n").as_bytes(), LIMIT);
+                    (req, lines, t.elapsed())
+                })
+            })
+            .collect();
+        for t in threads {
+            let (req, lines, took) = t.join().expect("a request got no reply in time");
+            assert_eq!(lines.len(), 1, "{req}: {lines:?}");
+            let v: Value = serde_json::from_str(&lines[0]).unwrap();
+            assert!(v["ok"].is_boolean(), "{v}");
+            assert!(took < LIMIT, "{req} took {took:?}");
+        }
+        // What is listed is served: its socket exists.
+        let list = s.ctl_within(&json!({"cmd": "list"}), LIMIT);
+        for e in list["exports"].as_array().unwrap() {
+            if e["state"] == "running" {
+                let sock = e["socket"].as_str().unwrap();
+                assert!(Path::new(sock).exists(), "{sock} of a listed export is gone: {list}");
+            }
+        }
+    }
+    s.signal(libc::SIGTERM);
+    let st = s.wait_within(LIMIT).expect("SIGTERM did not stop spindle serve");
+    assert!(st.success(), "{st}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "sock"))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "sockets left behind: {left:?}");
+}
+
+/// Runs `spindle ARGS`, which must fail within [`LIMIT`]; returns stderr.
+fn refused(args: &[&str]) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > LIMIT {
+            let _ = child.kill();
+            panic!("spindle {args:?} was accepted (still running after {LIMIT:?})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success(), "spindle {args:?} succeeded");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn zero_byte_exports_are_refused_everywhere() {
+    let d = scratch();
+    let dir = d.path();
+    let empty = dir.join("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    let sock = dir.join("z.sock");
+    for image in ["/dev/null", "null:0", p(&empty)] {
+        let err = refused(&["serve", image, "--vhost-user", p(&sock)]);
+        assert!(err.contains("the image is 0 bytes"), "{image}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{image}: one line: {err}");
+        let cfg = dir.join("z.toml");
+        std::fs::write(
+            &cfg,
+            format!("[[export]]\nimage = \"{image}\"\nsocket = \"{}\"\n", p(&sock)),
+        )
+        .unwrap();
+        let err = refused(&["serve", "--config", p(&cfg)]);
+        assert!(err.contains("the image is 0 bytes"), "{image} in TOML: {err}");
+    }
+    let s = start_null(dir);
+    for image in ["/dev/null", "null:0", p(&empty)] {
+        let r = s.ctl_within(
+            &json!({"cmd": "add", "export": {"image": image, "socket": p(&sock), "name": "z"}}),
+            LIMIT,
+        );
+        assert!(refusal(&r.to_string()).contains("the image is 0 bytes"), "{image}: {r}");
+    }
+    let r = s.ctl_within(
+        &json!({"cmd": "resize", "name": "n", "size": "0", "shrink": true}),
+        LIMIT,
+    );
+    assert!(refusal(&r.to_string()).contains("positive multiple of 512"), "{r}");
+    assert_eq!(s.ctl(&json!({"cmd": "list"}))["exports"].as_array().unwrap().len(), 1);
+    assert!(!sock.exists());
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_refused_resize_leaves_the_control_socket_and_sigterm_working() {
+    let d = scratch();
+    let dir = d.path();
+    let img = dir.join("e.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "1G"]);
+    let sock = dir.join("e.sock");
+    let mut s = Serve::start(
+        dir,
+        &[p(&img), "--vhost-user", p(&sock), "--control", "ctl.sock"],
+        &[&sock],
+    );
+    let ctl = dir.join("ctl.sock");
+    let o = run("spindle", &["ctl", "-c", p(&ctl), "resize", "e", "1E"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("L1 table"), "want the reason in: {err}");
+    // The next resize answers promptly and works.
+    let t = Instant::now();
+    let r = s.ctl_within(&json!({"cmd": "resize", "name": "e", "size": "2G"}), LIMIT);
+    assert_eq!(r["ok"], json!(true), "{r}");
+    assert_eq!(r["size"], json!(2u64 << 30), "{r}");
+    assert!(t.elapsed() < LIMIT);
+    // A client sees the new size and can write at its end.
+    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
+    b.set_str("path", p(&sock)).unwrap();
+    b.connect().unwrap();
+    assert_eq!(b.get_u64("capacity").unwrap(), 2 << 30);
+    drop(b);
+    let out = ok(
+        "spindle",
+        &[
+            "bench",
+            p(&sock),
+            "--rw",
+            "randwrite",
+            "--verify",
+            "--runtime",
+            "1",
+            "--output",
+            "json",
+        ],
+    );
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["errors"], json!(0), "{v}");
+    // Other requests are answered; SIGTERM still stops the daemon promptly.
+    let list = s.ctl_within(&json!({"cmd": "list"}), LIMIT);
+    assert_eq!(list["exports"][0]["size"], json!(2u64 << 30), "{list}");
+    let t = Instant::now();
+    s.signal(libc::SIGTERM);
+    let st = s.wait_within(LIMIT).expect("SIGTERM did not stop spindle serve");
+    assert!(st.success(), "{st}");
+    assert!(t.elapsed() < Duration::from_secs(10), "SIGTERM took {:?}", t.elapsed());
+    assert_clean(&img);
+    let info = ok("qemu-img", &["info", "--output=json", p(&img)]);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["virtual-size"], json!(2u64 << 30), "{info}");
+}
+
+#[test]
+fn a_second_signal_ends_a_shutdown_stuck_on_an_export() {
+    let d = scratch();
+    let dir = d.path();
+    let mut s = start_null(dir);
+    // Without its socket file nothing wakes the export's accept(2), so it
+    // never stops (a limit of spindle-vhost's Export::stop).
+    std::fs::remove_file(dir.join("n.sock")).unwrap();
+    s.signal(libc::SIGTERM);
+    assert!(
+        s.wait_within(Duration::from_millis(500)).is_none(),
+        "exited although an export is running"
+    );
+    // The control socket still answers while the shutdown waits.
+    let list = s.ctl_within(&json!({"cmd": "list"}), LIMIT);
+    assert_eq!(list["exports"][0]["state"], json!("stopping"), "{list}");
+    let r = s.ctl_within(
+        &json!({"cmd": "add", "export": {"image": "null:1M", "socket": p(&dir.join("m.sock"))}}),
+        LIMIT,
+    );
+    assert!(refusal(&r.to_string()).contains("shutting down"), "{r}");
+    s.signal(libc::SIGTERM);
+    let st = s
+        .wait_within(Duration::from_secs(5))
+        .expect("a second SIGTERM did not end spindle serve");
+    assert_eq!(st.code(), Some(1));
+    let log = s.log_text();
+    assert!(log.contains("SIGTERM again: exiting without waiting"), "{log}");
+    assert!(!dir.join("ctl.sock").exists());
+}
