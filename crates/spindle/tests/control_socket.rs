@@ -317,3 +317,46 @@ fn a_second_signal_ends_a_shutdown_stuck_on_an_export() {
     assert!(log.contains("SIGTERM again: exiting without waiting"), "{log}");
     assert!(!dir.join("ctl.sock").exists());
 }
+
+#[test]
+fn a_socket_in_use_is_never_taken_over() {
+    let d = scratch();
+    let dir = d.path();
+    let s = start_null(dir);
+    // The export's own socket, spelled differently.
+    std::fs::create_dir(dir.join("sub")).unwrap();
+    let same = dir.join("sub/../n.sock");
+    let r = s.ctl_within(
+        &json!({"cmd": "add", "export": {"image": "null:1M", "socket": same, "name": "m"}}),
+        LIMIT,
+    );
+    assert!(refusal(&r.to_string()).contains("already used by export 'n'"), "{r}");
+    // A socket another process listens on.
+    let foreign = dir.join("foreign.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&foreign).unwrap();
+    let r = s.ctl_within(
+        &json!({"cmd": "add", "export": {"image": "null:1M", "socket": foreign, "name": "f"}}),
+        LIMIT,
+    );
+    assert!(refusal(&r.to_string()).contains("in use by another process"), "{r}");
+    assert!(foreign.exists());
+    // A second daemon on the same control socket.
+    let err = refused(&[
+        "serve",
+        "null:1M",
+        "--vhost-user",
+        p(&dir.join("x.sock")),
+        "--control",
+        p(&dir.join("ctl.sock")),
+    ]);
+    assert!(err.contains("cannot listen on control socket"), "{err}");
+    assert_eq!(
+        s.ctl_within(&json!({"cmd": "list"}), LIMIT)["exports"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    drop(listener);
+    assert!(s.stop().success());
+}

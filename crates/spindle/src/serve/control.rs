@@ -149,6 +149,12 @@ impl Drop for SlotGuard {
 /// Listens on `path` and serves requests until the process exits, each
 /// connection on a thread of its own, at most [`MAX_CONNECTIONS`] at once.
 pub fn listen(path: &Path, server: Arc<Server>) -> std::io::Result<()> {
+    if super::server::socket_in_use(path) {
+        return Err(std::io::Error::new(
+            ErrorKind::AddrInUse,
+            "another process accepts connections on it",
+        ));
+    }
     spindle_vhost::export::claim_socket_path(path)?;
     let listener = UnixListener::bind(path)?;
     let slots = Arc::new(Slots::default());

@@ -167,7 +167,9 @@ impl Server {
 
     /// Opens and starts serving `spec`.
     pub fn add(&self, spec: ExportSpec) -> Result<Arc<Export>, BlockError> {
-        let spec = self.confine(spec)?;
+        let mut spec = self.confine(spec)?;
+        // One spelling per socket, so two exports cannot share one.
+        spec.socket = canonical(&spec.socket);
         let name = spec.name();
         self.reserve(&name, &spec.socket)?;
         let started = start(&name, &spec);
@@ -437,8 +439,32 @@ fn info(e: &Export, spec: &ExportSpec, state: &'static str) -> ExportInfo {
     }
 }
 
+/// `path` with its directory resolved (symbolic links, `.`, `..`), when
+/// that directory exists.
+fn canonical(path: &Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    match (path.parent().map(Path::canonicalize), path.file_name()) {
+        (Some(Ok(dir)), Some(file)) => dir.join(file),
+        _ => path,
+    }
+}
+
+/// Whether something accepts connections on the socket at `path`; binding
+/// there would take it away from that process.
+pub fn socket_in_use(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+        && std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
 /// Opens the image, binds the socket and starts the export's thread.
 fn start(name: &str, spec: &ExportSpec) -> Result<(Arc<Export>, ExportThread), BlockError> {
+    if socket_in_use(&spec.socket) {
+        return Err(invalid(format!(
+            "socket {} is in use by another process",
+            spec.socket.display()
+        )));
+    }
     let dev = Arc::new(spec.open()?);
     let export = Export::bind(dev, &spec.socket).map_err(|e| invalid(e.to_string()))?;
     let runner = export.clone();
