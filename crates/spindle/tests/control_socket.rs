@@ -360,3 +360,25 @@ fn a_socket_in_use_is_never_taken_over() {
     drop(listener);
     assert!(s.stop().success());
 }
+
+#[test]
+fn idle_connections_cannot_exhaust_the_daemon() {
+    let d = scratch();
+    let s = start_null(d.path());
+    let ctl = d.path().join("ctl.sock");
+    let threads = || std::fs::read_dir(format!("/proc/{}/task", s.pid())).unwrap().count();
+    let before = threads();
+    let idle: Vec<_> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&ctl).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = threads();
+    assert!(
+        during <= before + 64,
+        "{during} threads with 300 idle connections ({before} before)"
+    );
+    drop(idle);
+    let lines = exchange(&ctl, b"{\"cmd\":\"list\"}\n", LIMIT);
+    assert!(lines[0].contains("\"ok\":true"), "{lines:?}");
+    assert!(s.stop().success());
+}

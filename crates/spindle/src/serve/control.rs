@@ -194,6 +194,38 @@ mod tests {
         std::iter::from_fn(|| l.next_line().unwrap()).collect()
     }
 
+    /// Yields its bytes, then a read timeout.
+    struct Stalls(&'static [u8]);
+
+    impl Read for Stalls {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            let n = self.0.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_request_cut_off_by_the_idle_timeout_gets_its_reply() {
+        let server = Server::default();
+        let mut out = Vec::new();
+        let r = serve_stream(&server, Stalls(b"{\"cmd\":\"list\"}\n{\"cmd\""), &mut out);
+        assert_eq!(r.unwrap_err().kind(), ErrorKind::WouldBlock);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains("\"ok\":true"), "{text}");
+        assert!(lines[1].contains("request not finished"), "{text}");
+        // Idle between requests: nothing to answer.
+        let mut out = Vec::new();
+        let _ = serve_stream(&server, Stalls(b"{\"cmd\":\"list\"}\n"), &mut out);
+        assert_eq!(String::from_utf8(out).unwrap().lines().count(), 1);
+    }
+
     #[test]
     fn splits_lines_and_keeps_an_unterminated_last_one() {
         assert_eq!(

@@ -94,6 +94,11 @@ impl Serve {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Sends `sig` to the server.
     pub fn signal(&self, sig: i32) {
         let pid = self.child.as_ref().expect("running").id() as i32;
