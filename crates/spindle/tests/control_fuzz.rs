@@ -101,7 +101,7 @@ fn control_harness_holds_for_lines_over_the_cap() {
     let dir = tempfile::tempdir().unwrap();
     let mut data = vec![b'x'; 64 * 1024 + 1];
     data.extend_from_slice(b"\n{\"cmd\":\"list\"}\n");
-    data.extend(std::iter::repeat_n(b'{', 200 * 1024));
+    data.extend(vec![b'{'; 200 * 1024]);
     data.extend_from_slice(b"\n\n");
     data.extend(vec![b'y'; 64 * 1024]);
     control_bytes(&data, dir.path());

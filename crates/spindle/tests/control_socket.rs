@@ -191,15 +191,24 @@ fn refused(args: &[&str]) -> String {
 }
 
 #[test]
-fn zero_byte_exports_are_refused_everywhere() {
+fn zero_byte_and_non_disk_exports_are_refused_everywhere() {
     let d = scratch();
     let dir = d.path();
     let empty = dir.join("empty.raw");
     std::fs::write(&empty, b"").unwrap();
     let sock = dir.join("z.sock");
-    for image in ["/dev/null", "null:0", p(&empty)] {
+    let fifo = dir.join("fifo");
+    ok("mkfifo", &[p(&fifo)]);
+    let cases = [
+        ("/dev/null", "/dev/null is a character device"),
+        ("null:0", "the image is 0 bytes"),
+        (p(&empty), "the image is 0 bytes"),
+        (p(&fifo), "is a FIFO"),
+        (p(dir), "is a directory"),
+    ];
+    for (image, want) in cases {
         let err = refused(&["serve", image, "--vhost-user", p(&sock)]);
-        assert!(err.contains("the image is 0 bytes"), "{image}: {err}");
+        assert!(err.contains(want), "{image}: want '{want}' in: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{image}: one line: {err}");
         let cfg = dir.join("z.toml");
         std::fs::write(
@@ -208,15 +217,17 @@ fn zero_byte_exports_are_refused_everywhere() {
         )
         .unwrap();
         let err = refused(&["serve", "--config", p(&cfg)]);
-        assert!(err.contains("the image is 0 bytes"), "{image} in TOML: {err}");
+        assert!(err.contains(want), "{image} in TOML: {err}");
     }
     let s = start_null(dir);
-    for image in ["/dev/null", "null:0", p(&empty)] {
-        let r = s.ctl_within(
-            &json!({"cmd": "add", "export": {"image": image, "socket": p(&sock), "name": "z"}}),
-            LIMIT,
-        );
-        assert!(refusal(&r.to_string()).contains("the image is 0 bytes"), "{image}: {r}");
+    for (image, want) in cases {
+        for readonly in [false, true] {
+            let r = s.ctl_within(
+                &json!({"cmd": "add", "export": {"image": image, "socket": p(&sock), "name": "z", "readonly": readonly}}),
+                LIMIT,
+            );
+            assert!(refusal(&r.to_string()).contains(want), "{image}: {r}");
+        }
     }
     let r = s.ctl_within(
         &json!({"cmd": "resize", "name": "n", "size": "0", "shrink": true}),

@@ -158,13 +158,21 @@ pub fn listen(path: &Path, server: Arc<Server>) -> std::io::Result<()> {
     spindle_vhost::export::claim_socket_path(path)?;
     let listener = UnixListener::bind(path)?;
     let slots = Arc::new(Slots::default());
+    let mut warned: Option<std::time::Instant> = None;
     std::thread::Builder::new().name("control".into()).spawn(move || loop {
         let slot = slots.acquire();
         let conn = match listener.accept() {
             Ok((c, _)) => c,
             Err(e) => {
-                // EMFILE and the like: wait instead of spinning.
-                tracing::warn!("control socket: accept: {e}");
+                // EMFILE and the like: wait instead of spinning, and say
+                // so at most once a minute.
+                match warned {
+                    Some(t) if t.elapsed() < Duration::from_secs(60) => {}
+                    _ => {
+                        tracing::warn!("control socket: accept: {e}");
+                        warned = Some(std::time::Instant::now());
+                    }
+                }
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }

@@ -104,6 +104,7 @@ impl ExportSpec {
         if serial.len() > 20 {
             return Err(invalid(format!("{name}: serial '{serial}' is longer than 20 bytes")));
         }
+        check_file_type(&self.image)?;
         let format: Option<Format> = self.format.as_deref().map(str::parse).transpose()?;
         let explicit_cache = self.cache.is_some();
         let cache: CacheMode = self.cache.as_deref().unwrap_or("none").parse()?;
@@ -153,6 +154,34 @@ impl ExportSpec {
             },
         ))
     }
+}
+
+/// Refuses what is neither a regular file nor a block device: opening a
+/// FIFO can block forever, and a character device (`/dev/null`,
+/// `/dev/zero`) is no disk.
+fn check_file_type(image: &str) -> Result<(), BlockError> {
+    use std::os::unix::fs::FileTypeExt;
+    if image.starts_with("null:") {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::metadata(image) else {
+        return Ok(()); // opening it names the problem
+    };
+    let t = meta.file_type();
+    let what = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        return Ok(());
+    };
+    Err(invalid(format!(
+        "{image} is {what}; serve a regular file or a block device"
+    )))
 }
 
 /// A `--config` file: an optional control socket and the exports.
