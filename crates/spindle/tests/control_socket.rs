@@ -393,3 +393,68 @@ fn idle_connections_cannot_exhaust_the_daemon() {
     assert!(lines[0].contains("\"ok\":true"), "{lines:?}");
     assert!(s.stop().success());
 }
+
+#[test]
+fn concurrent_resizes_and_a_racing_remove_of_a_qcow2_export_are_safe() {
+    let d = scratch();
+    let dir = d.path().to_owned();
+    let img = dir.join("q.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "64M"]);
+    let sock = dir.join("q.sock");
+    let s = Serve::start(
+        &dir,
+        &[p(&img), "--vhost-user", p(&sock), "--control", "ctl.sock"],
+        &[&sock],
+    );
+    let ctl = dir.join("ctl.sock");
+    let resize = |size: String| {
+        let ctl = ctl.clone();
+        std::thread::spawn(move || {
+            let req = json!({"cmd": "resize", "name": "q", "size": size});
+            let lines = exchange(&ctl, format!("{req}\n").as_bytes(), LIMIT);
+            assert_eq!(lines.len(), 1, "{req}: {lines:?}");
+            serde_json::from_str::<Value>(&lines[0]).unwrap()
+        })
+    };
+    // Eight growing resizes at once: all work, one at a time.
+    let all: Vec<_> = (1..=8).map(|i| resize(format!("{}M", 64 + 64 * i))).collect();
+    let mut sizes: Vec<u64> = all
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter_map(|r| r["size"].as_u64())
+        .collect();
+    sizes.sort();
+    let listed = s.ctl_within(&json!({"cmd": "list"}), LIMIT)["exports"][0]["size"]
+        .as_u64()
+        .unwrap();
+    assert!(sizes.contains(&listed), "listed {listed}, resized to {sizes:?}");
+    // Resizes racing a remove: each is answered; after the remove's reply
+    // nothing changes the image any more.
+    let racing: Vec<_> = (1..=8).map(|i| resize(format!("{}M", 1024 + 64 * i))).collect();
+    let r = s.ctl_within(&json!({"cmd": "remove", "name": "q"}), LIMIT);
+    assert_eq!(r["ok"], json!(true), "{r}");
+    let after_remove = std::fs::read(&img).unwrap();
+    let mut grown = vec![listed];
+    for t in racing {
+        let r = t.join().unwrap();
+        match r["size"].as_u64() {
+            Some(n) => grown.push(n),
+            None => {
+                let e = refusal(&r.to_string());
+                let fine = ["being removed", "no export named 'q'", "pass shrink"];
+                assert!(fine.iter().any(|w| e.contains(w)), "{e}");
+            }
+        }
+    }
+    let unchanged = std::fs::read(&img).unwrap() == after_remove;
+    assert!(unchanged, "the image changed after remove answered");
+    assert_clean(&img);
+    let info: Value = serde_json::from_str(&ok("qemu-img", &["info", "--output=json", p(&img)])).unwrap();
+    let virt = info["virtual-size"].as_u64().unwrap();
+    assert_eq!(
+        virt,
+        *grown.iter().max().unwrap(),
+        "qcow2 size {virt}, resizes {grown:?}"
+    );
+    assert!(s.stop().success());
+}
