@@ -72,13 +72,34 @@ pub fn run(a: Args) -> CliResult<u8> {
     }
 }
 
+/// How long `spindle ctl` waits for a reply: longer than the server's
+/// longest wait (a remove waits up to 75 s for an export to stop).
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// One request, one reply.
 pub fn request(path: &std::path::Path, req: &Value) -> CliResult<Value> {
     let err = |e: std::io::Error| BlockError::Invalid(format!("control socket {}: {e}", path.display()));
     let mut s = UnixStream::connect(path).map_err(err)?;
+    s.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(err)?;
     writeln!(s, "{req}").map_err(err)?;
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).map_err(err)?;
+    match BufReader::new(&s).read_line(&mut line) {
+        Ok(0) => {
+            return Err(BlockError::Invalid(format!(
+                "control socket {}: closed without a reply",
+                path.display()
+            )))
+        }
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            return Err(BlockError::Invalid(format!(
+                "control socket {}: no reply within {} s",
+                path.display(),
+                REPLY_TIMEOUT.as_secs()
+            )))
+        }
+        Err(e) => return Err(err(e)),
+    }
     serde_json::from_str(&line)
         .map_err(|e| BlockError::Invalid(format!("control socket {}: bad reply: {e}", path.display())))
 }

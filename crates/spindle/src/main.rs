@@ -1,9 +1,6 @@
 //! `spindle`: the command-line entry point.
 
-mod bench;
-mod ctl;
-mod img;
-mod serve;
+use spindle::{bench, ctl, img, serve};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

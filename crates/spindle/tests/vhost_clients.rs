@@ -191,7 +191,7 @@ fn control_socket_hot_plugs_lists_resizes_and_unplugs() {
         ),
         (json!({"cmd": "remove", "name": "nope"}), "no export named 'nope'"),
         (json!({"cmd": "resize", "name": "one", "size": "1M"}), "pass shrink"),
-        (json!({"cmd": "frobnicate"}), "bad request"),
+        (json!({"cmd": "frobnicate"}), "unknown cmd `frobnicate`"),
     ] {
         let r = s.ctl(&req);
         assert_eq!(r["ok"], json!(false), "{r}");

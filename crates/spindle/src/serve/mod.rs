@@ -1,6 +1,7 @@
 //! `spindle serve`: serve images to VMs as vhost-user-blk devices.
 
 pub mod control;
+pub mod request;
 pub mod server;
 pub mod spec;
 
@@ -209,12 +210,38 @@ pub fn run(a: Args) -> CliResult<u8> {
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    let name = |sig| if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
     let sig = signals.forever().next().unwrap_or(SIGTERM);
     eprintln!(
-        "spindle: {}: finishing in-flight requests, flushing, exiting",
-        if sig == SIGINT { "SIGINT" } else { "SIGTERM" }
+        "spindle: {}: finishing in-flight requests, flushing, exiting (again to exit at once)",
+        name(sig)
     );
-    let res = server.remove_all();
+    // Stopping waits for the exports (at most server::STOP_TIMEOUT); a
+    // second signal ends the wait.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stopper = server.clone();
+    let control_file = control.clone();
+    std::thread::Builder::new()
+        .name("shutdown".into())
+        .spawn(move || {
+            let _ = tx.send(stopper.remove_all());
+        })
+        .map_err(|e| BlockError::Invalid(format!("cannot start the shutdown thread: {e}")))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                eprintln!("spindle: {} again: exiting without waiting for the exports", name(sig));
+                if let Some(path) = &control_file {
+                    let _ = std::fs::remove_file(path);
+                }
+                std::process::exit(1);
+            }
+        })
+        .map_err(|e| BlockError::Invalid(format!("cannot start the signal thread: {e}")))?;
+    let res = rx
+        .recv()
+        .unwrap_or_else(|_| Err(BlockError::Invalid("shutdown failed".into())));
     if let Some(path) = &control {
         let _ = std::fs::remove_file(path);
     }

@@ -1,6 +1,11 @@
-//! The set of running exports, shared by the main thread (signals) and the
-//! control socket (hot plug). This lock is control-plane only: the data
-//! path never takes it.
+//! The set of exports, shared by the main thread (signals) and the control
+//! socket (hot plug). This lock is control-plane only: the data path never
+//! takes it, and no slow work (opening an image, binding a socket, joining
+//! a thread, resizing) is done while it is held.
+//!
+//! A name and its socket stay taken from the moment an `add` starts until
+//! the export's thread has ended, so a new export can never bind a socket
+//! that an old one is still serving or about to delete.
 
 use super::spec::ExportSpec;
 use crate::img::{human_size, size_arg};
@@ -10,19 +15,79 @@ use spindle_io::{Runtime, RuntimeConfig};
 use spindle_vhost::stats::OpSummary;
 use spindle_vhost::Export;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long `remove` and shutdown wait for an export to stop: the vhost
+/// backend's drain of accepted requests (60 s at most) plus the final flush.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(75);
+/// How long a resize waits for another resize (or a remove) of the same
+/// export to finish.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Exports a sandboxed server (the fuzz harness's) accepts at once.
+const SANDBOX_EXPORTS: usize = 4;
+
+/// The thread serving an export.
+type ExportThread = JoinHandle<Result<(), spindle_vhost::Error>>;
 
 struct Running {
     export: Arc<Export>,
     spec: ExportSpec,
-    thread: JoinHandle<Result<(), spindle_vhost::Error>>,
+    thread: ExportThread,
+    /// Held by a resize and by the removal: one change of an export at a
+    /// time. `true` once the export is being removed.
+    gate: Arc<Mutex<bool>>,
 }
 
-/// Running exports by name.
+enum Slot {
+    /// An `add` is opening the image; the name and socket are taken.
+    Starting {
+        socket: PathBuf,
+    },
+    Running(Running),
+    /// Being removed; the name and socket stay taken until its thread ended.
+    Stopping {
+        export: Arc<Export>,
+        spec: ExportSpec,
+    },
+}
+
+impl Slot {
+    fn socket(&self) -> &Path {
+        match self {
+            Slot::Starting { socket } => socket,
+            Slot::Running(r) => &r.export.socket,
+            Slot::Stopping { export, .. } => &export.socket,
+        }
+    }
+}
+
 #[derive(Default)]
+struct State {
+    slots: BTreeMap<String, Slot>,
+    /// SIGINT or SIGTERM arrived: no new exports.
+    closing: bool,
+}
+
+/// The exports by name.
 pub struct Server {
-    exports: Mutex<BTreeMap<String, Running>>,
+    state: Arc<Mutex<State>>,
+    stop_timeout: Duration,
+    /// Only `null:` images, sockets inside this directory (fuzz harness).
+    sandbox: Option<PathBuf>,
+}
+
+impl Default for Server {
+    fn default() -> Server {
+        Server {
+            state: Arc::default(),
+            stop_timeout: STOP_TIMEOUT,
+            sandbox: None,
+        }
+    }
 }
 
 /// What `list` reports of an export.
@@ -30,6 +95,8 @@ pub struct Server {
 pub struct ExportInfo {
     /// Name.
     pub name: String,
+    /// `running`, or `stopping` while a remove waits for it.
+    pub state: &'static str,
     /// Image.
     pub image: String,
     /// Format.
@@ -56,126 +123,279 @@ fn invalid(msg: String) -> BlockError {
     BlockError::Invalid(msg)
 }
 
+/// Locks `m`; a panic elsewhere never leaves these maps half-changed, so a
+/// poisoned lock is still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Server {
-    /// Opens and starts serving `spec`. Returns the export's name.
+    /// A server that waits at most `stop_timeout` for an export to stop.
+    pub fn with_stop_timeout(stop_timeout: Duration) -> Server {
+        Server {
+            stop_timeout,
+            ..Server::default()
+        }
+    }
+
+    /// A server for the fuzz harness: `add` accepts only `null:` images,
+    /// at most a few at once, with relative socket paths taken inside `dir`.
+    #[doc(hidden)]
+    pub fn sandboxed(dir: &Path) -> Server {
+        Server {
+            sandbox: Some(dir.to_owned()),
+            ..Server::with_stop_timeout(Duration::from_secs(10))
+        }
+    }
+
+    fn confine(&self, mut spec: ExportSpec) -> Result<ExportSpec, BlockError> {
+        let Some(dir) = &self.sandbox else { return Ok(spec) };
+        if !spec.image.starts_with("null:") {
+            return Err(invalid("sandbox: only null: images".into()));
+        }
+        if !spec.socket.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(invalid(
+                "sandbox: the socket must be a relative path without '..'".into(),
+            ));
+        }
+        if lock(&self.state).slots.len() >= SANDBOX_EXPORTS {
+            return Err(invalid(format!("sandbox: at most {SANDBOX_EXPORTS} exports")));
+        }
+        spec.socket = dir.join(&spec.socket);
+        Ok(spec)
+    }
+
+    /// Opens and starts serving `spec`.
     pub fn add(&self, spec: ExportSpec) -> Result<Arc<Export>, BlockError> {
+        let mut spec = self.confine(spec)?;
+        // One spelling per socket, so two exports cannot share one.
+        spec.socket = canonical(&spec.socket);
         let name = spec.name();
-        let mut exports = self
-            .exports
-            .lock()
-            .map_err(|_| invalid("server state poisoned".into()))?;
-        if exports.contains_key(&name) {
-            return Err(invalid(format!("an export named '{name}' already exists")));
-        }
-        if let Some(other) = exports.values().find(|r| r.export.socket == spec.socket) {
-            return Err(invalid(format!(
-                "socket {} is already used by export '{}'",
-                spec.socket.display(),
-                other.export.dev.cfg.name
-            )));
-        }
-        let dev = Arc::new(spec.open()?);
-        let export = Export::bind(dev, &spec.socket).map_err(|e| invalid(e.to_string()))?;
-        let runner = export.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("export-{name}"))
-            .spawn(move || runner.run())
-            .map_err(|e| invalid(format!("cannot start a thread for export '{name}': {e}")))?;
-        exports.insert(
-            name,
-            Running {
-                export: export.clone(),
-                spec,
-                thread,
-            },
-        );
+        self.reserve(&name, &spec.socket)?;
+        let started = start(&name, &spec);
+        let mut st = lock(&self.state);
+        let (export, thread) = match started {
+            Ok(s) if !st.closing => s,
+            Ok((export, thread)) => {
+                // Shutdown began while the image was opening: close it
+                // again, then free the name (shutdown waits for that).
+                drop(st);
+                export.stop();
+                let _ = thread.join();
+                lock(&self.state).slots.remove(&name);
+                return Err(invalid("the server is shutting down".into()));
+            }
+            Err(e) => {
+                st.slots.remove(&name);
+                return Err(e);
+            }
+        };
+        let running = Running {
+            export: export.clone(),
+            spec,
+            thread,
+            gate: Arc::default(),
+        };
+        st.slots.insert(name, Slot::Running(running));
         Ok(export)
     }
 
-    /// Stops serving `name`: in-flight requests finish, the image is
-    /// flushed and closed.
-    pub fn remove(&self, name: &str) -> Result<(), BlockError> {
-        let running = self
-            .exports
-            .lock()
-            .map_err(|_| invalid("server state poisoned".into()))?
-            .remove(name)
-            .ok_or_else(|| invalid(format!("no export named '{name}'")))?;
-        stop(running)
+    /// Takes `name` and `socket` for an export being added.
+    fn reserve(&self, name: &str, socket: &Path) -> Result<(), BlockError> {
+        let mut st = lock(&self.state);
+        if st.closing {
+            return Err(invalid("the server is shutting down".into()));
+        }
+        match st.slots.get(name) {
+            Some(Slot::Running(_)) => return Err(invalid(format!("an export named '{name}' already exists"))),
+            Some(Slot::Starting { .. }) => return Err(invalid(format!("an export named '{name}' is being added"))),
+            Some(Slot::Stopping { .. }) => {
+                return Err(invalid(format!(
+                    "an export named '{name}' is still being removed; try again once it is gone"
+                )))
+            }
+            None => {}
+        }
+        if let Some((other, _)) = st.slots.iter().find(|(_, s)| s.socket() == socket) {
+            return Err(invalid(format!(
+                "socket {} is already used by export '{other}'",
+                socket.display()
+            )));
+        }
+        st.slots.insert(
+            name.to_string(),
+            Slot::Starting {
+                socket: socket.to_owned(),
+            },
+        );
+        Ok(())
     }
 
-    /// Stops every export (SIGINT, SIGTERM). Returns the first error.
-    pub fn remove_all(&self) -> Result<(), BlockError> {
-        let all = match self.exports.lock() {
-            Ok(mut e) => std::mem::take(&mut *e),
-            Err(_) => return Err(invalid("server state poisoned".into())),
+    /// Stops serving `name`: in-flight requests finish, the image is
+    /// flushed and closed. Gives up waiting after the stop timeout; the
+    /// export then stays listed as `stopping` until its thread ends.
+    pub fn remove(&self, name: &str) -> Result<(), BlockError> {
+        let done = {
+            let mut st = lock(&self.state);
+            match st.slots.remove(name) {
+                Some(Slot::Running(r)) => self.begin_stop(&mut st, name, r),
+                other => {
+                    let msg = match &other {
+                        Some(Slot::Starting { .. }) => format!("export '{name}' is still being added"),
+                        Some(Slot::Stopping { .. }) => format!("export '{name}' is already being removed"),
+                        _ => format!("no export named '{name}'"),
+                    };
+                    if let Some(s) = other {
+                        st.slots.insert(name.to_string(), s);
+                    }
+                    return Err(invalid(msg));
+                }
+            }
         };
-        for r in all.values() {
-            r.export.stop();
+        match done.recv_timeout(self.stop_timeout) {
+            Ok(res) => res,
+            Err(_) => Err(invalid(format!(
+                "export '{name}' has not stopped after {} s; it stays listed as stopping until it does",
+                self.stop_timeout.as_secs()
+            ))),
         }
-        let mut first = Ok(());
-        for (_, r) in all {
-            if let Err(e) = stop(r) {
-                eprintln!("spindle: {e}");
-                first = first.and(Err(e));
+    }
+
+    /// Marks `r` stopping and stops it on a thread of its own, which ends
+    /// by freeing the name. The receiver gets the result.
+    fn begin_stop(&self, st: &mut State, name: &str, r: Running) -> mpsc::Receiver<Result<(), BlockError>> {
+        let (tx, rx) = mpsc::channel();
+        let stopping = Slot::Stopping {
+            export: r.export.clone(),
+            spec: r.spec.clone(),
+        };
+        // Taken back if the thread cannot start.
+        let cell = Arc::new(Mutex::new(Some(r)));
+        let (state, label, mine) = (self.state.clone(), name.to_string(), cell.clone());
+        let spawned = std::thread::Builder::new().name(format!("stop-{name}")).spawn(move || {
+            let Some(r) = lock(&mine).take() else { return };
+            let res = stop(r);
+            lock(&state).slots.remove(&label);
+            let _ = tx.send(res);
+        });
+        match spawned {
+            Ok(_) => {
+                st.slots.insert(name.to_string(), stopping);
+            }
+            Err(e) => {
+                if let Some(r) = lock(&cell).take() {
+                    st.slots.insert(name.to_string(), Slot::Running(r));
+                }
+                let (tx, rx) = mpsc::channel();
+                let _ = tx.send(Err(invalid(format!("cannot start a thread to stop '{name}': {e}"))));
+                return rx;
             }
         }
-        first
+        rx
     }
 
-    /// The running exports.
-    pub fn list(&self) -> Vec<ExportInfo> {
-        let Ok(exports) = self.exports.lock() else {
-            return Vec::new();
+    /// Stops every export (SIGINT, SIGTERM) and waits until they have
+    /// stopped, at most the stop timeout. The error names every export
+    /// that failed to stop cleanly or is still running then.
+    pub fn remove_all(&self) -> Result<(), BlockError> {
+        let deadline = Instant::now() + self.stop_timeout;
+        let pending: Vec<_> = {
+            let mut st = lock(&self.state);
+            st.closing = true;
+            let names: Vec<String> = st
+                .slots
+                .iter()
+                .filter(|(_, s)| matches!(s, Slot::Running(_)))
+                .map(|(n, _)| n.clone())
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| match st.slots.remove(&n) {
+                    Some(Slot::Running(r)) => Some(self.begin_stop(&mut st, &n, r)),
+                    _ => None,
+                })
+                .collect()
         };
-        exports
+        let mut errors = Vec::new();
+        for rx in pending {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // One still stopping at the deadline stays in the map: below.
+            if let Ok(Err(e)) = rx.recv_timeout(left) {
+                errors.push(e.to_string());
+            }
+        }
+        // Adds that were opening an image stop their export themselves;
+        // earlier removes may still be waiting for theirs.
+        while !lock(&self.state).slots.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // What is left did not stop (or finish its add) in time.
+        for (name, slot) in lock(&self.state).slots.iter() {
+            let what = match slot {
+                Slot::Starting { .. } => "is still being added",
+                _ => "has not stopped",
+            };
+            errors.push(format!(
+                "export '{name}' {what} after {} s; exiting without closing it",
+                self.stop_timeout.as_secs()
+            ));
+        }
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(invalid(errors.join("; "))),
+        }
+    }
+
+    /// The exports, running and stopping.
+    pub fn list(&self) -> Vec<ExportInfo> {
+        let st = lock(&self.state);
+        st.slots
             .values()
-            .map(|r| {
-                let d = &r.export.dev;
-                ExportInfo {
-                    name: d.cfg.name.clone(),
-                    image: r.spec.image.clone(),
-                    format: d.node.info().format,
-                    size: d.capacity(),
-                    socket: r.export.socket.display().to_string(),
-                    connected: r.export.is_connected(),
-                    connections: r.export.connections(),
-                    readonly: d.cfg.read_only,
-                    iothreads: d.cfg.iothreads,
-                    num_queues: d.cfg.num_queues,
-                    write_cache: d.writeback(),
-                }
+            .filter_map(|s| match s {
+                Slot::Starting { .. } => None,
+                Slot::Running(r) => Some(info(&r.export, &r.spec, "running")),
+                Slot::Stopping { export, spec } => Some(info(export, spec, "stopping")),
             })
             .collect()
     }
 
-    fn export(&self, name: &str) -> Result<Arc<Export>, BlockError> {
-        self.exports
-            .lock()
-            .map_err(|_| invalid("server state poisoned".into()))?
-            .get(name)
-            .map(|r| r.export.clone())
-            .ok_or_else(|| invalid(format!("no export named '{name}'")))
+    fn running(&self, name: &str) -> Result<(Arc<Export>, Arc<Mutex<bool>>), BlockError> {
+        match lock(&self.state).slots.get(name) {
+            Some(Slot::Running(r)) => Ok((r.export.clone(), r.gate.clone())),
+            Some(Slot::Starting { .. }) => Err(invalid(format!("export '{name}' is still being added"))),
+            Some(Slot::Stopping { .. }) => Err(invalid(format!("export '{name}' is being removed"))),
+            None => Err(invalid(format!("no export named '{name}'"))),
+        }
     }
 
     /// Request statistics of `name`.
     pub fn stats(&self, name: &str) -> Result<(Vec<OpSummary>, Vec<u64>), BlockError> {
-        let e = self.export(name)?;
+        let (e, _) = self.running(name)?;
         Ok((e.dev.stats(), e.dev.queue_requests()))
     }
 
     /// Grows (or, with `shrink`, shrinks) `name` to `size`, publishes the
     /// new capacity in the configuration space and tells the connected
-    /// frontend (returns whether one was told).
+    /// frontend (returns whether one was told). One resize of an export
+    /// runs at a time; a remove waits for it.
     pub fn resize(&self, name: &str, size: &str, shrink: bool) -> Result<(u64, bool), BlockError> {
-        let export = self.export(name)?;
+        let (export, gate) = self.running(name)?;
         let dev = &export.dev;
         if dev.cfg.read_only {
             return Err(invalid(format!("export '{name}' is read-only")));
         }
         let new = size_arg(size)?;
-        if new % 512 != 0 {
-            return Err(invalid(format!("size {new} is not a multiple of 512")));
+        if new == 0 || new % 512 != 0 {
+            return Err(invalid(format!("size {new} must be a positive multiple of 512")));
+        }
+        let Some(removed) = lock_within(&gate, BUSY_TIMEOUT) else {
+            return Err(invalid(format!(
+                "export '{name}' is busy: another resize has not finished in {} s",
+                BUSY_TIMEOUT.as_secs()
+            )));
+        };
+        if *removed {
+            return Err(invalid(format!("export '{name}' is being removed")));
         }
         if new < dev.capacity() && !shrink {
             return Err(invalid(format!(
@@ -201,11 +421,90 @@ impl Server {
     }
 }
 
-fn stop(r: Running) -> Result<(), BlockError> {
-    r.export.stop();
-    let name = r.export.dev.cfg.name.clone();
-    match r.thread.join() {
-        Ok(res) => res.map_err(|e| invalid(e.to_string())),
-        Err(_) => Err(invalid(format!("export '{name}': its thread panicked"))),
+fn info(e: &Export, spec: &ExportSpec, state: &'static str) -> ExportInfo {
+    let d = &e.dev;
+    ExportInfo {
+        name: d.cfg.name.clone(),
+        state,
+        image: spec.image.clone(),
+        format: d.node.info().format,
+        size: d.capacity(),
+        socket: e.socket.display().to_string(),
+        connected: e.is_connected(),
+        connections: e.connections(),
+        readonly: d.cfg.read_only,
+        iothreads: d.cfg.iothreads,
+        num_queues: d.cfg.num_queues,
+        write_cache: d.writeback(),
     }
 }
+
+/// `path` with its directory resolved (symbolic links, `.`, `..`), when
+/// that directory exists.
+fn canonical(path: &Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    match (path.parent().map(Path::canonicalize), path.file_name()) {
+        (Some(Ok(dir)), Some(file)) => dir.join(file),
+        _ => path,
+    }
+}
+
+/// Whether something accepts connections on the socket at `path`; binding
+/// there would take it away from that process.
+pub fn socket_in_use(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+        && std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+/// Opens the image, binds the socket and starts the export's thread.
+fn start(name: &str, spec: &ExportSpec) -> Result<(Arc<Export>, ExportThread), BlockError> {
+    if socket_in_use(&spec.socket) {
+        return Err(invalid(format!(
+            "socket {} is in use by another process",
+            spec.socket.display()
+        )));
+    }
+    let dev = Arc::new(spec.open()?);
+    let export = Export::bind(dev, &spec.socket).map_err(|e| invalid(e.to_string()))?;
+    let runner = export.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("export-{name}"))
+        .spawn(move || runner.run())
+        .map_err(|e| invalid(format!("cannot start a thread for export '{name}': {e}")))?;
+    Ok((export, thread))
+}
+
+/// Locks `m`, waiting at most `timeout` for it.
+fn lock_within<T>(m: &Mutex<T>, timeout: Duration) -> Option<MutexGuard<'_, T>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
+}
+
+/// Waits for a resize of `r` to finish, marks it removed, stops it and
+/// joins its thread (which flushes and closes the image).
+fn stop(r: Running) -> Result<(), BlockError> {
+    let mut removed = lock(&r.gate);
+    *removed = true;
+    r.export.stop();
+    let name = r.export.dev.cfg.name.clone();
+    let res = match r.thread.join() {
+        Ok(res) => res.map_err(|e| invalid(e.to_string())),
+        Err(_) => Err(invalid(format!("export '{name}': its thread panicked"))),
+    };
+    drop(removed);
+    res
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

@@ -104,6 +104,7 @@ impl ExportSpec {
         if serial.len() > 20 {
             return Err(invalid(format!("{name}: serial '{serial}' is longer than 20 bytes")));
         }
+        check_file_type(&self.image)?;
         let format: Option<Format> = self.format.as_deref().map(str::parse).transpose()?;
         let explicit_cache = self.cache.is_some();
         let cache: CacheMode = self.cache.as_deref().unwrap_or("none").parse()?;
@@ -113,18 +114,28 @@ impl ExportSpec {
             read_only: self.readonly,
             ..Default::default()
         };
+        let mut fell_back = false;
         let node = match open_image(&self.image, &cfg) {
             // tmpfs and some FUSE file systems refuse O_DIRECT.
             Err(e) if !explicit_cache && crate::img::direct_refused(&e) => {
-                tracing::warn!(
-                    "{}: the file system refuses O_DIRECT; serving with cache=writeback",
-                    self.image
-                );
+                fell_back = true;
                 cfg.cache = CacheMode::Writeback;
                 open_image(&self.image, &cfg)?
             }
             other => other?,
         };
+        if node.size() < 512 {
+            return Err(invalid(format!(
+                "the image is {} bytes; a disk needs at least 512",
+                node.size()
+            )));
+        }
+        if fell_back {
+            tracing::warn!(
+                "{}: the file system refuses O_DIRECT; serving with cache=writeback",
+                self.image
+            );
+        }
         Ok(Device::new(
             node,
             DeviceConfig {
@@ -143,6 +154,34 @@ impl ExportSpec {
             },
         ))
     }
+}
+
+/// Refuses what is neither a regular file nor a block device: opening a
+/// FIFO can block forever, and a character device (`/dev/null`,
+/// `/dev/zero`) is no disk.
+fn check_file_type(image: &str) -> Result<(), BlockError> {
+    use std::os::unix::fs::FileTypeExt;
+    if image.starts_with("null:") {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::metadata(image) else {
+        return Ok(()); // opening it names the problem
+    };
+    let t = meta.file_type();
+    let what = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        return Ok(());
+    };
+    Err(invalid(format!(
+        "{image} is {what}; serve a regular file or a block device"
+    )))
 }
 
 /// A `--config` file: an optional control socket and the exports.

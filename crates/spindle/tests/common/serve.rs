@@ -94,6 +94,43 @@ impl Serve {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends `sig` to the server.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        // SAFETY: kill(2) on the pid of a child this process spawned.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// Waits at most `limit` for the server to exit.
+    pub fn wait_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(st);
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends one control request; fails the test when no reply comes
+    /// within `limit`.
+    pub fn ctl_within(&self, req: &Value, limit: Duration) -> Value {
+        let path = self.control.as_ref().expect("started without --control");
+        let lines = exchange(path, format!("{req}\n").as_bytes(), limit);
+        assert_eq!(lines.len(), 1, "{req}: want one reply, got {lines:?}");
+        serde_json::from_str(&lines[0]).unwrap_or_else(|e| panic!("bad reply {:?}: {e}", lines[0]))
+    }
+
     /// What the server printed.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -107,6 +144,33 @@ pub fn ctl_at(path: &Path, req: &Value) -> Value {
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).unwrap();
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+}
+
+/// Sends `bytes` on one connection to the control socket at `path`,
+/// closes the sending side and returns the reply lines. Fails the test
+/// when the server has not closed the connection within `limit`.
+pub fn exchange(path: &Path, bytes: &[u8], limit: Duration) -> Vec<String> {
+    use std::io::Read;
+    let mut s = UnixStream::connect(path).expect("connect control socket");
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.set_write_timeout(Some(limit)).unwrap();
+    let mut reader = s.try_clone().unwrap();
+    // Read while writing: the server answers a long line before its end.
+    let got = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let r = reader.read_to_end(&mut out);
+        (r, out)
+    });
+    let sent = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let (r, out) = got.join().unwrap();
+    let text = String::from_utf8(out).expect("replies are UTF-8");
+    if let Err(e) = r {
+        panic!("no end of the replies within {limit:?} ({e}); got so far: {text:?}");
+    }
+    sent.unwrap_or_else(|e| panic!("sending the request failed ({e}); replies: {text:?}"));
+    assert!(text.is_empty() || text.ends_with('\n'), "unterminated reply: {text:?}");
+    text.lines().map(str::to_string).collect()
 }
 
 impl Drop for Serve {

@@ -1,0 +1,11 @@
+//! The commands of the `spindle` binary, as a library so that the fuzz
+//! targets and the tests can call the code they exercise directly. The
+//! binary (`src/main.rs`) only parses the command line and dispatches.
+
+pub mod bench;
+pub mod ctl;
+pub mod img;
+pub mod serve;
+
+#[doc(hidden)]
+pub mod fuzzing;
