@@ -182,7 +182,13 @@ pub fn run(a: Args) -> CliResult<u8> {
             Ok(e) => e,
             Err(e) => {
                 let _ = server.remove_all();
-                return Err(BlockError::Invalid(format!("{image}: {e}")));
+                // Most errors name the image already.
+                let msg = e.to_string();
+                return Err(if msg.contains(&image) {
+                    e
+                } else {
+                    BlockError::Invalid(format!("{image}: {msg}"))
+                });
             }
         };
         let d = &export.dev;
