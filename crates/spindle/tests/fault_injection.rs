@@ -81,6 +81,7 @@ fn run_once(case: &Case, plan: &str, work: &Path) -> bool {
         case.name
     );
     let fired = err.contains("injected error");
+    wait_unlocked(&img);
     let check = run("qemu-img", &["check", p(&img)]);
     assert!(
         matches!(check.status.code(), Some(0) | Some(3)),

@@ -107,18 +107,26 @@ async fn bench(a: Args) -> CliResult<()> {
                     next.set(i + 1);
                     let off = start + (i * step) % span.max(1);
                     let sg = SgList::new(&mut buf);
-                    if write {
-                        node.write(off, &sg, false).await?;
+                    let r = if write {
+                        node.write(off, &sg, false).await
                     } else {
-                        node.read(off, &sg).await?;
+                        node.read(off, &sg).await
+                    };
+                    if r.is_err() {
+                        next.set(count); // the others stop too
+                        return r;
                     }
                 }
             })
         })
         .collect();
+    // Every worker ends before the first error is returned: no I/O may
+    // still be in flight when the image is closed (and its locks go).
+    let mut first = Ok(());
     for w in workers {
-        w.await?;
+        first = first.and(w.await);
     }
+    first?;
     if a.write {
         node.close().await?;
     }
