@@ -45,6 +45,8 @@ fn freed_clusters_are_reused_before_the_file_grows() {
         // Free two clusters in the middle (no backing file: discard unmaps).
         node.discard(2 * 65536, 65536).await.unwrap();
         node.discard(5 * 65536, 65536).await.unwrap();
+        // Freed clusters become reusable once the unmapping is durable.
+        node.flush().await.unwrap();
         let end_before = std::fs::metadata(&path).unwrap().len();
         // Two new single-cluster writes take exactly the freed clusters...
         node.write(20 * 65536, &SgList::new(&mut b), false).await.unwrap();
