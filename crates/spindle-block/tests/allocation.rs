@@ -64,6 +64,7 @@ fn freed_clusters_are_reused_before_the_file_grows() {
         assert!(host_of(&node, 22 * 65536).await > *hosts.iter().max().unwrap());
         // A two-cluster request does not fit a one-cluster hole: it is appended.
         node.discard(3 * 65536, 65536).await.unwrap();
+        node.flush().await.unwrap();
         let mut two = vec![9u8; 2 * 65536];
         node.write(30 * 65536, &SgList::new(&mut two), false).await.unwrap();
         assert!(host_of(&node, 30 * 65536).await > hosts[7]);
