@@ -29,18 +29,18 @@ pub fn qcow2_bytes(data: &[u8], dir: &Path) {
     let Ok(node) = open_image(spec, &cfg) else { return };
     rt.block_on(async {
         let size = node.size().min(64 << 20);
-        let mut buf = vec![0u8; 256 << 10];
+        let buf = SgList::zeroed(256 << 10);
         let mut off = 0;
         while off < size {
             let n = (size - off).min(buf.len() as u64) as usize;
-            if node.read(off, &SgList::new(&mut buf[..n])).await.is_err() {
+            if node.read(off, &buf.slice(0, n)).await.is_err() {
                 break;
             }
             off += n as u64;
         }
-        let mut w = vec![0x5au8; 70_000];
+        let w = SgList::copy_of(&[0x5au8; 70_000]);
         let _ = node
-            .write(size / 3, &SgList::new(&mut w[..(size / 2).min(70_000) as usize]), false)
+            .write(size / 3, &w.slice(0, (size / 2).min(70_000) as usize), false)
             .await;
         let _ = node.write_zeroes(0, size.min(1 << 20), true).await;
         let _ = node.discard(size / 2, size / 4).await;

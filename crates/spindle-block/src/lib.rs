@@ -14,10 +14,9 @@ pub mod formats;
 pub mod fuzzing;
 mod node;
 mod open;
-mod sg;
 
 pub use error::{BlockError, Result};
 pub use formats::qcow2::header::printable;
 pub use node::{BlockStatus, Extent, ImageInfo, Node};
 pub use open::{backing_path, open_image, parse_size, probe, Format, OpenConfig, Sharing};
-pub use sg::SgList;
+pub use spindle_io::SgList;

@@ -2,7 +2,7 @@
 
 use crate::error::{BlockError, Result};
 use crate::formats::{null::Null, qcow2::Qcow2, raw::Raw};
-use crate::sg::SgList;
+use spindle_io::SgList;
 use std::path::Path;
 
 /// One image of a backing chain.
@@ -130,7 +130,7 @@ impl Node {
     }
 
     /// Reads `buf.len()` bytes at `offset`.
-    pub async fn read(&self, offset: u64, buf: &SgList<'_>) -> Result<()> {
+    pub async fn read(&self, offset: u64, buf: &SgList) -> Result<()> {
         range_check(offset, buf.len() as u64, self.size())?;
         if buf.is_empty() {
             return Ok(());
@@ -145,8 +145,23 @@ impl Node {
         }
     }
 
+    /// Reads `buf.len()` bytes at `offset` into `buf`, through a buffer of
+    /// its own (one copy; the data path reads into an [`SgList`]).
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let sg = SgList::zeroed(buf.len());
+        self.read(offset, &sg).await?;
+        sg.copy_to(buf);
+        Ok(())
+    }
+
+    /// Writes a copy of `buf` at `offset` (the data path writes an
+    /// [`SgList`]).
+    pub async fn write_from(&self, offset: u64, buf: &[u8], fua: bool) -> Result<()> {
+        self.write(offset, &SgList::copy_of(buf), fua).await
+    }
+
     /// Writes `buf` at `offset`; with `fua` it is durable on return.
-    pub async fn write(&self, offset: u64, buf: &SgList<'_>, fua: bool) -> Result<()> {
+    pub async fn write(&self, offset: u64, buf: &SgList, fua: bool) -> Result<()> {
         range_check(offset, buf.len() as u64, self.size())?;
         if buf.is_empty() {
             return Ok(());

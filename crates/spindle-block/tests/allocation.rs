@@ -1,7 +1,7 @@
 //! Cluster allocation: freed clusters are reused, new ones are appended.
 
 use spindle_block::formats::qcow2::{create, CreateOptions};
-use spindle_block::{open_image, BlockStatus, Format, OpenConfig, SgList};
+use spindle_block::{open_image, BlockStatus, Format, OpenConfig};
 use spindle_io::{Runtime, RuntimeConfig};
 
 async fn host_of(node: &spindle_block::Node, off: u64) -> u64 {
@@ -31,9 +31,9 @@ fn freed_clusters_are_reused_before_the_file_grows() {
             ..Default::default()
         };
         let node = open_image(path.to_str().unwrap(), &cfg).unwrap();
-        let mut b = vec![7u8; 65536];
+        let b = vec![7u8; 65536];
         for i in 0..8u64 {
-            node.write(i * 65536, &SgList::new(&mut b), false).await.unwrap();
+            node.write_from(i * 65536, &b, false).await.unwrap();
         }
         let hosts: Vec<u64> = {
             let mut v = Vec::new();
@@ -49,8 +49,8 @@ fn freed_clusters_are_reused_before_the_file_grows() {
         node.flush().await.unwrap();
         let end_before = std::fs::metadata(&path).unwrap().len();
         // Two new single-cluster writes take exactly the freed clusters...
-        node.write(20 * 65536, &SgList::new(&mut b), false).await.unwrap();
-        node.write(21 * 65536, &SgList::new(&mut b), false).await.unwrap();
+        node.write_from(20 * 65536, &b, false).await.unwrap();
+        node.write_from(21 * 65536, &b, false).await.unwrap();
         let mut got = vec![host_of(&node, 20 * 65536).await, host_of(&node, 21 * 65536).await];
         got.sort_unstable();
         assert_eq!(got, vec![hosts[2], hosts[5]], "freed clusters are reused");
@@ -60,16 +60,16 @@ fn freed_clusters_are_reused_before_the_file_grows() {
             "no growth while holes remain"
         );
         // ...and the next one is appended after everything else.
-        node.write(22 * 65536, &SgList::new(&mut b), false).await.unwrap();
+        node.write_from(22 * 65536, &b, false).await.unwrap();
         assert!(host_of(&node, 22 * 65536).await > *hosts.iter().max().unwrap());
         // A two-cluster request does not fit a one-cluster hole: it is appended.
         node.discard(3 * 65536, 65536).await.unwrap();
         node.flush().await.unwrap();
-        let mut two = vec![9u8; 2 * 65536];
-        node.write(30 * 65536, &SgList::new(&mut two), false).await.unwrap();
+        let two = vec![9u8; 2 * 65536];
+        node.write_from(30 * 65536, &two, false).await.unwrap();
         assert!(host_of(&node, 30 * 65536).await > hosts[7]);
         // The hole is still found by a later single-cluster write.
-        node.write(40 * 65536, &SgList::new(&mut b), false).await.unwrap();
+        node.write_from(40 * 65536, &b, false).await.unwrap();
         assert_eq!(host_of(&node, 40 * 65536).await, hosts[3]);
         node.close().await.unwrap();
     });
@@ -95,13 +95,13 @@ fn write_zeroes_keeps_allocation_unless_unmap_is_allowed() {
                 ..Default::default()
             };
             let node = open_image(path.to_str().unwrap(), &cfg).unwrap();
-            let mut b = vec![9u8; 4 * 65536];
-            node.write(0, &SgList::new(&mut b), false).await.unwrap();
+            let b = vec![9u8; 4 * 65536];
+            node.write_from(0, &b, false).await.unwrap();
             let kept = host_of(&node, 0).await;
             node.write_zeroes(0, 2 * 65536, false).await.unwrap();
             node.write_zeroes(2 * 65536, 2 * 65536, true).await.unwrap();
             let mut r = vec![1u8; 4 * 65536];
-            node.read(0, &SgList::new(&mut r)).await.unwrap();
+            node.read_into(0, &mut r).await.unwrap();
             assert!(r.iter().all(|&x| x == 0), "ext_l2={ext}: zeroes read back");
             assert_eq!(node.block_status(0, 65536).await.unwrap().0, BlockStatus::Zero);
             node.close().await.unwrap();
@@ -109,8 +109,8 @@ fn write_zeroes_keeps_allocation_unless_unmap_is_allowed() {
             // Kept: still referenced (the file's cluster count shows it); a new
             // write elsewhere must not reuse it, while the unmapped ones are free.
             let node = open_image(path.to_str().unwrap(), &cfg).unwrap();
-            let mut c = vec![5u8; 65536];
-            node.write(40 * 65536, &SgList::new(&mut c), false).await.unwrap();
+            let c = vec![5u8; 65536];
+            node.write_from(40 * 65536, &c, false).await.unwrap();
             assert_ne!(
                 host_of(&node, 40 * 65536).await,
                 kept,

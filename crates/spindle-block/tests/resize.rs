@@ -2,7 +2,7 @@
 //! same open image (as a daemon holds it) resizes normally afterwards.
 
 use spindle_block::formats::qcow2::{create, CreateOptions};
-use spindle_block::{open_image, Format, OpenConfig, SgList};
+use spindle_block::{open_image, Format, OpenConfig};
 use spindle_io::{Runtime, RuntimeConfig};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -27,8 +27,8 @@ fn a_refused_resize_leaves_the_open_image_usable() {
                 ..Default::default()
             };
             let node = open_image(p.to_str().unwrap(), &cfg).unwrap();
-            let mut data = vec![0x5au8; 65536];
-            node.write(32 << 20, &SgList::new(&mut data), false).await.unwrap();
+            let data = vec![0x5au8; 65536];
+            node.write_from(32 << 20, &data, false).await.unwrap();
             let err = node.resize(1 << 60, false).await.unwrap_err().to_string();
             assert!(err.contains("32 MiB"), "{err}");
             assert_eq!(node.size(), 64 << 20, "a refused resize must not change the size");
@@ -38,7 +38,7 @@ fn a_refused_resize_leaves_the_open_image_usable() {
             assert_eq!(node.size(), 128 << 20);
             node.resize(48 << 20, true).await.unwrap();
             let mut back = vec![0u8; 65536];
-            node.read(32 << 20, &SgList::new(&mut back)).await.unwrap();
+            node.read_into(32 << 20, &mut back).await.unwrap();
             assert_eq!(back, data, "data below the new end survives");
             node.close().await.unwrap();
         });

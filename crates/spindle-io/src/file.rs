@@ -6,12 +6,14 @@ use crate::error::{Error, Result};
 use crate::lock::{self, Locking};
 use crate::op::Op;
 use crate::range_lock::RangeLocks;
-use crate::runtime::submit;
+use crate::runtime::{submit, OpMem};
+use crate::sg::SgList;
 use std::fs;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Alignment O_DIRECT needs for memory addresses and for offsets/lengths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +48,7 @@ impl Default for OpenOptions {
 /// An open image file or block device.
 #[derive(Debug)]
 pub struct File {
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     path: PathBuf,
     cache: CacheMode,
     align: Alignment,
@@ -119,7 +121,7 @@ impl File {
             f.set_len(0).map_err(|e| err("cannot truncate", e))?;
         }
         let block_device = meta.file_type().is_block_device();
-        let fd: OwnedFd = f.into();
+        let fd: Arc<OwnedFd> = Arc::new(f.into());
         let align = if opts.cache.direct() {
             probe_alignment(&fd, block_device)
         } else {
@@ -214,101 +216,130 @@ impl File {
         Ok(())
     }
 
-    fn aligned(&self, offset: u64, iov: impl Iterator<Item = (usize, usize)>) -> bool {
+    fn aligned(&self, offset: u64, sg: &SgList) -> bool {
         let Alignment { mem, req } = self.align;
         if mem == 1 && req == 1 {
             return true;
         }
         offset.is_multiple_of(req as u64)
-            && iov
-                .into_iter()
+            && sg
+                .segments()
                 .all(|(p, l)| p.is_multiple_of(mem) && l.is_multiple_of(req))
     }
 
-    /// Reads exactly the buffers' total length at `offset`. Bytes past the end
-    /// of the file read as zeroes.
-    pub async fn read_vectored_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-        if !self.aligned(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len()))) {
-            return self.read_bounced(offset, bufs).await;
+    /// Reads exactly `sg.len()` bytes at `offset` into `sg`, zero-copy when
+    /// the alignment allows it. Bytes past the end of the file read as
+    /// zeroes.
+    pub async fn read_sg(&self, offset: u64, sg: &SgList) -> io::Result<()> {
+        if sg.is_empty() {
+            return Ok(());
         }
-        let mut iov: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .filter(|b| !b.is_empty())
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        self.transfer(offset, &mut iov, false, false).await
+        if !self.aligned(offset, sg) {
+            return self.read_bounced(offset, sg).await;
+        }
+        self.transfer(offset, sg, false, false).await
     }
 
-    /// Reads into one buffer.
-    pub async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.read_vectored_at(offset, &mut [IoSliceMut::new(buf)]).await
-    }
-
-    /// Writes all the buffers at `offset`; with `fua` the data is durable on return.
-    pub async fn write_vectored_at(&self, offset: u64, bufs: &[IoSlice<'_>], fua: bool) -> io::Result<()> {
+    /// Writes all of `sg` at `offset`; with `fua` the data is durable on
+    /// return.
+    pub async fn write_sg(&self, offset: u64, sg: &SgList, fua: bool) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
-        let aligned = self.aligned(offset, bufs.iter().map(|b| (b.as_ptr() as usize, b.len())));
+        if sg.is_empty() {
+            return Ok(());
+        }
+        let aligned = self.aligned(offset, sg);
         // With O_DIRECT, keep read-modify-writes of a block apart from other
         // writes to it.
         let _guard = if self.align.req > 1 {
-            let total: usize = bufs.iter().map(|b| b.len()).sum();
-            let (start, len) = self.bounce_range(offset, total);
+            let (start, len) = self.bounce_range(offset, sg.len());
             Some(self.ranges.lock(start, start + len as u64, !aligned).await)
         } else {
             None
         };
         if !aligned {
-            return self.write_bounced(offset, bufs, fua).await;
+            return self.write_bounced(offset, sg, fua).await;
         }
-        let mut iov: Vec<libc::iovec> = bufs
-            .iter()
-            .filter(|b| !b.is_empty())
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        self.transfer(offset, &mut iov, true, fua).await
+        self.transfer(offset, sg, true, fua).await
     }
 
-    /// Writes one buffer.
+    /// Reads `len` bytes at `offset` into a new buffer, aligned for this
+    /// file.
+    pub async fn read_buf(&self, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+        let sg = SgList::owned(AlignedBuf::new(len, self.align.mem.max(512)));
+        self.read_sg(offset, &sg).await?;
+        Ok(sg.into_buf().expect("no I/O holds a finished read's buffer"))
+    }
+
+    /// Reads into `buf` (through a buffer of its own: the borrowed slice
+    /// is never handed to the kernel).
+    pub async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let b = self.read_buf(offset, buf.len()).await?;
+        buf.copy_from_slice(&b);
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` (through a copy of its own).
     pub async fn write_at(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
-        self.write_vectored_at(offset, &[IoSlice::new(buf)], fua).await
+        let mut b = AlignedBuf::new(buf.len(), self.align.mem.max(512));
+        b.copy_from_slice(buf);
+        self.write_buf(offset, b, fua).await.map(|_| ())
+    }
+
+    /// Writes the buffer at `offset` and hands it back.
+    pub async fn write_buf(&self, offset: u64, buf: AlignedBuf, fua: bool) -> io::Result<AlignedBuf> {
+        let sg = SgList::owned(buf);
+        self.write_sg(offset, &sg, fua).await?;
+        Ok(sg.into_buf().expect("no I/O holds a finished write's buffer"))
+    }
+
+    /// What an op without memory still needs kept: the descriptor.
+    fn no_mem(&self) -> OpMem {
+        OpMem {
+            iov: Vec::new(),
+            keep: Default::default(),
+            fd: Some(self.fd.clone()),
+        }
     }
 
     /// Moves data for an aligned request, resubmitting after short transfers.
-    async fn transfer(&self, mut offset: u64, mut iov: &mut [libc::iovec], write: bool, fua: bool) -> io::Result<()> {
+    async fn transfer(&self, mut offset: u64, sg: &SgList, write: bool, fua: bool) -> io::Result<()> {
         let flags = if fua || self.cache.write_through() {
             libc::RWF_DSYNC
         } else {
             0
         };
-        while !iov.is_empty() {
-            let cnt = iov.len().min(MAX_IOV);
+        let mut done = 0usize;
+        while done < sg.len() {
+            let rest = sg.slice(done, sg.len() - done);
+            let mut iov = rest.iovecs();
+            iov.truncate(MAX_IOV);
+            let (ptr, cnt) = (iov.as_ptr(), iov.len() as u32);
             let op = if write {
                 Op::Writev {
                     fd: self.raw_fd(),
-                    iov: iov.as_ptr(),
-                    iovcnt: cnt as u32,
+                    iov: ptr,
+                    iovcnt: cnt,
                     offset,
                     flags,
                 }
             } else {
                 Op::Readv {
                     fd: self.raw_fd(),
-                    iov: iov.as_ptr(),
-                    iovcnt: cnt as u32,
+                    iov: ptr,
+                    iovcnt: cnt,
                     offset,
                 }
             };
-            // SAFETY: `iov` and the buffers it points to are borrowed by this
-            // future, which does not finish before the op does.
-            let res = unsafe { submit(op) }.await;
+            let mem = OpMem {
+                iov,
+                keep: rest.keep_alives(),
+                fd: Some(self.fd.clone()),
+            };
+            // SAFETY: the op points at `mem.iov`, whose entries point into
+            // memory that `rest`'s keep-alives (now in `mem`) keep valid.
+            let res = unsafe { submit(op, Some(mem)) }.await;
             if res == -libc::EINTR || res == -libc::EAGAIN {
                 continue;
             }
@@ -320,14 +351,11 @@ impl File {
                     return Err(io::Error::new(io::ErrorKind::WriteZero, "device accepted no data"));
                 }
                 // End of file: the rest reads as zeroes.
-                for v in iov.iter() {
-                    // SAFETY: each iovec points into a caller buffer we hold &mut to.
-                    unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
-                }
+                rest.fill_zero();
                 return Ok(());
             }
             offset += res as u64;
-            iov = advance(iov, res as usize);
+            done += res as usize;
         }
         Ok(())
     }
@@ -339,31 +367,23 @@ impl File {
         (start, (end - start) as usize)
     }
 
-    /// Reads into an already aligned buffer.
-    async fn read_aligned(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut iov = [libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
-        self.transfer(offset, &mut iov, false, false).await
+    /// Reads an aligned range into a new aligned buffer.
+    async fn read_aligned(&self, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+        let sg = SgList::owned(AlignedBuf::new(len, self.align.mem));
+        self.transfer(offset, &sg, false, false).await?;
+        Ok(sg.into_buf().expect("no I/O holds a finished read's buffer"))
     }
 
-    async fn read_bounced(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let (start, len) = self.bounce_range(offset, total);
-        let mut bounce = AlignedBuf::new(len, self.align.mem);
-        self.read_aligned(start, &mut bounce).await?;
-        let mut pos = (offset - start) as usize;
-        for b in bufs.iter_mut() {
-            let n = b.len();
-            b.copy_from_slice(&bounce[pos..pos + n]);
-            pos += n;
-        }
+    async fn read_bounced(&self, offset: u64, sg: &SgList) -> io::Result<()> {
+        let (start, len) = self.bounce_range(offset, sg.len());
+        let bounce = self.read_aligned(start, len).await?;
+        let pos = (offset - start) as usize;
+        sg.copy_from(&bounce[pos..pos + sg.len()]);
         Ok(())
     }
 
-    async fn write_bounced(&self, offset: u64, bufs: &[IoSlice<'_>], fua: bool) -> io::Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
+    async fn write_bounced(&self, offset: u64, sg: &SgList, fua: bool) -> io::Result<()> {
+        let total = sg.len();
         let (start, len) = self.bounce_range(offset, total);
         let mut bounce = AlignedBuf::new(len, self.align.mem);
         let req = self.align.req;
@@ -372,27 +392,20 @@ impl File {
         let tail_partial = end != start + len as u64;
         // Read-modify-write of the partially covered first and last blocks.
         if head_partial {
-            self.read_aligned(start, &mut bounce[..req]).await?;
+            bounce[..req].copy_from_slice(&self.read_aligned(start, req).await?);
         }
         if tail_partial && !(head_partial && len == req) {
             let tail = start + (len - req) as u64;
-            self.read_aligned(tail, &mut bounce[len - req..]).await?;
+            bounce[len - req..].copy_from_slice(&self.read_aligned(tail, req).await?);
         }
-        let mut pos = (offset - start) as usize;
-        for b in bufs {
-            bounce[pos..pos + b.len()].copy_from_slice(b);
-            pos += b.len();
-        }
+        let pos = (offset - start) as usize;
+        sg.copy_to(&mut bounce[pos..pos + total]);
         let old_len = if self.block_device || !self.exact_length {
             u64::MAX
         } else {
             self.len()?
         };
-        let mut iov = [libc::iovec {
-            iov_base: bounce.as_mut_ptr().cast(),
-            iov_len: len,
-        }];
-        self.transfer(start, &mut iov, true, fua).await?;
+        self.transfer(start, &SgList::owned(bounce), true, fua).await?;
         // With an exact length, the padding must not grow the file past the write.
         if start + len as u64 > old_len.max(end) {
             self.set_len(old_len.max(end))?;
@@ -409,8 +422,8 @@ impl File {
             fd: self.raw_fd(),
             datasync: true,
         };
-        // SAFETY: the op references no memory.
-        check(unsafe { submit(op) }.await)
+        // SAFETY: the op references no memory; `mem` keeps the descriptor.
+        check(unsafe { submit(op, Some(self.no_mem())) }.await)
     }
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
@@ -420,8 +433,8 @@ impl File {
             offset,
             len,
         };
-        // SAFETY: the op references no memory.
-        check(unsafe { submit(op) }.await)
+        // SAFETY: the op references no memory; `mem` keeps the descriptor.
+        check(unsafe { submit(op, Some(self.no_mem())) }.await)
     }
 
     /// Deallocates a range (discard). Reads of it return zeroes afterwards.
@@ -447,11 +460,11 @@ impl File {
             return Ok(());
         }
         const CHUNK: u64 = 1 << 20;
-        let zeroes = AlignedBuf::new(CHUNK as usize, self.align.mem.max(4096));
+        let zeroes = SgList::owned(AlignedBuf::new(CHUNK as usize, self.align.mem.max(4096)));
         let mut pos = offset;
         while pos < offset + len {
             let n = CHUNK.min(offset + len - pos) as usize;
-            self.write_at(pos, &zeroes[..n], false).await?;
+            self.write_sg(pos, &zeroes.slice(0, n), false).await?;
             pos += n as u64;
         }
         Ok(())
@@ -477,21 +490,6 @@ fn check(res: i32) -> io::Result<()> {
     } else {
         Ok(())
     }
-}
-
-fn advance(iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
-    let mut skip = 0;
-    for v in iov.iter_mut() {
-        if n < v.iov_len {
-            // SAFETY: stays within the same buffer, n < iov_len.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-            v.iov_len -= n;
-            break;
-        }
-        n -= v.iov_len;
-        skip += 1;
-    }
-    &mut iov[skip..]
 }
 
 fn zeroed_stat() -> libc::stat {
@@ -742,6 +740,41 @@ mod tests {
                     t.await;
                 }
             });
+        }
+    }
+
+    /// Leaking the future of an I/O in flight (safe Rust) and freeing the
+    /// caller's buffer must not let the kernel write into memory that has
+    /// been handed out again.
+    #[test]
+    fn a_leaked_read_never_writes_into_freed_memory() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0x5au8; 1 << 20]).unwrap();
+        for kind in [EngineKind::IoUring, EngineKind::Native, EngineKind::Threads] {
+            let f = File::open(&path, OpenOptions::default()).unwrap();
+            let rt = rt(kind);
+            let fresh: Vec<Vec<u8>> = rt.block_on(async {
+                let mut buf = vec![0u8; 65536];
+                let mut fut = Box::pin(f.read_at(0, &mut buf));
+                let mut cx = Context::from_waker(Waker::noop());
+                // Queued, not yet submitted: the kernel sees it only after
+                // the buffer is gone.
+                assert!(matches!(fut.as_mut().poll(&mut cx), Poll::Pending));
+                std::mem::forget(fut);
+                drop(buf);
+                // Same-size allocations: the allocator hands the freed block out again.
+                (0..8).map(|_| vec![0u8; 65536]).collect()
+            });
+            // Let every op complete.
+            while rt.run_ready() > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            for v in &fresh {
+                assert!(v.iter().all(|&b| b == 0), "{kind}: the kernel wrote into reused memory");
+            }
         }
     }
 }

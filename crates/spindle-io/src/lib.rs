@@ -22,6 +22,7 @@ pub mod lock;
 mod op;
 mod range_lock;
 mod runtime;
+mod sg;
 
 pub use buf::AlignedBuf;
 pub use cache::CacheMode;
@@ -31,3 +32,4 @@ pub use file::{Alignment, File, OpenOptions};
 pub use lock::{Locking, Perms};
 pub use op::Op;
 pub use runtime::{spawn, Runtime, RuntimeConfig, Task};
+pub use sg::{KeepAlive, SgList};

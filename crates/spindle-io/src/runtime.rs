@@ -87,8 +87,25 @@ impl Wake for MainWaker {
     }
 }
 
+/// The memory of an op in flight: its iovec array, what keeps the buffers
+/// valid, and the file's descriptor. Owned by the op's slot, not by its
+/// future, and dropped when the completion is reaped: so they outlive the
+/// kernel's use even if the future is leaked (`mem::forget`).
+pub(crate) struct OpMem {
+    /// Read by the kernel through the op's pointer.
+    #[allow(dead_code)]
+    pub(crate) iov: Vec<libc::iovec>,
+    /// Held, never read: keeps the buffers valid.
+    #[allow(dead_code)]
+    pub(crate) keep: smallvec::SmallVec<[crate::sg::KeepAlive; 2]>,
+    /// Held, never read: the descriptor stays open (and its number is not
+    /// reused) while the op may still reach the kernel.
+    #[allow(dead_code)]
+    pub(crate) fd: Option<Arc<OwnedFd>>,
+}
+
 enum Slot {
-    Waiting(Option<Waker>),
+    Waiting(Option<Waker>, #[allow(dead_code)] Option<OpMem>),
     Done(i32),
 }
 
@@ -302,10 +319,12 @@ impl Inner {
         let n = reaped.len();
         let mut slots = self.slots.borrow_mut();
         for (token, res) in reaped.drain(..) {
-            if let Some(slot) = slots.get_mut(token as usize) {
-                if let Slot::Waiting(Some(w)) = std::mem::replace(slot, Slot::Done(res)) {
-                    w.wake();
-                }
+            let Some(slot) = slots.get_mut(token as usize) else {
+                continue;
+            };
+            // The op's memory goes here, now the kernel is done with it.
+            if let Slot::Waiting(Some(w), _) = std::mem::replace(slot, Slot::Done(res)) {
+                w.wake();
             }
         }
         n
@@ -389,6 +408,19 @@ impl Inner {
     }
 }
 
+impl Drop for Inner {
+    /// The kernel may still be writing into the memory of abandoned ops:
+    /// wait for them before their slots (and that memory) go. Teardown
+    /// only; nothing is in flight in steady state when a runtime ends.
+    fn drop(&mut self) {
+        while self.in_flight() > 0 {
+            if self.submit_and_reap() == 0 {
+                self.wait();
+            }
+        }
+    }
+}
+
 fn current() -> Rc<Inner> {
     CURRENT
         .with(|c| c.borrow().clone())
@@ -410,25 +442,25 @@ where
     task
 }
 
-/// Submits `op` to the current runtime and resolves to its result
-/// (bytes transferred or negative errno).
+/// Submits `op` to the current runtime and resolves to its result (bytes
+/// transferred or negative errno). The memory `op` points to is kept alive
+/// by `mem` until the kernel is done with it, whatever becomes of the
+/// returned future.
 ///
 /// # Safety
-/// The memory and iovec array referenced by `op` must stay valid until the
-/// returned future completes or is dropped (dropping an in-flight op waits for
-/// the kernel to finish with it). The future must not be leaked with
-/// `mem::forget` while the op is in flight.
-pub unsafe fn submit(op: Op) -> OpFuture {
+/// Every pointer in `op` must point into `mem.iov` or into memory that
+/// `mem.keep` keeps valid; an op without `mem` must reference no memory.
+pub(crate) unsafe fn submit(op: Op, mem: Option<OpMem>) -> OpFuture {
     OpFuture {
-        op: Some(op),
+        op: Some((op, mem)),
         token: None,
         rt: current(),
     }
 }
 
 /// The future of one submitted [`Op`].
-pub struct OpFuture {
-    op: Option<Op>,
+pub(crate) struct OpFuture {
+    op: Option<(Op, Option<OpMem>)>,
     token: Option<usize>,
     rt: Rc<Inner>,
 }
@@ -437,14 +469,16 @@ impl Future for OpFuture {
     type Output = i32;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
         let this = &mut *self;
-        if let Some(op) = this.op.take() {
+        if let Some((op, mem)) = this.op.take() {
             let token = this
                 .rt
                 .slots
                 .borrow_mut()
-                .insert(Slot::Waiting(Some(cx.waker().clone())));
+                .insert(Slot::Waiting(Some(cx.waker().clone()), mem));
             this.token = Some(token);
-            // SAFETY: the submit() contract keeps op's memory alive until completion.
+            // SAFETY: the slot now owns the op's memory (its iovec array's
+            // heap block does not move with the Vec) and keeps it until the
+            // completion is reaped (submit's contract).
             unsafe { this.rt.push(token as u64, op) };
             return Poll::Pending;
         }
@@ -459,11 +493,11 @@ impl Future for OpFuture {
                 this.token = None;
                 Poll::Ready(res)
             }
-            Some(Slot::Waiting(w)) => {
+            Some(Slot::Waiting(w, _)) => {
                 *w = Some(cx.waker().clone());
                 Poll::Pending
             }
-            None => Poll::Ready(-libc::EIO),
+            _ => Poll::Ready(-libc::EIO),
         }
     }
 }
@@ -471,8 +505,10 @@ impl Future for OpFuture {
 impl Drop for OpFuture {
     fn drop(&mut self) {
         let Some(token) = self.token else { return };
-        // Cancelled while in flight: the kernel may still touch the buffers, so
-        // wait for this op before the caller's memory can be released.
+        // Cancelled while in flight: callers rely on a dropped I/O being
+        // over (its clusters may be given back, its buffer reused), so
+        // wait for it. (A leaked future never gets here; the slot still
+        // keeps its memory until the completion comes.)
         loop {
             if matches!(self.rt.slots.borrow().get(token), Some(Slot::Done(_)) | None) {
                 break;

@@ -380,7 +380,7 @@ fn spawn_request(
     let sh = w.shared.clone();
     let task = w.rt.spawn_now(async move {
         let ident = sh.dev.ident();
-        let c = complete(&sh.dev.node, &**mem, &ident, parsed).await;
+        let c = complete(&sh.dev.node, &mem, &ident, parsed).await;
         let ok = c.status == Some(VIRTIO_BLK_S_OK);
         sh.dev
             .queue_stats(queue)

@@ -25,6 +25,10 @@ struct Guest {
 }
 
 impl Guest {
+    /// The memory as the data plane shares it (same mapping).
+    fn shared(&self) -> spindle_vhost::blk::request::SharedMemory<()> {
+        std::rc::Rc::new(std::sync::Arc::new(self.mem.clone()))
+    }
     fn header(&self, kind: u32, sector: u64) {
         self.mem.write_obj(kind.to_le(), GuestAddress(HDR)).unwrap();
         self.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
@@ -55,7 +59,7 @@ fn requests_move_data_between_guest_memory_and_the_image() {
     let q = MockSplitQueue::new(&g.mem, 64);
     let run = |descs: &[RawDescriptor]| {
         let chain = q.build_desc_chain(descs).unwrap();
-        rt.block_on(complete(&node, &g.mem, &dev, parse(chain, &g.mem, &limits)))
+        rt.block_on(complete(&node, &g.shared(), &dev, parse(chain, &g.mem, &limits)))
     };
 
     // Write 8 KiB from two guest buffers at sector 8.
@@ -130,7 +134,7 @@ fn a_read_only_image_fails_writes_with_ioerr() {
     let chain = q.build_desc_chain(&[r(HDR, 16), r(BUF, 512), w(STATUS, 1)]).unwrap();
     let c = rt.block_on(complete(
         &node,
-        &g.mem,
+        &g.shared(),
         &Device::new("ro"),
         parse(chain, &g.mem, &limits),
     ));

@@ -143,12 +143,12 @@ fn probed_raw_refuses_a_forged_header() {
         let mut forged = vec![0u8; 512];
         forged[..4].copy_from_slice(b"QFI\xfb");
         let e = node
-            .write(0, &spindle_block::SgList::new(&mut forged), false)
+            .write(0, &spindle_block::SgList::copy_of(&forged), false)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("sector 0"), "{e}");
         // Elsewhere, or with the format stated, it is allowed.
-        node.write(4096, &spindle_block::SgList::new(&mut forged), false)
+        node.write(4096, &spindle_block::SgList::copy_of(&forged), false)
             .await
             .unwrap();
         // Closed first: a second writable open would be refused (image locks).
@@ -160,7 +160,7 @@ fn probed_raw_refuses_a_forged_header() {
         };
         let stated = spindle_block::open_image(p(&raw), &cfg).unwrap();
         stated
-            .write(0, &spindle_block::SgList::new(&mut forged), false)
+            .write(0, &spindle_block::SgList::copy_of(&forged), false)
             .await
             .unwrap();
     });

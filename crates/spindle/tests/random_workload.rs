@@ -7,7 +7,7 @@ use common::*;
 use futures::future::join_all;
 use rand::{Rng, SeedableRng};
 use spindle_block::formats::qcow2::{create, CreateOptions, Qcow2Options};
-use spindle_block::{open_image, Format, OpenConfig, SgList};
+use spindle_block::{open_image, Format, OpenConfig};
 use spindle_io::{CacheMode, EngineKind, Runtime, RuntimeConfig};
 
 #[derive(Clone, Copy, Debug)]
@@ -81,8 +81,8 @@ fn workload_with(seed: u64, cluster_size: u64, extra: &str, engine: EngineKind, 
             let results = join_all(ops.iter().map(|&op| async move {
                 match op {
                     Op::Write(off, len, v) => {
-                        let mut b = vec![v; len];
-                        node.write(off, &SgList::new(&mut b), false).await
+                        let b = vec![v; len];
+                        node.write_from(off, &b, false).await
                     }
                     Op::Zero(off, len, unmap) => node.write_zeroes(off, len, unmap).await,
                     Op::Discard(off, len) => node.discard(off, len).await,
@@ -110,7 +110,7 @@ fn workload_with(seed: u64, cluster_size: u64, extra: &str, engine: EngineKind, 
             }
             if round % 30 == 29 {
                 let mut all = vec![0u8; size as usize];
-                node.read(0, &SgList::new(&mut all)).await.unwrap();
+                node.read_into(0, &mut all).await.unwrap();
                 assert!(
                     all == model,
                     "seed {seed}: content differs from the model after round {round}"

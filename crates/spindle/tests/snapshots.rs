@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
-use spindle_block::{open_image, Format, Node, OpenConfig, SgList};
+use spindle_block::{open_image, Format, Node, OpenConfig};
 use spindle_io::{CacheMode, Runtime, RuntimeConfig};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -179,8 +179,8 @@ fn random_snapshot_sequences_match_model() {
                         let len = rng.gen_range(1..200_000u64);
                         let off = rng.gen_range(0..size - len);
                         let v: u8 = rng.gen();
-                        let mut b = vec![v; len as usize];
-                        node.write(off, &SgList::new(&mut b), false).await.unwrap();
+                        let b = vec![v; len as usize];
+                        node.write_from(off, &b, false).await.unwrap();
                         model[off as usize..(off + len) as usize].fill(v);
                     }
                     "write".to_string()
@@ -208,7 +208,7 @@ fn random_snapshot_sequences_match_model() {
         });
         rt.block_on(async {
             let mut all = vec![0u8; size as usize];
-            node.read(0, &SgList::new(&mut all)).await.unwrap();
+            node.read_into(0, &mut all).await.unwrap();
             assert!(all == model, "step {step} ({what}): content differs from the model");
             node.close().await.unwrap();
         });

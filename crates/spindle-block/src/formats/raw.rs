@@ -2,8 +2,8 @@
 
 use crate::error::{io_err, BlockError, Result};
 use crate::node::BlockStatus;
-use crate::sg::SgList;
 use spindle_io::File;
+use spindle_io::SgList;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -78,15 +78,14 @@ impl Raw {
         Ok(())
     }
 
-    pub(crate) async fn read(&self, offset: u64, buf: &SgList<'_>) -> Result<()> {
-        let mut iov = buf.io_slices_mut();
+    pub(crate) async fn read(&self, offset: u64, buf: &SgList) -> Result<()> {
         self.file
-            .read_vectored_at(offset, &mut iov)
+            .read_sg(offset, buf)
             .await
             .map_err(io_err(self.path(), "read failed"))
     }
 
-    pub(crate) async fn write(&self, offset: u64, buf: &SgList<'_>, fua: bool) -> Result<()> {
+    pub(crate) async fn write(&self, offset: u64, buf: &SgList, fua: bool) -> Result<()> {
         self.writable()?;
         if self.probed && offset < 512 {
             let mut head = vec![0u8; buf.len().min(512 - offset as usize)];
@@ -101,9 +100,8 @@ impl Raw {
                 )));
             }
         }
-        let iov = buf.io_slices();
         self.file
-            .write_vectored_at(offset, &iov, fua)
+            .write_sg(offset, buf, fua)
             .await
             .map_err(io_err(self.path(), "write failed"))
     }

@@ -1,8 +1,11 @@
 //! Executing validated virtio-blk requests against a block node.
 
-use super::request::{sg_list, Parsed, Request, RequestKind, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use super::request::{
+    sg_list, Parsed, Request, RequestKind, SharedMemory, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
 use spindle_block::Node;
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::Bytes;
 
 const SECTOR: u64 = 512;
 
@@ -40,9 +43,9 @@ impl Device {
 }
 
 /// Runs a parsed chain: executes a request, or writes the failure status.
-pub async fn complete<M: GuestMemoryBackend + ?Sized>(
+pub async fn complete<B: Bitmap + 'static>(
     node: &Node,
-    mem: &M,
+    mem: &SharedMemory<B>,
     dev: &Device,
     parsed: Parsed,
 ) -> Completion {
@@ -75,7 +78,7 @@ pub async fn complete<M: GuestMemoryBackend + ?Sized>(
 /// into guest memory. Each node operation is boxed so the request's task
 /// stays small: the spawned future is moved once per request, and the
 /// largest operation (a qcow2 allocating write) is kilobytes.
-async fn execute<M: GuestMemoryBackend + ?Sized>(node: &Node, mem: &M, dev: &Device, req: &Request) -> (u8, u32) {
+async fn execute<B: Bitmap + 'static>(node: &Node, mem: &SharedMemory<B>, dev: &Device, req: &Request) -> (u8, u32) {
     let ioerr = (VIRTIO_BLK_S_IOERR, 0);
     let off = req.sector.saturating_mul(SECTOR);
     match &req.kind {

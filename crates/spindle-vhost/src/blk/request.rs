@@ -11,8 +11,13 @@
 
 use smallvec::SmallVec;
 use spindle_block::SgList;
+use spindle_io::KeepAlive;
 use std::ops::Deref;
+use std::rc::Rc;
+use std::sync::Arc;
 use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::GuestMemoryMmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Request types.
@@ -420,20 +425,26 @@ fn buffers<M: GuestMemoryBackend + ?Sized>(
     Ok(out)
 }
 
-/// The request's data buffers as a scatter-gather list over guest memory.
-/// `None` if guest memory changed under the request (a region went away).
-pub fn sg_list<'m, M: GuestMemoryBackend + ?Sized>(mem: &'m M, data: &[(GuestAddress, usize)]) -> Option<SgList<'m>> {
-    let mut segs = Vec::with_capacity(data.len());
+/// Guest memory as a request sees it: the mapping, shared so that its
+/// scatter-gather lists can keep it mapped until the kernel is done.
+pub type SharedMemory<B> = Rc<Arc<GuestMemoryMmap<B>>>;
+
+/// The request's data buffers as a scatter-gather list over guest memory,
+/// which the list keeps mapped. `None` if guest memory changed under the
+/// request (a region went away).
+pub fn sg_list<B: Bitmap + 'static>(mem: &SharedMemory<B>, data: &[(GuestAddress, usize)]) -> Option<SgList> {
+    let mut segs: SmallVec<[(*mut u8, usize); 8]> = SmallVec::new();
     for &(addr, len) in data {
         let slice = mem.get_slice(addr, len).ok()?;
         segs.push((slice.ptr_guard_mut().as_ptr(), len));
     }
     // SAFETY: guest memory boundary. Each segment lies inside one mapped
-    // region of `mem`, which stays mapped while `mem` is borrowed ('m);
-    // `parse` rejected overlapping buffers, so the segments are disjoint. The
-    // guest may change these bytes concurrently; the block layer only hands
-    // them to the kernel or copies them with raw pointer copies.
-    Some(unsafe { SgList::from_raw(segs) })
+    // region of `mem`; the keep-alive is `mem` itself, and a
+    // GuestMemoryMmap keeps its regions mapped for as long as it lives.
+    // Rust never takes references into guest memory: the block layer hands
+    // these segments to the kernel or copies them with raw copies, so the
+    // guest changing them meanwhile only changes the data.
+    Some(unsafe { SgList::from_raw(segs, mem.clone() as KeepAlive) })
 }
 
 #[cfg(test)]

@@ -96,8 +96,9 @@ async fn bench(a: Args) -> CliResult<()> {
             let (node, next) = (node.clone(), next.clone());
             let (count, write, pattern) = (a.count, a.write, a.pattern);
             spawn(async move {
-                let mut buf = AlignedBuf::new(bs as usize, 4096);
-                buf.fill(pattern);
+                let mut b = AlignedBuf::new(bs as usize, 4096);
+                b.fill(pattern);
+                let buf = SgList::owned(b);
                 let span = node.size() - start - bs + 1;
                 loop {
                     let i = next.get();
@@ -106,11 +107,11 @@ async fn bench(a: Args) -> CliResult<()> {
                     }
                     next.set(i + 1);
                     let off = start + (i * step) % span.max(1);
-                    let sg = SgList::new(&mut buf);
+                    let sg = &buf;
                     let r = if write {
-                        node.write(off, &sg, false).await
+                        node.write(off, sg, false).await
                     } else {
-                        node.read(off, &sg).await
+                        node.read(off, sg).await
                     };
                     if r.is_err() {
                         next.set(count); // the others stop too

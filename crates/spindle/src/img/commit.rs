@@ -55,7 +55,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         base.resize(top.size(), false).await?;
     }
     const CHUNK: u64 = 2 << 20;
-    let mut buf = vec![0u8; CHUNK as usize];
+    let buf = SgList::zeroed(CHUNK as usize);
     let mut pos = 0;
     let size = top.size();
     while pos < size {
@@ -63,9 +63,9 @@ pub async fn run(a: Args) -> CliResult<()> {
         let n = n.max(1);
         match st {
             BlockStatus::Data { .. } => {
-                let b = &mut buf[..n as usize];
-                top.read(pos, &SgList::new(b)).await?;
-                base.write(pos, &SgList::new(b), false).await?;
+                let b = buf.slice(0, n as usize);
+                top.read(pos, &b).await?;
+                base.write(pos, &b, false).await?;
             }
             BlockStatus::Zero => base.write_zeroes(pos, n, false).await?,
             BlockStatus::Unallocated => {}

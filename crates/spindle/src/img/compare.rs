@@ -1,7 +1,7 @@
 //! `spindle img compare`: exit 0 identical, 1 different, 2 error.
 
 use super::{cache_arg, format_arg, CliResult};
-use spindle_block::{Node, SgList};
+use spindle_block::Node;
 use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
@@ -39,7 +39,7 @@ async fn read(n: &Node, off: u64, buf: &mut [u8]) -> CliResult<()> {
         buf.fill(0);
         return Ok(());
     }
-    n.read(off, &SgList::new(buf)).await
+    n.read_into(off, buf).await
 }
 
 /// First offset where one image has the range allocated in its chain and the

@@ -163,7 +163,9 @@ pub async fn run(a: Args) -> CliResult<()> {
 }
 
 async fn worker(job: Rc<Job>) -> CliResult<()> {
-    let mut buf = AlignedBuf::new(job.chunk as usize, 4096);
+    // One buffer per worker: the I/O goes zero-copy into it (as an
+    // SgList), and between its reads and writes the worker looks at it.
+    let mut sg = SgList::owned(AlignedBuf::new(job.chunk as usize, 4096));
     loop {
         let start = job.next.get();
         if start >= job.size {
@@ -171,36 +173,58 @@ async fn worker(job: Rc<Job>) -> CliResult<()> {
         }
         let len = job.chunk.min(job.size - start);
         job.next.set(start + len);
-        let data = &mut buf[..len as usize];
-        let regions = read_chunk(&job, start, data).await?;
-        write_chunk(&job, start, data, &regions).await?;
+        let chunk = sg.slice(0, len as usize);
+        let regions = read_chunk(&job, start, &chunk).await?;
+        drop(chunk);
+        let buf = sg
+            .into_buf()
+            .map_err(|_| BlockError::Invalid("convert buffer still in use".into()))?;
+        // Classify and compress from the bytes; no I/O uses them now.
+        let regions = classify(&job, &buf[..len as usize], &regions);
+        sg = SgList::owned(buf);
+        write_chunk(&job, start, &sg.slice(0, len as usize), &regions).await?;
         if let Some(b) = &job.bar {
             b.inc(len);
         }
     }
 }
 
-/// Reads a chunk; returns (offset in chunk, length, is_zero) regions.
-async fn read_chunk(job: &Job, start: u64, data: &mut [u8]) -> CliResult<Vec<(usize, usize, bool)>> {
+/// Reads a chunk; returns (offset in chunk, length, is_hole) ranges: holes
+/// of the source are zero-filled, not read.
+async fn read_chunk(job: &Job, start: u64, data: &SgList) -> CliResult<Vec<(usize, usize, bool)>> {
     let len = data.len() as u64;
-    let mut regions = Vec::new();
+    let mut ranges = Vec::new();
     let mut pos = 0;
     while pos < len {
         let ext = job.src.map_extent(start + pos, len - pos).await?;
         let n = ext.len.min(len - pos).max(1);
+        let part = data.slice(pos as usize, n as usize);
         if ext.zero && !ext.data {
             // The buffer holds the previous chunk: paths that write it whole
             // (compression) must see zeroes here.
-            data[pos as usize..(pos + n) as usize].fill(0);
-            regions.push((pos as usize, n as usize, true));
+            part.fill_zero();
+            ranges.push((pos as usize, n as usize, true));
         } else {
-            let part = &mut data[pos as usize..(pos + n) as usize];
-            job.src.read(start + pos, &SgList::new(part)).await?;
-            split_sparse(part, pos as usize, job.sparse as usize, &mut regions);
+            job.src.read(start + pos, &part).await?;
+            ranges.push((pos as usize, n as usize, false));
         }
         pos += n;
     }
-    Ok(regions)
+    Ok(ranges)
+}
+
+/// The data/zero regions to write: holes stay zero, read ranges are split
+/// at `-S` granularity.
+fn classify(job: &Job, data: &[u8], ranges: &[(usize, usize, bool)]) -> Vec<(usize, usize, bool)> {
+    let mut regions = Vec::new();
+    for &(off, n, hole) in ranges {
+        if hole {
+            regions.push((off, n, true));
+        } else {
+            split_sparse(&data[off..off + n], off, job.sparse as usize, &mut regions);
+        }
+    }
+    regions
 }
 
 /// Splits data into data/zero regions at `sparse` granularity.
@@ -219,19 +243,23 @@ fn split_sparse(part: &[u8], base: usize, sparse: usize, out: &mut Vec<(usize, u
     }
 }
 
-async fn write_chunk(job: &Job, start: u64, data: &mut [u8], regions: &[(usize, usize, bool)]) -> CliResult<()> {
+async fn write_chunk(job: &Job, start: u64, data: &SgList, regions: &[(usize, usize, bool)]) -> CliResult<()> {
     if job.compress {
         if let Node::Qcow2(q) = &job.dst {
             let cs = q.cluster_size() as usize;
-            for (i, c) in data.chunks(cs).enumerate() {
+            let mut c = vec![0u8; cs];
+            for i in 0..data.len().div_ceil(cs) {
+                let n = cs.min(data.len() - i * cs);
+                let part = data.slice(i * cs, n);
                 let off = start + (i * cs) as u64;
-                if c.iter().all(|&b| b == 0) && job.target_zeroed {
+                if job.target_zeroed && part.is_zero() {
                     continue;
                 }
-                if c.len() == cs {
-                    q.write_compressed(off / cs as u64, c).await?;
+                if n == cs {
+                    part.copy_to(&mut c);
+                    q.write_compressed(off / cs as u64, &c).await?;
                 } else {
-                    job.dst.write(off, &SgList::new(&mut c.to_vec()), false).await?;
+                    job.dst.write(off, &part, false).await?;
                 }
             }
             return Ok(());
@@ -244,9 +272,7 @@ async fn write_chunk(job: &Job, start: u64, data: &mut [u8], regions: &[(usize, 
                 job.dst.write_zeroes(pos, len as u64, true).await?;
             }
         } else {
-            job.dst
-                .write(pos, &SgList::new(&mut data[off..off + len]), false)
-                .await?;
+            job.dst.write(pos, &data.slice(off, len), false).await?;
         }
     }
     Ok(())

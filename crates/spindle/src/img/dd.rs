@@ -79,13 +79,14 @@ pub async fn run(a: Args) -> CliResult<()> {
     )
     .await?;
     let dst = super::open(&output, Some(out_fmt), CacheMode::Writeback, super::Access::Write)?;
-    let mut buf = vec![0u8; bs.max(1 << 20) as usize];
+    let buf = SgList::zeroed(bs.max(1 << 20) as usize);
     let mut pos = 0;
     while pos < len {
         let n = (buf.len() as u64).min(len - pos) as usize;
-        src.read(start + pos, &SgList::new(&mut buf[..n])).await?;
-        if buf[..n].iter().any(|&b| b != 0) {
-            dst.write(pos, &SgList::new(&mut buf[..n]), false).await?;
+        let part = buf.slice(0, n);
+        src.read(start + pos, &part).await?;
+        if !part.is_zero() {
+            dst.write(pos, &part, false).await?;
         }
         pos += n as u64;
     }

@@ -2,7 +2,7 @@
 //! guest sees (safe mode) or only the header (`-u`).
 
 use super::{format_arg, Access, CliResult};
-use spindle_block::{BlockError, BlockStatus, Format, Node, SgList};
+use spindle_block::{BlockError, BlockStatus, Format, Node};
 use spindle_io::CacheMode;
 use std::path::Path;
 
@@ -89,7 +89,7 @@ async fn copy_differences(node: &Node, new: Option<&Node>) -> CliResult<()> {
             read_or_zero(node.backing(), pos, o).await?;
             read_or_zero(new, pos, w).await?;
             if o != w {
-                node.write(pos, &SgList::new(o), false).await?;
+                node.write_from(pos, o, false).await?;
             }
         }
         pos += n;
@@ -102,7 +102,7 @@ async fn read_or_zero(n: Option<&Node>, pos: u64, buf: &mut [u8]) -> CliResult<(
     if let Some(n) = n {
         let inside = (n.size().saturating_sub(pos)).min(buf.len() as u64) as usize;
         if inside > 0 {
-            n.read(pos, &SgList::new(&mut buf[..inside])).await?;
+            n.read_into(pos, &mut buf[..inside]).await?;
         }
     }
     Ok(())

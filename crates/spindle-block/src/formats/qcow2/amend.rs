@@ -126,8 +126,8 @@ impl Qcow2 {
                 // Clear the flag first so the write allocates a fresh cluster.
                 m.set_l2(&self.file, gc, 0, 0).await?;
                 drop(m);
-                let mut z = vec![0u8; cs.min(self.size() - gc * cs) as usize];
-                self.write(gc * cs, &crate::SgList::new(&mut z), false).await?;
+                let z = crate::SgList::zeroed(cs.min(self.size() - gc * cs) as usize);
+                self.write(gc * cs, &z, false).await?;
             }
         }
         let mut m = self.lock_meta().await;

@@ -5,8 +5,8 @@ use super::meta::Meta;
 use super::{compress, compressed_extent, tlb, Piece, Qcow2};
 use crate::error::{corrupt, fmt_err, io_err, Result};
 use crate::node::BlockStatus;
-use crate::sg::SgList;
 use futures::future::try_join_all;
+use spindle_io::SgList;
 use std::sync::atomic::Ordering;
 
 /// Appends a piece, merging it into the last one when they continue.
@@ -111,7 +111,7 @@ impl Qcow2 {
     }
 
     /// Reads guest data.
-    pub(crate) async fn read(&self, off: u64, buf: &SgList<'_>) -> Result<()> {
+    pub(crate) async fn read(&self, off: u64, buf: &SgList) -> Result<()> {
         let pieces = self.map_range(off, buf.len() as u64).await?;
         let reads = pieces.into_iter().map(|(pos, n, p)| {
             let part = buf.slice((pos - off) as usize, n as usize);
@@ -121,15 +121,13 @@ impl Qcow2 {
         Ok(())
     }
 
-    pub(super) async fn read_piece(&self, pos: u64, p: Piece, part: &SgList<'_>) -> Result<()> {
+    pub(super) async fn read_piece(&self, pos: u64, p: Piece, part: &SgList) -> Result<()> {
         match p {
-            Piece::Data(host) => {
-                let mut iov = part.io_slices_mut();
-                self.file
-                    .read_vectored_at(host, &mut iov)
-                    .await
-                    .map_err(io_err(self.path(), "read failed"))
-            }
+            Piece::Data(host) => self
+                .file
+                .read_sg(host, part)
+                .await
+                .map_err(io_err(self.path(), "read failed")),
             Piece::Zero => {
                 part.fill_zero();
                 Ok(())
@@ -145,7 +143,7 @@ impl Qcow2 {
         }
     }
 
-    pub(super) async fn read_backing(&self, pos: u64, part: &SgList<'_>) -> Result<()> {
+    pub(super) async fn read_backing(&self, pos: u64, part: &SgList) -> Result<()> {
         let Some(b) = &self.backing else {
             part.fill_zero();
             return Ok(());

@@ -138,7 +138,7 @@ impl Qcow2 {
         let mut inflight = FuturesUnordered::new();
         let mut total = 0u64;
         while let Some(item) = rx.next().await {
-            let (mut buf, n) = item.map_err(io_err(self.path(), "reading the VM state failed"))?;
+            let (buf, n) = item.map_err(io_err(self.path(), "reading the VM state failed"))?;
             if n == 0 {
                 break;
             }
@@ -151,8 +151,11 @@ impl Qcow2 {
             let off = base + total;
             let pool = &pool;
             inflight.push(async move {
-                let r = self.write(off, &SgList::new(&mut buf[..n]), false).await;
-                pool.put(buf);
+                let sg = SgList::owned(buf);
+                let r = self.write(off, &sg.slice(0, n), false).await;
+                if let Ok(buf) = sg.into_buf() {
+                    pool.put(buf);
+                }
                 r
             });
             total += n as u64;
@@ -260,8 +263,12 @@ impl Qcow2 {
                 let off = base + next;
                 let (l1, pool) = (&l1, &pool);
                 pending.push_back(async move {
-                    let mut buf = pool.get();
-                    self.read_with_l1(l1, off, &mut buf[..n]).await.map(|()| (buf, n))
+                    let sg = SgList::owned(pool.get());
+                    self.read_with_l1(l1, off, &sg.slice(0, n)).await?;
+                    let buf = sg
+                        .into_buf()
+                        .map_err(|_| fmt_err(self.path(), "VM state buffer still in use"))?;
+                    Ok((buf, n))
                 });
                 next += n as u64;
             }
@@ -298,7 +305,7 @@ impl Qcow2 {
 
     /// Reads through a snapshot's L1 table; unmapped and zero ranges read as
     /// zeroes (VM state never comes from a backing file).
-    async fn read_with_l1(&self, l1: &[u64], off: u64, out: &mut [u8]) -> Result<()> {
+    async fn read_with_l1(&self, l1: &[u64], off: u64, out: &SgList) -> Result<()> {
         let mut plan = Vec::new();
         {
             let mut m = self.lock_meta().await;
@@ -323,7 +330,7 @@ impl Qcow2 {
         let cs = 1u64 << self.cluster_bits;
         let mut reads: Vec<(u64, u64, u64)> = Vec::new(); // (pos, len, host)
         for (pos, n, piece) in plan {
-            let part = &mut out[pos as usize..(pos + n) as usize];
+            let part = out.slice(pos as usize, n as usize);
             match piece {
                 Piece::Data(host) => match reads.last_mut() {
                     Some((p, l, h)) if *p + *l == pos && *h + *l == host => *l += n,
@@ -332,18 +339,16 @@ impl Qcow2 {
                 Piece::Compressed(raw) => {
                     let data = self.read_compressed(raw).await?;
                     let in_cluster = ((off + pos) & (cs - 1)) as usize;
-                    part.copy_from_slice(&data[in_cluster..in_cluster + n as usize]);
+                    part.copy_from(&data[in_cluster..in_cluster + n as usize]);
                 }
-                Piece::Zero | Piece::Backing => part.fill(0),
+                Piece::Zero | Piece::Backing => part.fill_zero(),
             }
         }
-        let sg = SgList::new(out);
         let jobs = reads.into_iter().map(|(pos, n, host)| {
-            let part = sg.slice(pos as usize, n as usize);
+            let part = out.slice(pos as usize, n as usize);
             async move {
-                let mut iov = part.io_slices_mut();
                 self.file
-                    .read_vectored_at(host, &mut iov)
+                    .read_sg(host, &part)
                     .await
                     .map_err(io_err(self.path(), "read failed"))
             }

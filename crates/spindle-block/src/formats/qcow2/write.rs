@@ -6,18 +6,17 @@ use super::meta::{Inflight, Meta, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::{check, compress, fmt_err, Qcow2};
 use crate::error::{io_err, Result};
 use crate::fault;
-use crate::sg::SgList;
 use futures::future::try_join_all;
 use futures::lock::Mutex;
 use futures::FutureExt;
 use spindle_io::AlignedBuf;
-use std::io::IoSlice;
+use spindle_io::SgList;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Qcow2 {
     /// Writes guest data.
-    pub(crate) async fn write(&self, off: u64, buf: &SgList<'_>, fua: bool) -> Result<()> {
+    pub(crate) async fn write(&self, off: u64, buf: &SgList, fua: bool) -> Result<()> {
         self.check_writable()?;
         self.repair_if_dirty().await?;
         let cs = 1u64 << self.cluster_bits;
@@ -118,11 +117,10 @@ impl Qcow2 {
         }
     }
 
-    pub(super) async fn write_host(&self, host: u64, part: &SgList<'_>, fua: bool) -> Result<()> {
+    pub(super) async fn write_host(&self, host: u64, part: &SgList, fua: bool) -> Result<()> {
         fault::check(self.faults.as_deref(), fault::Kind::Data).map_err(io_err(self.path(), "write failed"))?;
-        let iov = part.io_slices();
         self.file
-            .write_vectored_at(host, &iov, fua)
+            .write_sg(host, part, fua)
             .await
             .map_err(io_err(self.path(), "write failed"))
     }
@@ -134,7 +132,7 @@ impl Qcow2 {
     pub(super) async fn write_allocating(
         &self,
         off: u64,
-        buf: &SgList<'_>,
+        buf: &SgList,
         fua: bool,
         in_place: &[(u64, u64, u64)],
         allocs: &[(u64, u64)],
@@ -174,37 +172,35 @@ impl Qcow2 {
         gend: u64,
         a: u64,
         b: u64,
-        part: SgList<'_>,
+        part: SgList,
         fua: bool,
     ) -> Result<()> {
         let mem = self.file.alignment().mem.max(512);
-        let mut head = AlignedBuf::new((a - gstart) as usize, mem);
-        let mut tail = AlignedBuf::new((gend - b) as usize, mem);
+        let head = SgList::owned(AlignedBuf::new((a - gstart) as usize, mem));
+        let tail = SgList::owned(AlignedBuf::new((gend - b) as usize, mem));
         if !head.is_empty() {
-            self.read_old(gstart, &mut head).await?;
+            self.read_old(gstart, &head).await?;
         }
         if !tail.is_empty() {
-            self.read_old(b, &mut tail).await?;
+            self.read_old(b, &tail).await?;
         }
-        let mut iov: Vec<IoSlice<'_>> = vec![IoSlice::new(&head)];
-        iov.extend(part.io_slices());
-        iov.push(IoSlice::new(&tail));
+        let run = SgList::concat(&[&head, &part, &tail]);
         fault::check(self.faults.as_deref(), fault::Kind::Data).map_err(io_err(self.path(), "write failed"))?;
         self.file
-            .write_vectored_at(host, &iov, fua)
+            .write_sg(host, &run, fua)
             .await
             .map_err(io_err(self.path(), "write failed"))
     }
 
     /// Reads what the guest currently sees at `[pos, pos+len)`, clamped to the
     /// disk size (bytes past it read as zeroes).
-    pub(super) async fn read_old(&self, pos: u64, out: &mut [u8]) -> Result<()> {
+    pub(super) async fn read_old(&self, pos: u64, out: &SgList) -> Result<()> {
         let size = self.size();
         let inside = (out.len() as u64).min(size.saturating_sub(pos)) as usize;
         if inside > 0 {
-            self.read(pos, &SgList::new(&mut out[..inside])).await?;
+            self.read(pos, &out.slice(0, inside)).await?;
         }
-        out[inside..].fill(0);
+        out.slice(inside, out.len() - inside).fill_zero();
         Ok(())
     }
 
@@ -357,11 +353,11 @@ impl Qcow2 {
 
     pub(super) async fn write_zero_bytes(&self, off: u64, len: u64) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
-        let mut zero = vec![0u8; CHUNK.min(len) as usize];
+        let zero = SgList::zeroed(CHUNK.min(len) as usize);
         let mut pos = off;
         while pos < off + len {
             let n = CHUNK.min(off + len - pos) as usize;
-            self.write(pos, &SgList::new(&mut zero[..n]), false).await?;
+            self.write(pos, &zero.slice(0, n), false).await?;
             pos += n as u64;
         }
         Ok(())
@@ -447,12 +443,12 @@ impl Qcow2 {
         self.check_writable()?;
         let cs = 1u64 << self.cluster_bits;
         if self.ext_l2 || data.len() as u64 != cs {
-            return self.write(gc * cs, &SgList::new(&mut data.to_vec()), false).await;
+            return self.write(gc * cs, &SgList::copy_of(data), false).await;
         }
         self.repair_if_dirty().await?;
         let packed = compress::compress(self.compression, data).map_err(|e| fmt_err(self.path(), e))?;
         if packed.len() as u64 >= cs - 512 {
-            return self.write(gc * cs, &SgList::new(&mut data.to_vec()), false).await;
+            return self.write(gc * cs, &SgList::copy_of(data), false).await;
         }
         let mut m = self.lock_meta().await;
         self.mark_dirty(&mut m).await?;

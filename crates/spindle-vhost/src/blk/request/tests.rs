@@ -312,7 +312,8 @@ fn buffers_become_an_sg_list_over_guest_memory() {
     header(&m, VIRTIO_BLK_T_OUT, 0);
     let p = run(&m, &[r(HDR, 16), r(DATA, 512), w(STATUS, 1)], &limits());
     let Parsed::Request(req) = p else { panic!("{p:?}") };
-    let sg = sg_list(&m, &req.data).unwrap();
+    let shared = std::rc::Rc::new(std::sync::Arc::new(m.clone()));
+    let sg = sg_list(&shared, &req.data).unwrap();
     let mut out = [0u8; 512];
     sg.copy_to(&mut out);
     assert_eq!(out, [7u8; 512]);
