@@ -29,6 +29,23 @@ struct Seg {
 
 /// Memory segments one request reads into or writes from, with what keeps
 /// them valid.
+///
+/// There is no way to borrow the memory as a Rust slice, so two pieces of
+/// one list can never become two live `&mut [u8]` over the same bytes:
+///
+/// ```compile_fail
+/// let sg = spindle_io::SgList::zeroed(512);
+/// let (a, b) = (sg.slice(0, 512), sg.slice(0, 512));
+/// let _two_mut: (Vec<std::io::IoSliceMut<'_>>, Vec<std::io::IoSliceMut<'_>>) = (a.io_slices_mut(), b.io_slices_mut());
+/// ```
+///
+/// Nor can a list borrow the caller's memory, which the caller could free
+/// while a leaked I/O still targets it:
+///
+/// ```compile_fail
+/// let mut buf = vec![0u8; 512];
+/// let _sg = spindle_io::SgList::new(&mut buf);
+/// ```
 #[derive(Clone)]
 pub struct SgList {
     segs: SmallVec<[Seg; 4]>,
