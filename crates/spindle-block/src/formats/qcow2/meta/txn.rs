@@ -25,6 +25,7 @@
 
 use super::super::cache::{get_be64, get_refcount, put_be64, set_refcount};
 use super::super::compressed_extent;
+use super::super::entry::Entry;
 use super::super::header::MAX_REFTABLE_BYTES;
 use super::super::snapshot::{self, Snapshot};
 use super::{Area, Meta, COPIED, OFFSET_MASK};
@@ -161,19 +162,30 @@ impl Meta {
         Ok(c)
     }
 
+    /// Every entry of the L2 table `table` (read from `l2`), decoded:
+    /// (index, raw entry, what it means).
+    fn table_entries(&self, f: &File, l2: u64, table: &[u8]) -> Result<Vec<(usize, u64, Entry)>> {
+        let (w, layout) = (self.entry_words(), self.layout());
+        (0..table.len() / (8 * w))
+            .map(|j| {
+                let raw = get_be64(table, j * w);
+                let bmp = if w == 2 { get_be64(table, j * 2 + 1) } else { 0 };
+                layout
+                    .decode(raw, bmp)
+                    .map(|e| (j, raw, e))
+                    .map_err(|m| corrupt(f.path(), format!("L2 table at 0x{l2:x}, entry {j}: {m}")))
+            })
+            .collect()
+    }
+
     /// Adds `delta` to the refcount of the L2 table `l2` and of every
     /// cluster it maps: one L1 table's reference, gained or lost.
     pub async fn sh_reference(&mut self, f: &File, sh: &mut Shadow, l2: u64, delta: i64) -> Result<()> {
         let c = self.referenced(f, l2 / self.cs(), "an L2 table")?;
         let table = self.read_l2_table(f, l2).await?;
         self.sh_add(f, sh, c, delta).await?;
-        let (w, layout, cs) = (self.entry_words(), self.layout(), self.cs());
-        for j in 0..table.len() / (8 * w) {
-            let raw = get_be64(&table, j * w);
-            let bmp = if w == 2 { get_be64(&table, j * 2 + 1) } else { 0 };
-            let e = layout
-                .decode(raw, bmp)
-                .map_err(|m| corrupt(f.path(), format!("L2 table at 0x{l2:x}, entry {j}: {m}")))?;
+        let cs = self.cs();
+        for (_, _, e) in self.table_entries(f, l2, &table)? {
             if let Some(raw) = e.compressed {
                 let (off, len) = compressed_extent(raw, self.hdr.cluster_bits);
                 self.referenced(f, (off + len - 1) / cs, "compressed data")?;
@@ -204,14 +216,9 @@ impl Meta {
     /// the original. `l2` must already count the active reference.
     pub async fn sh_activate(&mut self, f: &File, sw: &mut Switch, i: usize, l2: u64) -> Result<()> {
         let mut table = self.read_l2_table(f, l2).await?;
-        let (w, layout, cs) = (self.entry_words(), self.layout(), self.cs());
+        let (w, cs) = (self.entry_words(), self.cs());
         let mut changed = false;
-        for j in 0..table.len() / (8 * w) {
-            let raw = get_be64(&table, j * w);
-            let bmp = if w == 2 { get_be64(&table, j * 2 + 1) } else { 0 };
-            let e = layout
-                .decode(raw, bmp)
-                .map_err(|m| corrupt(f.path(), format!("L2 table at 0x{l2:x}, entry {j}: {m}")))?;
+        for (j, raw, e) in self.table_entries(f, l2, &table)? {
             let want = e.compressed.is_none() && e.host != 0 && self.sh_get(f, &sw.shadow, e.host / cs).await? == 1;
             if want != e.copied {
                 put_be64(&mut table, j * w, if want { raw | COPIED } else { raw & !COPIED });
