@@ -331,6 +331,16 @@ where
         self.features_acked = false;
         self.acked_features = 0;
         self.backend.reset_device();
+
+        // The rings go back to their initial state too: a frontend that
+        // sets a ring up again without SET_VRING_BASE starts at index 0,
+        // not where the old ring stopped.
+        for vring in self.vrings.iter() {
+            vring.set_kick(None);
+            vring.set_call(None);
+            vring.set_err(None);
+            vring.get_mut().get_queue_mut().reset();
+        }
         Ok(())
     }
 
@@ -439,9 +449,12 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
-        if num == 0 || num as usize > self.max_queue_size {
+        // A split virtqueue's size is a power of two (virtio 1.2, 2.7);
+        // `Queue::set_size` would keep the old size for any other value
+        // while the frontend lays its ring out for the new one.
+        if num == 0 || num as usize > self.max_queue_size || !num.is_power_of_two() {
             log::error!(
-                "vring {index} requested queue size {num} out of range (1-{})",
+                "vring {index} requested queue size {num} out of range (a power of two, 1-{})",
                 self.max_queue_size
             );
             return Err(VhostUserError::InvalidParam);
@@ -474,6 +487,21 @@ where
             let used_ring = self
                 .vmm_va_to_gpa(used)
                 .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+
+            // Each part of the ring, at the queue's current size, must lie
+            // in guest memory (virtio 1.2, 2.7: 16, 6 + 2 and 6 + 8 bytes
+            // per entry), not just its first byte.
+            let size = u64::from(vring.get_ref().get_queue().size());
+            let mem = self.atomic_mem.memory();
+            let fits = |gpa: u64, len: u64| mem.check_range(GuestAddress(gpa), len as usize);
+            if !fits(desc_table, 16 * size)
+                || !fits(avail_ring, 6 + 2 * size)
+                || !fits(used_ring, 6 + 8 * size)
+            {
+                return Err(VhostUserError::InvalidParam);
+            }
+            drop(mem);
+
             vring
                 .set_queue_info(desc_table, avail_ring, used_ring)
                 .map_err(|_| VhostUserError::InvalidParam)?;
