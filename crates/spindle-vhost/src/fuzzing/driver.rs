@@ -84,6 +84,32 @@ pub struct Driver {
     pub rings: Vec<Option<Ring>>,
     /// Another handle on the socket, for raw messages.
     pub sock: UnixStream,
+    _deadline: Deadline,
+}
+
+/// Shuts a socket down once its time is up, so that a backend that stops
+/// answering fails the frontend's calls instead of blocking them forever
+/// (a read timeout would not do: the vhost crate retries on EAGAIN).
+struct Deadline(Option<std::sync::mpsc::Sender<()>>);
+
+impl Deadline {
+    fn new(sock: UnixStream, after: Duration) -> Deadline {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(after) {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        Deadline(Some(tx))
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 fn io(e: impl std::fmt::Display) -> std::io::Error {
@@ -91,12 +117,13 @@ fn io(e: impl std::fmt::Display) -> std::io::Error {
 }
 
 impl Driver {
-    /// Connects to `socket`. Replies taking longer than `timeout` fail the
-    /// call instead of blocking (a wedged backend shows as an error).
-    pub fn connect(socket: &Path, queues: u64, timeout: Duration) -> std::io::Result<Driver> {
+    /// Connects to `socket`, for at most `lifetime`: after that the
+    /// connection is shut down and every call fails (a wedged backend shows
+    /// as an error, not a hang).
+    pub fn connect(socket: &Path, queues: u64, lifetime: Duration) -> std::io::Result<Driver> {
         let sock = UnixStream::connect(socket)?;
-        sock.set_read_timeout(Some(timeout))?;
         let raw = sock.try_clone()?;
+        let deadline = Deadline::new(sock.try_clone()?, lifetime);
         let file = vmm_sys_util::tempfile::TempFile::new().map_err(io)?.into_file();
         file.set_len(MEM_SIZE)?;
         let offset = FileOffset::new(file.try_clone()?, 0);
@@ -108,6 +135,7 @@ impl Driver {
             file,
             rings: (0..queues).map(|_| None).collect(),
             sock: raw,
+            _deadline: deadline,
         })
     }
 

@@ -4,4 +4,9 @@
 //! call these functions; any outcome but a panic, a hang or a wedged
 //! export is acceptable.
 
+pub mod chain;
 pub mod driver;
+pub mod session;
+
+pub use chain::blk_chain;
+pub use session::vhost_user_session;
