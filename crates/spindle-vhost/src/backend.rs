@@ -130,11 +130,12 @@ impl BlkBackend {
     /// `next_avail`, is broken. Requests in flight still complete; no
     /// queue is popped until the frontend resets the device
     /// (RESET_DEVICE), stops the ring (GET_VRING_BASE), sets it up anew,
-    /// or reconnects. Logged once per failure (and rate-limited).
-    pub(crate) fn fail(&self, queue: usize, setup: Setup, next_avail: u16, why: &Broken) {
-        let Ok(mut f) = self.failure.lock() else { return };
+    /// or reconnects. Logged once per failure (and rate-limited). Returns
+    /// whether this call stopped it (false: it was already stopped).
+    pub(crate) fn fail(&self, queue: usize, setup: Setup, next_avail: u16, why: &Broken) -> bool {
+        let Ok(mut f) = self.failure.lock() else { return false };
         if f.is_some() {
-            return;
+            return false;
         }
         limited!(error, device = %self.dev.cfg.name, queue, "broken ring: {why}; the device stops serving until the frontend resets it or sets the ring up again");
         *f = Some(Failure {
@@ -144,6 +145,7 @@ impl BlkBackend {
             reason: format!("queue {queue}: {why}"),
         });
         self.failed.store(true, Ordering::Release);
+        true
     }
 
     /// Which guest memory map is current (a count of its changes).

@@ -35,9 +35,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 /// The epoll event id of the runtime's eventfds (ids up to `num_queues`
 /// belong to the library).
@@ -256,7 +256,7 @@ fn pop_queue(
         }
         if w.checked.borrow()[local] != Some(setup) {
             if let Err(why) = ring::check(q, &*guard) {
-                b.fail(queue, setup, q.next_avail(), &why);
+                stop(b, queue, &st, &why);
                 return 0;
             }
             w.checked.borrow_mut()[local] = Some(setup);
@@ -366,9 +366,17 @@ fn available(b: &BlkBackend, vring: &VringRwLock) -> Result<u16, Broken> {
 
 /// Stops the device for ring `queue`, found broken as `why`.
 fn fail(b: &BlkBackend, queue: usize, vring: &VringRwLock, why: &Broken) {
-    let st = vring.get_ref();
+    stop(b, queue, &vring.get_ref(), why);
+}
+
+/// Stops the device for ring `queue` (in state `st`), found broken as
+/// `why`, and tells the frontend on the ring's error eventfd
+/// (`SET_VRING_ERR`; QEMU logs "vhost vring error in virtqueue N").
+fn stop(b: &BlkBackend, queue: usize, st: &VringState<GuestMemoryAtomic<Memory>>, why: &Broken) {
     let q = st.get_queue();
-    b.fail(queue, Setup::of(q, b.mem_map()), q.next_avail(), why);
+    if b.fail(queue, Setup::of(q, b.mem_map()), q.next_avail(), why) {
+        let _ = st.signal_error();
+    }
 }
 
 fn classify(p: &Parsed) -> (Op, u64) {
@@ -428,7 +436,7 @@ fn signal(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> 
         }
         n += 1;
         let queue = thread + i * b.dev.cfg.iothreads;
-        let mut broken = None;
+        let mut broken: Option<Broken> = None;
         {
             let mem = b.mem.memory();
             let mut st = vrings[i].get_mut();
@@ -446,19 +454,18 @@ fn signal(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> 
                     } else {
                         continue;
                     };
-                    broken = Some((why, Setup::of(q, b.mem_map()), q.next_avail()));
+                    broken = Some(why);
                     break;
                 }
-                if broken.is_none() && q.needs_notification(&*mem).unwrap_or(true) {
+                if let Some(why) = &broken {
+                    stop(b, queue, &st, why);
+                } else if q.needs_notification(&*mem).unwrap_or(true) {
                     let _ = st.signal_used_queue();
                     w.interrupted.set(true);
                 }
             } else {
                 limited!(warn, device = %b.dev.cfg.name, queue, "dropped {} completions of a queue that was reset", list.len());
             }
-        }
-        if let Some((why, setup, next)) = broken {
-            b.fail(queue, setup, next, &why);
         }
         b.inflight[queue].fetch_sub(list.len(), Ordering::AcqRel);
         list.clear();

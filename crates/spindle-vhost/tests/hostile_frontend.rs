@@ -208,6 +208,8 @@ fn an_avail_index_past_the_queue_size_stops_the_device_until_reset_or_reconnect(
     d.publish(0, 1000);
     let why = srv.wait_failure();
     assert!(why.contains("available index 1000"), "{why}");
+    let err = &d.rings[0].as_ref().unwrap().err;
+    assert_eq!(err.read().ok(), Some(1), "the ring's error eventfd is signalled once");
     assert_idle();
     // The device, not just the queue, is stopped: queue 1 is not served.
     d.submit(1, 0, 0, &[0u8; 512], true).unwrap();

@@ -111,7 +111,8 @@ pub struct VringState<M: GuestAddressSpace = GuestMemoryAtomic<GuestMemoryMmap>>
     queue: Queue,
     kick: Option<EventConsumer>,
     call: Option<EventNotifier>,
-    err: Option<EventConsumer>,
+    // The backend writes it (`signal_error`): a notifier, not a consumer.
+    err: Option<EventNotifier>,
     enabled: bool,
     mem: M,
 }
@@ -268,7 +269,17 @@ impl<M: GuestAddressSpace> VringState<M> {
     /// Set `EventFd` for err.
     fn set_err(&mut self, file: Option<File>) {
         // SAFETY: see comment in set_kick()
-        self.err = file.map(|f| unsafe { EventConsumer::from_raw_fd(f.into_raw_fd()) });
+        self.err = file.map(|f| unsafe { EventNotifier::from_raw_fd(f.into_raw_fd()) });
+    }
+
+    /// Tell the vhost-user frontend that this vring is broken (the eventfd
+    /// of `VHOST_USER_SET_VRING_ERR`), if it gave one.
+    pub fn signal_error(&self) -> io::Result<()> {
+        if let Some(err) = self.err.as_ref() {
+            err.notify()
+        } else {
+            Ok(())
+        }
     }
 }
 

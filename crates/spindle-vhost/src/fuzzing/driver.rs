@@ -51,6 +51,8 @@ pub struct Ring {
     pub kick: EventFd,
     /// Call eventfd.
     pub call: EventFd,
+    /// Error eventfd (`SET_VRING_ERR`): the backend signals a broken ring.
+    pub err: EventFd,
 }
 
 impl Ring {
@@ -68,6 +70,7 @@ impl Ring {
             used_seen: 0,
             kick: EventFd::new(EFD_NONBLOCK)?,
             call: EventFd::new(EFD_NONBLOCK)?,
+            err: EventFd::new(EFD_NONBLOCK)?,
         })
     }
 }
@@ -184,7 +187,7 @@ impl Driver {
     }
 
     /// Sets queue `i` up as QEMU does: size, base, addresses, kick, call,
-    /// enable. The ring's memory is zeroed first.
+    /// error eventfd, enable. The ring's memory is zeroed first.
     pub fn setup_queue(&mut self, i: usize, size: u16) -> vhost::Result<()> {
         let ring = Ring::at(ring_base(i), size).map_err(vhost::Error::IOError)?;
         let len = (ring.used + 6 + 8 * u64::from(size) - ring.desc) as usize;
@@ -194,6 +197,7 @@ impl Driver {
         self.set_addr(i, &ring)?;
         self.fe.set_vring_kick(i, &ring.kick)?;
         self.fe.set_vring_call(i, &ring.call)?;
+        self.fe.set_vring_err(i, &ring.err)?;
         self.fe.set_vring_enable(i, true)?;
         self.rings[i] = Some(ring);
         Ok(())
