@@ -168,6 +168,7 @@ fn assert_idle() {
     let before = io_thread_ticks();
     std::thread::sleep(Duration::from_secs(1));
     let used = io_thread_ticks() - before;
+    eprintln!("I/O threads: {used} clock ticks of CPU in 1 s");
     assert!(used < 20, "the I/O threads used {used} ticks of CPU in 1 s: spinning");
 }
 
@@ -183,6 +184,7 @@ fn round_trip(d: &mut Driver, q: usize, sector: u64) {
 /// At most `n` lines since `m`, one of them mentioning `what`.
 fn assert_few_lines(m: usize, n: usize, what: &str) {
     let lines = lines_since(m);
+    eprintln!("{} log lines:\n{}", lines.len(), lines.join("\n"));
     assert!(
         lines.len() <= n,
         "{} log lines, more than {n}:\n{}",
