@@ -10,9 +10,11 @@
 
 use crate::blk::config::{parse_write, ConfigWrite};
 use crate::device::Device;
+use crate::ratelimit::limited;
+use crate::ring::{Broken, Setup};
 use crate::worker;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -30,6 +32,19 @@ pub type Handler = VringEpollHandler<Arc<BlkBackend>>;
 /// How long `GET_VRING_BASE` and a disconnect wait for accepted requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A broken ring that stopped the device (virtio's DEVICE_NEEDS_RESET,
+/// which vhost-user gives a backend no way to tell the driver).
+#[derive(Debug)]
+struct Failure {
+    queue: usize,
+    /// The broken ring's setup and next index when it failed: a frontend
+    /// that sets the ring up anew (size, addresses, memory, base) ends the
+    /// failure.
+    setup: Setup,
+    next_avail: u16,
+    reason: String,
+}
+
 /// The backend of one frontend connection to one device.
 pub struct BlkBackend {
     pub(crate) dev: Arc<Device>,
@@ -40,6 +55,11 @@ pub struct BlkBackend {
     pub(crate) inflight: Arc<[AtomicUsize]>,
     /// Set once the frontend is gone: no new request is accepted.
     pub(crate) stopping: AtomicBool,
+    /// Changes of the guest memory map so far (`ring::Setup` counts on it).
+    mem_map: AtomicU64,
+    /// Set while `failure` holds a broken ring: no queue is popped.
+    failed: AtomicBool,
+    failure: Mutex<Option<Failure>>,
     handlers: OnceLock<Vec<Weak<Handler>>>,
     /// The backend request channel (control plane only).
     backend_req: Mutex<Option<Backend>>,
@@ -55,6 +75,9 @@ impl BlkBackend {
             mem,
             inflight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
             stopping: AtomicBool::new(false),
+            mem_map: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
             handlers: OnceLock::new(),
             backend_req: Mutex::new(None),
         }
@@ -103,6 +126,71 @@ impl BlkBackend {
         }
     }
 
+    /// Stops the device: ring `queue`, set up as `setup` and at
+    /// `next_avail`, is broken. Requests in flight still complete; no
+    /// queue is popped until the frontend resets the device
+    /// (RESET_DEVICE), stops the ring (GET_VRING_BASE), sets it up anew,
+    /// or reconnects. Logged once per failure (and rate-limited). Returns
+    /// whether this call stopped it (false: it was already stopped).
+    pub(crate) fn fail(&self, queue: usize, setup: Setup, next_avail: u16, why: &Broken) -> bool {
+        let Ok(mut f) = self.failure.lock() else { return false };
+        if f.is_some() {
+            return false;
+        }
+        limited!(error, device = %self.dev.cfg.name, queue, "broken ring: {why}; the device stops serving until the frontend resets it or sets the ring up again");
+        *f = Some(Failure {
+            queue,
+            setup,
+            next_avail,
+            reason: format!("queue {queue}: {why}"),
+        });
+        self.failed.store(true, Ordering::Release);
+        true
+    }
+
+    /// Which guest memory map is current (a count of its changes).
+    pub(crate) fn mem_map(&self) -> u64 {
+        self.mem_map.load(Ordering::Acquire)
+    }
+
+    /// Whether a broken ring stopped the device (one atomic load).
+    pub(crate) fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Whether queue `queue`, now set up as `setup` at `next_avail`, may be
+    /// popped: yes unless the device is failed; a failed device recovers
+    /// when this is its broken ring and the frontend set it up anew.
+    pub(crate) fn may_serve(&self, queue: usize, setup: Setup, next_avail: u16) -> bool {
+        if !self.is_failed() {
+            return true;
+        }
+        let anew = self.failure.lock().is_ok_and(|f| {
+            f.as_ref()
+                .is_some_and(|f| f.queue == queue && (f.setup, f.next_avail) != (setup, next_avail))
+        });
+        if anew {
+            self.recover(Some(queue), "the frontend set the broken ring up again");
+        }
+        anew
+    }
+
+    /// Ends a failure of ring `queue` (`None`: of any ring).
+    fn recover(&self, queue: Option<usize>, how: &str) {
+        let Ok(mut f) = self.failure.lock() else { return };
+        if f.as_ref().is_some_and(|f| queue.is_none_or(|q| q == f.queue)) {
+            *f = None;
+            self.failed.store(false, Ordering::Release);
+            limited!(info, device = %self.dev.cfg.name, "the device serves again: {how}");
+        }
+    }
+
+    /// Why the device stopped serving, while it is stopped: the broken ring
+    /// and what is wrong with it.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok()?.as_ref().map(|f| f.reason.clone())
+    }
+
     /// Requests accepted on all queues and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.inflight.iter().map(|n| n.load(Ordering::Acquire)).sum()
@@ -122,7 +210,7 @@ impl BlkBackend {
                 return true;
             }
             if start.elapsed() > timeout {
-                tracing::error!(device = %self.dev.cfg.name, in_flight = n, "requests still in flight after {timeout:?}");
+                limited!(error, device = %self.dev.cfg.name, in_flight = n, "requests still in flight after {timeout:?}");
                 return false;
             }
             std::thread::sleep(Duration::from_micros(200));
@@ -163,6 +251,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn reset_device(&self) {
         self.drain(None, DRAIN_TIMEOUT);
+        self.recover(None, "the frontend reset it");
     }
 
     /// The vrings track EVENT_IDX themselves (`needs_notification`).
@@ -175,21 +264,23 @@ impl VhostUserBackend for BlkBackend {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         match parse_write(offset, buf) {
             Ok(ConfigWrite::Writeback(on)) => {
-                tracing::info!(device = %self.dev.cfg.name, "guest turned its write cache {}", if on { "on" } else { "off" });
+                limited!(info, device = %self.dev.cfg.name, "guest turned its write cache {}", if on { "on" } else { "off" });
                 self.dev.set_writeback(on);
                 Ok(())
             }
             // Read-only fields ignore writes (virtio 1.2, 2.5): an error
             // here would make the vhost-user handler drop the connection.
             Err(msg) => {
-                tracing::warn!(device = %self.dev.cfg.name, "ignored {msg}");
+                limited!(warn, device = %self.dev.cfg.name, "ignored {msg}");
                 Ok(())
             }
         }
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
-        // `self.mem` is the same atomic the daemon just updated.
+        // `self.mem` is the same atomic the daemon just updated; every ring
+        // is checked again against the new map before its next pop.
+        self.mem_map.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -209,6 +300,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.recover(Some(queue_index as usize), "the frontend stopped the broken ring");
         if self.drain(Some(queue_index as usize), DRAIN_TIMEOUT) {
             Ok(())
         } else {

@@ -9,6 +9,7 @@
 
 use crate::backend::{BlkBackend, Memory, DRAIN_TIMEOUT};
 use crate::device::Device;
+use crate::ratelimit::limited;
 use crate::Error;
 use spindle_io::Runtime;
 use std::os::unix::net::UnixStream;
@@ -76,6 +77,12 @@ impl Export {
         self.current.lock().is_ok_and(|c| c.is_some())
     }
 
+    /// Why the connected frontend's device stopped serving (a broken
+    /// ring), if it did; `None` when it serves or no frontend is connected.
+    pub fn failure(&self) -> Option<String> {
+        self.current.lock().ok()?.as_ref()?.backend.failure()
+    }
+
     /// Frontend connections served so far.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Acquire)
@@ -92,7 +99,7 @@ impl Export {
                 if self.stop.load(Ordering::Acquire) {
                     break;
                 }
-                tracing::warn!(device = %self.dev.cfg.name, "connection ended: {e}");
+                limited!(warn, device = %self.dev.cfg.name, "connection ended: {e}");
             }
         }
         let _ = std::fs::remove_file(&self.socket);
@@ -117,7 +124,7 @@ impl Export {
             daemon.request_shutdown();
         }
         self.connections.fetch_add(1, Ordering::AcqRel);
-        tracing::info!(device = %self.dev.cfg.name, socket = %self.socket.display(), "frontend connected");
+        limited!(info, device = %self.dev.cfg.name, socket = %self.socket.display(), "frontend connected");
         let result = daemon.wait();
         if let Ok(mut c) = self.current.lock() {
             *c = None;
@@ -132,7 +139,7 @@ impl Export {
         }
         drop(handlers);
         drop(daemon);
-        tracing::info!(device = %self.dev.cfg.name, "frontend disconnected");
+        limited!(info, device = %self.dev.cfg.name, "frontend disconnected");
         match result {
             // The frontend went away: the normal end of a connection.
             Err(vhost_user_backend::Error::HandleRequest(

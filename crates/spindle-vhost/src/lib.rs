@@ -14,12 +14,17 @@ pub mod backend;
 pub mod blk;
 pub mod device;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 mod kick;
+pub mod ratelimit;
+pub mod ring;
 pub mod stats;
 mod worker;
 
 pub use device::{Device, DeviceConfig};
 pub use export::Export;
+pub use ratelimit::LibraryLogs;
 use std::path::PathBuf;
 
 /// Errors of the data plane.

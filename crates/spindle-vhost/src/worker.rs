@@ -9,7 +9,12 @@
 //!    task leaves its chain for `signal`, which puts it on the used ring.
 //! 4. The thread signals each queue's call eventfd once per batch, and only
 //!    when EVENT_IDX says the driver wants it.
-//! 5. With nothing left in flight, the thread either polls (`worth_polling`:
+//! 5. A broken ring (`ring::Broken`: outside guest memory, an available
+//!    index further ahead than the queue size, a head outside the table, a
+//!    used ring that cannot be written) stops the device at once
+//!    (`BlkBackend::fail`): one log line, no queue popped, so no spinning
+//!    on it; the thread sleeps until the frontend resets the device.
+//! 6. With nothing left in flight, the thread either polls (`worth_polling`:
 //!    it keeps looking at its queues and completions, notifications off,
 //!    until nothing has happened for `poll_ns`) or takes one look at its
 //!    queues with kicks held (`signal_and_look`); then it turns
@@ -19,6 +24,8 @@ use crate::backend::{BlkBackend, Memory};
 use crate::blk::{complete, parse, Parsed, RequestKind, VIRTIO_BLK_S_OK};
 use crate::device::Device;
 use crate::kick::hold_kicks;
+use crate::ratelimit::limited;
+use crate::ring::{self, Broken, Setup};
 use crate::stats::Op;
 use smallvec::SmallVec;
 use spindle_io::Runtime;
@@ -28,9 +35,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 /// The epoll event id of the runtime's eventfds (ids up to `num_queues`
 /// belong to the library).
@@ -60,8 +67,9 @@ struct Worker {
     /// interrupt (EVENT_IDX) for any completion. A driver that never does
     /// is awake, busy or polling its used ring, and answers at once.
     interrupted: std::cell::Cell<bool>,
-    /// Requests refused so far (for log rate limiting).
-    refused: std::cell::Cell<u64>,
+    /// Per queue (by index on this thread): the setup its ring was last
+    /// checked in (`ring::check`), so a ring is checked once per setup.
+    checked: RefCell<Vec<Option<Setup>>>,
 }
 
 /// What a request's task reaches through one `Rc`: no atomic operation
@@ -94,7 +102,7 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         deep: std::cell::Cell::new(false),
         waited: std::cell::Cell::new(false),
         interrupted: std::cell::Cell::new(false),
-        refused: std::cell::Cell::new(0),
+        checked: RefCell::new(vec![None; queues]),
     });
     WORKER.with(|slot| *slot.borrow_mut() = Some(w.clone()));
     Ok(w)
@@ -138,8 +146,9 @@ fn signal_and_look(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwL
     // Only the queues about to be signalled get an answer to look for, and
     // only live ones: `pop_queue` skips a disabled or unready queue, so a
     // hold there would outlive the look and swallow the next kick.
+    // Nor while the device is failed: `pop_queue` skips every queue then.
     let held: SmallVec<[usize; 8]> = (0..vrings.len())
-        .filter(|&i| !w.shared.done.borrow()[i].is_empty() && live(&vrings[i]))
+        .filter(|&i| !w.shared.done.borrow()[i].is_empty() && live(&vrings[i]) && !b.is_failed())
         .collect();
     if held.is_empty() {
         signal(b, w, thread, vrings);
@@ -233,12 +242,24 @@ fn pop_queue(
 ) -> usize {
     let vring = &vrings[local];
     let quiet = w.quiet.borrow()[local];
+    let queue = thread + local * b.dev.cfg.iothreads;
     {
         let guard = b.mem.memory();
         let st = vring.get_ref();
         let q = st.get_queue();
         if !st.is_enabled() || !q.ready() {
             return 0;
+        }
+        let setup = Setup::of(q, b.mem_map());
+        if !b.may_serve(queue, setup, q.next_avail()) {
+            return 0;
+        }
+        if w.checked.borrow()[local] != Some(setup) {
+            if let Err(why) = ring::check(q, &*guard) {
+                stop(b, queue, &st, &why);
+                return 0;
+            }
+            w.checked.borrow_mut()[local] = Some(setup);
         }
         // The cheap check a polling round makes: nothing new, nothing to do.
         if keep_quiet
@@ -249,7 +270,6 @@ fn pop_queue(
             return 0;
         }
     }
-    let queue = thread + local * b.dev.cfg.iothreads;
     // Counted as in flight while popping (see `BlkBackend::inflight`);
     // each popped request stays counted until `signal` puts it on the
     // used ring. Adding before subtracting keeps a drain from seeing zero.
@@ -270,15 +290,24 @@ fn pop_chains(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &Vr
     let limits = b.dev.limits();
     let mut popped = 0;
     loop {
+        // A driver that keeps publishing keeps this loop going: a frontend
+        // that left must still end it.
+        if b.stopping.load(Ordering::Acquire) {
+            break;
+        }
         if !w.quiet.borrow()[local] {
             let _ = vring.disable_notification();
             w.quiet.borrow_mut()[local] = true;
         }
         loop {
-            let pending = available(b, vring);
-            if pending == 0 {
-                break;
-            }
+            let pending = match available(b, vring) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(why) => {
+                    fail(b, queue, vring, &why);
+                    return popped;
+                }
+            };
             // Guest memory is loaded after the avail index was read: a
             // frontend publishes a request only once the memory it uses
             // was acknowledged (ADD_MEM_REG, SET_MEM_TABLE), so this
@@ -289,12 +318,18 @@ fn pop_chains(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &Vr
             // from the round that popped it.
             let start = Instant::now();
             for _ in 0..pending {
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
-                let Some(chain) = chain else { break };
+                let chain = ring::pop(vring.get_mut().get_queue_mut(), &**mem);
+                let chain = match chain {
+                    Ok(c) => c,
+                    Err(why) => {
+                        fail(b, queue, vring, &why);
+                        return popped;
+                    }
+                };
                 let head = chain.head_index();
                 let parsed = parse(chain, &**mem, &limits);
                 if let Parsed::Fail { reason, .. } | Parsed::Drop { reason } = &parsed {
-                    log_refused(w, &b.dev.cfg.name, queue, head, reason);
+                    limited!(warn, device = %b.dev.cfg.name, queue, "refused request {head}: {reason}");
                 }
                 spawn_request(w, queue, local, mem.clone(), head, parsed, start);
                 // Its I/O goes to the kernel now, not at the end of the
@@ -322,28 +357,26 @@ fn pop_chains(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &Vr
     popped
 }
 
-/// Logs a refused request: the first few per I/O thread as warnings, the
-/// rest at debug level, so a hostile guest cannot flood the log.
-fn log_refused(w: &Worker, device: &str, queue: usize, head: u16, reason: &str) {
-    let n = w.refused.get();
-    w.refused.set(n + 1);
-    if n < 8 {
-        tracing::warn!(device, queue, "refused request {head}: {reason}");
-        if n == 7 {
-            tracing::warn!(device, queue, "further refused requests are logged at debug level");
-        }
-    } else {
-        tracing::debug!(device, queue, "refused request {head}: {reason}");
-    }
-}
-
 /// Chains the driver has made available and this queue has not popped.
-fn available(b: &BlkBackend, vring: &VringRwLock) -> u16 {
+fn available(b: &BlkBackend, vring: &VringRwLock) -> Result<u16, Broken> {
     let guard = b.mem.memory();
     let st = vring.get_ref();
+    ring::pending(st.get_queue(), &*guard)
+}
+
+/// Stops the device for ring `queue`, found broken as `why`.
+fn fail(b: &BlkBackend, queue: usize, vring: &VringRwLock, why: &Broken) {
+    stop(b, queue, &vring.get_ref(), why);
+}
+
+/// Stops the device for ring `queue` (in state `st`), found broken as
+/// `why`, and tells the frontend on the ring's error eventfd
+/// (`SET_VRING_ERR`; QEMU logs "vhost vring error in virtqueue N").
+fn stop(b: &BlkBackend, queue: usize, st: &VringState<GuestMemoryAtomic<Memory>>, why: &Broken) {
     let q = st.get_queue();
-    q.avail_idx(&*guard, Ordering::Acquire)
-        .map_or(0, |idx| (idx - std::num::Wrapping(q.next_avail())).0)
+    if b.fail(queue, Setup::of(q, b.mem_map()), q.next_avail(), why) {
+        let _ = st.signal_error();
+    }
 }
 
 fn classify(p: &Parsed) -> (Op, u64) {
@@ -403,6 +436,7 @@ fn signal(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> 
         }
         n += 1;
         let queue = thread + i * b.dev.cfg.iothreads;
+        let mut broken: Option<Broken> = None;
         {
             let mem = b.mem.memory();
             let mut st = vrings[i].get_mut();
@@ -412,16 +446,25 @@ fn signal(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> 
             // dropped, not written to stale addresses.
             if q.ready() {
                 for &(head, len) in list.iter() {
-                    if let Err(e) = q.add_used(&*mem, head, len) {
-                        tracing::warn!(device = %b.dev.cfg.name, queue, "cannot return descriptor {head} to the used ring: {e}");
-                    }
+                    // The frontend may have shrunk the queue since the pop.
+                    let why = if head >= q.size() {
+                        Broken::Head { head, size: q.size() }
+                    } else if q.add_used(&*mem, head, len).is_err() {
+                        Broken::Access("used ring")
+                    } else {
+                        continue;
+                    };
+                    broken = Some(why);
+                    break;
                 }
-                if q.needs_notification(&*mem).unwrap_or(true) {
+                if let Some(why) = &broken {
+                    stop(b, queue, &st, why);
+                } else if q.needs_notification(&*mem).unwrap_or(true) {
                     let _ = st.signal_used_queue();
                     w.interrupted.set(true);
                 }
             } else {
-                tracing::warn!(device = %b.dev.cfg.name, queue, "dropped {} completions of a queue that was reset", list.len());
+                limited!(warn, device = %b.dev.cfg.name, queue, "dropped {} completions of a queue that was reset", list.len());
             }
         }
         b.inflight[queue].fetch_sub(list.len(), Ordering::AcqRel);

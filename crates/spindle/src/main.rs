@@ -26,6 +26,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    use tracing_subscriber::prelude::*;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SPINDLE_LOG")
@@ -35,6 +36,10 @@ fn main() -> ExitCode {
         .with_ansi(false)
         .with_target(false)
         .without_time()
+        .finish()
+        // The rust-vmm crates' lines (a frontend can trigger them) get the
+        // same rate limit as the data plane's own.
+        .with(spindle_vhost::LibraryLogs::default())
         .init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
