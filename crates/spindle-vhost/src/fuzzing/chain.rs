@@ -99,7 +99,8 @@ pub fn blk_chain(data: &[u8]) -> Outcome {
                 .sum();
             let parsed = parse(chain, &mem, &limits);
             check_parsed(&parsed, &mem, &limits);
-            let c = env.rt.block_on(complete(&env.node, &mem, &dev, parsed));
+            let shared = std::rc::Rc::new(std::sync::Arc::new(mem.clone()));
+            let c = env.rt.block_on(complete(&env.node, &shared, &dev, parsed));
             assert!(
                 u64::from(c.used_len) <= writable,
                 "used length {} for a chain of {writable} writable bytes",
