@@ -285,3 +285,27 @@ fn header_extensions_end_at_the_backing_file_name() {
     ok("spindle", &["img", "convert", "-O", "raw", p(&img), p(&ours)]);
     assert_eq!(std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
 }
+
+/// Found by the qcow2_ops fuzz harness: with narrow refcounts, a snapshot
+/// operation that would need a refcount above the maximum failed as a
+/// corruption and marked a healthy image corrupt. It fails alone, as in
+/// QEMU, and the image stays clean.
+#[test]
+fn a_refcount_overflow_is_refused_without_marking_the_image_corrupt() {
+    need("qemu-img");
+    let d = scratch();
+    let img = at(&d, "rc2.qcow2");
+    ok(
+        "spindle",
+        &["img", "create", "-f", "qcow2", "-o", "refcount_bits=2", p(&img), "1M"],
+    );
+    ok("spindle", &["img", "bench", "-w", "-c", "1", "-s", "64k", p(&img)]);
+    ok("spindle", &["img", "snapshot", "-c", "a", p(&img)]);
+    ok("spindle", &["img", "snapshot", "-c", "b", p(&img)]);
+    // A third reference to the data cluster needs refcount 4 > 3.
+    let err = spindle_fails(&["img", "snapshot", "-c", "c", p(&img)], "refcount_bits=2");
+    assert!(!err.contains("corrupt"), "{err}");
+    assert!(!corrupt_bit(&img), "a healthy image was marked corrupt");
+    assert_clean(&img);
+    ok("spindle", &["img", "bench", "-w", "-c", "1", "-s", "4k", p(&img)]);
+}

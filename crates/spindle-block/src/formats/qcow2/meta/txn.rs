@@ -121,13 +121,16 @@ impl Meta {
     pub async fn sh_add(&mut self, f: &File, sh: &mut Shadow, c: u64, delta: i64) -> Result<u64> {
         let cur = self.sh_get(f, sh, c).await?;
         let new = cur as i128 + delta as i128;
-        if new < 0 || new > self.rc_max() as i128 {
+        if new < 0 {
             return Err(corrupt(
                 f.path(),
                 format!(
                     "the refcount of cluster {c} would become {new}; the refcounts are inconsistent (run check -r all)"
                 ),
             ));
+        }
+        if new > self.rc_max() as i128 {
+            return Err(self.overflow(f, c));
         }
         self.sh_set(f, sh, c, new as u64).await?;
         Ok(new as u64)
