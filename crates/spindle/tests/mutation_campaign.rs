@@ -356,10 +356,10 @@ fn plan(seeds: &[Seed]) -> Vec<Case> {
         let mut hows: Vec<How> = (0..cuts).map(How::Truncate).collect();
         let rest = quota.saturating_sub(cuts);
         for &(cat, share) in MIX {
-            hows.extend(std::iter::repeat(How::Field(cat)).take(rest * share / 100));
+            hows.extend(std::iter::repeat_n(How::Field(cat), rest * share / 100));
         }
         while hows.len() < quota {
-            hows.push(if hows.len() % 2 == 0 {
+            hows.push(if hows.len().is_multiple_of(2) {
                 How::Structural
             } else {
                 How::Double

@@ -260,7 +260,7 @@ pub fn field(img: &mut [u8], f: &Field, l: &Layout, rng: &mut StdRng) -> Mutatio
 }
 
 /// Mutations that change structure rather than one field.
-pub fn structural(img: &mut Vec<u8>, l: &Layout, name: &str, rng: &mut StdRng) -> Mutation {
+pub fn structural(img: &mut [u8], l: &Layout, name: &str, rng: &mut StdRng) -> Mutation {
     let entries = |k: FieldKind| l.fields.iter().filter(move |f| f.kind == k).collect::<Vec<_>>();
     match rng.gen_range(0..6) {
         0 => {
