@@ -215,3 +215,97 @@ fn sizes_snapshots_and_backing_names_are_read_as_qemu_reads_them() {
     let err = spindle_fails(&["img", "bench", "-w", "-c", "1", p(&c)], "corrupt");
     assert_eq!(err.matches("opened read-only").count(), 1, "{err}");
 }
+
+/// Found by the mutation campaign (case 1166: c64k-zstd-rc8, "refcount[4]
+/// 1 := 0"): an L2 table only a snapshot uses, with refcount 0, was handed
+/// out for new data and overwritten, destroying the snapshot's mapping.
+/// The overlap check covers snapshots' L2 tables too (QEMU's `all` mode).
+#[test]
+fn a_free_looking_snapshot_l2_table_is_not_overwritten() {
+    need("qemu-img");
+    need("qemu-io");
+    let d = scratch();
+    let img = at(&d, "s.qcow2");
+    qcow2_create(&img, &[], Some("16M"));
+    qemu_io(&img, &["write -P 0x22 0 64k"]);
+    ok("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
+    qemu_io(&img, &["write -P 0x23 0 4k"]); // the active L1 gets its own L2 table
+    let snap_l1 = be64(&img, be64(&img, 64));
+    let snap_l2 = be64(&img, snap_l1) & OFFSET_MASK;
+    assert_ne!(snap_l2, l2_table(&img, 0), "the snapshot's L2 table is its own");
+    let block = be64(&img, refcount_table(&img));
+    poke(&img, block + 2 * (snap_l2 / 65536), &0u16.to_be_bytes());
+    let table = bytes(&img, snap_l2, 65536);
+    spindle_fails(
+        &["img", "bench", "-w", "-c", "1", "-s", "64k", "-o", "8M", p(&img)],
+        "L2 table of a snapshot",
+    );
+    assert_eq!(
+        bytes(&img, snap_l2, 65536),
+        table,
+        "the snapshot's L2 table was written to"
+    );
+    assert!(corrupt_bit(&img));
+    // The snapshot still reads as it was taken.
+    let raw = at(&d, "s1.raw");
+    ok("qemu-img", &["convert", "-l", "s1", "-O", "raw", p(&img), p(&raw)]);
+    ok("qemu-io", &["-f", "raw", "-c", "read -P 0x22 0 64k", p(&raw)]);
+}
+
+/// Found by the mutation campaign (case 1331: c64k-rc32-backing,
+/// "ext[1].length 384 := 392"): header extensions end where the backing
+/// file name starts, end marker or not, as QEMU reads them; Spindle read
+/// on into the name and refused the image.
+#[test]
+fn header_extensions_end_at_the_backing_file_name() {
+    need("qemu-img");
+    need("qemu-io");
+    let d = scratch();
+    let base = at(&d, "base.qcow2");
+    qcow2_create(&base, &[], Some("1M"));
+    qemu_io(&base, &["write -P 0x61 0 1M"]);
+    let img = at(&d, "top.qcow2");
+    qcow2_create(&img, &["-b", "base.qcow2", "-F", "qcow2"], Some("1M"));
+    qemu_io(&img, &["write -P 0x62 64k 64k"]);
+    // Walk to the feature table and make it 8 bytes longer: the walk now
+    // reaches the backing file name without an end marker.
+    let mut off = be32(&img, 100) as u64;
+    while be32(&img, off) != 0x6803_f857 {
+        off += 8 + (be32(&img, off + 4) as u64).div_ceil(8) * 8;
+    }
+    let len = be32(&img, off + 4);
+    poke(&img, off + 4, &(len + 8).to_be_bytes());
+    assert_eq!(
+        off + 8 + len as u64 + 8,
+        be64(&img, 8),
+        "the end marker sat just before the name"
+    );
+    let (ours, theirs) = (at(&d, "ours.raw"), at(&d, "theirs.raw"));
+    ok("qemu-img", &["convert", "-O", "raw", p(&img), p(&theirs)]);
+    ok("spindle", &["img", "convert", "-O", "raw", p(&img), p(&ours)]);
+    assert_eq!(std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
+}
+
+/// Found by the qcow2_ops fuzz harness: with narrow refcounts, a snapshot
+/// operation that would need a refcount above the maximum failed as a
+/// corruption and marked a healthy image corrupt. It fails alone, as in
+/// QEMU, and the image stays clean.
+#[test]
+fn a_refcount_overflow_is_refused_without_marking_the_image_corrupt() {
+    need("qemu-img");
+    let d = scratch();
+    let img = at(&d, "rc2.qcow2");
+    ok(
+        "spindle",
+        &["img", "create", "-f", "qcow2", "-o", "refcount_bits=2", p(&img), "1M"],
+    );
+    ok("spindle", &["img", "bench", "-w", "-c", "1", "-s", "64k", p(&img)]);
+    ok("spindle", &["img", "snapshot", "-c", "a", p(&img)]);
+    ok("spindle", &["img", "snapshot", "-c", "b", p(&img)]);
+    // A third reference to the data cluster needs refcount 4 > 3.
+    let err = spindle_fails(&["img", "snapshot", "-c", "c", p(&img)], "refcount_bits=2");
+    assert!(!err.contains("corrupt"), "{err}");
+    assert!(!corrupt_bit(&img), "a healthy image was marked corrupt");
+    assert_clean(&img);
+    ok("spindle", &["img", "bench", "-w", "-c", "1", "-s", "4k", p(&img)]);
+}

@@ -54,9 +54,10 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
     let f = &q.file;
     let mut r = CheckReport::default();
     let cs = q.cluster_size();
-    let file_len = f.len().map_err(io_err(q.path(), "cannot get size"))?;
     let mut m = q.lock_meta().await;
     m.flush(f).await.ok();
+    // After the flush: it may have written tables past the old end.
+    let file_len = f.len().map_err(io_err(q.path(), "cannot get size"))?;
     let mut refs: HashMap<u64, u64> = HashMap::new();
     // Counts one reference to every cluster of [off, off+len). References
     // past the end of the file are corruption, not counted, so a hostile

@@ -212,11 +212,18 @@ impl Header {
         if h.extended_l2() && cluster_bits < 14 {
             return Err("extended L2 entries need clusters of at least 16 KiB".into());
         }
-        // Extensions.
+        // Extensions: as QEMU, they end with the end marker, or where the
+        // backing file name starts (or the first cluster ends).
         let limit = cs.min(buf.len() as u64) as usize;
+        let bo = be64(buf, 8);
+        let ext_end = if bo != 0 && bo < limit as u64 {
+            bo as usize
+        } else {
+            limit
+        };
         let mut off = header_len;
-        loop {
-            if off + 8 > limit {
+        while off < ext_end {
+            if off + 8 > ext_end {
                 return Err("header extensions run past the first cluster".into());
             }
             let kind = be32(buf, off);
@@ -225,7 +232,7 @@ impl Header {
             if kind == EXT_END {
                 break;
             }
-            if len > limit - off {
+            if len > ext_end - off {
                 return Err(format!(
                     "header extension 0x{kind:08x} is longer than the first cluster"
                 ));
@@ -267,7 +274,6 @@ impl Header {
             return Err("images with an external data file are not supported".into());
         }
         // Backing file name.
-        let bo = be64(buf, 8);
         let bl = be32(buf, 16);
         if bo != 0 {
             if bl > MAX_BACKING_NAME || bo.saturating_add(bl as u64) > limit as u64 {

@@ -155,6 +155,31 @@ fn read_snapshot_table(
     Ok((snaps, len))
 }
 
+/// Most bytes of snapshot L1 tables read at open for the overlap check;
+/// snapshots past it go unchecked, as in QEMU's default mode.
+const MAX_INDEXED_SNAPSHOT_L1: u64 = 64 << 20;
+
+/// Reads the snapshots' L1 tables into the overlap check's index of their
+/// L2 tables. A table that cannot be read is left out: only operations on
+/// that snapshot fail (`check_snapshot_l1`), as in QEMU.
+fn index_snapshot_l2(m: &mut Meta, f: &std::fs::File, snaps: &[snapshot::Snapshot], file_len: u64) {
+    let cs = m.hdr.cluster_size();
+    let mut budget = MAX_INDEXED_SNAPSHOT_L1;
+    for sn in snaps {
+        let bytes = sn.l1_size as u64 * 8;
+        let usable = sn.l1_table_offset != 0
+            && sn.l1_table_offset.is_multiple_of(cs)
+            && sn.l1_table_offset.checked_add(bytes).is_some_and(|e| e <= file_len);
+        if !usable || m.inactive_l2.contains(sn.l1_table_offset) || bytes > budget {
+            continue;
+        }
+        budget -= bytes;
+        if let Ok(l1) = read_table(f, sn.l1_table_offset, sn.l1_size as usize, Path::new(""), "") {
+            m.inactive_l2.insert(sn.l1_table_offset, &l1, m.hdr.cluster_bits);
+        }
+    }
+}
+
 fn read_table(f: &std::fs::File, off: u64, entries: usize, path: &Path, what: &str) -> Result<Vec<u64>> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; entries * 8];
@@ -237,6 +262,7 @@ impl Qcow2 {
                     m.hdr.autoclear = 0;
                     m.header_pending = true;
                 }
+                index_snapshot_l2(&mut m, &plain, &snapshots, file_len);
                 m.snapshots = snapshots;
                 m
             }),

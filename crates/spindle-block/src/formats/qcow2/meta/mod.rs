@@ -60,6 +60,8 @@ pub struct Meta {
     l1: Vec<u64>,
     /// Clusters of active L2 tables and refcount blocks (overlap check).
     overlaps: overlap::Index,
+    /// Clusters of snapshots' L2 tables (overlap check).
+    pub inactive_l2: overlap::Inactive,
     /// Test-only fault injection.
     faults: Option<Arc<Injector>>,
     /// Shared with the image.
@@ -102,6 +104,7 @@ impl Meta {
         Meta {
             end: file_len.div_ceil(cs as u64),
             overlaps: overlap::Index::build(&l1, &rc_table, hdr.cluster_bits),
+            inactive_l2: overlap::Inactive::default(),
             faults,
             health,
             hdr,
@@ -188,7 +191,7 @@ impl Meta {
         let kind = match area {
             Area::MainHeader => Kind::Header,
             Area::ActiveL1 | Area::InactiveL1 => Kind::L1,
-            Area::ActiveL2 => Kind::L2,
+            Area::ActiveL2 | Area::InactiveL2 => Kind::L2,
             Area::RefcountTable => Kind::RefcountTable,
             Area::RefcountBlock => Kind::RefcountBlock,
             Area::SnapshotTable => Kind::SnapshotTable,

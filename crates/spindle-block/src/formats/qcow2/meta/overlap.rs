@@ -1,11 +1,13 @@
-//! QEMU's metadata overlap check, in its default `cached` mode: before
-//! anything is written to the image file, the host range is checked
-//! against the image's own metadata (header, active L1 and L2 tables,
-//! refcount table and blocks, snapshot table, snapshot L1 tables). A hit
-//! means the metadata that led to the write is corrupt; the write is not
-//! issued. Everything checked is in memory: the clusters of active L2
-//! tables and of refcount blocks are indexed here, kept in step by
-//! `Meta`'s setters for the L1 and refcount tables.
+//! QEMU's metadata overlap check, in its `all` mode: before anything is
+//! written to the image file, the host range is checked against the
+//! image's own metadata (header, active L1 and L2 tables, refcount table
+//! and blocks, snapshot table, snapshot L1 tables, and the L2 tables the
+//! snapshots reach). A hit means the metadata that led to the write is
+//! corrupt; the write is not issued. Everything checked is in memory: the
+//! clusters of active L2 tables and of refcount blocks are indexed here,
+//! kept in step by `Meta`'s setters for the L1 and refcount tables; those
+//! of snapshots' L2 tables are read at open and follow snapshot create and
+//! delete ([`Inactive`]).
 
 use super::{Meta, OFFSET_MASK};
 use std::collections::BTreeMap;
@@ -27,6 +29,8 @@ pub enum Area {
     SnapshotTable,
     /// A snapshot's L1 table.
     InactiveL1,
+    /// An L2 table a snapshot's L1 table points to.
+    InactiveL2,
 }
 
 impl Area {
@@ -40,6 +44,7 @@ impl Area {
             Area::RefcountBlock => "refcount block",
             Area::SnapshotTable => "snapshot table",
             Area::InactiveL1 => "L1 table of a snapshot",
+            Area::InactiveL2 => "L2 table of a snapshot",
         }
     }
 }
@@ -99,6 +104,54 @@ impl Index {
     }
 }
 
+/// Host clusters of the L2 tables that snapshots' L1 tables point to, per
+/// snapshot (by its L1 table's offset) and counted over all of them.
+#[derive(Debug, Default)]
+pub struct Inactive {
+    by_snapshot: BTreeMap<u64, Vec<u64>>,
+    clusters: BTreeMap<u64, u32>,
+}
+
+impl Inactive {
+    /// Records the L1 table (entries as on disk) of the snapshot whose L1
+    /// table is at `l1_offset`.
+    pub fn insert(&mut self, l1_offset: u64, l1: &[u64], cluster_bits: u32) {
+        self.remove(l1_offset);
+        let mut tables: Vec<u64> = l1
+            .iter()
+            .filter(|&&e| e & OFFSET_MASK != 0)
+            .map(|&e| (e & OFFSET_MASK) >> cluster_bits)
+            .collect();
+        tables.sort_unstable();
+        tables.dedup();
+        for &c in &tables {
+            add(&mut self.clusters, c);
+        }
+        self.by_snapshot.insert(l1_offset, tables);
+    }
+
+    /// Forgets the snapshot whose L1 table is at `l1_offset`.
+    pub fn remove(&mut self, l1_offset: u64) {
+        for c in self.by_snapshot.remove(&l1_offset).unwrap_or_default() {
+            remove(&mut self.clusters, c);
+        }
+    }
+
+    /// Whether the snapshot whose L1 table is at `l1_offset` is recorded.
+    pub fn contains(&self, l1_offset: u64) -> bool {
+        self.by_snapshot.contains_key(&l1_offset)
+    }
+
+    /// The L1 offsets of the recorded snapshots.
+    pub fn snapshots(&self) -> Vec<u64> {
+        self.by_snapshot.keys().copied().collect()
+    }
+
+    fn hits(&self, c0: u64, c1: u64) -> bool {
+        self.clusters.range(c0..c1).next().is_some()
+    }
+}
+
 impl Meta {
     /// The metadata area that writing `[off, off + len)` would overwrite,
     /// other than `except` (the kind of metadata being written, which
@@ -129,6 +182,7 @@ impl Meta {
             ),
             (Area::ActiveL2, self.overlaps.l2.range(c0..c1).next().is_some()),
             (Area::RefcountBlock, self.overlaps.blocks.range(c0..c1).next().is_some()),
+            (Area::InactiveL2, self.inactive_l2.hits(c0, c1)),
         ];
         fixed
             .into_iter()
@@ -153,5 +207,21 @@ mod tests {
         assert!(!ix.l2.contains_key(&3) && ix.l2.contains_key(&7));
         ix.set_block(0x1_0000, 0x9_0000, bits);
         assert!(!ix.blocks.contains_key(&1) && ix.blocks.contains_key(&9));
+    }
+
+    #[test]
+    fn snapshot_tables_are_counted_over_all_snapshots() {
+        let bits = 16;
+        let mut ix = Inactive::default();
+        ix.insert(0x10_0000, &[0x3_0000 | (1 << 63), 0x3_0000, 0x5_0000], bits);
+        ix.insert(0x20_0000, &[0x3_0000], bits);
+        assert!(ix.hits(3, 4) && ix.hits(5, 6) && !ix.hits(4, 5));
+        ix.remove(0x10_0000);
+        assert!(
+            ix.hits(3, 4) && !ix.hits(5, 6),
+            "table 3 is still the second snapshot's"
+        );
+        ix.remove(0x20_0000);
+        assert!(!ix.hits(0, u64::MAX) && ix.snapshots().is_empty());
     }
 }

@@ -61,16 +61,32 @@ impl Meta {
         Ok(self.rc.get(off).expect("block cached above"))
     }
 
+    /// A refcount that would pass the maximum of its width: not a
+    /// corruption, the operation fails alone (QEMU's ERANGE).
+    pub(super) fn overflow(&self, f: &File, c: u64) -> crate::error::BlockError {
+        fmt_err(
+            f.path(),
+            format!(
+                "the refcount of cluster {c} would exceed {}, the most refcount_bits={} holds (too many snapshots share it)",
+                self.rc_max(),
+                1u32 << self.hdr.refcount_order
+            ),
+        )
+    }
+
     /// Adds `delta` to the refcount of host cluster `c`.
     pub fn update_refcount<'a>(&'a mut self, f: &'a File, c: u64, delta: i64) -> LocalBoxFuture<'a, Result<()>> {
         async move {
             let cur = self.refcount(f, c).await?;
             let new = cur as i128 + delta as i128;
-            if new < 0 || new > self.rc_max() as i128 {
+            if new < 0 {
                 return Err(fmt_err(
                     f.path(),
                     format!("refcount of cluster {c} would become {new}; the image's refcounts are corrupt (run check -r all)"),
                 ));
+            }
+            if new > self.rc_max() as i128 {
+                return Err(self.overflow(f, c));
             }
             self.set_refcount(f, c, new as u64).await?;
             if new == 0 {

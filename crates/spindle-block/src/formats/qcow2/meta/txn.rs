@@ -122,13 +122,16 @@ impl Meta {
     pub async fn sh_add(&mut self, f: &File, sh: &mut Shadow, c: u64, delta: i64) -> Result<u64> {
         let cur = self.sh_get(f, sh, c).await?;
         let new = cur as i128 + delta as i128;
-        if new < 0 || new > self.rc_max() as i128 {
+        if new < 0 {
             return Err(corrupt(
                 f.path(),
                 format!(
                     "the refcount of cluster {c} would become {new}; the refcounts are inconsistent (run check -r all)"
                 ),
             ));
+        }
+        if new > self.rc_max() as i128 {
+            return Err(self.overflow(f, c));
         }
         self.sh_set(f, sh, c, new as u64).await?;
         Ok(new as u64)
@@ -371,13 +374,26 @@ impl Meta {
         self.end = rt_at + rt_clusters;
         // In memory, as on disk now. The caches held only clean entries;
         // some of them are free clusters now.
-        self.l1 = std::mem::take(&mut sw.l1);
+        let old_l1 = std::mem::replace(&mut self.l1, std::mem::take(&mut sw.l1));
         self.rc_table = rt;
         self.rc_table_dirty = false;
         self.reindex();
         self.l2.clear();
         self.rc.clear();
         if let (Some(s), Some(t)) = (sw.snapshots.take(), table) {
+            // The overlap check's snapshot L2 tables: a new snapshot took
+            // the old active L1 table as it was; deleted ones go.
+            for gone in self.inactive_l2.snapshots() {
+                if !s.iter().any(|sn| sn.l1_table_offset == gone) {
+                    self.inactive_l2.remove(gone);
+                }
+            }
+            for sn in &s {
+                if !self.inactive_l2.contains(sn.l1_table_offset) && sn.l1_table_offset == h.l1_table_offset {
+                    self.inactive_l2
+                        .insert(sn.l1_table_offset, &old_l1, self.hdr.cluster_bits);
+                }
+            }
             self.snapshots_table_len = if s.is_empty() { 0 } else { t.len() as u64 };
             self.snapshots = s;
         }

@@ -50,3 +50,6 @@ pub fn qcow2_bytes(data: &[u8], dir: &Path) {
         let _ = node.close().await;
     });
 }
+
+mod ops;
+pub use ops::qcow2_ops;
