@@ -13,7 +13,7 @@
 
 use crate::formats::qcow2::header::Compression;
 use crate::formats::qcow2::{check, create, CheckMode, CreateOptions, Qcow2};
-use crate::{open_image, Format, Node, OpenConfig, SgList};
+use crate::{open_image, Format, Node, OpenConfig};
 use spindle_io::{CacheMode, Runtime, RuntimeConfig};
 use std::path::Path;
 
@@ -110,11 +110,6 @@ enum Op {
     Check,
 }
 
-/// The one place the harness makes guest buffers.
-fn sg(b: &mut [u8], n: u64) -> SgList<'_> {
-    SgList::new(&mut b[..n as usize])
-}
-
 fn decode(b: &[u8], size: u64) -> Op {
     let (k, x, y) = (
         b[0],
@@ -208,7 +203,7 @@ async fn run(path: &Path, script: &[u8], modelled: bool) {
         let op = decode(chunk, size);
         let r = match op {
             Op::Read(off, len) => {
-                let r = node.read(off, &sg(&mut buf, len)).await;
+                let r = node.read_into(off, &mut buf[..len as usize]).await;
                 if r.is_ok() && modelled {
                     model.check(off, &buf[..len as usize], &format!("{op:?}"));
                 }
@@ -216,7 +211,7 @@ async fn run(path: &Path, script: &[u8], modelled: bool) {
             }
             Op::Write(off, len, v) => {
                 buf[..len as usize].fill(v);
-                let r = node.write(off, &sg(&mut buf, len), false).await;
+                let r = node.write_from(off, &buf[..len as usize], false).await;
                 model.set(off, len, Some(v));
                 r
             }

@@ -2,7 +2,7 @@
 //! read-only, then open it writable and write, zero, flush and close, then
 //! read it back. Every error is kept as its one-line message.
 
-use spindle_block::{open_image, Format, Node, OpenConfig, SgList};
+use spindle_block::{open_image, Format, Node, OpenConfig};
 use spindle_io::{CacheMode, Runtime, RuntimeConfig};
 use std::path::Path;
 
@@ -115,7 +115,7 @@ async fn read_all(node: &Node) -> Disk {
     while off < size {
         let n = (size - off).min(CHUNK);
         let buf = &mut d.data[off as usize..(off + n) as usize];
-        match node.read(off, &SgList::new(buf)).await {
+        match node.read_into(off, buf).await {
             Ok(()) => d.known.push(true),
             Err(e) => {
                 buf.fill(0);
@@ -160,8 +160,8 @@ pub fn run(img: &Path, case: u32, ops: &[Op]) -> Outcome {
         for &op in ops {
             let r = match op {
                 Op::Write { off, len } if off + len <= size => {
-                    let mut b = pattern(case, off, len);
-                    node.write(off, &SgList::new(&mut b), false).await
+                    let b = pattern(case, off, len);
+                    node.write_from(off, &b, false).await
                 }
                 Op::Zeroes { off, len, unmap } if off + len <= size => node.write_zeroes(off, len, unmap).await,
                 _ => continue,
