@@ -309,3 +309,28 @@ fn a_refcount_overflow_is_refused_without_marking_the_image_corrupt() {
     assert_clean(&img);
     ok("spindle", &["img", "bench", "-w", "-c", "1", "-s", "4k", p(&img)]);
 }
+
+/// A refcount table entry that points far past the end of the file: using
+/// that block would read zeroes and write a block there (a 1 TiB sparse
+/// file). It is a corruption instead, and the file does not grow.
+#[test]
+fn a_refcount_block_past_the_end_of_the_file_is_never_written() {
+    need("qemu-img");
+    need("qemu-io");
+    let d = scratch();
+    let img = at(&d, "far.qcow2");
+    // 512-byte clusters: refcount block 1 covers clusters 256 to 511, which
+    // the writes below allocate.
+    qcow2_create(&img, &["-o", "cluster_size=512"], Some("16M"));
+    qemu_io(&img, &["write -P 0x22 0 64k"]);
+    poke(&img, refcount_table(&img) + 8, &(1u64 << 40).to_be_bytes());
+    let len = std::fs::metadata(&img).unwrap().len();
+    assert_eq!(run("qemu-img", &["check", p(&img)]).status.code(), Some(2));
+    spindle_fails(
+        &["img", "bench", "-w", "-c", "8", "-s", "64k", "-o", "1M", p(&img)],
+        "outside the image file",
+    );
+    let now = std::fs::metadata(&img).unwrap().len();
+    assert!(now < len + (1 << 20), "the file grew from {len} to {now} bytes");
+    ok("qemu-io", &["-r", "-f", "qcow2", "-c", "read -P 0x22 0 64k", p(&img)]);
+}

@@ -83,6 +83,9 @@ pub struct Meta {
     /// The header in memory differs from the one on disk in a way that
     /// must reach the disk before the image changes (autoclear bits).
     pub header_pending: bool,
+    /// Refcount table indexes whose block lay past the end of the file at
+    /// open: corrupt, never read or written (`block_at`).
+    outside_blocks: std::collections::BTreeSet<usize>,
     /// References dropped by metadata not yet durable: applied by `flush`
     /// once the L1 and L2 changes that dropped them are on disk.
     pending_decrefs: Vec<u64>,
@@ -104,6 +107,12 @@ impl Meta {
         Meta {
             end: file_len.div_ceil(cs as u64),
             overlaps: overlap::Index::build(&l1, &rc_table, hdr.cluster_bits),
+            outside_blocks: rc_table
+                .iter()
+                .enumerate()
+                .filter(|(_, &e)| e & !0x1ff != 0 && (e & !0x1ff) / cs as u64 >= file_len.div_ceil(cs as u64))
+                .map(|(i, _)| i)
+                .collect(),
             inactive_l2: overlap::Inactive::default(),
             faults,
             health,

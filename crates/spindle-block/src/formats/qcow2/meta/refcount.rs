@@ -12,10 +12,22 @@ impl Meta {
     /// Refcount of host cluster `c` (0 beyond the table).
     pub async fn refcount(&mut self, f: &File, c: u64) -> Result<u64> {
         let bi = (c >> self.rb_bits()) as usize;
-        let Some(&rb) = self.rc_table.get(bi) else {
+        let rb = self.block_at(f, bi)?;
+        if rb == 0 {
             return Ok(0);
-        };
-        let rb = rb & !0x1ff;
+        }
+        let order = self.hdr.refcount_order;
+        let i = (c & ((1 << self.rb_bits()) - 1)) as usize;
+        let e = self.rc_block(f, rb).await?;
+        Ok(get_refcount(&e.buf, order, i))
+    }
+
+    /// The offset of refcount block `bi` (0 when it has none), refused as a
+    /// corruption when it is not cluster aligned or lay past the end of the
+    /// file when the image was opened: using it would read zeroes and then
+    /// write a block far past the end.
+    pub(super) fn block_at(&self, f: &File, bi: usize) -> Result<u64> {
+        let rb = self.rc_table.get(bi).map_or(0, |e| e & !0x1ff);
         if rb == 0 {
             return Ok(0);
         }
@@ -25,10 +37,13 @@ impl Meta {
                 format!("refcount block offset 0x{rb:x} (refcount table index {bi}) is not cluster aligned"),
             ));
         }
-        let order = self.hdr.refcount_order;
-        let i = (c & ((1 << self.rb_bits()) - 1)) as usize;
-        let e = self.rc_block(f, rb).await?;
-        Ok(get_refcount(&e.buf, order, i))
+        if self.outside_blocks.contains(&bi) {
+            return Err(corrupt(
+                f.path(),
+                format!("refcount block offset 0x{rb:x} (refcount table index {bi}) lies outside the image file"),
+            ));
+        }
+        Ok(rb)
     }
 
     /// Makes room in the refcount cache, writing the victim back if dirty.
@@ -121,7 +136,7 @@ impl Meta {
                 self.rc_table_dirty = true;
                 self.set_refcount(f, x, 1).await?;
             }
-            let rb = self.rc_table[bi] & !0x1ff;
+            let rb = self.block_at(f, bi)?;
             let order = self.hdr.refcount_order;
             let i = (c & ((1 << self.rb_bits()) - 1)) as usize;
             let e = self.rc_block(f, rb).await?;

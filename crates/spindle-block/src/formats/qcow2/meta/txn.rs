@@ -79,14 +79,8 @@ impl Meta {
         if let std::collections::btree_map::Entry::Vacant(v) = sh.blocks.entry(idx) {
             let cs = self.cs() as usize;
             let mut b = AlignedBuf::new(cs, f.alignment().mem.max(512));
-            let old = self.rc_table.get(idx as usize).map_or(0, |e| e & !0x1ff);
+            let old = self.block_at(f, idx as usize)?;
             if old != 0 {
-                if !old.is_multiple_of(cs as u64) {
-                    return Err(corrupt(
-                        f.path(),
-                        format!("refcount block offset 0x{old:x} (refcount table index {idx}) is not cluster aligned"),
-                    ));
-                }
                 b.copy_from_slice(&self.rc_block(f, old).await?.buf);
             }
             v.insert(b);
