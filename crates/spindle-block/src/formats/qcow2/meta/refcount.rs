@@ -319,10 +319,16 @@ impl Meta {
     /// that would go below zero is a corruption of the refcounts: it is
     /// reported and skipped, the others still apply.
     pub(super) async fn apply_decrefs(&mut self, f: &File) -> Result<()> {
+        // Guest writes reach here: one line per flush, however many fail.
+        let (mut failed, mut first) = (0u64, None);
         for c in std::mem::take(&mut self.pending_decrefs) {
             if let Err(e) = self.update_refcount(f, c, -1).await {
-                tracing::warn!("{e}");
+                failed += 1;
+                first.get_or_insert(e);
             }
+        }
+        if let Some(e) = first {
+            tracing::warn!("{failed} refcount decrement(s) skipped, the first: {e}");
         }
         Ok(())
     }
