@@ -11,7 +11,7 @@ use super::entry::Layout;
 use super::header::Header;
 use crate::error::{corrupt, io_err, BlockError, Result};
 use crate::fault::{self, Injector, Kind};
-use spindle_io::{AlignedBuf, File};
+use spindle_io::{AlignedBuf, File, SgList};
 use std::sync::Arc;
 
 pub mod overlap;
@@ -193,7 +193,7 @@ impl Meta {
         f: &File,
         area: Area,
         off: u64,
-        buf: &[u8],
+        buf: &SgList,
         what: &'static str,
     ) -> Result<()> {
         self.check_overlap(f, off, buf.len() as u64, Some(area))?;
@@ -206,7 +206,7 @@ impl Meta {
             Area::SnapshotTable => Kind::SnapshotTable,
         };
         fault::check(self.faults(), kind).map_err(io_err(f.path(), what))?;
-        f.write_at(off, buf, false).await.map_err(io_err(f.path(), what))
+        f.write_sg(off, buf, false).await.map_err(io_err(f.path(), what))
     }
 
     /// Makes everything written so far durable.
@@ -246,11 +246,9 @@ impl Meta {
     }
 
     async fn read_buf(&self, f: &File, off: u64, len: usize) -> Result<AlignedBuf> {
-        let mut b = AlignedBuf::new(len, f.alignment().mem.max(512));
-        f.read_at(off, &mut b)
+        f.read_buf(off, len)
             .await
-            .map_err(io_err(f.path(), "metadata read failed"))?;
-        Ok(b)
+            .map_err(io_err(f.path(), "metadata read failed"))
     }
 
     fn check_table_offset(&self, f: &File, off: u64, what: &str) -> Result<()> {
@@ -316,12 +314,13 @@ impl Meta {
 
     async fn write_l2_slice(&mut self, f: &File, off: u64) -> Result<()> {
         let Some(e) = self.l2.get(off) else { return Ok(()) };
-        let buf = std::mem::replace(&mut e.buf, AlignedBuf::new(0, 1));
+        // Written from the cache's own buffer, lent for the write.
+        let sg = SgList::owned(std::mem::replace(&mut e.buf, AlignedBuf::new(0, 1)));
         let r = self
-            .write_meta(f, Area::ActiveL2, off, &buf, "L2 table write failed")
+            .write_meta(f, Area::ActiveL2, off, &sg, "L2 table write failed")
             .await;
         let e = self.l2.get(off).expect("slice still cached");
-        e.buf = buf;
+        e.buf = sg.into_buf().expect("a finished write holds no buffer");
         e.dirty &= r.is_err();
         r
     }
@@ -373,7 +372,7 @@ impl Meta {
                 .map_err(io_err(f.path(), "L2 table read failed"))?;
         }
         let new = self.alloc_clusters(f, 1).await?;
-        self.write_meta(f, Area::ActiveL2, new, &table, "L2 table write failed")
+        self.write_meta(f, Area::ActiveL2, new, &SgList::owned(table), "L2 table write failed")
             .await?;
         // Refcounts (and the table's contents) durable before L1 points at it.
         self.flush_refcounts(f).await?;

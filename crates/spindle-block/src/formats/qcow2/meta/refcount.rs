@@ -6,7 +6,7 @@ use super::{Area, Meta};
 use crate::error::{corrupt, fmt_err, Result};
 use futures::future::{try_join_all, LocalBoxFuture};
 use futures::FutureExt;
-use spindle_io::{AlignedBuf, File};
+use spindle_io::{AlignedBuf, File, SgList};
 
 impl Meta {
     /// Refcount of host cluster `c` (0 beyond the table).
@@ -55,11 +55,12 @@ impl Meta {
         if let Some((victim, dirty)) = self.rc.victim() {
             if dirty {
                 let e = self.rc.get(victim).expect("victim is cached");
-                let buf = std::mem::replace(&mut e.buf, AlignedBuf::new(0, 1));
+                let sg = SgList::owned(std::mem::replace(&mut e.buf, AlignedBuf::new(0, 1)));
                 let r = self
-                    .write_meta(f, Area::RefcountBlock, victim, &buf, "refcount block write failed")
+                    .write_meta(f, Area::RefcountBlock, victim, &sg, "refcount block write failed")
                     .await;
-                self.rc.get(victim).expect("victim is cached").buf = buf;
+                self.rc.get(victim).expect("victim is cached").buf =
+                    sg.into_buf().expect("a finished write holds no buffer");
                 r?;
             }
             self.rc.remove(victim);
@@ -176,8 +177,14 @@ impl Meta {
         for (i, &e) in self.rc_table.iter().enumerate() {
             put_be64(&mut buf, i, e);
         }
-        self.write_meta(f, Area::RefcountTable, start * cs, &buf, "refcount table write failed")
-            .await?;
+        self.write_meta(
+            f,
+            Area::RefcountTable,
+            start * cs,
+            &SgList::owned(buf),
+            "refcount table write failed",
+        )
+        .await?;
         self.sync(f).await?;
         let (old_hdr_off, old_hdr_clusters) = (self.hdr.refcount_table_offset, self.hdr.refcount_table_clusters);
         self.hdr.refcount_table_offset = start * cs;
@@ -199,12 +206,7 @@ impl Meta {
         let mut writes = Vec::new();
         for &o in &dirty {
             let e = self.rc.get(o).expect("dirty block cached");
-            let copy = {
-                let mut b = AlignedBuf::new(e.buf.len(), f.alignment().mem.max(512));
-                b.copy_from_slice(&e.buf);
-                b
-            };
-            writes.push((o, copy));
+            writes.push((o, SgList::copy_of(&e.buf)));
         }
         let this = &*self;
         let jobs = writes.iter().map(|(o, copy)| async move {
@@ -236,8 +238,14 @@ impl Meta {
             }
             let _ = cs;
             let off = self.hdr.refcount_table_offset;
-            self.write_meta(f, Area::RefcountTable, off, &buf, "refcount table write failed")
-                .await?;
+            self.write_meta(
+                f,
+                Area::RefcountTable,
+                off,
+                &SgList::owned(buf),
+                "refcount table write failed",
+            )
+            .await?;
             self.sync(f).await?;
             self.rc_table_dirty = false;
         }

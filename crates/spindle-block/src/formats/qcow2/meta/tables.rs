@@ -3,15 +3,13 @@
 use super::super::cache::{get_be64, put_be64};
 use super::{Area, Meta};
 use crate::error::{fmt_err, Result};
-use spindle_io::{AlignedBuf, File};
+use spindle_io::{AlignedBuf, File, SgList};
 
 impl Meta {
     /// Writes the header cluster and makes it durable.
     pub async fn write_header(&mut self, f: &File) -> Result<()> {
         let b = self.hdr.serialize().map_err(|m| fmt_err(f.path(), m))?;
-        let mut a = AlignedBuf::new(b.len(), f.alignment().mem.max(512));
-        a.copy_from_slice(&b);
-        self.write_meta(f, Area::MainHeader, 0, &a, "header write failed")
+        self.write_meta(f, Area::MainHeader, 0, &SgList::copy_of(&b), "header write failed")
             .await?;
         self.sync(f).await?;
         self.header_pending = false;
@@ -25,7 +23,7 @@ impl Meta {
             f,
             Area::ActiveL1,
             off,
-            &self.l1[i].to_be_bytes(),
+            &SgList::copy_of(&self.l1[i].to_be_bytes()),
             "L1 table write failed",
         )
         .await
@@ -59,7 +57,7 @@ impl Meta {
         for (i, &e) in l1.iter().enumerate() {
             put_be64(&mut buf, i, e);
         }
-        self.write_meta(f, Area::ActiveL1, new_off, &buf, "L1 table write failed")
+        self.write_meta(f, Area::ActiveL1, new_off, &SgList::owned(buf), "L1 table write failed")
             .await?;
         self.flush_refcounts(f).await?;
         self.sync(f).await?;

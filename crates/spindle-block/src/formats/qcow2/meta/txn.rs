@@ -30,7 +30,7 @@ use super::super::header::MAX_REFTABLE_BYTES;
 use super::super::snapshot::{self, Snapshot};
 use super::{Area, Meta, COPIED, OFFSET_MASK};
 use crate::error::{corrupt, fmt_err, Result};
-use spindle_io::{AlignedBuf, File};
+use spindle_io::{AlignedBuf, File, SgList};
 use std::collections::BTreeMap;
 
 /// Refcount blocks as they will be after the switch, copied on first touch.
@@ -229,7 +229,7 @@ impl Meta {
         }
         self.sh_add(f, &mut sw.shadow, l2 / cs, -1).await?;
         let at = (sw.base + sw.copied.len() as u64) * cs;
-        self.write_meta(f, Area::ActiveL2, at, &table, "L2 table write failed")
+        self.write_meta(f, Area::ActiveL2, at, &SgList::owned(table), "L2 table write failed")
             .await?;
         sw.copied.push(i);
         Ok(())
@@ -319,21 +319,39 @@ impl Meta {
             put_be64(&mut l1buf, i, e);
         }
         if l1_clusters > 0 {
-            self.write_meta(f, Area::ActiveL1, l1_at * cs, &l1buf, "L1 table write failed")
-                .await?;
+            self.write_meta(
+                f,
+                Area::ActiveL1,
+                l1_at * cs,
+                &SgList::owned(l1buf),
+                "L1 table write failed",
+            )
+            .await?;
         }
         if let Some(t) = &table {
             if st_clusters > 0 {
                 let mut b = AlignedBuf::new((st_clusters * cs) as usize, align);
                 b[..t.len()].copy_from_slice(t);
-                self.write_meta(f, Area::SnapshotTable, st_at * cs, &b, "snapshot table write failed")
-                    .await?;
+                self.write_meta(
+                    f,
+                    Area::SnapshotTable,
+                    st_at * cs,
+                    &SgList::owned(b),
+                    "snapshot table write failed",
+                )
+                .await?;
             }
         }
-        for (k, b) in sh.blocks.values().enumerate() {
+        for (k, b) in std::mem::take(&mut sh.blocks).into_values().enumerate() {
             let at = (blocks_at + k as u64) * cs;
-            self.write_meta(f, Area::RefcountBlock, at, b, "refcount block write failed")
-                .await?;
+            self.write_meta(
+                f,
+                Area::RefcountBlock,
+                at,
+                &SgList::owned(b),
+                "refcount block write failed",
+            )
+            .await?;
         }
         let mut rtbuf = AlignedBuf::new((rt_clusters * cs) as usize, align);
         for (i, &e) in rt.iter().enumerate() {
@@ -343,7 +361,7 @@ impl Meta {
             f,
             Area::RefcountTable,
             rt_at * cs,
-            &rtbuf,
+            &SgList::owned(rtbuf),
             "refcount table write failed",
         )
         .await?;
