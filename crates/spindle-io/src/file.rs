@@ -321,8 +321,15 @@ impl File {
             // await, only the op's future, which keeps this future (and
             // each one that awaits it, up to a request's task) small.
             let (op, mem) = {
-                let rest = sg.slice(done, sg.len() - done);
-                let mut iov = rest.iovecs();
+                // The whole list the first time (no copy of it to make).
+                let rest;
+                let part = if done == 0 {
+                    sg
+                } else {
+                    rest = sg.slice(done, sg.len() - done);
+                    &rest
+                };
+                let mut iov = part.iovecs();
                 iov.truncate(MAX_IOV);
                 let (ptr, cnt) = (iov.as_ptr(), iov.len() as u32);
                 let op = if write {
@@ -343,7 +350,7 @@ impl File {
                 };
                 let mem = OpMem {
                     iov,
-                    keep: rest.keep_alives(),
+                    keep: part.keep_alives(),
                     fd: Some(self.fd.clone()),
                 };
                 (op, mem)
