@@ -14,7 +14,7 @@ Usage: bench/vhost.py [DIR]
   (CLIENT=--batch-submit gives the client's batching mode, CLIENT=--poll a
   client that busy-polls instead of waiting for interrupts)
 """
-import json, math, os, statistics, subprocess, sys, time
+import json, math, os, shutil, statistics, subprocess, sys, time
 
 DIR = sys.argv[1] if len(sys.argv) > 1 else "/var/tmp/spindle-bench"
 REPS = int(os.environ.get("REPS", "3"))
@@ -41,11 +41,13 @@ def wait_sock(proc):
     sys.exit("socket never appeared")
 
 
-def start(kind, target, fmt):
+def start(kind, target, fmt, binary=SPINDLE):
+    """Serve target with qemu-storage-daemon (kind "qsd") or with the
+    spindle binary given (any other kind)."""
     if os.path.exists(SOCK):
         os.unlink(SOCK)
-    if kind == "spindle":
-        args = [SPINDLE, "serve", target, "--vhost-user", SOCK, "--iothreads", "1", "--num-queues", "1"]
+    if kind != "qsd":
+        args = [binary, "serve", target, "--vhost-user", SOCK, "--iothreads", "1", "--num-queues", "1"]
         if not target.startswith("null:"):
             args += ["--format", fmt, "--cache", "none", "--aio", "io_uring"]
     else:
@@ -99,6 +101,17 @@ def direct(path, rw, qd):
     return json.loads(out.stdout)["iops"]
 
 
+def ci95(xs):
+    """Half-width of the 95% confidence interval of the mean of xs
+    (Student's t, as the runs are few)."""
+    if len(xs) < 2:
+        return 0
+    t = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13,
+         2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
+    q = t[len(xs) - 2] if len(xs) - 1 <= len(t) else 1.96
+    return q * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
 def fio(path, qd):
     out = subprocess.run(["fio", "--name=dev", f"--filename={path}", "--rw=randread", "--bs=4k", "--direct=1",
                           "--ioengine=io_uring", f"--iodepth={qd}", f"--runtime={RUNTIME}", "--time_based",
@@ -106,14 +119,20 @@ def fio(path, qd):
     return json.loads(out.stdout)["jobs"][0]["read"]["iops"]
 
 
-def main():
+def images():
+    """The raw and qcow2 images the rows serve (made once, kept in DIR)."""
     os.makedirs(DIR, exist_ok=True)
     raw, q = os.path.join(DIR, "bench.raw"), os.path.join(DIR, "bench.qcow2")
     if not os.path.exists(raw):
         sh("dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={SIZE >> 20}", "status=none")
     if not os.path.exists(q):
         sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q)
-    rows = [
+    return raw, q
+
+
+def rows(raw, q):
+    """(name, target, format, rw, iodepth) of each row ROWS selects."""
+    all_rows = [
         ("null 4k randread QD32", f"null:{SIZE}", "raw", "randread", 32),
         ("null 4k randread QD1", f"null:{SIZE}", "raw", "randread", 1),
         ("raw O_DIRECT 4k randread QD32", raw, "raw", "randread", 32),
@@ -121,13 +140,20 @@ def main():
         ("qcow2 allocated 4k randread QD32", q, "qcow2", "randread", 32),
         ("qcow2 allocated 4k randwrite QD32", q, "qcow2", "randwrite", 32),
     ]
-    rows = [r for r in rows if ROWS in r[0]]
+    return [r for r in all_rows if ROWS in r[0]]
+
+
+def main():
+    for tool in ("qemu-storage-daemon", "qemu-img", "fio"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} missing: apt-get install -y qemu-system-x86 qemu-utils fio")
+    raw, q = images()
     print("| row | qsd IOPS | spindle IOPS | spindle/qsd | paired ratio (95% CI) | spindle p99 us | qsd p99 us "
           "| spindle CPU us/req | qsd CPU us/req |")
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
     limits = {}
-    for name, target, fmt, rw, qd in rows:
+    for name, target, fmt, rw, qd in rows(raw, q):
         figs = {"spindle": [], "qsd": []}
         lim = {"fio": [], "direct": []}
         for _ in range(REPS):
@@ -145,7 +171,7 @@ def main():
         med = {k: sorted(v, key=lambda r: r["iops"])[len(v) // 2] for k, v in figs.items()}
         s, qs = med["spindle"], med["qsd"]
         ratios = [a["iops"] / b["iops"] for a, b in zip(figs["spindle"], figs["qsd"])]
-        ci = 1.96 * statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else 0
+        ci = ci95(ratios)
         print(f"| {name} | {qs['iops']:.0f} | {s['iops']:.0f} | {s['iops'] / qs['iops']:.2f}x | "
               f"{statistics.mean(ratios):.2f}x ± {ci:.2f} | "
               f"{s['lat_us']['p99']:.0f} | {qs['lat_us']['p99']:.0f} | "
@@ -162,4 +188,5 @@ def main():
                   f"{100 * s['iops'] / l['direct']:.0f}% |")
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -235,7 +235,9 @@ impl File {
             return Ok(());
         }
         if !self.aligned(offset, sg) {
-            return self.read_bounced(offset, sg).await;
+            // Boxed: the rare path's state would make every aligned read's
+            // future (and its task's allocation) bigger.
+            return Box::pin(self.read_bounced(offset, sg)).await;
         }
         self.transfer(offset, sg, false, false).await
     }
@@ -259,7 +261,8 @@ impl File {
             None
         };
         if !aligned {
-            return self.write_bounced(offset, sg, fua).await;
+            // Boxed, as in `read_sg`.
+            return Box::pin(self.write_bounced(offset, sg, fua)).await;
         }
         self.transfer(offset, sg, true, fua).await
     }
@@ -284,7 +287,9 @@ impl File {
     pub async fn write_at(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
         let mut b = AlignedBuf::new(buf.len(), self.align.mem.max(512));
         b.copy_from_slice(buf);
-        self.write_buf(offset, b, fua).await.map(|_| ())
+        // Straight to `write_sg`, not through `write_buf`: one list held
+        // across the await instead of two nested futures' worth.
+        self.write_sg(offset, &SgList::owned(b), fua).await
     }
 
     /// Writes the buffer at `offset` and hands it back.
@@ -312,33 +317,47 @@ impl File {
         };
         let mut done = 0usize;
         while done < sg.len() {
-            let rest = sg.slice(done, sg.len() - done);
-            let mut iov = rest.iovecs();
-            iov.truncate(MAX_IOV);
-            let (ptr, cnt) = (iov.as_ptr(), iov.len() as u32);
-            let op = if write {
-                Op::Writev {
-                    fd: self.raw_fd(),
-                    iov: ptr,
-                    iovcnt: cnt,
-                    offset,
-                    flags,
-                }
-            } else {
-                Op::Readv {
-                    fd: self.raw_fd(),
-                    iov: ptr,
-                    iovcnt: cnt,
-                    offset,
-                }
+            // Built in a block: no list or iovec array is held across the
+            // await, only the op's future, which keeps this future (and
+            // each one that awaits it, up to a request's task) small.
+            let (op, mem) = {
+                // The whole list the first time (no copy of it to make).
+                let rest;
+                let part = if done == 0 {
+                    sg
+                } else {
+                    rest = sg.slice(done, sg.len() - done);
+                    &rest
+                };
+                let mut iov = part.iovecs();
+                iov.truncate(MAX_IOV);
+                let (ptr, cnt) = (iov.as_ptr(), iov.len() as u32);
+                let op = if write {
+                    Op::Writev {
+                        fd: self.raw_fd(),
+                        iov: ptr,
+                        iovcnt: cnt,
+                        offset,
+                        flags,
+                    }
+                } else {
+                    Op::Readv {
+                        fd: self.raw_fd(),
+                        iov: ptr,
+                        iovcnt: cnt,
+                        offset,
+                    }
+                };
+                let mem = OpMem {
+                    iov,
+                    keep: part.keep_alives(),
+                    fd: Some(self.fd.clone()),
+                };
+                (op, mem)
             };
-            let mem = OpMem {
-                iov,
-                keep: rest.keep_alives(),
-                fd: Some(self.fd.clone()),
-            };
-            // SAFETY: the op points at `mem.iov`, whose entries point into
-            // memory that `rest`'s keep-alives (now in `mem`) keep valid.
+            // SAFETY: the op points at `mem.iov` (its heap block does not
+            // move with the Vec), whose entries point into memory that the
+            // keep-alives in `mem` keep valid.
             let res = unsafe { submit(op, Some(mem)) }.await;
             if res == -libc::EINTR || res == -libc::EAGAIN {
                 continue;
@@ -351,7 +370,7 @@ impl File {
                     return Err(io::Error::new(io::ErrorKind::WriteZero, "device accepted no data"));
                 }
                 // End of file: the rest reads as zeroes.
-                rest.fill_zero();
+                sg.slice(done, sg.len() - done).fill_zero();
                 return Ok(());
             }
             offset += res as u64;
