@@ -384,29 +384,52 @@ impl Qcow2 {
         }
         self.repair_if_dirty().await?;
         let cs = 1u64 << self.cluster_bits;
-        let mut m = self.lock_meta_clear_of(new_size / cs, u64::MAX).await;
-        let old = m.hdr.size;
-        if m.hdr.nb_snapshots > 0 && new_size < old {
-            return Err(fmt_err(
-                self.path(),
-                "cannot shrink an image that has internal snapshots",
-            ));
-        }
-        if new_size < old {
-            self.free_past(&mut m, new_size.div_ceil(cs), old.div_ceil(cs)).await?;
-            m.flush(&self.file).await?;
-        }
-        m.hdr.size = new_size;
-        let res = if need as usize > m.l1().len() {
-            m.resize_l1(&self.file, need as usize).await
-        } else {
-            m.write_header(&self.file).await
+        let old = {
+            let mut m = self.lock_meta_clear_of(new_size / cs, u64::MAX).await;
+            let old = m.hdr.size;
+            if m.hdr.nb_snapshots > 0 && new_size < old {
+                return Err(fmt_err(
+                    self.path(),
+                    "cannot shrink an image that has internal snapshots",
+                ));
+            }
+            if new_size < old {
+                self.free_past(&mut m, new_size.div_ceil(cs), old.div_ceil(cs)).await?;
+                m.flush(&self.file).await?;
+            }
+            m.hdr.size = new_size;
+            let res = if need as usize > m.l1().len() {
+                m.resize_l1(&self.file, need as usize).await
+            } else {
+                m.write_header(&self.file).await
+            };
+            if let Err(e) = res {
+                m.hdr.size = old;
+                return Err(e);
+            }
+            self.size.store(new_size, Ordering::Relaxed);
+            old
         };
-        if let Err(e) = res {
-            m.hdr.size = old;
-            return Err(e);
+        if new_size > old {
+            self.zero_grown(old, new_size).await?;
         }
-        self.size.store(new_size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes the space a grow added, `[old, new)`, read as zeroes. Two
+    /// things could show through otherwise: the rest of the cluster that
+    /// held the old end (data from before a shrink: QEMU shows it, a raw
+    /// file does not), and a backing file longer than the old size (QEMU
+    /// zeroes that too). Runs after the header grew, as QEMU's truncate
+    /// does: a crash in between leaves those bytes as they were.
+    async fn zero_grown(&self, old: u64, new: u64) -> Result<()> {
+        let cs = 1u64 << self.cluster_bits;
+        let tail_end = old.div_ceil(cs) * cs;
+        let backing_end = self.backing.as_ref().map_or(0, |b| b.size());
+        let end = new.min(tail_end.max(backing_end));
+        if end > old {
+            self.write_zeroes(old, end - old, true).await?;
+        }
         Ok(())
     }
 
