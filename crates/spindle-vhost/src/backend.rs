@@ -10,13 +10,15 @@
 
 use crate::blk::config::{parse_write, ConfigWrite};
 use crate::device::Device;
+use crate::drain::InFlight;
+use crate::queues::QueueMap;
 use crate::ratelimit::limited;
 use crate::ring::{Broken, Setup};
 use crate::worker;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
@@ -49,12 +51,9 @@ struct Failure {
 pub struct BlkBackend {
     pub(crate) dev: Arc<Device>,
     pub(crate) mem: GuestMemoryAtomic<Memory>,
-    /// Requests accepted and not yet completed, per queue; a thread that
-    /// is popping a queue counts one more, so a drain never sees zero
-    /// between a pop and its request's count.
-    pub(crate) inflight: Arc<[AtomicUsize]>,
-    /// Set once the frontend is gone: no new request is accepted.
-    pub(crate) stopping: AtomicBool,
+    /// Requests accepted and not yet completed, and whether new ones are
+    /// accepted (no longer once the frontend is gone).
+    pub(crate) requests: InFlight,
     /// Changes of the guest memory map so far (`ring::Setup` counts on it).
     mem_map: AtomicU64,
     /// Set while `failure` holds a broken ring: no queue is popped.
@@ -73,8 +72,7 @@ impl BlkBackend {
         BlkBackend {
             dev,
             mem,
-            inflight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
-            stopping: AtomicBool::new(false),
+            requests: InFlight::new(queues),
             mem_map: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -109,7 +107,7 @@ impl BlkBackend {
     /// Stops accepting requests (the frontend is gone); those already
     /// accepted still complete. Follow with [`BlkBackend::drain`].
     pub fn stop_accepting(&self) {
-        self.stopping.store(true, Ordering::Release);
+        self.requests.stop_accepting();
     }
 
     /// Tells the frontend the configuration space changed (a resize), so it
@@ -193,27 +191,19 @@ impl BlkBackend {
 
     /// Requests accepted on all queues and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.inflight.iter().map(|n| n.load(Ordering::Acquire)).sum()
+        self.requests.count(None)
     }
 
     /// Waits until no request is in flight (on `queue`, or on all queues),
     /// at most `timeout`. The I/O threads keep completing requests
     /// meanwhile. Returns whether everything finished.
     pub fn drain(&self, queue: Option<usize>, timeout: Duration) -> bool {
-        let start = Instant::now();
-        loop {
-            let n = match queue {
-                Some(q) => self.inflight.get(q).map_or(0, |n| n.load(Ordering::Acquire)),
-                None => self.in_flight(),
-            };
-            if n == 0 {
-                return true;
-            }
-            if start.elapsed() > timeout {
+        match self.requests.wait(queue, timeout) {
+            Ok(()) => true,
+            Err(n) => {
                 limited!(error, device = %self.dev.cfg.name, in_flight = n, "requests still in flight after {timeout:?}");
-                return false;
+                false
             }
-            std::thread::sleep(Duration::from_micros(200));
         }
     }
 }
@@ -285,14 +275,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        let threads = self.dev.cfg.iothreads;
-        (0..threads)
-            .map(|t| {
-                (0..self.dev.cfg.num_queues as usize)
-                    .filter(|q| q % threads == t)
-                    .fold(0u64, |m, q| m | 1 << q)
-            })
-            .collect()
+        QueueMap::of(&self.dev.cfg).masks()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
