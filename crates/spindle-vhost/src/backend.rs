@@ -11,15 +11,18 @@
 use crate::blk::config::{parse_write, ConfigWrite};
 use crate::device::Device;
 use crate::drain::InFlight;
+use crate::inflight::track::Tracking;
+use crate::inflight::{self, Caps, Region};
 use crate::queues::QueueMap;
 use crate::ratelimit::limited;
 use crate::ring::{Broken, Setup};
 use crate::worker;
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -54,6 +57,9 @@ pub struct BlkBackend {
     /// Requests accepted and not yet completed, and whether new ones are
     /// accepted (no longer once the frontend is gone).
     pub(crate) requests: InFlight,
+    /// The inflight buffer the frontend gave (`SET_INFLIGHT_FD`), and the
+    /// rings that must start against it.
+    pub(crate) tracking: Tracking,
     /// Changes of the guest memory map so far (`ring::Setup` counts on it).
     mem_map: AtomicU64,
     /// Set while `failure` holds a broken ring: no queue is popped.
@@ -73,6 +79,7 @@ impl BlkBackend {
             dev,
             mem,
             requests: InFlight::new(queues),
+            tracking: Tracking::new(queues),
             mem_map: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -189,6 +196,21 @@ impl BlkBackend {
         self.failure.lock().ok()?.as_ref().map(|f| f.reason.clone())
     }
 
+    /// What an inflight buffer may describe: this device's queues.
+    fn caps(&self) -> Caps {
+        Caps {
+            queues: self.dev.cfg.num_queues,
+            queue_size: self.dev.cfg.queue_size,
+        }
+    }
+
+    /// Logs why the frontend's inflight buffer (or its request for one) is
+    /// refused, and makes the error that ends the connection.
+    fn refuse_inflight(&self, msg: &str, why: &inflight::Refused) -> io::Error {
+        limited!(error, device = %self.dev.cfg.name, "{msg} refused, closing the connection: the inflight buffer: {why}");
+        io::Error::new(io::ErrorKind::InvalidInput, format!("inflight buffer refused: {why}"))
+    }
+
     /// Requests accepted on all queues and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.requests.count(None)
@@ -231,6 +253,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
@@ -241,7 +264,24 @@ impl VhostUserBackend for BlkBackend {
 
     fn reset_device(&self) {
         self.drain(None, DRAIN_TIMEOUT);
+        // A reset device starts afresh: the frontend allocates a new
+        // inflight buffer (QEMU frees its own on reset).
+        self.tracking.set(None);
         self.recover(None, "the frontend reset it");
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        inflight::create(msg, self.caps())
+            .map(|(file, desc)| (desc, file))
+            .map_err(|why| self.refuse_inflight("GET_INFLIGHT_FD", &why))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region =
+            Region::adopt(file, msg, self.caps()).map_err(|why| self.refuse_inflight("SET_INFLIGHT_FD", &why))?;
+        limited!(info, device = %self.dev.cfg.name, "inflight buffer set: {} queues of {} entries", region.queues(), msg.queue_size);
+        self.tracking.set(Some(region));
+        Ok(())
     }
 
     /// The vrings track EVENT_IDX themselves (`needs_notification`).
@@ -284,6 +324,9 @@ impl VhostUserBackend for BlkBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         self.recover(Some(queue_index as usize), "the frontend stopped the broken ring");
+        // The ring starts against the inflight buffer again when it is
+        // set up anew.
+        self.tracking.stopped(queue_index as usize);
         if self.drain(Some(queue_index as usize), DRAIN_TIMEOUT) {
             Ok(())
         } else {

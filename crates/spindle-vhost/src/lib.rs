@@ -17,6 +17,7 @@ mod drain;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod inflight;
 mod kick;
 mod poll;
 mod queues;

@@ -24,6 +24,7 @@ use crate::backend::{BlkBackend, Memory};
 use crate::blk::{complete, parse, Parsed, RequestKind, VIRTIO_BLK_S_OK};
 use crate::device::Device;
 use crate::drain::Admission;
+use crate::inflight::track::QueueTrack;
 use crate::kick::hold_kicks;
 use crate::poll::{PollState, Step};
 use crate::queues::QueueMap;
@@ -71,6 +72,9 @@ struct Worker {
     /// Per queue (by index on this thread): the setup its ring was last
     /// checked in (`ring::check`), so a ring is checked once per setup.
     checked: RefCell<Vec<Option<Setup>>>,
+    /// Per queue (by index on this thread): its inflight tracking, when
+    /// the frontend gave a buffer.
+    track: RefCell<Vec<Option<QueueTrack>>>,
 }
 
 /// What a request's task reaches through one `Rc`: no atomic operation
@@ -82,6 +86,9 @@ struct Shared {
     /// under one vring lock and one guest-memory load per queue.
     done: RefCell<Vec<Vec<(u16, u32)>>>,
 }
+
+mod resume;
+use resume::{resubmit, start_ring};
 
 thread_local! {
     static WORKER: RefCell<Option<Rc<Worker>>> = const { RefCell::new(None) };
@@ -104,6 +111,7 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         quiet: RefCell::new(vec![false; queues]),
         polling: PollState::default(),
         checked: RefCell::new(vec![None; queues]),
+        track: RefCell::new((0..queues).map(|_| None).collect()),
     });
     WORKER.with(|slot| *slot.borrow_mut() = Some(w.clone()));
     Ok(w)
@@ -235,9 +243,15 @@ fn pop_queue(b: &BlkBackend, w: &Worker, local: usize, vrings: &[VringRwLock], k
         // The cheap check a polling round makes: nothing new, nothing to do.
         if keep_quiet
             && quiet
+            && !b.tracking.start_pending(queue)
             && q.avail_idx(&*guard, Ordering::Acquire)
                 .map_or(true, |i| i.0 == q.next_avail())
         {
+            return 0;
+        }
+    }
+    if let Some(region) = b.tracking.take_start(queue) {
+        if !start_ring(b, w, queue, local, vring, region) {
             return 0;
         }
     }
@@ -261,7 +275,10 @@ fn pop_chains(
     keep_quiet: bool,
 ) -> usize {
     let limits = b.dev.limits();
-    let mut popped = 0;
+    let mut popped = match resubmit(b, w, queue, local, vring) {
+        Some(n) => n,
+        None => return 0,
+    };
     loop {
         // A driver that keeps publishing keeps this loop going: a frontend
         // that left must still end it.
@@ -300,6 +317,14 @@ fn pop_chains(
                     }
                 };
                 let head = chain.head_index();
+                // Recorded in the inflight buffer before anything of the
+                // request runs.
+                if let Some(t) = w.track.borrow_mut()[local].as_mut() {
+                    if !t.mark(head) {
+                        fail(b, queue, vring, &Broken::Twice { head });
+                        return popped;
+                    }
+                }
                 let parsed = parse(chain, &**mem, &limits);
                 if let Parsed::Fail { reason, .. } | Parsed::Drop { reason } = &parsed {
                     limited!(warn, device = %b.dev.cfg.name, queue, "refused request {head}: {reason}");
@@ -414,25 +439,37 @@ fn signal(b: &BlkBackend, w: &Worker, vrings: &[VringRwLock]) -> usize {
             let mem = b.mem.memory();
             let mut st = vrings[i].get_mut();
             let q = st.get_queue_mut();
-            // A queue reset after a drain gave up (RESET_DEVICE, a
-            // disconnect) has no ring left: its late completions are
-            // dropped, not written to stale addresses.
-            if q.ready() {
-                for &(head, len) in list.iter() {
-                    // The frontend may have shrunk the queue since the pop.
-                    let why = if head >= q.size() {
-                        Broken::Head { head, size: q.size() }
-                    } else if q.add_used(&*mem, head, len).is_err() {
-                        Broken::Access("used ring")
-                    } else {
-                        continue;
-                    };
-                    broken = Some(why);
-                    break;
+            // A ring stopped by GET_VRING_BASE is no longer ready, but
+            // its drain is waiting for these: they go on the used ring, or
+            // the frontend would count them done (its base) and the guest
+            // never see them. A queue reset after a drain gave up
+            // (RESET_DEVICE) has no ring left (no addresses): its late
+            // completions are dropped, not written to stale addresses.
+            if q.ready() || q.avail_ring() != 0 {
+                let mut publish = || {
+                    let mut published = 0;
+                    for &(head, len) in list.iter() {
+                        // The frontend may have shrunk the queue since the pop.
+                        let why = if head >= q.size() {
+                            Broken::Head { head, size: q.size() }
+                        } else if q.add_used(&*mem, head, len).is_err() {
+                            Broken::Access("used ring")
+                        } else {
+                            published += 1;
+                            continue;
+                        };
+                        broken = Some(why);
+                        break;
+                    }
+                    (published, q.next_used())
+                };
+                match w.track.borrow()[i].as_ref() {
+                    Some(t) => t.complete(&list[..], |e| e.0, publish),
+                    None => drop(publish()),
                 }
                 if let Some(why) = &broken {
                     stop(b, queue, &st, why);
-                } else if q.needs_notification(&*mem).unwrap_or(true) {
+                } else if st.get_queue_mut().needs_notification(&*mem).unwrap_or(true) {
                     let _ = st.signal_used_queue();
                     w.polling.interrupted();
                 }
