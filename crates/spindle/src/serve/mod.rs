@@ -73,6 +73,10 @@ pub struct Args {
     /// Control socket for `spindle ctl` (add, remove, list, stats, resize).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Test only: make every Nth request wait before it starts, so requests
+    /// complete out of order (`OPS:N:MS`, see docs/hardening.md).
+    #[arg(long = "x-delay-io", hide = true, value_name = "PLAN")]
+    delay_io: Option<String>,
 }
 
 fn default_socket(image: &str) -> PathBuf {
@@ -162,6 +166,9 @@ pub fn run(a: Args) -> CliResult<u8> {
     let passed = activation::take_from_env().map_err(|e| BlockError::Invalid(format!("socket activation: {e}")))?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| BlockError::Invalid(format!("cannot install signal handlers: {e}")))?;
+    if let Some(plan) = &a.delay_io {
+        spindle_block::fault::delay::set(plan.parse().map_err(BlockError::Invalid)?).map_err(BlockError::Invalid)?;
+    }
     let (specs, control) = match &a.config {
         Some(path) => {
             let cfg = ConfigFile::load(path)?;
