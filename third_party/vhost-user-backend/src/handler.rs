@@ -590,6 +590,13 @@ where
             .ok_or(VhostUserError::InvalidParam)?;
 
         vring.set_call(file);
+        // One interrupt on the new eventfd, in case the driver waits for one
+        // a previous backend (before a restart or crash) sent to a call
+        // eventfd nobody listened to any more, or never sent: its used
+        // entries are in the ring, and EVENT_IDX asks for no later
+        // interrupt for them. Spurious at worst (libvhost-user does the
+        // same, "in case of I/O hang after reconnecting").
+        let _ = vring.signal_used_queue();
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
