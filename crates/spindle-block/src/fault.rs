@@ -11,6 +11,10 @@
 //!   that kind fails too; `dead`: every later write and flush of any kind
 //!   fails, as if the disk went away;
 //! - `errno` (default 5, EIO).
+//!
+//! [`delay`] makes requests slow instead of failing them.
+
+pub mod delay;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,6 +1,7 @@
 //! The node interface every driver implements, dispatched by enum.
 
 use crate::error::{BlockError, Result};
+use crate::fault::delay;
 use crate::formats::{null::Null, qcow2::Qcow2, raw::Raw};
 use spindle_io::SgList;
 use std::path::Path;
@@ -135,6 +136,9 @@ impl Node {
         if buf.is_empty() {
             return Ok(());
         }
+        if let Some(wait) = delay::before(delay::Op::Read) {
+            wait.await;
+        }
         match self {
             Node::Raw(d) => d.read(offset, buf).await,
             Node::Null(_) => {
@@ -166,6 +170,9 @@ impl Node {
         if buf.is_empty() {
             return Ok(());
         }
+        if let Some(wait) = delay::before(delay::Op::Write) {
+            wait.await;
+        }
         match self {
             Node::Raw(d) => d.write(offset, buf, fua).await,
             Node::Null(_) => Ok(()),
@@ -175,6 +182,9 @@ impl Node {
 
     /// Makes completed writes durable.
     pub async fn flush(&self) -> Result<()> {
+        if let Some(wait) = delay::before(delay::Op::Flush) {
+            wait.await;
+        }
         match self {
             Node::Raw(d) => d.flush().await,
             Node::Null(_) => Ok(()),

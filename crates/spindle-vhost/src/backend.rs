@@ -10,14 +10,19 @@
 
 use crate::blk::config::{parse_write, ConfigWrite};
 use crate::device::Device;
+use crate::drain::InFlight;
+use crate::inflight::track::Tracking;
+use crate::inflight::{self, Caps, Region};
+use crate::queues::QueueMap;
 use crate::ratelimit::limited;
 use crate::ring::{Broken, Setup};
 use crate::worker;
+use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use std::time::Duration;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -49,12 +54,12 @@ struct Failure {
 pub struct BlkBackend {
     pub(crate) dev: Arc<Device>,
     pub(crate) mem: GuestMemoryAtomic<Memory>,
-    /// Requests accepted and not yet completed, per queue; a thread that
-    /// is popping a queue counts one more, so a drain never sees zero
-    /// between a pop and its request's count.
-    pub(crate) inflight: Arc<[AtomicUsize]>,
-    /// Set once the frontend is gone: no new request is accepted.
-    pub(crate) stopping: AtomicBool,
+    /// Requests accepted and not yet completed, and whether new ones are
+    /// accepted (no longer once the frontend is gone).
+    pub(crate) requests: InFlight,
+    /// The inflight buffer the frontend gave (`SET_INFLIGHT_FD`), and the
+    /// rings that must start against it.
+    pub(crate) tracking: Tracking,
     /// Changes of the guest memory map so far (`ring::Setup` counts on it).
     mem_map: AtomicU64,
     /// Set while `failure` holds a broken ring: no queue is popped.
@@ -73,8 +78,8 @@ impl BlkBackend {
         BlkBackend {
             dev,
             mem,
-            inflight: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
-            stopping: AtomicBool::new(false),
+            requests: InFlight::new(queues),
+            tracking: Tracking::new(queues),
             mem_map: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -109,7 +114,7 @@ impl BlkBackend {
     /// Stops accepting requests (the frontend is gone); those already
     /// accepted still complete. Follow with [`BlkBackend::drain`].
     pub fn stop_accepting(&self) {
-        self.stopping.store(true, Ordering::Release);
+        self.requests.stop_accepting();
     }
 
     /// Tells the frontend the configuration space changed (a resize), so it
@@ -191,29 +196,36 @@ impl BlkBackend {
         self.failure.lock().ok()?.as_ref().map(|f| f.reason.clone())
     }
 
+    /// What an inflight buffer may describe: this device's queues.
+    fn caps(&self) -> Caps {
+        Caps {
+            queues: self.dev.cfg.num_queues,
+            queue_size: self.dev.cfg.queue_size,
+        }
+    }
+
+    /// Logs why the frontend's inflight buffer (or its request for one) is
+    /// refused, and makes the error that ends the connection.
+    fn refuse_inflight(&self, msg: &str, why: &inflight::Refused) -> io::Error {
+        limited!(error, device = %self.dev.cfg.name, "{msg} refused, closing the connection: the inflight buffer: {why}");
+        io::Error::new(io::ErrorKind::InvalidInput, format!("inflight buffer refused: {why}"))
+    }
+
     /// Requests accepted on all queues and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.inflight.iter().map(|n| n.load(Ordering::Acquire)).sum()
+        self.requests.count(None)
     }
 
     /// Waits until no request is in flight (on `queue`, or on all queues),
     /// at most `timeout`. The I/O threads keep completing requests
     /// meanwhile. Returns whether everything finished.
     pub fn drain(&self, queue: Option<usize>, timeout: Duration) -> bool {
-        let start = Instant::now();
-        loop {
-            let n = match queue {
-                Some(q) => self.inflight.get(q).map_or(0, |n| n.load(Ordering::Acquire)),
-                None => self.in_flight(),
-            };
-            if n == 0 {
-                return true;
-            }
-            if start.elapsed() > timeout {
+        match self.requests.wait(queue, timeout) {
+            Ok(()) => true,
+            Err(n) => {
                 limited!(error, device = %self.dev.cfg.name, in_flight = n, "requests still in flight after {timeout:?}");
-                return false;
+                false
             }
-            std::thread::sleep(Duration::from_micros(200));
         }
     }
 }
@@ -241,6 +253,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
@@ -251,7 +264,24 @@ impl VhostUserBackend for BlkBackend {
 
     fn reset_device(&self) {
         self.drain(None, DRAIN_TIMEOUT);
+        // A reset device starts afresh: the frontend allocates a new
+        // inflight buffer (QEMU frees its own on reset).
+        self.tracking.set(None);
         self.recover(None, "the frontend reset it");
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        inflight::create(msg, self.caps())
+            .map(|(file, desc)| (desc, file))
+            .map_err(|why| self.refuse_inflight("GET_INFLIGHT_FD", &why))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region =
+            Region::adopt(file, msg, self.caps()).map_err(|why| self.refuse_inflight("SET_INFLIGHT_FD", &why))?;
+        limited!(info, device = %self.dev.cfg.name, "inflight buffer set: {} queues of {} entries", region.queues(), msg.queue_size);
+        self.tracking.set(Some(region));
+        Ok(())
     }
 
     /// The vrings track EVENT_IDX themselves (`needs_notification`).
@@ -285,14 +315,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        let threads = self.dev.cfg.iothreads;
-        (0..threads)
-            .map(|t| {
-                (0..self.dev.cfg.num_queues as usize)
-                    .filter(|q| q % threads == t)
-                    .fold(0u64, |m, q| m | 1 << q)
-            })
-            .collect()
+        QueueMap::of(&self.dev.cfg).masks()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -301,6 +324,9 @@ impl VhostUserBackend for BlkBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         self.recover(Some(queue_index as usize), "the frontend stopped the broken ring");
+        // The ring starts against the inflight buffer again when it is
+        // set up anew.
+        self.tracking.stopped(queue_index as usize);
         if self.drain(Some(queue_index as usize), DRAIN_TIMEOUT) {
             Ok(())
         } else {

@@ -29,6 +29,9 @@ pub struct Export {
     stop: AtomicBool,
     connections: AtomicU64,
     listener: Mutex<Option<Listener>>,
+    /// Whether the socket file is this export's to remove when it stops
+    /// (not when the service manager passed the socket in).
+    owns_path: bool,
     /// The connected frontend, if any (control plane only).
     current: Mutex<Option<Connection>>,
 }
@@ -62,14 +65,25 @@ impl Export {
         };
         claim_socket_path(socket).map_err(bind_err)?;
         let listener = Listener::new(socket, false).map_err(|e| bind_err(std::io::Error::other(e)))?;
-        Ok(Arc::new(Export {
+        Ok(Export::with(dev, socket, listener, true))
+    }
+
+    /// Serves `dev` on `listener`, a socket bound at `socket` by someone
+    /// else (systemd socket activation): the socket file is left alone.
+    pub fn adopt(dev: Arc<Device>, socket: &Path, listener: std::os::unix::net::UnixListener) -> Arc<Export> {
+        Export::with(dev, socket, Listener::from(listener), false)
+    }
+
+    fn with(dev: Arc<Device>, socket: &Path, listener: Listener, owns_path: bool) -> Arc<Export> {
+        Arc::new(Export {
             dev,
             socket: socket.to_owned(),
             stop: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             listener: Mutex::new(Some(listener)),
+            owns_path,
             current: Mutex::new(None),
-        }))
+        })
     }
 
     /// Whether a frontend is connected now.
@@ -102,7 +116,9 @@ impl Export {
                 limited!(warn, device = %self.dev.cfg.name, "connection ended: {e}");
             }
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if self.owns_path {
+            let _ = std::fs::remove_file(&self.socket);
+        }
         self.close()
     }
 

@@ -13,10 +13,14 @@
 pub mod backend;
 pub mod blk;
 pub mod device;
+mod drain;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod inflight;
 mod kick;
+mod poll;
+mod queues;
 pub mod ratelimit;
 pub mod ring;
 pub mod stats;

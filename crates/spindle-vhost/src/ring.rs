@@ -54,6 +54,14 @@ pub enum Broken {
     Access(&'static str),
     /// The available ring is at 0: the queue was never given addresses.
     Unset,
+    /// The driver published a chain that is still in flight.
+    Twice {
+        /// Its head.
+        head: u16,
+    },
+    /// The inflight buffer does not fit the ring set up
+    /// (`inflight::Refused`, as text).
+    Inflight(String),
 }
 
 impl fmt::Display for Broken {
@@ -70,6 +78,8 @@ impl fmt::Display for Broken {
             Broken::Head { head, size } => write!(f, "chain head {head} is not below the queue size {size}"),
             Broken::Access(what) => write!(f, "cannot access its {what}"),
             Broken::Unset => write!(f, "it was never given addresses (available ring at 0)"),
+            Broken::Twice { head } => write!(f, "chain head {head} was published again while in flight"),
+            Broken::Inflight(why) => write!(f, "its inflight buffer cannot be used: {why}"),
         }
     }
 }
@@ -153,6 +163,19 @@ where
     Ok(chain)
 }
 
+/// The chain at `head` again (resubmitted from the inflight buffer after
+/// the ring started), validated like a popped one.
+pub fn chain_at<M>(q: &Queue, mem: M, head: u16) -> Result<DescriptorChain<M>, Broken>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    if head >= q.size() {
+        return Err(Broken::Head { head, size: q.size() });
+    }
+    Ok(DescriptorChain::new(mem, GuestAddress(q.desc_table()), q.size(), head))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +241,32 @@ mod tests {
         mock.avail().idx().store(2u16.to_le());
         assert_eq!(pending(&q, &m), Ok(1));
         assert_eq!(pop(&mut q, &m).unwrap_err(), Broken::Head { head: 16, size: 16 });
+    }
+
+    #[test]
+    fn a_chain_is_built_again_from_its_head() {
+        let m = mem();
+        let mock = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = mock.create_queue().unwrap();
+        let d = [
+            RawDescriptor::from(Descriptor::new(
+                0x8000,
+                16,
+                virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16,
+                1,
+            )),
+            RawDescriptor::from(Descriptor::new(
+                0x9000,
+                1,
+                virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16,
+                0,
+            )),
+        ];
+        mock.add_desc_chains(&d, 0).unwrap();
+        let popped: Vec<_> = pop(&mut q, &m).unwrap().map(|d| (d.addr(), d.len())).collect();
+        let again: Vec<_> = chain_at(&q, &m, 0).unwrap().map(|d| (d.addr(), d.len())).collect();
+        assert_eq!(popped, again);
+        assert_eq!(popped.len(), 2);
+        assert_eq!(chain_at(&q, &m, 16).unwrap_err(), Broken::Head { head: 16, size: 16 });
     }
 }

@@ -14,8 +14,8 @@
 //!    used ring that cannot be written) stops the device at once
 //!    (`BlkBackend::fail`): one log line, no queue popped, so no spinning
 //!    on it; the thread sleeps until the frontend resets the device.
-//! 6. With nothing left in flight, the thread either polls (`worth_polling`:
-//!    it keeps looking at its queues and completions, notifications off,
+//! 6. With nothing left in flight, the thread either polls (`poll::PollState`
+//!    decides: it keeps looking at its queues and completions, notifications off,
 //!    until nothing has happened for `poll_ns`) or takes one look at its
 //!    queues with kicks held (`signal_and_look`); then it turns
 //!    notifications back on and sleeps in epoll.
@@ -23,7 +23,11 @@
 use crate::backend::{BlkBackend, Memory};
 use crate::blk::{complete, parse, Parsed, RequestKind, VIRTIO_BLK_S_OK};
 use crate::device::Device;
+use crate::drain::Admission;
+use crate::inflight::track::QueueTrack;
 use crate::kick::hold_kicks;
+use crate::poll::{PollState, Step};
+use crate::queues::QueueMap;
 use crate::ratelimit::limited;
 use crate::ring::{self, Broken, Setup};
 use crate::stats::Op;
@@ -57,19 +61,20 @@ struct Worker {
     rt: Runtime,
     /// What the thread's request tasks share with it.
     shared: Rc<Shared>,
+    /// This thread's index.
+    thread: usize,
+    /// Device queue of each of this thread's vrings.
+    map: QueueMap,
     /// Queues (by index on this thread) whose guest notifications are off.
     quiet: RefCell<Vec<bool>>,
-    /// Since the last polling decision: whether more than one request was
-    /// in flight, and whether the thread slept waiting for its own I/O.
-    deep: std::cell::Cell<bool>,
-    waited: std::cell::Cell<bool>,
-    /// Since the last polling decision: whether the driver asked for an
-    /// interrupt (EVENT_IDX) for any completion. A driver that never does
-    /// is awake, busy or polling its used ring, and answers at once.
-    interrupted: std::cell::Cell<bool>,
+    /// What the polling decision has seen.
+    polling: PollState,
     /// Per queue (by index on this thread): the setup its ring was last
     /// checked in (`ring::check`), so a ring is checked once per setup.
     checked: RefCell<Vec<Option<Setup>>>,
+    /// Per queue (by index on this thread): its inflight tracking, when
+    /// the frontend gave a buffer.
+    track: RefCell<Vec<Option<QueueTrack>>>,
 }
 
 /// What a request's task reaches through one `Rc`: no atomic operation
@@ -81,6 +86,9 @@ struct Shared {
     /// under one vring lock and one guest-memory load per queue.
     done: RefCell<Vec<Vec<(u16, u32)>>>,
 }
+
+mod resume;
+use resume::{resubmit, start_ring};
 
 thread_local! {
     static WORKER: RefCell<Option<Rc<Worker>>> = const { RefCell::new(None) };
@@ -98,11 +106,12 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
             dev: b.dev.clone(),
             done: RefCell::new(vec![Vec::new(); queues]),
         }),
+        thread,
+        map: QueueMap::of(&b.dev.cfg),
         quiet: RefCell::new(vec![false; queues]),
-        deep: std::cell::Cell::new(false),
-        waited: std::cell::Cell::new(false),
-        interrupted: std::cell::Cell::new(false),
+        polling: PollState::default(),
         checked: RefCell::new(vec![None; queues]),
+        track: RefCell::new((0..queues).map(|_| None).collect()),
     });
     WORKER.with(|slot| *slot.borrow_mut() = Some(w.clone()));
     Ok(w)
@@ -115,23 +124,22 @@ pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], t
     // is one event, so they need not be read (two system calls saved per
     // wake-up). Their counters only grow; eventfds saturate, never fail.
     if (event as usize) < vrings.len() {
-        pop_queue(b, &w, thread, event as usize, vrings, false);
+        pop_queue(b, &w, event as usize, vrings, false);
     }
-    let mut in_flight = w.rt.poll_ready();
+    let in_flight = w.rt.poll_ready();
     let poll_ns = b.dev.cfg.poll_ns;
-    // A thread with I/O in flight sleeps until it completes: no polling
-    // through the device's latency (it cost 10-15% at QD1 on O_DIRECT raw
-    // and gained nothing at QD32; bench/vhost.py runs, docs/serve.md).
-    if in_flight > 0 {
-        signal(b, &w, thread, vrings);
-    } else if poll_ns > 0 && worth_polling(&w) {
-        signal(b, &w, thread, vrings);
-        in_flight = poll(b, &w, thread, vrings, poll_ns);
-    } else {
-        in_flight = signal_and_look(b, &w, thread, vrings);
-    }
-    w.deep.set(w.deep.get() || in_flight > 1);
-    w.waited.set(w.waited.get() || in_flight > 0);
+    let in_flight = match w.polling.step(in_flight, poll_ns > 0) {
+        Step::Signal => {
+            signal(b, &w, vrings);
+            in_flight
+        }
+        Step::Poll => {
+            signal(b, &w, vrings);
+            poll(b, &w, vrings, poll_ns)
+        }
+        Step::Look => signal_and_look(b, &w, vrings),
+    };
+    w.polling.sleeps_with(in_flight);
     Ok(())
 }
 
@@ -142,7 +150,7 @@ pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], t
 /// continues, so the look finds the request with no kick (one system call
 /// fewer on each side) and submits it before the thread returns to epoll.
 /// Returns the ops in flight.
-fn signal_and_look(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> usize {
+fn signal_and_look(b: &BlkBackend, w: &Worker, vrings: &[VringRwLock]) -> usize {
     // Only the queues about to be signalled get an answer to look for, and
     // only live ones: `pop_queue` skips a disabled or unready queue, so a
     // hold there would outlive the look and swallow the next kick.
@@ -151,7 +159,7 @@ fn signal_and_look(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwL
         .filter(|&i| !w.shared.done.borrow()[i].is_empty() && live(&vrings[i]) && !b.is_failed())
         .collect();
     if held.is_empty() {
-        signal(b, w, thread, vrings);
+        signal(b, w, vrings);
         return w.rt.poll_ready();
     }
     for &i in &held {
@@ -160,12 +168,12 @@ fn signal_and_look(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwL
             w.quiet.borrow_mut()[i] = true;
         }
     }
-    signal(b, w, thread, vrings);
+    signal(b, w, vrings);
     for &i in &held {
-        pop_queue(b, w, thread, i, vrings, false);
+        pop_queue(b, w, i, vrings, false);
     }
     let in_flight = w.rt.poll_ready();
-    signal(b, w, thread, vrings);
+    signal(b, w, vrings);
     in_flight
 }
 
@@ -175,45 +183,23 @@ fn live(vring: &VringRwLock) -> bool {
     st.is_enabled() && st.get_queue().ready()
 }
 
-/// Whether to poll for the driver's next request, now that nothing is in
-/// flight. Polling pays when the driver's turnaround is most of a
-/// request's life: when requests completed without the thread sleeping
-/// (null, cached, very fast devices: 3x IOPS at QD1 on null) or when the
-/// driver keeps several in flight, so rounds overlap (QD32), or when the
-/// driver wanted no interrupt for its completions: it is awake (polling
-/// its used ring, like a `--poll` client or a guest in polling mode) and
-/// sends the next request at once, which polling catches without a kick.
-/// A lone request that already slept through the device's latency, for a
-/// driver that sleeps until its interrupt, gains little from it, and a
-/// busy CPU here makes the scheduler wake the driver on another CPU
-/// instead: on O_DIRECT raw at QD1 that cost 7% in this project's 2-vCPU
-/// VM (docs/serve.md). The flags cover the requests since the last
-/// decision, so a change of driver behaviour shows one request late.
-fn worth_polling(w: &Worker) -> bool {
-    let worth = w.deep.get() || !w.waited.get() || !w.interrupted.get();
-    w.deep.set(false);
-    w.waited.set(false);
-    w.interrupted.set(false);
-    worth
-}
-
 /// Polls the thread's queues and runtime with guest notifications off
 /// until `poll_ns` passes with no work and nothing in flight (a thread
 /// with I/O in flight stops at the first idle round: its completions wake
 /// it); then re-enables them. Returns the ops still in flight.
-fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock], poll_ns: u64) -> usize {
+fn poll(b: &BlkBackend, w: &Worker, vrings: &[VringRwLock], poll_ns: u64) -> usize {
     let window = Duration::from_nanos(poll_ns);
     let mut last_work = Instant::now();
     loop {
         let mut popped = 0;
         for i in 0..vrings.len() {
-            popped += pop_queue(b, w, thread, i, vrings, true);
+            popped += pop_queue(b, w, i, vrings, true);
         }
         let in_flight = w.rt.poll_ready();
-        w.deep.set(w.deep.get() || in_flight > 1);
+        w.polling.saw(in_flight);
         // Completions go out every round: the driver reaps them while
         // this thread pops the next round.
-        let work = popped + signal(b, w, thread, vrings);
+        let work = popped + signal(b, w, vrings);
         if work > 0 {
             last_work = Instant::now();
         } else if in_flight > 0 || last_work.elapsed() >= window {
@@ -222,27 +208,20 @@ fn poll(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock], poll_
         std::hint::spin_loop();
     }
     for i in 0..vrings.len() {
-        pop_queue(b, w, thread, i, vrings, false);
+        pop_queue(b, w, i, vrings, false);
     }
     let in_flight = w.rt.poll_ready();
-    signal(b, w, thread, vrings);
+    signal(b, w, vrings);
     in_flight
 }
 
 /// Pops every available chain of queue `local` and spawns its request.
 /// Leaves guest notifications off when `keep_quiet`; otherwise ends with
 /// them on and the queue seen empty after that. Returns chains popped.
-fn pop_queue(
-    b: &BlkBackend,
-    w: &Worker,
-    thread: usize,
-    local: usize,
-    vrings: &[VringRwLock],
-    keep_quiet: bool,
-) -> usize {
+fn pop_queue(b: &BlkBackend, w: &Worker, local: usize, vrings: &[VringRwLock], keep_quiet: bool) -> usize {
     let vring = &vrings[local];
     let quiet = w.quiet.borrow()[local];
-    let queue = thread + local * b.dev.cfg.iothreads;
+    let queue = w.map.queue(w.thread, local);
     {
         let guard = b.mem.memory();
         let st = vring.get_ref();
@@ -264,35 +243,46 @@ fn pop_queue(
         // The cheap check a polling round makes: nothing new, nothing to do.
         if keep_quiet
             && quiet
+            && !b.tracking.start_pending(queue)
             && q.avail_idx(&*guard, Ordering::Acquire)
                 .map_or(true, |i| i.0 == q.next_avail())
         {
             return 0;
         }
     }
-    // Counted as in flight while popping (see `BlkBackend::inflight`);
-    // each popped request stays counted until `signal` puts it on the
-    // used ring. Adding before subtracting keeps a drain from seeing zero.
-    b.inflight[queue].fetch_add(1, Ordering::AcqRel);
-    let popped = if b.stopping.load(Ordering::Acquire) {
-        0
-    } else {
-        pop_chains(b, w, queue, local, vring, keep_quiet)
-    };
-    if popped > 0 {
-        b.inflight[queue].fetch_add(popped, Ordering::AcqRel);
+    if let Some(region) = b.tracking.take_start(queue) {
+        if !start_ring(b, w, queue, local, vring, region) {
+            return 0;
+        }
     }
-    b.inflight[queue].fetch_sub(1, Ordering::AcqRel);
+    // Counted as in flight while popping (`drain::Admission`); each
+    // popped request stays counted until `signal` puts it on the used ring.
+    let Some(adm) = b.requests.admit(queue) else {
+        return 0;
+    };
+    let popped = pop_chains(b, w, &adm, queue, local, vring, keep_quiet);
+    adm.accepted(popped);
     popped
 }
 
-fn pop_chains(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &VringRwLock, keep_quiet: bool) -> usize {
+fn pop_chains(
+    b: &BlkBackend,
+    w: &Worker,
+    adm: &Admission<'_>,
+    queue: usize,
+    local: usize,
+    vring: &VringRwLock,
+    keep_quiet: bool,
+) -> usize {
     let limits = b.dev.limits();
-    let mut popped = 0;
+    let mut popped = match resubmit(b, w, queue, local, vring) {
+        Some(n) => n,
+        None => return 0,
+    };
     loop {
         // A driver that keeps publishing keeps this loop going: a frontend
         // that left must still end it.
-        if b.stopping.load(Ordering::Acquire) {
+        if !adm.open() {
             break;
         }
         if !w.quiet.borrow()[local] {
@@ -327,6 +317,14 @@ fn pop_chains(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &Vr
                     }
                 };
                 let head = chain.head_index();
+                // Recorded in the inflight buffer before anything of the
+                // request runs.
+                if let Some(t) = w.track.borrow_mut()[local].as_mut() {
+                    if !t.mark(head) {
+                        fail(b, queue, vring, &Broken::Twice { head });
+                        return popped;
+                    }
+                }
                 let parsed = parse(chain, &**mem, &limits);
                 if let Parsed::Fail { reason, .. } | Parsed::Drop { reason } = &parsed {
                     limited!(warn, device = %b.dev.cfg.name, queue, "refused request {head}: {reason}");
@@ -427,7 +425,7 @@ fn spawn_request(
 /// lock and one guest-memory load per queue, and signals the queue if
 /// EVENT_IDX says the driver wants it. Returns how many queues had
 /// entries.
-fn signal(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> usize {
+fn signal(b: &BlkBackend, w: &Worker, vrings: &[VringRwLock]) -> usize {
     let mut n = 0;
     let mut done = w.shared.done.borrow_mut();
     for (i, list) in done.iter_mut().enumerate() {
@@ -435,39 +433,51 @@ fn signal(b: &BlkBackend, w: &Worker, thread: usize, vrings: &[VringRwLock]) -> 
             continue;
         }
         n += 1;
-        let queue = thread + i * b.dev.cfg.iothreads;
+        let queue = w.map.queue(w.thread, i);
         let mut broken: Option<Broken> = None;
         {
             let mem = b.mem.memory();
             let mut st = vrings[i].get_mut();
             let q = st.get_queue_mut();
-            // A queue reset after a drain gave up (RESET_DEVICE, a
-            // disconnect) has no ring left: its late completions are
-            // dropped, not written to stale addresses.
-            if q.ready() {
-                for &(head, len) in list.iter() {
-                    // The frontend may have shrunk the queue since the pop.
-                    let why = if head >= q.size() {
-                        Broken::Head { head, size: q.size() }
-                    } else if q.add_used(&*mem, head, len).is_err() {
-                        Broken::Access("used ring")
-                    } else {
-                        continue;
-                    };
-                    broken = Some(why);
-                    break;
+            // A ring stopped by GET_VRING_BASE is no longer ready, but
+            // its drain is waiting for these: they go on the used ring, or
+            // the frontend would count them done (its base) and the guest
+            // never see them. A queue reset after a drain gave up
+            // (RESET_DEVICE) has no ring left (no addresses): its late
+            // completions are dropped, not written to stale addresses.
+            if q.ready() || q.avail_ring() != 0 {
+                let mut publish = || {
+                    let mut published = 0;
+                    for &(head, len) in list.iter() {
+                        // The frontend may have shrunk the queue since the pop.
+                        let why = if head >= q.size() {
+                            Broken::Head { head, size: q.size() }
+                        } else if q.add_used(&*mem, head, len).is_err() {
+                            Broken::Access("used ring")
+                        } else {
+                            published += 1;
+                            continue;
+                        };
+                        broken = Some(why);
+                        break;
+                    }
+                    (published, q.next_used())
+                };
+                match w.track.borrow()[i].as_ref() {
+                    Some(t) => t.complete(&list[..], |e| e.0, publish),
+                    None => drop(publish()),
                 }
                 if let Some(why) = &broken {
                     stop(b, queue, &st, why);
-                } else if q.needs_notification(&*mem).unwrap_or(true) {
+                } else if st.get_queue_mut().needs_notification(&*mem).unwrap_or(true) {
                     let _ = st.signal_used_queue();
-                    w.interrupted.set(true);
+                    w.polling.interrupted();
                 }
             } else {
                 limited!(warn, device = %b.dev.cfg.name, queue, "dropped {} completions of a queue that was reset", list.len());
             }
         }
-        b.inflight[queue].fetch_sub(list.len(), Ordering::AcqRel);
+        b.requests.completed(queue, list.len());
         list.clear();
     }
     n

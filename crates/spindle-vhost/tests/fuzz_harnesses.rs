@@ -459,6 +459,21 @@ fn session_seeds() -> Vec<(&'static str, Vec<Op>)> {
             ]),
         ),
         (
+            "inflight_buffers",
+            with(&[
+                vec![Handshake, GetInflight(2, 64), SetInflight(0, 0, 0)],
+                setup[1..].to_vec(),
+                io(0),
+                io(1),
+                // Queue 0's version (now 1) made 7: refused, the session ends.
+                vec![GetVringBase(0), SetInflight(8, 7, 0)],
+            ]),
+        ),
+        (
+            "inflight_buffer_of_the_wrong_size",
+            vec![Handshake, GetInflight(2, 64), SetInflight(0, 0, -64)],
+        ),
+        (
             "raw_garbage",
             vec![Handshake, Raw(vec![1, 0, 0, 0, 1, 0, 0, 0, 255, 255, 0, 0])],
         ),

@@ -404,3 +404,252 @@ fn frontends_that_come_and_go_leak_no_file_descriptors() {
     );
     srv.stop();
 }
+
+/// A queue's header in an inflight buffer.
+fn inflight_header(version: u16, desc_num: u16, last_batch_head: u16, used_idx: u16) -> Vec<u8> {
+    let mut h = 0u64.to_ne_bytes().to_vec();
+    for v in [version, desc_num, last_batch_head, used_idx] {
+        h.extend_from_slice(&v.to_ne_bytes());
+    }
+    h
+}
+
+/// One entry of an inflight buffer: flag, `next` link, counter.
+fn inflight_entry(inflight: u8, next: u16, counter: u64) -> Vec<u8> {
+    let mut e = vec![inflight, 0, 0, 0, 0, 0];
+    e.extend_from_slice(&next.to_ne_bytes());
+    e.extend_from_slice(&counter.to_ne_bytes());
+    e
+}
+
+/// Where queue `q` and its entry `i` are in a buffer of 64-entry queues.
+fn at(q: u64, i: Option<u64>) -> u64 {
+    let stride = spindle_vhost::inflight::queue_region_size(64) as u64;
+    q * stride + i.map_or(0, |i| 16 + 16 * i)
+}
+
+/// Waits until the export's frontend is gone.
+fn wait_disconnected(srv: &Server) {
+    let start = Instant::now();
+    while srv.export.is_connected() {
+        assert!(start.elapsed() < T, "the connection was not closed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn malformed_inflight_buffers_are_refused_and_other_exports_keep_serving() {
+    let _s = serial();
+    let srv = Server::start("inflight");
+    let other = Server::start("bystander");
+    let mut by = other.connect();
+    by.setup(2, 64).unwrap();
+    let used = |q| vec![(at(q, None), inflight_header(1, 64, 0, 0))];
+    let with = |q, mut pokes: Vec<(u64, Vec<u8>)>| {
+        let mut p = used(q);
+        p.append(&mut pokes);
+        p
+    };
+    type Pokes = Vec<(u64, Vec<u8>)>;
+    let cases: Vec<(&str, i64, Pokes, String)> = vec![
+        (
+            "size",
+            -64,
+            vec![],
+            format!("its size is {} bytes", 2 * (16 * 64 + 64) - 64),
+        ),
+        (
+            "version",
+            0,
+            vec![(at(1, None), inflight_header(2, 64, 0, 0))],
+            "queue 1: version 2 (only 1 is known)".into(),
+        ),
+        (
+            "desc_num",
+            0,
+            vec![(at(0, None), inflight_header(1, 128, 0, 0))],
+            "queue 0: desc_num 128 is not the queue size 64".into(),
+        ),
+        (
+            "last_batch_head",
+            0,
+            vec![(at(1, None), inflight_header(1, 64, 64, 0))],
+            "queue 1: last_batch_head 64 is not below 64".into(),
+        ),
+        (
+            "next",
+            0,
+            with(1, vec![(at(1, Some(3)), inflight_entry(0, 999, 0))]),
+            "queue 1: entry 3: next 999 is not below 64".into(),
+        ),
+        (
+            "flag",
+            0,
+            with(0, vec![(at(0, Some(5)), inflight_entry(2, 0, 0))]),
+            "queue 0: entry 5: inflight flag 2".into(),
+        ),
+        (
+            "counters",
+            0,
+            with(
+                1,
+                vec![
+                    (at(1, Some(1)), inflight_entry(1, 0, 7)),
+                    (at(1, Some(2)), inflight_entry(1, 0, 7)),
+                ],
+            ),
+            "queue 1: two chains in flight share counter 7".into(),
+        ),
+    ];
+    for (what, delta, pokes, msg) in cases {
+        let m = mark();
+        let mut d = srv.connect();
+        d.handshake().unwrap();
+        let mut desc = d.get_inflight(2, 64).unwrap();
+        for (offset, bytes) in &pokes {
+            d.poke_inflight(*offset, bytes).unwrap();
+        }
+        desc.mmap_size = desc.mmap_size.wrapping_add_signed(delta);
+        assert!(
+            d.set_inflight(&desc).is_err(),
+            "a buffer with a bad {what} was accepted"
+        );
+        wait_disconnected(&srv);
+        assert_few_lines(
+            m,
+            6,
+            &format!("SET_INFLIGHT_FD refused, closing the connection: the inflight buffer: {msg}"),
+        );
+        round_trip(&mut by, 0, 8);
+    }
+    // A file the frontend could shrink under the backend (not the sealed
+    // memfd GET_INFLIGHT_FD hands out).
+    let m = mark();
+    let mut d = srv.connect();
+    d.handshake().unwrap();
+    let desc = d.get_inflight(2, 64).unwrap();
+    let plain = tempfile::tempfile().unwrap();
+    plain.set_len(desc.mmap_size).unwrap();
+    d.inflight = Some((plain, desc));
+    assert!(d.set_inflight(&desc).is_err());
+    wait_disconnected(&srv);
+    assert_few_lines(m, 6, "its file is not a memfd sealed against shrinking");
+    // More queues or larger ones than the device has: GET_INFLIGHT_FD too.
+    let m = mark();
+    let mut d = srv.connect();
+    d.handshake().unwrap();
+    assert!(d.get_inflight(3, 64).is_err());
+    wait_disconnected(&srv);
+    assert_few_lines(m, 6, "GET_INFLIGHT_FD refused, closing the connection: the inflight buffer: 3 queues asked for; the device has 1 to 2");
+
+    // A chain in flight that is not a descriptor of the ring set up: the
+    // device stops when the ring starts, as for any broken ring.
+    let mut d = srv.connect();
+    d.handshake().unwrap();
+    let desc = d.get_inflight(2, 64).unwrap();
+    d.poke_inflight(at(0, None), &inflight_header(1, 64, 0, 0)).unwrap();
+    d.poke_inflight(at(0, Some(40)), &inflight_entry(1, 0, 1)).unwrap();
+    d.set_inflight(&desc).unwrap();
+    d.setup_queue(0, 32).unwrap();
+    d.kick(0);
+    let why = srv.wait_failure();
+    assert!(
+        why.contains("the ring has 32 entries and the buffer tracks 64"),
+        "{why}"
+    );
+    assert_idle();
+    drop(d);
+
+    // A good buffer serves, and the bystander never stopped.
+    let mut d = srv.connect();
+    d.handshake().unwrap();
+    let desc = d.get_inflight(2, 64).unwrap();
+    d.set_inflight(&desc).unwrap();
+    d.setup_queue(0, 64).unwrap();
+    d.setup_queue(1, 64).unwrap();
+    round_trip(&mut d, 0, 8);
+    round_trip(&mut d, 1, 16);
+    round_trip(&mut by, 1, 24);
+    drop(d);
+    drop(by);
+    srv.stop();
+    other.stop();
+}
+
+/// What QEMU does after a backend died with requests in flight: it keeps
+/// the inflight buffer, rewinds the ring's base to the used index, and
+/// sets the ring up again for the new backend. Here a backend "died"
+/// with four writes taken (heads 0, 3, 6, 9, in the order 0, 9, 6, 3 by
+/// counter), one of them (head 3) completed and on the used ring: the new
+/// one must run exactly the other three, then go on with new requests.
+/// Without inflight tracking it would run heads 3, 6 and 9 again from the
+/// available ring (writing sector 8 a second time) and never head 0.
+#[test]
+fn requests_in_flight_when_a_backend_died_are_resubmitted_and_no_other() {
+    let _s = serial();
+    let srv = Server::start("resubmit");
+    let mut d = srv.connect();
+    d.handshake().unwrap();
+    let desc = d.get_inflight(2, 64).unwrap();
+    // The requests, laid out as the driver made them available: heads 0,
+    // 3, 6, 9 write 0xa0.. at sectors 0, 8, 16, 24.
+    let ring = Ring::at(ring_base(0), 64).unwrap();
+    let _ = vm_memory::Bytes::write_slice(&d.mem, &[0u8; 4096], vm_memory::GuestAddress(ring.desc));
+    d.rings[0] = Some(ring);
+    let mut heads = Vec::new();
+    for k in 0..4u8 {
+        heads.push(d.submit(0, 1, 8 * u64::from(k), &[0xa0 + k; 4096], false).unwrap());
+    }
+    assert_eq!(heads, [0, 3, 6, 9]);
+    // Head 3 completed: one used entry, used index 1.
+    let used = d.rings[0].as_ref().unwrap().used;
+    vm_memory::Bytes::write_slice(&d.mem, &[3, 0, 0, 0, 1, 0, 0, 0], vm_memory::GuestAddress(used + 4)).unwrap();
+    vm_memory::Bytes::write_obj(&d.mem, 1u16.to_le(), vm_memory::GuestAddress(used + 2)).unwrap();
+    d.rings[0].as_mut().unwrap().used_seen = 1;
+    // The dead backend's buffer: 0, 9, 6 in flight (counters 10, 11, 12),
+    // 3 returned in the last batch.
+    d.poke_inflight(at(0, None), &inflight_header(1, 64, 3, 1)).unwrap();
+    for (head, counter) in [(0, 10), (9, 11), (6, 12)] {
+        d.poke_inflight(at(0, Some(head)), &inflight_entry(1, 0, counter))
+            .unwrap();
+    }
+    d.poke_inflight(at(0, Some(3)), &inflight_entry(0, 0, 9)).unwrap();
+    let m = mark();
+    d.set_inflight(&desc).unwrap();
+    // The ring set up again, based at the used index (QEMU's rewind).
+    let ring = d.rings[0].take().unwrap();
+    d.fe.set_vring_num(0, 64).unwrap();
+    d.fe.set_vring_base(0, 1).unwrap();
+    d.set_addr(0, &ring).unwrap();
+    d.fe.set_vring_kick(0, &ring.kick).unwrap();
+    d.fe.set_vring_call(0, &ring.call).unwrap();
+    d.fe.set_vring_enable(0, true).unwrap();
+    d.rings[0] = Some(ring);
+    d.kick(0);
+    let mut done: Vec<u16> = (0..3)
+        .map(|_| d.wait_used(0, T).expect("a resubmitted request completes").0)
+        .collect();
+    done.sort();
+    assert_eq!(done, [0, 6, 9]);
+    assert_few_lines(
+        m,
+        4,
+        "3 requests in flight before are resubmitted; the ring goes on at 4 (the frontend said 1)",
+    );
+    // New requests go on after them; head 3 never ran again.
+    d.setup_queue(1, 64).unwrap();
+    round_trip(&mut d, 0, 64);
+    for (k, want) in [(0u64, 0xa0u8), (1, 0), (2, 0xa2), (3, 0xa3)] {
+        let (status, data) = d.read(1, 8 * k, 4096, T).unwrap();
+        assert_eq!(status, 0);
+        assert!(
+            data.iter().all(|&b| b == want),
+            "sector {}: {:#x}, want {want:#x}",
+            8 * k,
+            data[0]
+        );
+    }
+    assert_eq!(d.wait_used(0, Duration::from_millis(200)), None, "nothing ran twice");
+    drop(d);
+    srv.stop();
+}

@@ -3,10 +3,8 @@
 //! extracts what QEMU's savevm wrote.
 
 mod common;
-#[path = "common/qemu.rs"]
-mod qemu;
+use common::qemu::*;
 use common::*;
-use qemu::*;
 
 const MEM_MB: u64 = 128;
 

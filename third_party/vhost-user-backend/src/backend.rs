@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -190,6 +190,29 @@ pub trait VhostUserBackend: Send + Sync {
         ))
     }
 
+    /// Allocate the shared buffer for inflight I/O tracking (`GET_INFLIGHT_FD`).
+    ///
+    /// Called only when `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` was negotiated. Returns the
+    /// description of the buffer (size, offset, queues, queue size) and its file.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Take the shared buffer for inflight I/O tracking (`SET_INFLIGHT_FD`), as the
+    /// front-end kept it across a reconnection: the back-end resubmits what it records.
+    ///
+    /// Called only when `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` was negotiated. An error
+    /// refuses the buffer.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
@@ -348,6 +371,32 @@ pub trait VhostUserBackendMut: Send + Sync {
         ))
     }
 
+    /// Allocate the shared buffer for inflight I/O tracking (`GET_INFLIGHT_FD`).
+    ///
+    /// Called only when `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` was negotiated. Returns the
+    /// description of the buffer (size, offset, queues, queue size) and its file.
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Take the shared buffer for inflight I/O tracking (`SET_INFLIGHT_FD`), as the
+    /// front-end kept it across a reconnection: the back-end resubmits what it records.
+    ///
+    /// Called only when `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` was negotiated. An error
+    /// refuses the buffer.
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
@@ -446,6 +495,14 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn check_device_state(&self) -> Result<()> {
         self.deref().check_device_state()
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
     }
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
@@ -548,6 +605,14 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
         self.lock().unwrap().check_device_state()
     }
 
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.lock().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.lock().unwrap().set_inflight_fd(inflight, file)
+    }
+
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.lock().unwrap().get_shmem_config()
     }
@@ -646,6 +711,14 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn check_device_state(&self) -> Result<()> {
         self.read().unwrap().check_device_state()
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.write().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.write().unwrap().set_inflight_fd(inflight, file)
     }
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {

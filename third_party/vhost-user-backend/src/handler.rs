@@ -590,6 +590,13 @@ where
             .ok_or(VhostUserError::InvalidParam)?;
 
         vring.set_call(file);
+        // One interrupt on the new eventfd, in case the driver waits for one
+        // a previous backend (before a restart or crash) sent to a call
+        // eventfd nobody listened to any more, or never sent: its used
+        // entries are in the ring, and EVENT_IDX asks for no later
+        // interrupt for them. Spurious at worst (libvhost-user does the
+        // same, "in case of I/O hang after reconnecting").
+        let _ = vring.signal_used_queue();
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
@@ -693,20 +700,23 @@ where
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        // The backend offers VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD only if
+        // it implements these (the defaults answer "unsupported").
+        self.backend
+            .get_inflight_fd(inflight)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .set_inflight_fd(inflight, file)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {

@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -87,6 +87,9 @@ pub struct Driver {
     pub rings: Vec<Option<Ring>>,
     /// Another handle on the socket, for raw messages.
     pub sock: UnixStream,
+    /// The inflight buffer of the last GET_INFLIGHT_FD, as the frontend
+    /// keeps it.
+    pub inflight: Option<(File, VhostUserInflight)>,
     _deadline: Deadline,
 }
 
@@ -138,6 +141,7 @@ impl Driver {
             file,
             rings: (0..queues).map(|_| None).collect(),
             sock: raw,
+            inflight: None,
             _deadline: deadline,
         })
     }
@@ -162,11 +166,35 @@ impl Driver {
                     | VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-                    | VhostUserProtocolFeatures::RESET_DEVICE),
+                    | VhostUserProtocolFeatures::RESET_DEVICE
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD),
         )?;
         self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         self.fe.set_features(features)?;
         self.set_mem_table()
+    }
+
+    /// GET_INFLIGHT_FD for `queues` queues of `size` entries; the buffer is
+    /// kept (`inflight`) for `set_inflight`.
+    pub fn get_inflight(&mut self, queues: u16, size: u16) -> vhost::Result<VhostUserInflight> {
+        let (desc, file) = self.fe.get_inflight_fd(&VhostUserInflight::new(0, 0, queues, size))?;
+        self.inflight = Some((file, desc));
+        Ok(desc)
+    }
+
+    /// SET_INFLIGHT_FD of the kept buffer, described as `desc`.
+    pub fn set_inflight(&mut self, desc: &VhostUserInflight) -> vhost::Result<()> {
+        let fd = self.inflight.as_ref().map_or(-1, |(f, _)| f.as_raw_fd());
+        self.fe.set_inflight_fd(desc, fd)
+    }
+
+    /// Writes `bytes` into the kept inflight buffer at `offset`.
+    pub fn poke_inflight(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match &self.inflight {
+            Some((f, _)) => f.write_all_at(bytes, offset),
+            None => Err(std::io::Error::other("no inflight buffer")),
+        }
     }
 
     /// Sends the whole of guest memory as one region.

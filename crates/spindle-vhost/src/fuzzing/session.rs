@@ -79,6 +79,12 @@ pub enum Op {
     WaitUsed(u8, u8),
     /// Raw bytes on the socket (a header of the fuzzer's choosing...).
     Raw(Vec<u8>),
+    /// GET_INFLIGHT_FD for this many queues of this size.
+    GetInflight(u8, u16),
+    /// SET_INFLIGHT_FD of the buffer of the last GET_INFLIGHT_FD (a fresh
+    /// one of two queues of 64 if none), after writing `value` at `offset`
+    /// in it, with its size changed by `delta` bytes.
+    SetInflight(u16, u8, i8),
     /// Sleeps this many milliseconds (lets the I/O thread run).
     Sleep(u8),
 }
@@ -119,7 +125,7 @@ impl Op {
         let mut r = Reader(data);
         let mut ops = Vec::new();
         while !r.0.is_empty() && ops.len() < 256 {
-            let op = match r.u8() % 23 {
+            let op = match r.u8() % 25 {
                 0 => Op::Handshake,
                 1 => Op::SetupQueue(r.u8(), r.u16()),
                 2 => Op::SetVringNum(r.u8(), r.u16()),
@@ -153,6 +159,8 @@ impl Op {
                     let n = r.u8() as usize;
                     Op::Raw(r.bytes(n))
                 }
+                22 => Op::GetInflight(r.u8(), r.u16()),
+                23 => Op::SetInflight(r.u16(), r.u8(), r.u8() as i8),
                 _ => Op::Sleep(r.u8()),
             };
             ops.push(op);
@@ -200,7 +208,9 @@ impl Op {
                 ),
                 Op::WaitUsed(q, ms) => (20, vec![*q, *ms]),
                 Op::Raw(b) => (21, [&[b.len() as u8][..], b].concat()),
-                Op::Sleep(ms) => (22, vec![*ms]),
+                Op::GetInflight(q, n) => (22, [&[*q][..], &n.to_le_bytes()].concat()),
+                Op::SetInflight(at, v, d) => (23, [&at.to_le_bytes()[..], &[*v, *d as u8]].concat()),
+                Op::Sleep(ms) => (24, vec![*ms]),
             };
             o.push(code);
             o.extend_from_slice(&args);
@@ -379,6 +389,17 @@ fn run(d: &mut Driver, op: &Op) -> Result<(), ()> {
             Ok(())
         }
         Op::Raw(b) => d.sock.write_all(b).map_err(|_| ()),
+        Op::GetInflight(q, n) => d.get_inflight(u16::from(*q), *n).map(|_| ()).map_err(|_| ()),
+        Op::SetInflight(at, value, delta) => {
+            let desc = match &d.inflight {
+                Some((_, desc)) => *desc,
+                None => d.get_inflight(QUEUES as u16, 64).map_err(|_| ())?,
+            };
+            let _ = d.poke_inflight(u64::from(*at), &[*value]);
+            let mut desc = desc;
+            desc.mmap_size = desc.mmap_size.wrapping_add_signed(i64::from(*delta));
+            ok(d.set_inflight(&desc))
+        }
         Op::Sleep(ms) => {
             std::thread::sleep(Duration::from_millis(u64::from(*ms % 5)));
             Ok(())

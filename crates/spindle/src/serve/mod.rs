@@ -1,7 +1,9 @@
 //! `spindle serve`: serve images to VMs as vhost-user-blk devices.
 
+pub mod activation;
 pub mod control;
 pub mod request;
+pub mod restart;
 pub mod server;
 pub mod spec;
 
@@ -71,6 +73,10 @@ pub struct Args {
     /// Control socket for `spindle ctl` (add, remove, list, stats, resize).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Test only: make every Nth request wait before it starts, so requests
+    /// complete out of order (`OPS:N:MS`, see docs/hardening.md).
+    #[arg(long = "x-delay-io", hide = true, value_name = "PLAN")]
+    delay_io: Option<String>,
 }
 
 fn default_socket(image: &str) -> PathBuf {
@@ -156,8 +162,13 @@ libvirt (inside <domain>; needs <memoryBacking><source type='memfd'/><access mod
 
 /// Runs `spindle serve` until SIGINT or SIGTERM.
 pub fn run(a: Args) -> CliResult<u8> {
+    // Before any thread starts: the sockets systemd passed in, if any.
+    let passed = activation::take_from_env().map_err(|e| BlockError::Invalid(format!("socket activation: {e}")))?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| BlockError::Invalid(format!("cannot install signal handlers: {e}")))?;
+    if let Some(plan) = &a.delay_io {
+        spindle_block::fault::delay::set(plan.parse().map_err(BlockError::Invalid)?).map_err(BlockError::Invalid)?;
+    }
     let (specs, control) = match &a.config {
         Some(path) => {
             let cfg = ConfigFile::load(path)?;
@@ -202,6 +213,12 @@ pub fn run(a: Args) -> CliResult<u8> {
             if d.cfg.read_only { ", read-only" } else { "" }
         );
         println!("{}", attach_lines(&export));
+    }
+    if passed > 0 {
+        println!("spindle: serving {passed} socket(s) passed in by the service manager");
+    }
+    for s in activation::unclaimed() {
+        eprintln!("spindle: warning: socket {s} was passed in but matches no export's socket or name");
     }
     if let Some(path) = &control {
         let path = absolute(path);

@@ -459,14 +459,20 @@ pub fn socket_in_use(path: &Path) -> bool {
 
 /// Opens the image, binds the socket and starts the export's thread.
 fn start(name: &str, spec: &ExportSpec) -> Result<(Arc<Export>, ExportThread), BlockError> {
-    if socket_in_use(&spec.socket) {
+    // A socket the service manager passed in (socket activation) is served
+    // as it is; any other is bound here.
+    let passed = super::activation::claim(name, &spec.socket);
+    if passed.is_none() && socket_in_use(&spec.socket) {
         return Err(invalid(format!(
             "socket {} is in use by another process",
             spec.socket.display()
         )));
     }
-    let dev = Arc::new(spec.open()?);
-    let export = Export::bind(dev, &spec.socket).map_err(|e| invalid(e.to_string()))?;
+    let dev = Arc::new(super::restart::open_waiting(spec, super::restart::LOCK_WAIT)?);
+    let export = match passed {
+        Some((listener, path)) => Export::adopt(dev, &path, listener),
+        None => Export::bind(dev, &spec.socket).map_err(|e| invalid(e.to_string()))?,
+    };
     let runner = export.clone();
     let thread = std::thread::Builder::new()
         .name(format!("export-{name}"))

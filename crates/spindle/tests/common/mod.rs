@@ -1,8 +1,11 @@
 //! Helpers for tests that drive the real `spindle` binary and QEMU's tools.
 #![allow(dead_code)]
 
+pub mod gio;
 pub mod qcow2;
+pub mod qemu;
 pub mod serve;
+pub mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -94,6 +94,14 @@ impl Serve {
         }
     }
 
+    /// Kills the server with SIGKILL (a crash) and waits for it to end.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
@@ -135,6 +143,20 @@ impl Serve {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// A `spindle serve --config` file: an optional control socket and one
+/// `[[export]]` per `(name, image, socket, more TOML lines)`.
+pub fn config_text(control: Option<&Path>, exports: &[(&str, &Path, &Path, &str)]) -> String {
+    let mut t = control.map_or(String::new(), |c| format!("control = \"{}\"\n", c.display()));
+    for (name, image, socket, more) in exports {
+        t.push_str(&format!(
+            "\n[[export]]\nname = \"{name}\"\nimage = \"{}\"\nsocket = \"{}\"\n{more}",
+            image.display(),
+            socket.display()
+        ));
+    }
+    t
 }
 
 /// Sends one request to the control socket at `path`.
@@ -213,51 +235,8 @@ pub fn guest_dir() -> PathBuf {
 /// between GUEST-START and GUEST-END.
 pub fn boot(work: &Path, disks: &[(&Path, u16)], script: &str) -> String {
     super::need("qemu-system-x86_64");
-    let g = guest_dir();
-    let t = work.join("guest-test");
-    std::fs::create_dir_all(&t).unwrap();
-    std::fs::write(t.join("test.sh"), script).unwrap();
-    let cpio = Command::new("sh")
-        .arg("-c")
-        .arg("echo test.sh | cpio -o -H newc 2>/dev/null | gzip")
-        .current_dir(&t)
-        .output()
-        .unwrap();
-    let mut initrd = std::fs::read(g.join("base.cpio.gz")).unwrap();
-    initrd.extend_from_slice(&cpio.stdout);
-    let initrd_path = work.join("initrd.gz");
-    std::fs::write(&initrd_path, initrd).unwrap();
-    let mut args: Vec<String> = [
-        "-accel",
-        "tcg",
-        "-m",
-        "512",
-        "-smp",
-        "2",
-        "-nographic",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-object",
-        "memory-backend-memfd,id=mem,size=512M,share=on",
-        "-numa",
-        "node,memdev=mem",
-        "-append",
-        "console=ttyS0 quiet panic=-1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(["-kernel".into(), g.join("vmlinuz").display().to_string()]);
-    args.extend(["-initrd".into(), initrd_path.display().to_string()]);
-    for (i, (sock, queues)) in disks.iter().enumerate() {
-        args.extend(["-chardev".into(), format!("socket,id=c{i},path={}", sock.display())]);
-        args.extend([
-            "-device".into(),
-            format!("vhost-user-blk-pci,chardev=c{i},num-queues={queues}"),
-        ]);
-    }
+    let initrd = super::vm::initrd(work, script, false);
+    let args = super::vm::guest_args(&initrd, disks, false);
     let mut child = Command::new("qemu-system-x86_64")
         .args(&args)
         .stdin(Stdio::null())

@@ -1,0 +1,44 @@
+//! Starting again where a previous `spindle serve` left off.
+//!
+//! A `spindle serve` killed with SIGKILL leaves its image locks (OFD
+//! locks) to the kernel, which drops them when the last reference to the
+//! open file goes; io_uring's workers hold one for a moment after the
+//! process died. A new `spindle serve` started at once on the same image
+//! would find it in use: the open is retried for a short, bounded time,
+//! saying so once, before the conflict is reported.
+
+use super::spec::ExportSpec;
+use spindle_block::BlockError;
+use spindle_vhost::Device;
+use std::time::{Duration, Instant};
+
+/// How long an image that is in use is waited for.
+pub const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether `e` is an image-lock conflict (the image is in use).
+fn in_use(e: &BlockError) -> bool {
+    matches!(e, BlockError::Setup(spindle_io::Error::InUse { .. }))
+}
+
+/// Opens `spec`'s device; an image in use is tried again for up to `wait`.
+pub fn open_waiting(spec: &ExportSpec, wait: Duration) -> Result<Device, BlockError> {
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        match spec.open() {
+            Err(e) if in_use(&e) && start.elapsed() < wait => {
+                if !said {
+                    eprintln!(
+                        "spindle: {} is in use; trying again for up to {} s (a Spindle that was just killed \
+                         may hold its locks for a moment)",
+                        spec.image,
+                        wait.as_secs()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
