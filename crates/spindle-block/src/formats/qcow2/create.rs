@@ -164,11 +164,17 @@ pub async fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 create: true,
             },
         )?;
-        created
-            .write_at(0, &img, false)
-            .await
-            .map_err(io_err(path, "cannot create"))?;
-        created.flush().await.map_err(io_err(path, "cannot create"))?;
+        // The refcount table and block first, the header last: a crash
+        // (even inside one large write) leaves a file that is no qcow2
+        // yet, never a header whose refcount block is missing.
+        let (head, rest) = img.split_at(cs as usize);
+        for (off, part) in [(cs, rest), (0, head)] {
+            created
+                .write_at(off, part, false)
+                .await
+                .map_err(io_err(path, "cannot create"))?;
+            created.flush().await.map_err(io_err(path, "cannot create"))?;
+        }
     }
 
     let file = File::open(
