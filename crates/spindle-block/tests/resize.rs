@@ -17,16 +17,14 @@ fn a_refused_resize_leaves_the_open_image_usable() {
     std::thread::spawn(move || {
         let rt = Runtime::new(RuntimeConfig::default()).unwrap();
         rt.block_on(async {
-            let opts = CreateOptions {
-                size: 64 << 20,
-                ..Default::default()
-            };
-            create(&p, &opts).await.unwrap();
-            let cfg = OpenConfig {
-                format: Some(Format::Qcow2),
-                ..Default::default()
-            };
-            let node = open_image(p.to_str().unwrap(), &cfg).unwrap();
+            let node = created(
+                &p,
+                CreateOptions {
+                    size: 64 << 20,
+                    ..Default::default()
+                },
+            )
+            .await;
             let data = vec![0x5au8; 65536];
             node.write_from(32 << 20, &data, false).await.unwrap();
             let err = node.resize(1 << 60, false).await.unwrap_err().to_string();
@@ -56,6 +54,16 @@ fn a_refused_resize_leaves_the_open_image_usable() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"virtual-size\": 50331648"));
+}
+
+/// A qcow2 image created with `opts` at `path`, opened.
+async fn created(path: &std::path::Path, opts: CreateOptions) -> spindle_block::Node {
+    create(path, &opts).await.unwrap();
+    let cfg = OpenConfig {
+        format: Some(Format::Qcow2),
+        ..Default::default()
+    };
+    open_image(path.to_str().unwrap(), &cfg).unwrap()
 }
 
 /// Runs `f` on a fresh runtime under a watchdog.
@@ -89,17 +97,15 @@ fn space_a_grow_adds_reads_as_zeroes_after_a_shrink_into_a_cluster() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let path = dir.path().join("g.qcow2");
     run(move || async move {
-        let opts = CreateOptions {
-            size: 1 << 20,
-            cluster_size: 4096,
-            ..Default::default()
-        };
-        create(&path, &opts).await.unwrap();
-        let cfg = OpenConfig {
-            format: Some(Format::Qcow2),
-            ..Default::default()
-        };
-        let node = open_image(path.to_str().unwrap(), &cfg).unwrap();
+        let node = created(
+            &path,
+            CreateOptions {
+                size: 1 << 20,
+                cluster_size: 4096,
+                ..Default::default()
+            },
+        )
+        .await;
         node.write_from(0, &[0x41u8; 32768], false).await.unwrap();
         node.resize(512, true).await.unwrap();
         node.resize(8 << 20, false).await.unwrap();
