@@ -137,7 +137,8 @@ impl Node {
             return Ok(());
         }
         if let Some(wait) = delay::before(delay::Op::Read) {
-            wait.await;
+            // Boxed: the test-only wait must not grow every request's future.
+            Box::pin(wait).await;
         }
         match self {
             Node::Raw(d) => d.read(offset, buf).await,
@@ -171,7 +172,7 @@ impl Node {
             return Ok(());
         }
         if let Some(wait) = delay::before(delay::Op::Write) {
-            wait.await;
+            Box::pin(wait).await;
         }
         match self {
             Node::Raw(d) => d.write(offset, buf, fua).await,
@@ -183,7 +184,7 @@ impl Node {
     /// Makes completed writes durable.
     pub async fn flush(&self) -> Result<()> {
         if let Some(wait) = delay::before(delay::Op::Flush) {
-            wait.await;
+            Box::pin(wait).await;
         }
         match self {
             Node::Raw(d) => d.flush().await,
