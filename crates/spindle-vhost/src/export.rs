@@ -12,6 +12,7 @@ use crate::device::Device;
 use crate::ratelimit::limited;
 use crate::Error;
 use spindle_io::Runtime;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,9 +30,13 @@ pub struct Export {
     stop: AtomicBool,
     connections: AtomicU64,
     listener: Mutex<Option<Listener>>,
+    /// A second descriptor of the listening socket while [`Export::run`]
+    /// serves it, for handing the socket to another process.
+    shared: Mutex<Option<OwnedFd>>,
     /// Whether the socket file is this export's to remove when it stops
-    /// (not when the service manager passed the socket in).
-    owns_path: bool,
+    /// (not when the service manager passed the socket in, nor once the
+    /// socket was handed to another process).
+    owns_path: AtomicBool,
     /// The connected frontend, if any (control plane only).
     current: Mutex<Option<Connection>>,
 }
@@ -64,7 +69,10 @@ impl Export {
             source,
         };
         claim_socket_path(socket).map_err(bind_err)?;
-        let listener = Listener::new(socket, false).map_err(|e| bind_err(std::io::Error::other(e)))?;
+        // Bound here rather than by `Listener::new`, whose drop removes the
+        // file: whether it goes is `owns_path`'s (a handover leaves it).
+        let listener = std::os::unix::net::UnixListener::bind(socket).map_err(bind_err)?;
+        let listener = Listener::from(listener);
         Ok(Export::with(dev, socket, listener, true))
     }
 
@@ -75,13 +83,19 @@ impl Export {
     }
 
     fn with(dev: Arc<Device>, socket: &Path, listener: Listener, owns_path: bool) -> Arc<Export> {
+        // SAFETY: the descriptor belongs to `listener`, which is alive for
+        // this call; the borrow is only duplicated.
+        let shared = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) }
+            .try_clone_to_owned()
+            .ok();
         Arc::new(Export {
             dev,
             socket: socket.to_owned(),
             stop: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             listener: Mutex::new(Some(listener)),
-            owns_path,
+            shared: Mutex::new(shared),
+            owns_path: AtomicBool::new(owns_path),
             current: Mutex::new(None),
         })
     }
@@ -95,6 +109,19 @@ impl Export {
     /// ring), if it did; `None` when it serves or no frontend is connected.
     pub fn failure(&self) -> Option<String> {
         self.current.lock().ok()?.as_ref()?.backend.failure()
+    }
+
+    /// A new descriptor of the listening socket, for another process to
+    /// serve it (a handover); `None` once the export stopped serving.
+    pub fn clone_listener(&self) -> Option<std::io::Result<OwnedFd>> {
+        let s = self.shared.lock().ok()?;
+        s.as_ref().map(|fd| fd.try_clone())
+    }
+
+    /// Leaves the socket file in place when the export stops: another
+    /// process serves the socket now.
+    pub fn leave_socket_file(&self) {
+        self.owns_path.store(false, Ordering::Release);
     }
 
     /// Frontend connections served so far.
@@ -116,7 +143,10 @@ impl Export {
                 limited!(warn, device = %self.dev.cfg.name, "connection ended: {e}");
             }
         }
-        if self.owns_path {
+        if let Ok(mut s) = self.shared.lock() {
+            *s = None;
+        }
+        if self.owns_path.load(Ordering::Acquire) {
             let _ = std::fs::remove_file(&self.socket);
         }
         self.close()

@@ -189,3 +189,207 @@ fn a_socket_passed_in_by_systemd_is_served_by_name_or_path() {
         );
     }
 }
+
+/// Replaces `bin` the way an upgrade does: a new file renamed over it
+/// (the running binary's inode is then deleted).
+fn install(bin: &Path, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = bin.with_extension("new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, bin).unwrap();
+}
+
+fn list(ctl: &Path) -> serde_json::Value {
+    let r = common::serve::ctl_at(ctl, &serde_json::json!({"cmd": "list"}));
+    assert_eq!(r["ok"], true, "{r}");
+    r
+}
+
+/// Export names in a `list` reply, sorted.
+fn names(r: &serde_json::Value) -> Vec<String> {
+    let mut n: Vec<String> = r["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    n.sort();
+    n
+}
+
+/// Waits until the log has `n` lines containing `pat`.
+fn wait_log(p: &common::handover::Pid, pat: &str, n: usize, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let log = p.log_text();
+        if log.matches(pat).count() >= n {
+            return log;
+        }
+        assert!(start.elapsed() < limit, "no {pat:?} (#{n}) within {limit:?}:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGUSR2 hands the sockets (vhost-user and control) to a new process
+/// started from the binary's path, with the exports as they are now; a new
+/// binary that fails costs nothing; the listening sockets never go away.
+#[test]
+fn sigusr2_hands_the_sockets_and_runtime_exports_to_a_new_process() {
+    use common::handover::{become_subreaper, handed_to, Pid};
+    become_subreaper();
+    let dir = scratch();
+    let d = dir.path();
+    let real = std::fs::read(env!("CARGO_BIN_EXE_spindle")).unwrap();
+    let bin = d.join("spindle");
+    install(&bin, &real);
+    let img = image(d);
+    let img2 = d.join("added.raw");
+    std::fs::File::create(&img2).unwrap().set_len(32 << 20).unwrap();
+    let (sock, sock2, ctl) = (d.join("disk.sock"), d.join("added.sock"), d.join("ctl.sock"));
+    let notify = std::os::unix::net::UnixDatagram::bind(d.join("notify.sock")).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let notify_path = d.join("notify.sock");
+    let mut old = Pid::spawn(
+        &bin,
+        d,
+        &[p(&img), "--vhost-user", p(&sock), "--control", p(&ctl)],
+        &d.join("serve.log"),
+        &[("NOTIFY_SOCKET", p(&notify_path))],
+    );
+    assert!(wait_accepting(&ctl, Duration::from_secs(20)), "{}", old.log_text());
+    let mut msg = [0u8; 256];
+    let got = |notify: &std::os::unix::net::UnixDatagram, msg: &mut [u8]| {
+        let n = notify.recv(msg).expect("an sd_notify message");
+        String::from_utf8_lossy(&msg[..n]).into_owned()
+    };
+    assert_eq!(got(&notify, &mut msg), "READY=1");
+    let r = common::serve::ctl_at(
+        &ctl,
+        &serde_json::json!({"cmd": "add", "export": {"image": p(&img2), "socket": p(&sock2), "name": "added"}}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let r = list(&ctl);
+    assert_eq!(r["pid"], old.pid);
+    assert_eq!(names(&r), ["added", "disk"]);
+    let connections = |r: &serde_json::Value| -> u64 {
+        r["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["connections"].as_u64().unwrap())
+            .sum()
+    };
+    let before = connections(&r);
+
+    // A new binary that does not start: the old process keeps serving,
+    // untouched (not one export was stopped).
+    install(&bin, b"#!/bin/sh\necho 'broken build' >&2\nexit 3\n");
+    old.signal(libc::SIGUSR2);
+    let log = wait_log(&old, "the handover failed, still serving", 1, Duration::from_secs(40));
+    assert!(
+        log.contains("broken build") && log.contains("ended (exit status: 3) before it was ready"),
+        "{log}"
+    );
+    assert!(old.running());
+    let r = list(&ctl);
+    assert_eq!(
+        (r["pid"].as_i64(), names(&r)),
+        (Some(old.pid as i64), vec!["added".into(), "disk".into()])
+    );
+    assert_eq!(connections(&r), before, "a failed start disturbed the exports:\n{log}");
+    assert_eq!(get_features(&sock), Some(1));
+    assert_eq!(get_features(&sock2), Some(1));
+
+    // One that starts but cannot serve (here: a setting it refuses, found
+    // when it opens the exports, after the old one released them): the old
+    // one serves them again on the same sockets.
+    let wrapper = d.join("spindle-real");
+    install(&wrapper, &real);
+    install(
+        &bin,
+        format!("#!/bin/sh\nexec {} \"$@\" --iothreads 99\n", wrapper.display()).as_bytes(),
+    );
+    old.signal(libc::SIGUSR2);
+    let log = wait_log(&old, "the handover failed, still serving", 2, Duration::from_secs(60));
+    assert!(log.contains("iothreads 99 must be from 1 to 64"), "{log}");
+    assert!(log.contains("serving the 2 export(s) here again"), "{log}");
+    assert!(old.running());
+    let r = list(&ctl);
+    assert_eq!(
+        (r["pid"].as_i64(), names(&r)),
+        (Some(old.pid as i64), vec!["added".into(), "disk".into()])
+    );
+    assert_eq!(get_features(&sock), Some(1), "{}", old.log_text());
+    assert_eq!(get_features(&sock2), Some(1), "{}", old.log_text());
+
+    // The real upgrade, twice (the second from a process that was itself
+    // handed the sockets), with frontends connecting all along: every
+    // connect succeeds (the sockets never close), and one that asks for
+    // something gets its answer.
+    install(&bin, &real);
+    for round in 1..=2 {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, flag) = (sock.clone(), stop.clone());
+        let knocker = std::thread::spawn(move || {
+            let mut refused = Vec::new();
+            let mut tries = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                tries += 1;
+                if let Err(e) = UnixStream::connect(&s) {
+                    refused.push(e.to_string());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (tries, refused)
+        });
+        let start = Instant::now();
+        old.signal(libc::SIGUSR2);
+        let during = get_features(&sock2);
+        let done = old.wait_within(Duration::from_secs(60));
+        let took = start.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (tries, refused) = knocker.join().unwrap();
+        let log = old.log_text();
+        assert_eq!(
+            done,
+            Some(true),
+            "round {round}: the old process did not exit 0:\n{log}"
+        );
+        assert!(
+            refused.is_empty() && tries > 0,
+            "round {round}: connections refused: {refused:?}\n{log}"
+        );
+        assert_eq!(
+            during,
+            Some(1),
+            "round {round}: a frontend connecting meanwhile was not served:\n{log}"
+        );
+        let pid = handed_to(&log, round).unwrap_or_else(|| panic!("no new pid:\n{log}"));
+        println!(
+            "handover {round}: {} ms from SIGUSR2 to the old process's exit",
+            took.as_millis()
+        );
+        assert_eq!(got(&notify, &mut msg), format!("MAINPID={pid}"));
+        assert_eq!(got(&notify, &mut msg), "READY=1");
+        old = Pid::adopt(pid, &old.log.clone());
+        let r = list(&ctl);
+        assert_eq!(r["pid"], pid, "round {round}: {r}");
+        assert_eq!(
+            names(&r),
+            ["added", "disk"],
+            "round {round}: the exports did not survive:\n{log}"
+        );
+        assert_eq!(get_features(&sock), Some(1));
+        assert_eq!(get_features(&sock2), Some(1));
+        assert!(sock.exists() && sock2.exists() && ctl.exists());
+    }
+    old.signal(libc::SIGINT);
+    assert_eq!(
+        old.wait_within(Duration::from_secs(60)),
+        Some(true),
+        "{}",
+        old.log_text()
+    );
+    assert!(!ctl.exists());
+}

@@ -4,6 +4,11 @@
 //!
 //! A socket passed in is systemd's: the export serves it as it is and
 //! leaves the file alone (no stale-file removal, no unlink on exit).
+//!
+//! A `spindle serve` handing its sockets to a new one (handover.rs) uses
+//! the same variables, except that it cannot know the new process's pid
+//! before it starts: it sets [`HANDOVER_FROM`] to its own pid instead of
+//! `LISTEN_PID`, and the sockets are taken by its direct child only.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
@@ -25,6 +30,21 @@ struct Passed {
 
 static PASSED: Mutex<Vec<Passed>> = Mutex::new(Vec::new());
 
+/// Set instead of `LISTEN_PID` by a `spindle serve` handing its sockets
+/// over: its pid, which must be this process's parent.
+pub const HANDOVER_FROM: &str = "SPINDLE_HANDOVER_FROM";
+
+/// Whether the variables are meant for this process: `LISTEN_PID` is its
+/// pid, or (no `LISTEN_PID`) [`HANDOVER_FROM`] is its parent's.
+fn meant_for_me(pid: Option<&str>, from: Option<&str>) -> bool {
+    let num = |s: &str| s.trim().parse::<u32>().ok();
+    match (pid, from) {
+        (Some(pid), _) => num(pid) == Some(std::process::id()),
+        (None, Some(from)) => num(from) == Some(std::os::unix::process::parent_id()),
+        (None, None) => false,
+    }
+}
+
 /// Takes the sockets systemd passed to this process, if any, and clears
 /// the variables so that no child process takes them too. Call once, at
 /// start-up, before any other thread opens files. Returns how many.
@@ -32,13 +52,14 @@ pub fn take_from_env() -> Result<usize, String> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
     let names = std::env::var("LISTEN_FDNAMES").ok();
-    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+    let from = std::env::var(HANDOVER_FROM).ok();
+    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", HANDOVER_FROM] {
         std::env::remove_var(v);
     }
-    let (Some(pid), Some(fds)) = (pid, fds) else {
+    let Some(fds) = fds else {
         return Ok(0);
     };
-    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+    if !meant_for_me(pid.as_deref(), from.as_deref()) {
         // Meant for another process (a parent that did not clear them).
         return Ok(0);
     }
@@ -99,6 +120,26 @@ pub fn claim(name: &str, socket: &Path) -> Option<(UnixListener, PathBuf)> {
     Some((s.listener, s.path.unwrap_or(socket)))
 }
 
+/// The passed socket bound at `path` (the control socket), if any.
+pub fn claim_path(path: &Path) -> Option<UnixListener> {
+    let mut p = PASSED.lock().ok()?;
+    let path = canonical(path);
+    let i = p.iter().position(|s| s.path.as_deref() == Some(path.as_path()))?;
+    Some(p.remove(i).listener)
+}
+
+/// Makes `listener` (bound at `path`) a socket to be claimed again, as if
+/// passed in: a handover that failed gives its sockets back this way.
+pub fn give_back(listener: UnixListener, path: &Path) {
+    if let Ok(mut p) = PASSED.lock() {
+        p.push(Passed {
+            name: None,
+            path: Some(canonical(path)),
+            listener,
+        });
+    }
+}
+
 /// Sockets passed in that no export claimed (name or path, for a warning).
 pub fn unclaimed() -> Vec<String> {
     PASSED.lock().map_or(Vec::new(), |p| {
@@ -111,4 +152,25 @@ pub fn unclaimed() -> Vec<String> {
             })
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_variables_are_taken_only_by_the_process_they_name() {
+        let me = std::process::id().to_string();
+        let parent = std::os::unix::process::parent_id().to_string();
+        assert!(meant_for_me(Some(&me), None));
+        assert!(meant_for_me(Some(&format!(" {me}\n")), None));
+        assert!(!meant_for_me(Some("1"), None));
+        // A handover: the parent named itself.
+        assert!(meant_for_me(None, Some(&parent)));
+        assert!(!meant_for_me(None, Some(&me)));
+        assert!(!meant_for_me(None, Some("x")));
+        // LISTEN_PID, when set, decides.
+        assert!(!meant_for_me(Some("1"), Some(&parent)));
+        assert!(!meant_for_me(None, None));
+    }
 }

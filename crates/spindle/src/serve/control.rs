@@ -148,15 +148,23 @@ impl Drop for SlotGuard {
 
 /// Listens on `path` and serves requests until the process exits, each
 /// connection on a thread of its own, at most [`MAX_CONNECTIONS`] at once.
+/// A control socket passed in (a handover, socket activation) is served
+/// as it is.
 pub fn listen(path: &Path, server: Arc<Server>) -> std::io::Result<()> {
-    if super::server::socket_in_use(path) {
-        return Err(std::io::Error::new(
-            ErrorKind::AddrInUse,
-            "another process accepts connections on it",
-        ));
-    }
-    spindle_vhost::export::claim_socket_path(path)?;
-    let listener = UnixListener::bind(path)?;
+    let listener = match super::activation::claim_path(path) {
+        Some(l) => l,
+        None => {
+            if super::server::socket_in_use(path) {
+                return Err(std::io::Error::new(
+                    ErrorKind::AddrInUse,
+                    "another process accepts connections on it",
+                ));
+            }
+            spindle_vhost::export::claim_socket_path(path)?;
+            UnixListener::bind(path)?
+        }
+    };
+    super::handover::set_control(&listener, path)?;
     let slots = Arc::new(Slots::default());
     let mut warned: Option<std::time::Instant> = None;
     std::thread::Builder::new().name("control".into()).spawn(move || loop {

@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod control;
+pub mod handover;
 pub mod request;
 pub mod restart;
 pub mod server;
@@ -10,7 +11,7 @@ pub mod spec;
 use crate::img::{human_size, CliResult};
 use clap::Args as ClapArgs;
 use server::Server;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
 use spec::{ConfigFile, ExportSpec};
 use spindle_block::BlockError;
 use std::path::{Path, PathBuf};
@@ -160,11 +161,16 @@ libvirt (inside <domain>; needs <memoryBacking><source type='memfd'/><access mod
     )
 }
 
-/// Runs `spindle serve` until SIGINT or SIGTERM.
+/// Runs `spindle serve` until SIGINT or SIGTERM, or until a handover to a
+/// new process (SIGUSR2) succeeded.
 pub fn run(a: Args) -> CliResult<u8> {
-    // Before any thread starts: the sockets systemd passed in, if any.
+    handover::remember_exe();
+    // Before any thread starts: a handover's channel, then the sockets
+    // systemd (or the handing-over process) passed in, if any.
+    let mut incoming =
+        handover::Incoming::take_from_env().map_err(|e| BlockError::Invalid(format!("handover: {e}")))?;
     let passed = activation::take_from_env().map_err(|e| BlockError::Invalid(format!("socket activation: {e}")))?;
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR2])
         .map_err(|e| BlockError::Invalid(format!("cannot install signal handlers: {e}")))?;
     if let Some(plan) = &a.delay_io {
         spindle_block::fault::delay::set(plan.parse().map_err(BlockError::Invalid)?).map_err(BlockError::Invalid)?;
@@ -186,6 +192,10 @@ pub fn run(a: Args) -> CliResult<u8> {
             (vec![a.export.spec(image)], a.control.clone())
         }
     };
+    if let Some(i) = &mut incoming {
+        // The old process stops its exports only now.
+        i.ready_and_wait();
+    }
     let server = Arc::new(Server::default());
     for spec in specs {
         let image = spec.image.clone();
@@ -214,11 +224,8 @@ pub fn run(a: Args) -> CliResult<u8> {
         );
         println!("{}", attach_lines(&export));
     }
-    if passed > 0 {
+    if passed > 0 && incoming.is_none() {
         println!("spindle: serving {passed} socket(s) passed in by the service manager");
-    }
-    for s in activation::unclaimed() {
-        eprintln!("spindle: warning: socket {s} was passed in but matches no export's socket or name");
     }
     if let Some(path) = &control {
         let path = absolute(path);
@@ -231,10 +238,32 @@ pub fn run(a: Args) -> CliResult<u8> {
         }
         println!("spindle: control socket {}", path.display());
     }
+    for s in activation::unclaimed() {
+        eprintln!("spindle: warning: socket {s} was passed in but matches no export's socket or name");
+    }
     use std::io::Write;
+    if let Some(i) = incoming {
+        println!("spindle: took over {passed} socket(s) from the previous process");
+        i.serving();
+    }
+    handover::notify("READY=1");
     let _ = std::io::stdout().flush();
     let name = |sig| if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
-    let sig = signals.forever().next().unwrap_or(SIGTERM);
+    let sig = loop {
+        let sig = signals.forever().next().unwrap_or(SIGTERM);
+        if sig != SIGUSR2 {
+            break sig;
+        }
+        eprintln!("spindle: SIGUSR2: handing the sockets over to a new process");
+        match handover::hand_over(&server, a.delay_io.as_deref()) {
+            Ok(pid) => {
+                handover::notify(&format!("MAINPID={pid}"));
+                eprintln!("spindle: SIGUSR2: handed over to process {pid}; exiting");
+                return Ok(0);
+            }
+            Err(e) => eprintln!("spindle: SIGUSR2: the handover failed, still serving: {e}"),
+        }
+    };
     eprintln!(
         "spindle: {}: finishing in-flight requests, flushing, exiting (again to exit at once)",
         name(sig)

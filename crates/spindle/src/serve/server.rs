@@ -346,6 +346,25 @@ impl Server {
         }
     }
 
+    /// Refuses new exports from now on (a handover) and returns the
+    /// running ones, each with its spec. [`Server::reopen`] undoes it.
+    pub fn close_for_handover(&self) -> Vec<(ExportSpec, Arc<Export>)> {
+        let mut st = lock(&self.state);
+        st.closing = true;
+        st.slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Running(r) => Some((r.spec.clone(), r.export.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Accepts new exports again (after a handover that failed).
+    pub fn reopen(&self) {
+        lock(&self.state).closing = false;
+    }
+
     /// The exports, running and stopping.
     pub fn list(&self) -> Vec<ExportInfo> {
         let st = lock(&self.state);

@@ -1,0 +1,468 @@
+//! Planned restart: a running `spindle serve` hands its listening sockets
+//! to a new `spindle serve` (SIGUSR2), for an upgrade.
+//!
+//! The old process starts the binary it was started from (the path is
+//! resolved at start-up: after an upgrade `/proc/self/exe` names the old,
+//! deleted file) with its export sockets and its control socket as
+//! inherited descriptors, in socket activation's `LISTEN_FDS` /
+//! `LISTEN_FDNAMES` format (activation.rs), and its current exports
+//! (including those added with `ctl add`) as a config file in a memfd
+//! (`--config /proc/self/fd/N`). A socket pair between the two carries
+//! the steps, one line each:
+//!
+//! 1. new → old `ready`: the new process parsed its configuration and
+//!    took the sockets. Until then nothing was stopped, so a new binary or
+//!    configuration that fails costs nothing: the old one keeps serving.
+//! 2. old → new `released`: the old process stopped its exports as
+//!    SIGTERM does (accepted requests finish, images flushed and closed,
+//!    locks released), leaving the sockets open and their files in place.
+//! 3. new → old `serving`: the new process opened the images and serves;
+//!    the old one exits 0. If instead the new one fails or goes silent,
+//!    the old one serves its exports again on the same sockets.
+//!
+//! The listening sockets never close, so a frontend that connects
+//! meanwhile waits in the backlog and is served by the new process.
+
+use super::activation;
+use super::server::{Server, STOP_TIMEOUT};
+use super::spec::ExportSpec;
+use serde::Serialize;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// In the new process: `CHANNEL,CONFIG`, the descriptors of its end of
+/// the socket pair and of the config memfd.
+pub const FDS_VAR: &str = "SPINDLE_HANDOVER_FDS";
+/// How long the new process may take to parse its configuration.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the new process may take to open the images and serve.
+pub const SERVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the new process waits for the old one to release the images.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(STOP_TIMEOUT.as_secs() + 15);
+
+static EXE: OnceLock<PathBuf> = OnceLock::new();
+/// A descriptor of the control socket and its path, once it listens.
+static CONTROL: Mutex<Option<(OwnedFd, PathBuf)>> = Mutex::new(None);
+
+/// Records the path of the running binary. Call at start-up, before the
+/// binary can have been replaced.
+pub fn remember_exe() {
+    if let Ok(p) = std::env::current_exe() {
+        let _ = EXE.set(p);
+    }
+}
+
+/// Records the control socket, to be handed over with the exports.
+pub fn set_control(listener: &UnixListener, path: &Path) -> std::io::Result<()> {
+    let fd = OwnedFd::from(listener.try_clone()?);
+    if let Ok(mut c) = CONTROL.lock() {
+        *c = Some((fd, path.to_owned()));
+    }
+    Ok(())
+}
+
+/// Tells the service manager `state` (sd_notify) when `NOTIFY_SOCKET` is
+/// set; a failure is only logged.
+pub fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|s| {
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            s.send_to_addr(state.as_bytes(), &addr)
+        } else {
+            s.send_to(state.as_bytes(), &path)
+        }
+    });
+    if let Err(e) = sent {
+        eprintln!("spindle: warning: cannot notify the service manager ({state}): {e}");
+    }
+}
+
+/// The config file handed to the new process.
+#[derive(Serialize)]
+struct Config<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control: Option<&'a Path>,
+    #[serde(rename = "export")]
+    exports: Vec<&'a ExportSpec>,
+}
+
+/// The listening sockets being handed over, index-aligned.
+struct Sockets {
+    fds: Vec<OwnedFd>,
+    names: Vec<String>,
+    paths: Vec<PathBuf>,
+    /// The control socket's index in `fds`, if there is one.
+    control: Option<usize>,
+}
+
+fn io_err(what: &str) -> impl Fn(std::io::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// A name for `LISTEN_FDNAMES` (which separates names with ':').
+fn fd_name(name: &str) -> String {
+    match name.contains(':') || name.is_empty() {
+        true => "unknown".into(),
+        false => name.into(),
+    }
+}
+
+fn collect(exports: &[(ExportSpec, std::sync::Arc<spindle_vhost::Export>)]) -> Result<Sockets, String> {
+    let mut s = Sockets {
+        fds: Vec::new(),
+        names: Vec::new(),
+        paths: Vec::new(),
+        control: None,
+    };
+    for (spec, e) in exports {
+        let name = spec.name();
+        let fd = e
+            .clone_listener()
+            .ok_or_else(|| format!("export '{name}' stopped meanwhile"))?
+            .map_err(io_err(&format!("export '{name}': cannot duplicate its socket")))?;
+        s.fds.push(fd);
+        s.names.push(fd_name(&name));
+        s.paths.push(e.socket.clone());
+    }
+    if let Some((fd, path)) = CONTROL.lock().ok().as_ref().and_then(|c| c.as_ref()) {
+        s.control = Some(s.fds.len());
+        s.fds
+            .push(fd.try_clone().map_err(io_err("cannot duplicate the control socket"))?);
+        s.names.push("control".into());
+        s.paths.push(path.clone());
+    }
+    Ok(s)
+}
+
+/// A memfd holding `text`.
+fn memfd(text: &str) -> Result<OwnedFd, String> {
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"spindle-handover".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut f = std::fs::File::from(fd);
+    f.write_all(text.as_bytes())
+        .map_err(io_err("writing the configuration"))?;
+    Ok(OwnedFd::from(f))
+}
+
+/// A copy of `fd` numbered `min` or higher (close-on-exec).
+fn above(fd: &OwnedFd, min: RawFd) -> Result<OwnedFd, String> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on an open descriptor; checked below.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if n < 0 {
+        return Err(format!("dup: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fcntl just created this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Starts `exe serve` with `fds` as descriptors 3, 4, ... (nothing else
+/// inherited), `sockets` of them counted in `LISTEN_FDS`.
+fn spawn(exe: &Path, fds: &[&OwnedFd], s: &Sockets, delay_io: Option<&str>) -> Result<Child, String> {
+    let n = s.fds.len();
+    let first = 3;
+    // Above every target number, so no dup2 below overwrites a source.
+    let base = first + fds.len() as RawFd;
+    let raised = fds.iter().map(|f| above(f, base)).collect::<Result<Vec<_>, _>>()?;
+    let raw: Vec<RawFd> = raised.iter().map(AsRawFd::as_raw_fd).collect();
+    let (config, channel) = (first + n as RawFd, first + n as RawFd + 1);
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve").arg("--config").arg(format!("/proc/self/fd/{config}"));
+    if let Some(plan) = delay_io {
+        cmd.arg("--x-delay-io").arg(plan);
+    }
+    cmd.env("LISTEN_FDS", n.to_string())
+        .env("LISTEN_FDNAMES", s.names.join(":"))
+        .env(activation::HANDOVER_FROM, std::process::id().to_string())
+        .env(FDS_VAR, format!("{channel},{config}"))
+        .env_remove("LISTEN_PID")
+        .stdin(Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls dup2 (async-signal-safe) on descriptors open in the parent
+    // until spawn returns (`raised`), so open in the child too.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, &fd) in raw.iter().enumerate() {
+                // SAFETY: dup2 on two descriptor numbers, no memory passed.
+                if libc::dup2(fd, first + i as RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    drop(raised);
+    Ok(child)
+}
+
+/// Reads one step line; `None` at the end (the other side is gone).
+fn step(chan: &mut BufReader<UnixStream>, limit: Duration) -> Result<Option<String>, std::io::Error> {
+    chan.get_ref().set_read_timeout(Some(limit))?;
+    let mut line = String::new();
+    match chan.read_line(&mut line)? {
+        0 => Ok(None),
+        _ => Ok(Some(line.trim_end().to_string())),
+    }
+}
+
+/// Why the new process did not reach `want`: it ended, or went silent (it
+/// is then killed).
+fn failed(child: &mut Child, got: Result<Option<String>, std::io::Error>, want: &str, limit: Duration) -> String {
+    let ended = |child: &mut Child| match child.wait() {
+        Ok(st) => format!("the new process ({}) ended ({st}) before it was {want}", child.id()),
+        Err(e) => format!("the new process ended before it was {want} ({e})"),
+    };
+    match got {
+        Ok(None) => ended(child),
+        Ok(Some(line)) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            format!("the new process said {line:?} instead of {want:?}; it was stopped")
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            format!(
+                "the new process ({}) was not {want} within {} s; it was stopped",
+                child.id(),
+                limit.as_secs()
+            )
+        }
+        Err(e) => {
+            let _ = child.kill();
+            format!("{} ({e})", ended(child))
+        }
+    }
+}
+
+/// Hands every export and the control socket to a new process; returns
+/// its pid once it serves (the caller then exits). On an error the old
+/// process serves as before and the error says what happened.
+pub fn hand_over(server: &Server, delay_io: Option<&str>) -> Result<u32, String> {
+    let exe = EXE.get().ok_or("the path of the running binary is unknown")?.clone();
+    let exports = server.close_for_handover();
+    let prepared = prepare(&exe, &exports, delay_io);
+    let (mut child, mut chan, sockets) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            server.reopen();
+            return Err(e);
+        }
+    };
+    // The new one is ready: stop the exports, leaving the sockets to it.
+    for (_, e) in &exports {
+        e.leave_socket_file();
+    }
+    // The last references to the old devices go with the exports (an
+    // open image keeps its locks until then).
+    let specs: Vec<ExportSpec> = exports.into_iter().map(|(s, _)| s).collect();
+    if let Err(e) = server.remove_all() {
+        eprintln!("spindle: handover: {e}");
+    }
+    let _ = chan.get_mut().write_all(b"released\n");
+    match step(&mut chan, SERVE_TIMEOUT) {
+        Ok(Some(l)) if l == "serving" => Ok(child.id()),
+        got => {
+            let why = failed(&mut child, got, "serving", SERVE_TIMEOUT);
+            Err(format!("{why}; {}", serve_again(server, &specs, sockets)))
+        }
+    }
+}
+
+type Prepared = (Child, BufReader<UnixStream>, Sockets);
+
+/// Starts the new process and waits until it is ready; nothing stopped.
+fn prepare(
+    exe: &Path,
+    exports: &[(ExportSpec, std::sync::Arc<spindle_vhost::Export>)],
+    delay_io: Option<&str>,
+) -> Result<Prepared, String> {
+    if exports.is_empty() {
+        return Err("there are no exports to hand over".into());
+    }
+    let sockets = collect(exports)?;
+    let config = Config {
+        control: sockets.control.map(|i| sockets.paths[i].as_path()),
+        exports: exports.iter().map(|(s, _)| s).collect(),
+    };
+    let text = toml::to_string(&config).map_err(|e| format!("writing the configuration: {e}"))?;
+    let config = memfd(&text)?;
+    let (mine, theirs) = UnixStream::pair().map_err(io_err("socketpair"))?;
+    let theirs = OwnedFd::from(theirs);
+    let mut fds: Vec<&OwnedFd> = sockets.fds.iter().collect();
+    fds.push(&config);
+    fds.push(&theirs);
+    let mut child = spawn(exe, &fds, &sockets, delay_io)?;
+    // Only the new process holds its end now: its exit ends the channel.
+    drop(theirs);
+    let mut chan = BufReader::new(mine);
+    match step(&mut chan, READY_TIMEOUT) {
+        Ok(Some(l)) if l == "ready" => Ok((child, chan, sockets)),
+        got => Err(failed(&mut child, got, "ready", READY_TIMEOUT)),
+    }
+}
+
+/// After a failed handover: serves `exports` again on the sockets kept.
+fn serve_again(server: &Server, specs: &[ExportSpec], sockets: Sockets) -> String {
+    server.reopen();
+    let control = sockets.control;
+    for (i, (fd, path)) in sockets.fds.into_iter().zip(sockets.paths).enumerate() {
+        if Some(i) != control {
+            activation::give_back(UnixListener::from(fd), &path);
+        }
+    }
+    let errors: Vec<String> = specs
+        .iter()
+        .filter_map(|spec| server.add(spec.clone()).err().map(|e| format!("{}: {e}", spec.name())))
+        .collect();
+    match errors.is_empty() {
+        true => format!("serving the {} export(s) here again", specs.len()),
+        false => format!("serving again here failed: {}", errors.join("; ")),
+    }
+}
+
+/// The new process's side of a handover.
+pub struct Incoming {
+    chan: BufReader<UnixStream>,
+    config: Option<OwnedFd>,
+}
+
+/// Takes descriptor `fd` (close-on-exec from now on).
+fn take_fd(fd: RawFd) -> Result<OwnedFd, String> {
+    // SAFETY: fcntl on a descriptor number, no memory passed; a closed
+    // number fails with EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(format!("{FDS_VAR}: descriptor {fd} is not open"));
+    }
+    // SAFETY: the handing-over parent passed this descriptor for this
+    // process alone (checked by the caller: not one of the sockets, not
+    // taken twice), and this runs once, at start-up.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Incoming {
+    /// This process's side of a handover, if its parent started it for
+    /// one. Call once at start-up, before activation::take_from_env (which
+    /// clears the variables checked here) and before other threads start.
+    pub fn take_from_env() -> Result<Option<Incoming>, String> {
+        let fds = std::env::var(FDS_VAR).ok();
+        std::env::remove_var(FDS_VAR);
+        let Some(fds) = fds else { return Ok(None) };
+        let from = std::env::var(activation::HANDOVER_FROM).ok();
+        if from.and_then(|f| f.trim().parse::<u32>().ok()) != Some(std::os::unix::process::parent_id()) {
+            return Ok(None);
+        }
+        let sockets: RawFd = std::env::var("LISTEN_FDS")
+            .ok()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        let parsed: Vec<RawFd> = fds.split(',').filter_map(|f| f.trim().parse().ok()).collect();
+        let [chan, config] = parsed[..] else {
+            return Err(format!("{FDS_VAR}={fds}: want two descriptor numbers"));
+        };
+        if chan == config || chan.min(config) < 3 + sockets {
+            return Err(format!("{FDS_VAR}={fds}: descriptors overlap the sockets"));
+        }
+        let chan = UnixStream::from(take_fd(chan)?);
+        let config = take_fd(config)?;
+        Ok(Some(Incoming {
+            chan: BufReader::new(chan),
+            config: Some(config),
+        }))
+    }
+
+    /// Tells the old process this one is ready and waits until it released
+    /// the images (or is gone).
+    pub fn ready_and_wait(&mut self) {
+        self.config = None;
+        if self.chan.get_mut().write_all(b"ready\n").is_err() {
+            return; // the old process is gone
+        }
+        match step(&mut self.chan, RELEASE_TIMEOUT) {
+            Ok(Some(l)) if l == "released" => {}
+            Ok(None) => eprintln!("spindle: handover: the old process went away; serving"),
+            Ok(Some(l)) => eprintln!("spindle: handover: the old process said {l:?}; serving"),
+            Err(e) => eprintln!("spindle: handover: no word from the old process ({e}); serving"),
+        }
+    }
+
+    /// Tells the old process this one serves.
+    pub fn serving(mut self) {
+        let _ = self.chan.get_mut().write_all(b"serving\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_names_never_carry_the_separator() {
+        assert_eq!(fd_name("vm1"), "vm1");
+        assert_eq!(fd_name("a:b"), "unknown");
+        assert_eq!(fd_name(""), "unknown");
+    }
+
+    #[test]
+    fn the_config_handed_over_reads_back_as_the_same_exports() {
+        let spec = ExportSpec {
+            image: "/x/vm1.qcow2".into(),
+            socket: "/run/vm1.sock".into(),
+            name: Some("vm1".into()),
+            iothreads: Some(2),
+            readonly: true,
+            ..Default::default()
+        };
+        let text = toml::to_string(&Config {
+            control: Some(Path::new("/run/ctl")),
+            exports: vec![&spec, &spec],
+        })
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("spindle-handover-{}", std::process::id()));
+        std::fs::write(&dir, &text).unwrap();
+        let back = super::super::spec::ConfigFile::load(&dir).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(back.control.as_deref(), Some(Path::new("/run/ctl")));
+        assert_eq!(back.exports.len(), 2);
+        let b = &back.exports[1];
+        assert_eq!(
+            (b.image.as_str(), b.socket.as_path()),
+            ("/x/vm1.qcow2", Path::new("/run/vm1.sock"))
+        );
+        assert_eq!(
+            (b.name.as_deref(), b.iothreads, b.readonly),
+            (Some("vm1"), Some(2), true)
+        );
+        assert_eq!((b.cache.as_deref(), b.queue_size), (None, None));
+    }
+
+    #[test]
+    fn a_step_line_ends_and_times_out() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut a = BufReader::new(a);
+        b.write_all(b"ready\n").unwrap();
+        assert_eq!(step(&mut a, Duration::from_secs(5)).unwrap().as_deref(), Some("ready"));
+        let e = step(&mut a, Duration::from_millis(20)).unwrap_err();
+        assert!(matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+        drop(b);
+        assert_eq!(step(&mut a, Duration::from_secs(5)).unwrap(), None);
+    }
+}
