@@ -7,11 +7,14 @@
 //! the same arguments within a second, five times; QEMU's `reconnect=1`
 //! brings the guest back. The guest must see no I/O error and no wrong
 //! data, what it had fsynced before each kill must be in the image as the
-//! kill left it, and the images must be at most leaky.
+//! kill left it, and the images must be at most leaky. The same load goes
+//! through the planned stops too: SIGTERM and a start again, and the
+//! handover of the sockets to a new process (SIGUSR2).
 
 mod common;
 
 use common::gio::{self, Layout};
+use common::handover::{become_subreaper, Spindle};
 use common::serve::{config_text, Serve};
 use common::vm::{self, Vm};
 use common::{ok, p, run, scratch, wait_unlocked};
@@ -56,6 +59,10 @@ enum Stop {
     /// SIGTERM, waited for: a planned restart (upgrade). Spindle drains
     /// every export, flushes and exits; the same arguments start it again.
     Term,
+    /// SIGUSR2: the running Spindle hands its sockets to a new process
+    /// (the binary at its path), which serves once the old one stopped
+    /// its exports as SIGTERM does; the old one then exits.
+    Handover,
 }
 
 struct Kill {
@@ -79,6 +86,13 @@ fn guest_io_survives_a_planned_restart_of_spindle_under_load() {
     restart_under_load(Stop::Term);
 }
 
+/// The planned handover (SIGUSR2), five times: no request lost either, and
+/// no new command line needed.
+#[test]
+fn guest_io_survives_planned_handovers_to_a_new_spindle_under_load() {
+    restart_under_load(Stop::Handover);
+}
+
 fn restart_under_load(how: Stop) {
     let _one = vm::one_at_a_time();
     let d = scratch();
@@ -98,7 +112,10 @@ fn restart_under_load(how: Stop) {
     );
     std::fs::write(dir.join("spindle.toml"), config).unwrap();
     let sock_refs: Vec<&Path> = socks.iter().map(|s| s.as_path()).collect();
-    let mut server = Serve::start(dir, ARGS, &sock_refs);
+    if how == Stop::Handover {
+        become_subreaper();
+    }
+    let mut server = Spindle::First(Serve::start(dir, ARGS, &sock_refs));
     let script = format!(
         "exec /gio {} --readers 2 --discard --base-gen 1 /dev/vda /dev/vdb\n",
         LAYOUT.args()
@@ -120,26 +137,28 @@ fn restart_under_load(how: Stop) {
             Stop::Term => {
                 server.signal(libc::SIGTERM);
                 let st = server.wait_within(MINUTE);
-                assert!(
-                    st.is_some_and(|s| s.success()),
-                    "kill {n}: SIGTERM: {st:?}\n{}",
-                    server.log_text()
-                );
+                assert!(st == Some(true), "kill {n}: SIGTERM: {st:?}\n{}", server.log_text());
+            }
+            Stop::Handover => {
+                server.hand_over(MINUTE);
             }
         }
-        // The images as the kill left them, checked at the end.
-        let mut copies = Vec::new();
-        for (dev, img, _) in images {
-            wait_unlocked(img);
-            let copy = dir.join(format!("kill{n}-{}", img.file_name().unwrap().to_string_lossy()));
-            std::fs::copy(img, &copy).unwrap();
-            copies.push((dev.to_string(), copy));
-        }
-        for s in &socks {
-            let _ = std::fs::remove_file(s);
-        }
         let log = server.log_text();
-        server = Serve::start(dir, ARGS, &sock_refs);
+        // The images as the kill left them, checked at the end. (After a
+        // handover the new process serves them already.)
+        let mut copies = Vec::new();
+        if how != Stop::Handover {
+            for (dev, img, _) in images {
+                wait_unlocked(img);
+                let copy = dir.join(format!("kill{n}-{}", img.file_name().unwrap().to_string_lossy()));
+                std::fs::copy(img, &copy).unwrap();
+                copies.push((dev.to_string(), copy));
+            }
+            for s in &socks {
+                let _ = std::fs::remove_file(s);
+            }
+            server = Spindle::First(Serve::start(dir, ARGS, &sock_refs));
+        }
         let restart = killed.elapsed();
         assert!(
             restart < Duration::from_secs(if how == Stop::Kill { 1 } else { 5 }),
@@ -169,8 +188,7 @@ fn restart_under_load(how: Stop) {
     let console = guest.console();
     println!("{console}");
     let summary = gio::assert_clean(&console);
-    let status = server.stop();
-    assert!(status.success(), "spindle serve exited with {status}");
+    assert!(server.stop(), "spindle serve did not exit 0:\n{}", server.log_text());
 
     // Every kill landed with I/O in flight; the guest came back each time.
     for k in &kills {
@@ -217,7 +235,7 @@ fn restart_under_load(how: Stop) {
                     // A planned stop finishes what was in flight (and what
                     // came in before it stopped taking requests): later
                     // generations and discards may be there too.
-                    Stop::Term => g >= gen || g == 0,
+                    Stop::Term | Stop::Handover => g >= gen || g == 0,
                 }
             });
             assert!(

@@ -30,6 +30,9 @@ pub struct Pid {
 
 impl Pid {
     /// Starts `exe serve ARGS` in `dir`, output to `log`, with `env`.
+    // Waited for with waitpid (`wait_within`, and on drop), as the
+    // processes a handover starts are.
+    #[allow(clippy::zombie_processes)]
     pub fn spawn(exe: &Path, dir: &Path, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Pid {
         let f = std::fs::File::create(log).unwrap();
         let child = Command::new(exe)
@@ -152,6 +155,29 @@ impl Spindle {
             Spindle::First(s) => s.wait_within(limit).map(|st| st.success()),
             Spindle::Next(p) => p.wait_within(limit),
         }
+    }
+
+    /// SIGKILL, and waits for the end.
+    pub fn kill(&mut self) {
+        match self {
+            Spindle::First(s) => s.kill(),
+            Spindle::Next(p) => {
+                p.signal(libc::SIGKILL);
+                let _ = p.wait_within(Duration::from_secs(10));
+            }
+        }
+    }
+
+    /// SIGINT, then waits (at most 60 s): whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        self.signal(libc::SIGINT);
+        let st = self.wait_within(Duration::from_secs(60));
+        assert!(
+            st.is_some(),
+            "spindle serve did not exit within 60 s of SIGINT:\n{}",
+            self.log_text()
+        );
+        st == Some(true)
     }
 
     fn log_path(&self) -> PathBuf {
