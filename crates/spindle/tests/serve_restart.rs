@@ -370,8 +370,9 @@ fn sigusr2_hands_the_sockets_and_runtime_exports_to_a_new_process() {
             "handover {round}: {} ms from SIGUSR2 to the old process's exit",
             took.as_millis()
         );
-        assert_eq!(got(&notify, &mut msg), format!("MAINPID={pid}"));
+        // The new one is ready, then the old one names it the main process.
         assert_eq!(got(&notify, &mut msg), "READY=1");
+        assert_eq!(got(&notify, &mut msg), format!("MAINPID={pid}"));
         old = Pid::adopt(pid, &old.log.clone());
         let r = list(&ctl);
         assert_eq!(r["pid"], pid, "round {round}: {r}");

@@ -50,12 +50,31 @@ static EXE: OnceLock<PathBuf> = OnceLock::new();
 /// A descriptor of the control socket and its path, once it listens.
 static CONTROL: Mutex<Option<(OwnedFd, PathBuf)>> = Mutex::new(None);
 
-/// Records the path of the running binary. Call at start-up, before the
-/// binary can have been replaced.
+/// Records the path the running binary was started by. Call at start-up,
+/// before the binary can have been replaced (or the directory changed).
 pub fn remember_exe() {
-    if let Ok(p) = std::env::current_exe() {
+    let argv0 = std::env::args_os().next().map(PathBuf::from);
+    let path = std::env::var_os("PATH");
+    let found = argv0.and_then(|a| exe_path(&a, path.as_deref(), |p| p.is_file()));
+    if let Some(p) = found.or_else(|| std::env::current_exe().ok()) {
         let _ = EXE.set(p);
     }
+}
+
+/// Where `argv0` names the binary: made absolute when it has a '/', else
+/// the first match in `path` (as the shell found it). Symbolic links are
+/// not followed, so pointing a link at a new build is an upgrade too.
+fn exe_path(argv0: &Path, path: Option<&std::ffi::OsStr>, exists: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    if argv0.as_os_str().is_empty() {
+        return None;
+    }
+    if argv0.as_os_str().as_encoded_bytes().contains(&b'/') {
+        return std::path::absolute(argv0).ok();
+    }
+    std::env::split_paths(path?)
+        .filter(|d| d.is_absolute())
+        .map(|d| d.join(argv0))
+        .find(|p| exists(p))
 }
 
 /// Records the control socket, to be handed over with the exports.
@@ -413,6 +432,29 @@ impl Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_binary_is_found_as_it_was_started() {
+        let path = std::ffi::OsStr::new("/nope:relative/dir:/usr/local/bin:/usr/bin");
+        let at = |want: &'static str| move |p: &Path| p == Path::new(want);
+        assert_eq!(
+            exe_path(Path::new("spindle"), Some(path), at("/usr/bin/spindle")),
+            Some(PathBuf::from("/usr/bin/spindle"))
+        );
+        // A directory that is not absolute is skipped, as the kernel would.
+        assert_eq!(
+            exe_path(Path::new("spindle"), Some(path), at("relative/dir/spindle")),
+            None
+        );
+        assert_eq!(exe_path(Path::new("spindle"), None, at("/usr/bin/spindle")), None);
+        assert_eq!(
+            exe_path(Path::new("/opt/s/spindle"), Some(path), |_| false),
+            Some(PathBuf::from("/opt/s/spindle"))
+        );
+        let rel = exe_path(Path::new("./target/spindle"), None, |_| false).unwrap();
+        assert!(rel.is_absolute() && rel.ends_with("target/spindle"), "{rel:?}");
+        assert_eq!(exe_path(Path::new(""), Some(path), |_| true), None);
+    }
 
     #[test]
     fn fd_names_never_carry_the_separator() {

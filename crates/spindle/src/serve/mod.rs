@@ -242,11 +242,13 @@ pub fn run(a: Args) -> CliResult<u8> {
         eprintln!("spindle: warning: socket {s} was passed in but matches no export's socket or name");
     }
     use std::io::Write;
+    // Before `serving`, so that the service manager hears READY=1 before
+    // the old process's MAINPID= naming this one.
+    handover::notify("READY=1");
     if let Some(i) = incoming {
         println!("spindle: took over {passed} socket(s) from the previous process");
         i.serving();
     }
-    handover::notify("READY=1");
     let _ = std::io::stdout().flush();
     let name = |sig| if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
     let sig = loop {
