@@ -46,6 +46,9 @@ pub const SERVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the new process waits for the old one to release the images.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(STOP_TIMEOUT.as_secs() + 15);
 
+/// The longest step line read: the steps are single words.
+const MAX_STEP: u64 = 64;
+
 static EXE: OnceLock<PathBuf> = OnceLock::new();
 /// A descriptor of the control socket and its path, once it listens.
 static CONTROL: Mutex<Option<(OwnedFd, PathBuf)>> = Mutex::new(None);
@@ -232,11 +235,13 @@ fn spawn(exe: &Path, fds: &[&OwnedFd], s: &Sockets, delay_io: Option<&str>) -> R
     Ok(child)
 }
 
-/// Reads one step line; `None` at the end (the other side is gone).
+/// Reads one step line (at most [`MAX_STEP`] bytes); `None` at the end
+/// (the other side is gone).
 fn step(chan: &mut BufReader<UnixStream>, limit: Duration) -> Result<Option<String>, std::io::Error> {
+    use std::io::Read;
     chan.get_ref().set_read_timeout(Some(limit))?;
     let mut line = String::new();
-    match chan.read_line(&mut line)? {
+    match chan.by_ref().take(MAX_STEP).read_line(&mut line)? {
         0 => Ok(None),
         _ => Ok(Some(line.trim_end().to_string())),
     }
@@ -504,7 +509,12 @@ mod tests {
         assert_eq!(step(&mut a, Duration::from_secs(5)).unwrap().as_deref(), Some("ready"));
         let e = step(&mut a, Duration::from_millis(20)).unwrap_err();
         assert!(matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+        // A line that does not end is cut at the limit.
+        b.write_all(&[b'x'; 1000]).unwrap();
+        let long = step(&mut a, Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(long.len(), MAX_STEP as usize);
         drop(b);
-        assert_eq!(step(&mut a, Duration::from_secs(5)).unwrap(), None);
+        let rest = std::iter::from_fn(|| step(&mut a, Duration::from_secs(5)).unwrap()).count();
+        assert_eq!(rest, (1000 - 64) / 64 + 1);
     }
 }
