@@ -282,11 +282,16 @@ fn sigusr2_hands_the_sockets_and_runtime_exports_to_a_new_process() {
     };
     let before = connections(&r);
 
-    // A new binary that does not start: the old process keeps serving,
-    // untouched (not one export was stopped).
-    install(&bin, b"#!/bin/sh\necho 'broken build' >&2\nexit 3\n");
+    // No binary at the path any more, then a new binary that does not
+    // start: the old process keeps serving, untouched (not one export
+    // was stopped).
+    std::fs::remove_file(&bin).unwrap();
     old.signal(libc::SIGUSR2);
     let log = wait_log(&old, "the handover failed, still serving", 1, Duration::from_secs(40));
+    assert!(log.contains(&format!("cannot start {}", bin.display())), "{log}");
+    install(&bin, b"#!/bin/sh\necho 'broken build' >&2\nexit 3\n");
+    old.signal(libc::SIGUSR2);
+    let log = wait_log(&old, "the handover failed, still serving", 2, Duration::from_secs(40));
     assert!(
         log.contains("broken build") && log.contains("ended (exit status: 3) before it was ready"),
         "{log}"
@@ -311,7 +316,7 @@ fn sigusr2_hands_the_sockets_and_runtime_exports_to_a_new_process() {
         format!("#!/bin/sh\nexec {} \"$@\" --iothreads 99\n", wrapper.display()).as_bytes(),
     );
     old.signal(libc::SIGUSR2);
-    let log = wait_log(&old, "the handover failed, still serving", 2, Duration::from_secs(60));
+    let log = wait_log(&old, "the handover failed, still serving", 3, Duration::from_secs(60));
     assert!(log.contains("iothreads 99 must be from 1 to 64"), "{log}");
     assert!(log.contains("serving the 2 export(s) here again"), "{log}");
     assert!(old.running());
