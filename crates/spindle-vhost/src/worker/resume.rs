@@ -78,6 +78,7 @@ pub(super) fn start_ring(
 /// Runs again the chains of queue `local` the inflight buffer had in
 /// flight when the ring started, oldest first, before any new one.
 /// Returns how many, or `None` when one is broken (the device stops).
+#[allow(clippy::redundant_allocation)]
 pub(super) fn resubmit(
     b: &BlkBackend,
     w: &Worker,

@@ -221,7 +221,8 @@ impl SpecReopen {
 
 impl Reopen for SpecReopen {
     fn open_active(&self) -> Result<Node, BlockError> {
-        super::restart::retry_in_use(&self.image, super::restart::LOCK_WAIT, || {
+        // Quiet: a failed activation is logged (rate-limited) by the device.
+        super::restart::retry_in_use(&self.image, super::restart::LOCK_WAIT, false, || {
             open_image(&self.image, &self.cfg)
         })
     }
