@@ -240,6 +240,12 @@ fn cancelled_migration_reactivates_the_source() {
     assert_eq!(migration_of(&src, "disk"), "inactive");
     assert!(!locks(&img).contains(&101), "no write lock while inactive");
     assert!(!dirty_flag(&img));
+    let r = src.ctl(&json!({"cmd": "resize", "name": "disk", "size": "128M"}));
+    let e = r["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("inactive (live migration)"),
+        "no resize of a closed image: {r}"
+    );
     // Meanwhile another writer changes the image (as a destination that
     // ran for a moment would): the source must not trust its old metadata.
     common::qemu_io(&img, &["write -P 0x5a 1M 64k"]);
@@ -331,5 +337,36 @@ fn same_daemon_incoming_export_shares_the_image() {
     assert_reads(&mut s, 16, 0xd3);
     drop(s);
     assert!(srv.stop().success());
+    assert_clean(&img);
+}
+
+/// `incoming = true` in a config file: the export starts incoming, holding
+/// only the shared lock.
+#[test]
+fn config_key_incoming() {
+    need("qemu-img");
+    let dir = scratch();
+    let img = image(&dir, true);
+    let sock = at(&dir, "in.sock");
+    let cfg = at(&dir, "spindle.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "control = \"{}\"\n[[export]]\nname = \"vm\"\nimage = \"{}\"\nsocket = \"{}\"\nincoming = true\n",
+            p(&at(&dir, "c.ctl")),
+            p(&img),
+            p(&sock)
+        ),
+    )
+    .unwrap();
+    let mut s = Serve::start(dir.path(), &["--config", p(&cfg)], &[&sock]);
+    s.use_control(&at(&dir, "c.ctl"));
+    assert_eq!(migration_of(&s, "vm"), "incoming");
+    assert_eq!(locks(&img), vec![100]);
+    let mut d = frontend(&sock);
+    write(&mut d, 0, 0xe1);
+    assert_eq!(migration_of(&s, "vm"), "active");
+    drop(d);
+    assert!(s.stop().success());
     assert_clean(&img);
 }

@@ -179,8 +179,8 @@ impl Server {
         if let (Some(other), false) = (&sibling, spec.incoming) {
             lock(&self.state).slots.remove(&name);
             return Err(invalid(format!(
-                "{} is already served by export '{}'; a second export of one image must be a live \
-                 migration's destination (--incoming, or incoming = true)",
+                "{}: image is in use: it is already served by export '{}'; a second export of one image \
+                 must be a live migration's destination (--incoming, or incoming = true)",
                 spec.image, other.dev.cfg.name
             )));
         }
