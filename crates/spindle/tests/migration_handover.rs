@@ -234,9 +234,15 @@ fn cancelled_migration_reactivates_the_source() {
         &[p(&img), "--vhost-user", p(&sock), "--control", "src.ctl"],
         &[&sock],
     );
-    let mut s = frontend(&sock);
+    let mut s = Driver::connect(&sock, 16, Duration::from_secs(120)).expect("connect");
+    s.setup(2, 64).expect("set up queues 0 and 1");
     write(&mut s, 0, 0xc1);
-    stop_for_migration(&mut s);
+    assert_eq!(s.write(1, 64, &pattern(0xc3), T), Some(0), "write through queue 1");
+    // The device stops only when its last running ring stops.
+    s.set_log_all(true).expect("ack LOG_ALL");
+    let base1 = s.stop_queue(1).expect("GET_VRING_BASE 1");
+    assert_eq!(migration_of(&src, "disk"), "active", "one ring still runs");
+    let base0 = s.stop_queue(0).expect("GET_VRING_BASE 0");
     assert_eq!(migration_of(&src, "disk"), "inactive");
     assert!(!locks(&img).contains(&101), "no write lock while inactive");
     assert!(!dirty_flag(&img));
@@ -249,12 +255,27 @@ fn cancelled_migration_reactivates_the_source() {
     // Meanwhile another writer changes the image (as a destination that
     // ran for a moment would): the source must not trust its old metadata.
     common::qemu_io(&img, &["write -P 0x5a 1M 64k"]);
-    restart(&mut s);
-    write(&mut s, 8, 0xc2);
+    // A request the driver made while the device was stopped waits on
+    // the ring and is taken once the device starts again.
+    let waiting = s.submit(0, 1, 8, &pattern(0xc2), false).expect("submit");
+    assert_eq!(
+        s.wait_used(0, Duration::from_millis(300)),
+        None,
+        "nothing served while stopped"
+    );
+    s.set_log_all(false).expect("clear LOG_ALL");
+    s.resume_queue(0, base0).expect("start queue 0 again");
+    s.resume_queue(1, base1).expect("start queue 1 again");
+    assert_eq!(
+        s.wait_used(0, T).map(|u| u.0),
+        Some(waiting),
+        "the waiting write completes"
+    );
     assert_eq!(migration_of(&src, "disk"), "active");
     assert!(locks(&img).contains(&101), "the write lock is back");
     assert_reads(&mut s, 0, 0xc1);
     assert_reads(&mut s, 8, 0xc2);
+    assert_reads(&mut s, 64, 0xc3);
     let (st, data) = s.read(0, 2048, 4096, T).expect("read");
     assert!(
         st == 0 && data.iter().all(|&b| b == 0x5a),

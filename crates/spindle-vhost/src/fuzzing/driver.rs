@@ -247,6 +247,25 @@ impl Driver {
         Ok(())
     }
 
+    /// Starts queue `i` again after `stop_queue`, as QEMU does when it
+    /// starts the device again (a cancelled migration, `cont`): the same
+    /// ring memory, at `base` (what `GET_VRING_BASE` returned); chains
+    /// published meanwhile are then taken.
+    pub fn resume_queue(&mut self, i: usize, base: u32) -> vhost::Result<()> {
+        let ring = self.rings[i].take().ok_or(vhost::Error::InvalidQueue)?;
+        let res = (|| {
+            self.fe.set_vring_num(i, ring.size)?;
+            self.fe.set_vring_base(i, base as u16)?;
+            self.set_addr(i, &ring)?;
+            self.fe.set_vring_kick(i, &ring.kick)?;
+            self.fe.set_vring_call(i, &ring.call)?;
+            self.fe.set_vring_err(i, &ring.err)?;
+            self.fe.set_vring_enable(i, true)
+        })();
+        self.rings[i] = Some(ring);
+        res
+    }
+
     /// SET_VRING_ADDR for `ring`'s layout.
     pub fn set_addr(&self, i: usize, ring: &Ring) -> vhost::Result<()> {
         let cfg = VringConfigData {
