@@ -9,7 +9,7 @@
 //! `worker.rs` for what happens on each event.
 
 use crate::blk::config::{parse_write, ConfigWrite};
-use crate::device::Device;
+use crate::device::{Device, Migration};
 use crate::drain::InFlight;
 use crate::inflight::track::Tracking;
 use crate::inflight::{self, Caps, Region};
@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
@@ -33,6 +34,9 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 pub type Memory = GuestMemoryMmap<()>;
 /// The epoll handler of one I/O thread.
 pub type Handler = VringEpollHandler<Arc<BlkBackend>>;
+
+/// `VHOST_F_LOG_ALL`: the frontend logs dirty pages (a migration runs).
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// How long `GET_VRING_BASE` and a disconnect wait for accepted requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -68,6 +72,10 @@ pub struct BlkBackend {
     handlers: OnceLock<Vec<Weak<Handler>>>,
     /// The backend request channel (control plane only).
     backend_req: Mutex<Option<Backend>>,
+    /// Features the frontend acked (`SET_FEATURES`).
+    acked: AtomicU64,
+    /// Per queue: the ring runs (popped since it was last stopped).
+    running: Box<[AtomicBool]>,
 }
 
 impl BlkBackend {
@@ -85,7 +93,73 @@ impl BlkBackend {
             failure: Mutex::new(None),
             handlers: OnceLock::new(),
             backend_req: Mutex::new(None),
+            acked: AtomicU64::new(0),
+            running: (0..queues).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// The image for a round of requests popped from ring `queue`; the
+    /// first round after the frontend started the device activates the
+    /// export (opening its image afresh if it was closed for a migration).
+    /// Call holding the queue's admission, so a stop of the ring waits for
+    /// this round. `None`: the ring stopped meanwhile, or the image cannot
+    /// be opened (logged; the requests stay on the ring).
+    pub(crate) fn round_node(&self, queue: usize, vring: &VringRwLock) -> Option<Arc<spindle_block::Node>> {
+        let running = self.running.get(queue)?;
+        let first = !running.load(Ordering::Acquire);
+        let active = self.dev.migration() == Migration::Active;
+        if !first && active {
+            if let Some(n) = self.dev.node() {
+                return Some(n);
+            }
+        }
+        // The first round since the ring started, or a start after a
+        // handover: only for a ring the frontend has started, checked
+        // under the vring's lock, which a stop of the ring takes before it
+        // waits for this admission.
+        let live = {
+            let st = vring.get_ref();
+            st.is_enabled() && st.get_queue().ready()
+        };
+        if !live {
+            return None;
+        }
+        if first {
+            running.store(true, Ordering::Release);
+        }
+        if active {
+            if let Some(n) = self.dev.node() {
+                return Some(n);
+            }
+        }
+        match self.dev.activate() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                limited!(error, device = %self.dev.cfg.name, queue, "cannot activate the export (open its image): {e}; its requests wait on the ring");
+                None
+            }
+        }
+    }
+
+    /// Ring `queue` was stopped: flush (what the frontend counts as done
+    /// must be on the image), and when every ring is stopped while dirty
+    /// logging is on (the frontend stops the device for a migration), the
+    /// export hands its image over (`Device::inactivate`).
+    fn ring_stopped(&self, queue: usize) -> io::Result<()> {
+        let was_running = self.running.get(queue).is_some_and(|r| r.swap(false, Ordering::AcqRel));
+        let all_stopped = self.running.iter().all(|r| !r.load(Ordering::Acquire));
+        let migrating = self.acked.load(Ordering::Acquire) & VHOST_F_LOG_ALL != 0;
+        let res = if all_stopped && migrating && self.dev.migration() == Migration::Active {
+            self.dev.inactivate()
+        } else if was_running {
+            self.dev.slot.flush()
+        } else {
+            Ok(())
+        };
+        res.map_err(|e| {
+            limited!(error, device = %self.dev.cfg.name, queue, "cannot flush the image when the ring stopped: {e}");
+            io::Error::other(format!("queue {queue}: cannot flush the image: {e}"))
+        })
     }
 
     /// Hands over the daemon's epoll handlers (one per I/O thread), so a
@@ -243,7 +317,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        self.dev.geometry().features()
+        self.dev.geometry().features() | VHOST_F_LOG_ALL
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Release);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -264,6 +342,12 @@ impl VhostUserBackend for BlkBackend {
 
     fn reset_device(&self) {
         self.drain(None, DRAIN_TIMEOUT);
+        for r in self.running.iter() {
+            r.store(false, Ordering::Release);
+        }
+        if let Err(e) = self.dev.slot.flush() {
+            limited!(error, device = %self.dev.cfg.name, "cannot flush the image on a device reset: {e}");
+        }
         // A reset device starts afresh: the frontend allocates a new
         // inflight buffer (QEMU frees its own on reset).
         self.tracking.set(None);
@@ -328,7 +412,7 @@ impl VhostUserBackend for BlkBackend {
         // set up anew.
         self.tracking.stopped(queue_index as usize);
         if self.drain(Some(queue_index as usize), DRAIN_TIMEOUT) {
-            Ok(())
+            self.ring_stopped(queue_index as usize)
         } else {
             Err(io::Error::new(
                 io::ErrorKind::TimedOut,

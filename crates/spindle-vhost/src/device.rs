@@ -1,13 +1,14 @@
 //! One exported disk: the block node and what outlives a frontend
-//! connection (settings, write-cache state, statistics).
+//! connection (settings, write-cache state, statistics, migration state).
 
 use crate::blk::config::Geometry;
 use crate::blk::exec;
 use crate::blk::Limits;
+use crate::slot::NodeSlot;
 use crate::stats::{summarize, OpSummary, QueueStats};
-use spindle_block::Node;
+use spindle_block::{BlockError, Node};
 use spindle_io::RuntimeConfig;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// How a disk is exported.
@@ -32,12 +33,47 @@ pub struct DeviceConfig {
     pub read_only: bool,
 }
 
+/// Where an export stands in a live migration (`spindle ctl list`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migration {
+    /// It serves its frontend's device (the normal state).
+    Active,
+    /// A migration destination whose frontend has not started the device
+    /// yet: the image is not trusted (two daemons: not even open).
+    Incoming,
+    /// Its frontend stopped the device for a migration (every ring stopped
+    /// while dirty logging was on): the image was flushed, and closed when
+    /// no other export of this daemon shares it. It activates again when
+    /// the frontend starts the device (a cancelled or failed migration).
+    Inactive,
+}
+
+impl Migration {
+    /// The name `spindle ctl list` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Migration::Active => "active",
+            Migration::Incoming => "incoming",
+            Migration::Inactive => "inactive",
+        }
+    }
+
+    fn from_u8(v: u8) -> Migration {
+        match v {
+            1 => Migration::Incoming,
+            2 => Migration::Inactive,
+            _ => Migration::Active,
+        }
+    }
+}
+
 /// An exported disk. Shared by the I/O threads of every connection.
 pub struct Device {
-    /// The image.
-    pub node: Arc<Node>,
+    /// The image (shared with the other exports of it in this daemon).
+    pub slot: Arc<NodeSlot>,
     /// Settings.
     pub cfg: DeviceConfig,
+    migration: AtomicU8,
     capacity: AtomicU64,
     writeback: AtomicBool,
     opt_io: u32,
@@ -46,23 +82,97 @@ pub struct Device {
 }
 
 impl Device {
-    /// A device for `node`.
+    /// A device for `node`, which is never closed under it (inactivating
+    /// it only flushes).
     pub fn new(node: Node, mut cfg: DeviceConfig) -> Device {
+        cfg.read_only |= node.is_read_only();
+        let size = node.size();
+        let opt_io = opt_io(&node);
+        Device::with_slot(Arc::new(NodeSlot::fixed(node, cfg.engine)), cfg, size, opt_io, false)
+    }
+
+    /// A device for the image in `slot`, of `size` bytes; `opt_io` is the
+    /// optimal I/O size (the qcow2 cluster size, 0 if none). An `incoming`
+    /// device is a migration destination: [`Migration::Incoming`] until
+    /// its frontend starts it.
+    pub fn with_slot(slot: Arc<NodeSlot>, mut cfg: DeviceConfig, size: u64, opt_io: u32, incoming: bool) -> Device {
         cfg.num_queues = cfg.num_queues.clamp(1, 64);
         cfg.iothreads = cfg.iothreads.clamp(1, cfg.num_queues as usize);
         cfg.queue_size = cfg.queue_size.clamp(2, 32768).next_power_of_two();
-        let info = node.info();
-        let opt_io = info.cluster_size.map_or(0, |c| c.min(1 << 30) as u32);
-        cfg.read_only |= node.is_read_only();
+        slot.attach();
+        let migration = if incoming {
+            Migration::Incoming
+        } else {
+            Migration::Active
+        };
         Device {
-            capacity: AtomicU64::new(node.size()),
+            migration: AtomicU8::new(migration as u8),
+            capacity: AtomicU64::new(size),
             writeback: AtomicBool::new(true),
             opt_io,
             ident: exec::Device::new(&cfg.serial),
             stats: (0..cfg.num_queues).map(|_| QueueStats::default()).collect(),
-            node: Arc::new(node),
+            slot,
             cfg,
         }
+    }
+
+    /// The open image, or `None` while it is closed for a migration.
+    pub fn node(&self) -> Option<Arc<Node>> {
+        self.slot.current()
+    }
+
+    /// The open image, or the error a control request gets while the
+    /// export is inactive.
+    pub fn open_node(&self) -> Result<Arc<Node>, BlockError> {
+        self.node().ok_or_else(|| {
+            BlockError::Invalid(format!(
+                "export '{}' is {} (live migration): its image is not open here",
+                self.cfg.name,
+                self.migration().name()
+            ))
+        })
+    }
+
+    /// Where the export stands in a migration.
+    pub fn migration(&self) -> Migration {
+        Migration::from_u8(self.migration.load(Ordering::Acquire))
+    }
+
+    /// The frontend started the device: the export serves, and its image
+    /// is opened afresh if it was closed (re-reading its metadata and
+    /// taking the write lock). Cheap when already active.
+    pub fn activate(&self) -> Result<Arc<Node>, BlockError> {
+        if self.migration() == Migration::Active {
+            if let Some(n) = self.node() {
+                return Ok(n);
+            }
+        }
+        let node = self.slot.activate()?;
+        if self.migration.swap(Migration::Active as u8, Ordering::AcqRel) != Migration::Active as u8 {
+            tracing::info!(device = %self.cfg.name, "export active: its frontend started the device");
+        }
+        Ok(node)
+    }
+
+    /// The frontend stopped the device for a migration (no request in
+    /// flight): the image is flushed, and closed unless another export of
+    /// this daemon shares it.
+    pub fn inactivate(&self) -> Result<(), BlockError> {
+        let shared = self.slot.users() > 1;
+        let closed = if shared {
+            self.slot.flush().map(|_| false)?
+        } else {
+            self.slot.inactivate()?
+        };
+        self.migration.store(Migration::Inactive as u8, Ordering::Release);
+        tracing::info!(device = %self.cfg.name, closed, "export inactive: its frontend stopped the device for a migration");
+        Ok(())
+    }
+
+    /// The export stops serving: the last export of the image closes it.
+    pub fn close(&self) -> Result<(), BlockError> {
+        self.slot.detach()
     }
 
     /// Request limits as of now (the capacity follows resizes).
@@ -125,4 +235,9 @@ impl Device {
     pub fn stats(&self) -> Vec<OpSummary> {
         summarize(&self.stats)
     }
+}
+
+/// The optimal I/O size of `node` (the qcow2 cluster size, 0 if none).
+pub fn opt_io(node: &Node) -> u32 {
+    node.info().cluster_size.map_or(0, |c| c.min(1 << 30) as u32)
 }

@@ -11,7 +11,6 @@ use crate::backend::{BlkBackend, Memory, DRAIN_TIMEOUT};
 use crate::device::Device;
 use crate::ratelimit::limited;
 use crate::Error;
-use spindle_io::Runtime;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -227,12 +226,10 @@ impl Export {
     }
 
     fn close(&self) -> Result<(), Error> {
-        let rt = Runtime::new(self.dev.cfg.engine).map_err(Error::Runtime)?;
-        let node = self.dev.node.clone();
-        rt.block_on(async move { node.close().await })
-            .map_err(|source| Error::Close {
-                name: self.dev.cfg.name.clone(),
-                source,
-            })
+        // The last export of the image closes it; others only flush.
+        self.dev.close().map_err(|source| Error::Close {
+            name: self.dev.cfg.name.clone(),
+            source,
+        })
     }
 }

@@ -23,10 +23,11 @@ mod poll;
 mod queues;
 pub mod ratelimit;
 pub mod ring;
+pub mod slot;
 pub mod stats;
 mod worker;
 
-pub use device::{Device, DeviceConfig};
+pub use device::{Device, DeviceConfig, Migration};
 pub use export::Export;
 pub use ratelimit::LibraryLogs;
 use std::path::PathBuf;

@@ -29,6 +29,8 @@ pub fn ring_base(i: usize) -> u64 {
 fn area(slot: u16) -> u64 {
     (8 << 20) + u64::from(slot % 64) * (128 << 10)
 }
+/// `VHOST_F_LOG_ALL`.
+const LOG_ALL: u64 = 1 << 26;
 /// Largest data buffer of one request.
 pub const MAX_DATA: usize = 64 << 10;
 
@@ -170,8 +172,22 @@ impl Driver {
                     | VhostUserProtocolFeatures::INFLIGHT_SHMFD),
         )?;
         self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        self.fe.set_features(features)?;
+        // Dirty logging is acked only while a migration runs, as QEMU does.
+        self.fe.set_features(features & !LOG_ALL)?;
         self.set_mem_table()
+    }
+
+    /// Acks the backend's features with `VHOST_F_LOG_ALL` on or off, as
+    /// QEMU does when a migration starts and ends.
+    pub fn set_log_all(&mut self, on: bool) -> vhost::Result<()> {
+        let features = self.fe.get_features()? & !LOG_ALL;
+        self.fe.set_features(if on { features | LOG_ALL } else { features })
+    }
+
+    /// Stops queue `i` (`GET_VRING_BASE`, what QEMU sends when it stops
+    /// the device); returns the ring's next available index.
+    pub fn stop_queue(&mut self, i: usize) -> vhost::Result<u32> {
+        self.fe.get_vring_base(i)
     }
 
     /// GET_INFLIGHT_FD for `queues` queues of `size` entries; the buffer is
@@ -229,6 +245,25 @@ impl Driver {
         self.fe.set_vring_enable(i, true)?;
         self.rings[i] = Some(ring);
         Ok(())
+    }
+
+    /// Starts queue `i` again after `stop_queue`, as QEMU does when it
+    /// starts the device again (a cancelled migration, `cont`): the same
+    /// ring memory, at `base` (what `GET_VRING_BASE` returned); chains
+    /// published meanwhile are then taken.
+    pub fn resume_queue(&mut self, i: usize, base: u32) -> vhost::Result<()> {
+        let ring = self.rings[i].take().ok_or(vhost::Error::InvalidQueue)?;
+        let res = (|| {
+            self.fe.set_vring_num(i, ring.size)?;
+            self.fe.set_vring_base(i, base as u16)?;
+            self.set_addr(i, &ring)?;
+            self.fe.set_vring_kick(i, &ring.kick)?;
+            self.fe.set_vring_call(i, &ring.call)?;
+            self.fe.set_vring_err(i, &ring.err)?;
+            self.fe.set_vring_enable(i, true)
+        })();
+        self.rings[i] = Some(ring);
+        res
     }
 
     /// SET_VRING_ADDR for `ring`'s layout.

@@ -9,6 +9,7 @@ use crate::inflight::track::QueueTrack;
 use crate::inflight::Region;
 use crate::ratelimit::limited;
 use crate::ring::{self, Broken};
+use spindle_block::Node;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -77,7 +78,15 @@ pub(super) fn start_ring(
 /// Runs again the chains of queue `local` the inflight buffer had in
 /// flight when the ring started, oldest first, before any new one.
 /// Returns how many, or `None` when one is broken (the device stops).
-pub(super) fn resubmit(b: &BlkBackend, w: &Worker, queue: usize, local: usize, vring: &VringRwLock) -> Option<usize> {
+#[allow(clippy::redundant_allocation)]
+pub(super) fn resubmit(
+    b: &BlkBackend,
+    w: &Worker,
+    queue: usize,
+    local: usize,
+    vring: &VringRwLock,
+    node: &Rc<Arc<Node>>,
+) -> Option<usize> {
     let heads: Vec<u16> = match w.track.borrow_mut()[local].as_mut() {
         Some(t) if !t.resubmit.is_empty() => t.resubmit.drain(..).collect(),
         _ => return Some(0),
@@ -97,7 +106,7 @@ pub(super) fn resubmit(b: &BlkBackend, w: &Worker, queue: usize, local: usize, v
         if let Parsed::Fail { reason, .. } | Parsed::Drop { reason } = &parsed {
             limited!(warn, device = %b.dev.cfg.name, queue, "refused resubmitted request {head}: {reason}");
         }
-        spawn_request(w, queue, local, mem.clone(), head, parsed, start);
+        spawn_request(w, queue, local, (mem.clone(), node.clone()), head, parsed, start);
         w.rt.submit_queued();
     }
     Some(heads.len())

@@ -62,6 +62,10 @@ pub struct ExportArgs {
     /// Keep polling queues and completions this many microseconds after the last request (0: off).
     #[arg(long)]
     pub poll_us: Option<u64>,
+    /// Live migration destination: hold only a shared lock on the image (or, in a daemon that
+    /// serves it already, share its open image) until the frontend starts the device.
+    #[arg(long)]
+    pub incoming: bool,
 }
 
 #[derive(ClapArgs)]
@@ -108,6 +112,7 @@ impl ExportArgs {
             readonly: self.readonly,
             serial: self.serial.clone(),
             poll_us: self.poll_us,
+            incoming: self.incoming,
         }
     }
 
@@ -122,6 +127,7 @@ impl ExportArgs {
         s.queue_size = s.queue_size.or(self.queue_size);
         s.poll_us = s.poll_us.or(self.poll_us);
         s.readonly |= self.readonly;
+        s.incoming |= self.incoming;
         s
     }
 }
@@ -199,6 +205,7 @@ pub fn run(a: Args) -> CliResult<u8> {
     let server = Arc::new(Server::default());
     for spec in specs {
         let image = spec.image.clone();
+        let spec_incoming = spec.incoming;
         let export = match server.add(spec) {
             Ok(e) => e,
             Err(e) => {
@@ -214,13 +221,18 @@ pub fn run(a: Args) -> CliResult<u8> {
         };
         let d = &export.dev;
         println!(
-            "spindle: serving {} ({}, {}) as '{}' on {}{}",
+            "spindle: serving {} ({}, {}) as '{}' on {}{}{}",
             image,
-            d.node.info().format,
+            d.slot.info().format,
             human_size(d.capacity()),
             d.cfg.name,
             export.socket.display(),
-            if d.cfg.read_only { ", read-only" } else { "" }
+            if d.cfg.read_only { ", read-only" } else { "" },
+            if spec_incoming {
+                ", incoming (migration destination)"
+            } else {
+                ""
+            }
         );
         println!("{}", attach_lines(&export));
     }

@@ -22,16 +22,27 @@ fn in_use(e: &BlockError) -> bool {
 
 /// Opens `spec`'s device; an image in use is tried again for up to `wait`.
 pub fn open_waiting(spec: &ExportSpec, wait: Duration) -> Result<Device, BlockError> {
+    retry_in_use(&spec.image, wait, true, || spec.open())
+}
+
+/// Runs `open` until it succeeds or fails with something else than the
+/// image being in use, for up to `wait`; says once that it waits, when
+/// `say`.
+pub fn retry_in_use<T>(
+    image: &str,
+    wait: Duration,
+    say: bool,
+    open: impl Fn() -> Result<T, BlockError>,
+) -> Result<T, BlockError> {
     let start = Instant::now();
     let mut said = false;
     loop {
-        match spec.open() {
+        match open() {
             Err(e) if in_use(&e) && start.elapsed() < wait => {
-                if !said {
+                if say && !said {
                     eprintln!(
-                        "spindle: {} is in use; trying again for up to {} s (a Spindle that was just killed \
-                         may hold its locks for a moment)",
-                        spec.image,
+                        "spindle: {image} is in use; trying again for up to {} s (a Spindle that was just killed, \
+                         or the source of a migration, may hold its locks for a moment)",
                         wait.as_secs()
                     );
                     said = true;

@@ -117,6 +117,9 @@ pub struct ExportInfo {
     pub num_queues: u16,
     /// The guest's write cache is on (CONFIG_WCE); off means write-through.
     pub write_cache: bool,
+    /// Live migration: `active`, `incoming` (a destination not started
+    /// yet) or `inactive` (stopped for a migration, image handed over).
+    pub migration: &'static str,
 }
 
 fn invalid(msg: String) -> BlockError {
@@ -172,7 +175,16 @@ impl Server {
         spec.socket = canonical(&spec.socket);
         let name = spec.name();
         self.reserve(&name, &spec.socket)?;
-        let started = start(&name, &spec);
+        let sibling = self.serving(&spec.image);
+        if let (Some(other), false) = (&sibling, spec.incoming) {
+            lock(&self.state).slots.remove(&name);
+            return Err(invalid(format!(
+                "{}: image is in use: it is already served by export '{}'; a second export of one image \
+                 must be a live migration's destination (--incoming, or incoming = true)",
+                spec.image, other.dev.cfg.name
+            )));
+        }
+        let started = start(&name, &spec, sibling.as_deref());
         let mut st = lock(&self.state);
         let (export, thread) = match started {
             Ok(s) if !st.closing => s,
@@ -198,6 +210,20 @@ impl Server {
         };
         st.slots.insert(name, Slot::Running(running));
         Ok(export)
+    }
+
+    /// The running export of the image file `image`, if any.
+    fn serving(&self, image: &str) -> Option<Arc<Export>> {
+        use std::os::unix::fs::MetadataExt;
+        if image.starts_with("null:") {
+            return None;
+        }
+        let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        let want = id(image)?;
+        lock(&self.state).slots.values().find_map(|s| match s {
+            Slot::Running(r) if id(&r.spec.image) == Some(want) => Some(r.export.clone()),
+            _ => None,
+        })
     }
 
     /// Takes `name` and `socket` for an export being added.
@@ -427,7 +453,7 @@ impl Server {
             engine: dev.cfg.engine.engine,
             ..Default::default()
         })?;
-        let node = dev.node.clone();
+        let node = dev.open_node()?;
         rt.block_on(async move { node.resize(new, shrink).await })?;
         dev.set_capacity(new);
         let notified = export.notify_config_change().map_err(|e| {
@@ -446,7 +472,8 @@ fn info(e: &Export, spec: &ExportSpec, state: &'static str) -> ExportInfo {
         name: d.cfg.name.clone(),
         state,
         image: spec.image.clone(),
-        format: d.node.info().format,
+        format: d.slot.info().format,
+        migration: d.migration().name(),
         size: d.capacity(),
         socket: e.socket.display().to_string(),
         connected: e.is_connected(),
@@ -476,8 +503,9 @@ pub fn socket_in_use(path: &Path) -> bool {
         && std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
-/// Opens the image, binds the socket and starts the export's thread.
-fn start(name: &str, spec: &ExportSpec) -> Result<(Arc<Export>, ExportThread), BlockError> {
+/// Opens the image (or shares the one `sibling` serves), binds the socket
+/// and starts the export's thread.
+fn start(name: &str, spec: &ExportSpec, sibling: Option<&Export>) -> Result<(Arc<Export>, ExportThread), BlockError> {
     // A socket the service manager passed in (socket activation) is served
     // as it is; any other is bound here.
     let passed = super::activation::claim(name, &spec.socket);
@@ -487,7 +515,10 @@ fn start(name: &str, spec: &ExportSpec) -> Result<(Arc<Export>, ExportThread), B
             spec.socket.display()
         )));
     }
-    let dev = Arc::new(super::restart::open_waiting(spec, super::restart::LOCK_WAIT)?);
+    let dev = Arc::new(match sibling {
+        Some(other) => spec.open_shared(&other.dev)?,
+        None => super::restart::open_waiting(spec, super::restart::LOCK_WAIT)?,
+    });
     let export = match passed {
         Some((listener, path)) => Export::adopt(dev, &path, listener),
         None => Export::bind(dev, &spec.socket).map_err(|e| invalid(e.to_string()))?,

@@ -88,7 +88,7 @@ fn concurrent_resizes_and_a_remove_of_one_export_are_serialised() {
     }
     // The published capacity is the size of the last resize to run.
     let (export, _) = server.running("e").unwrap();
-    assert_eq!(export.dev.capacity(), export.dev.node.size());
+    assert_eq!(export.dev.capacity(), export.dev.node().unwrap().size());
     // Resizes racing a remove: each one either ran before it or is told.
     let threads: Vec<_> = (0..8)
         .map(|i| {

@@ -2,10 +2,13 @@
 //! the control socket's `add` describe it; and turning that into a device.
 
 use serde::{Deserialize, Serialize};
-use spindle_block::{open_image, BlockError, Format, OpenConfig};
+use spindle_block::{open_image, BlockError, Format, Node, OpenConfig, Sharing};
 use spindle_io::{CacheMode, EngineKind, RuntimeConfig};
+use spindle_vhost::device::opt_io;
+use spindle_vhost::slot::{NodeSlot, Reopen};
 use spindle_vhost::{Device, DeviceConfig};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Polling window when none is given, chosen with `bench/vhost.py` (see
 /// docs/serve.md).
@@ -45,6 +48,12 @@ pub struct ExportSpec {
     pub serial: Option<String>,
     /// Polling window in microseconds (0 = off).
     pub poll_us: Option<u64>,
+    /// A live migration's destination: the image is not trusted (nor, in
+    /// a daemon of its own, opened for writing) until the frontend starts
+    /// the device. In a daemon that already serves the image, the export
+    /// shares the open image instead.
+    #[serde(default)]
+    pub incoming: bool,
 }
 
 fn invalid(msg: String) -> BlockError {
@@ -65,8 +74,69 @@ impl ExportSpec {
         })
     }
 
-    /// Checks every setting and opens the image.
+    /// Checks every setting and opens the image: for serving, or (when
+    /// `incoming`) inactive, holding only a shared lock on it.
     pub fn open(&self) -> Result<Device, BlockError> {
+        let (cfg, open_cfg) = self.settings()?;
+        let engine = cfg.engine;
+        let (node, reopen) = self.open_node(open_cfg, self.incoming)?;
+        let (size, opt) = (node.size(), opt_io(&node));
+        if self.incoming {
+            let slot = NodeSlot::inactive(node, Box::new(reopen), engine);
+            return Ok(Device::with_slot(Arc::new(slot), cfg, size, opt, true));
+        }
+        let mut cfg = cfg;
+        cfg.read_only |= node.is_read_only();
+        let slot = NodeSlot::active(node, Box::new(reopen), engine);
+        Ok(Device::with_slot(Arc::new(slot), cfg, size, opt, false))
+    }
+
+    /// A second export of the image `other` serves in this daemon, as a
+    /// live migration's destination: it shares `other`'s open image.
+    pub fn open_shared(&self, other: &Device) -> Result<Device, BlockError> {
+        let (mut cfg, _) = self.settings()?;
+        cfg.read_only |= other.cfg.read_only;
+        let node = other.node();
+        let opt = node.as_deref().map_or(0, opt_io);
+        Ok(Device::with_slot(other.slot.clone(), cfg, other.capacity(), opt, true))
+    }
+
+    /// Opens the image as `cfg` says (writable, or with `look` a read-only
+    /// look sharing everything), falling back to the page cache where
+    /// O_DIRECT is refused; and how to open it again.
+    fn open_node(&self, mut cfg: OpenConfig, look: bool) -> Result<(Node, SpecReopen), BlockError> {
+        check_file_type(&self.image)?;
+        let first = if look { SpecReopen::look(&cfg) } else { cfg.clone() };
+        let node = match open_image(&self.image, &first) {
+            // tmpfs and some FUSE file systems refuse O_DIRECT.
+            Err(e) if self.cache.is_none() && crate::img::direct_refused(&e) => {
+                tracing::warn!(
+                    "{}: the file system refuses O_DIRECT; serving with cache=writeback",
+                    self.image
+                );
+                cfg.cache = CacheMode::Writeback;
+                let first = if look { SpecReopen::look(&cfg) } else { cfg.clone() };
+                open_image(&self.image, &first)?
+            }
+            other => other?,
+        };
+        if node.size() < 512 {
+            return Err(invalid(format!(
+                "the image is {} bytes; a disk needs at least 512",
+                node.size()
+            )));
+        }
+        Ok((
+            node,
+            SpecReopen {
+                image: self.image.clone(),
+                cfg,
+            },
+        ))
+    }
+
+    /// Checks every setting: the device's and the image's.
+    fn settings(&self) -> Result<(DeviceConfig, OpenConfig), BlockError> {
         let name = self.name();
         if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c == '/') {
             return Err(invalid(format!(
@@ -104,55 +174,61 @@ impl ExportSpec {
         if serial.len() > 20 {
             return Err(invalid(format!("{name}: serial '{serial}' is longer than 20 bytes")));
         }
-        check_file_type(&self.image)?;
         let format: Option<Format> = self.format.as_deref().map(str::parse).transpose()?;
-        let explicit_cache = self.cache.is_some();
         let cache: CacheMode = self.cache.as_deref().unwrap_or("none").parse()?;
-        let mut cfg = OpenConfig {
+        let open_cfg = OpenConfig {
             format,
             cache,
             read_only: self.readonly,
             ..Default::default()
         };
-        let mut fell_back = false;
-        let node = match open_image(&self.image, &cfg) {
-            // tmpfs and some FUSE file systems refuse O_DIRECT.
-            Err(e) if !explicit_cache && crate::img::direct_refused(&e) => {
-                fell_back = true;
-                cfg.cache = CacheMode::Writeback;
-                open_image(&self.image, &cfg)?
-            }
-            other => other?,
-        };
-        if node.size() < 512 {
-            return Err(invalid(format!(
-                "the image is {} bytes; a disk needs at least 512",
-                node.size()
-            )));
-        }
-        if fell_back {
-            tracing::warn!(
-                "{}: the file system refuses O_DIRECT; serving with cache=writeback",
-                self.image
-            );
-        }
-        Ok(Device::new(
-            node,
-            DeviceConfig {
-                name,
-                serial,
-                num_queues,
-                iothreads,
-                queue_size,
-                poll_ns: poll_us * 1000,
-                engine: RuntimeConfig {
-                    engine,
-                    depth: 256,
-                    threads: aio_threads,
-                },
-                read_only: self.readonly,
+        let cfg = DeviceConfig {
+            name,
+            serial,
+            num_queues,
+            iothreads,
+            queue_size,
+            poll_ns: poll_us * 1000,
+            engine: RuntimeConfig {
+                engine,
+                depth: 256,
+                threads: aio_threads,
             },
-        ))
+            read_only: self.readonly,
+        };
+        Ok((cfg, open_cfg))
+    }
+}
+
+/// Opens an export's image again, after a migration handed it over.
+struct SpecReopen {
+    image: String,
+    cfg: OpenConfig,
+}
+
+impl SpecReopen {
+    /// A read-only look at the image that shares everything: QEMU's shared
+    /// "consistent read" lock only, so the source of a migration keeps
+    /// writing meanwhile.
+    fn look(cfg: &OpenConfig) -> OpenConfig {
+        OpenConfig {
+            read_only: true,
+            sharing: Sharing::All,
+            ..cfg.clone()
+        }
+    }
+}
+
+impl Reopen for SpecReopen {
+    fn open_active(&self) -> Result<Node, BlockError> {
+        // Quiet: a failed activation is logged (rate-limited) by the device.
+        super::restart::retry_in_use(&self.image, super::restart::LOCK_WAIT, false, || {
+            open_image(&self.image, &self.cfg)
+        })
+    }
+
+    fn open_inactive(&self) -> Result<Node, BlockError> {
+        open_image(&self.image, &SpecReopen::look(&self.cfg))
     }
 }
 

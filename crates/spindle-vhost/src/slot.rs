@@ -1,0 +1,221 @@
+//! The image behind one or more exports, and its handover for live
+//! migration.
+//!
+//! A [`NodeSlot`] holds the open image of an export, or nothing while the
+//! export is *inactive*: then it holds no write lock and no cached
+//! metadata, only (when it can) a read-only look at the image that takes
+//! QEMU's shared "consistent read" lock and shares everything else, so
+//! another process may write the image meanwhile.
+//!
+//! - [`NodeSlot::inactivate`] flushes and closes the image (qcow2 caches
+//!   written back, dirty bit cleared, locks released). Call it only with no
+//!   request in flight.
+//! - [`NodeSlot::activate`] opens it afresh, which re-reads every piece of
+//!   metadata and takes the write lock (waiting a few seconds for a
+//!   process that still holds it, see [`Reopen`]).
+//!
+//! Two exports of one image in one daemon (the destination of a local
+//! migration) share one slot; the image then stays open across the
+//! handover, and only the export that stops is flushed.
+//!
+//! The data path reads the node once per round of popped requests
+//! ([`NodeSlot::current`], an `ArcSwap` load), never per request, and
+//! takes no lock.
+
+use arc_swap::ArcSwapOption;
+use spindle_block::{BlockError, Node};
+use spindle_io::{Runtime, RuntimeConfig};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// How an inactive image is opened again.
+pub trait Reopen: Send + Sync {
+    /// Opens the image to serve it (the write lock, unless read-only),
+    /// waiting a few seconds while another process still holds it.
+    fn open_active(&self) -> Result<Node, BlockError>;
+    /// Opens the image to hold while inactive: it exists and its format is
+    /// known, and only a shared lock is taken (read, sharing everything).
+    fn open_inactive(&self) -> Result<Node, BlockError>;
+}
+
+/// What is known of the image without it being open.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotInfo {
+    /// Format name.
+    pub format: &'static str,
+}
+
+/// An image that can be closed and opened again under its exports.
+pub struct NodeSlot {
+    node: ArcSwapOption<Node>,
+    /// The look held while inactive; also serializes the handover.
+    held: Mutex<Option<Node>>,
+    reopen: Option<Box<dyn Reopen>>,
+    engine: RuntimeConfig,
+    info: SlotInfo,
+    users: AtomicUsize,
+}
+
+fn poisoned() -> BlockError {
+    BlockError::Invalid("image handover lock poisoned".into())
+}
+
+impl NodeSlot {
+    /// A slot serving `node`, which cannot be reopened: inactivating it
+    /// only flushes.
+    pub fn fixed(node: Node, engine: RuntimeConfig) -> NodeSlot {
+        NodeSlot {
+            info: SlotInfo {
+                format: node.info().format,
+            },
+            node: ArcSwapOption::new(Some(Arc::new(node))),
+            held: Mutex::new(None),
+            reopen: None,
+            engine,
+            users: AtomicUsize::new(0),
+        }
+    }
+
+    /// A slot serving `node`, closed and reopened through `reopen`.
+    pub fn active(node: Node, reopen: Box<dyn Reopen>, engine: RuntimeConfig) -> NodeSlot {
+        NodeSlot {
+            reopen: Some(reopen),
+            ..NodeSlot::fixed(node, engine)
+        }
+    }
+
+    /// An inactive slot: `look` (from [`Reopen::open_inactive`]) is held
+    /// until the first [`NodeSlot::activate`].
+    pub fn inactive(look: Node, reopen: Box<dyn Reopen>, engine: RuntimeConfig) -> NodeSlot {
+        NodeSlot {
+            info: SlotInfo {
+                format: look.info().format,
+            },
+            node: ArcSwapOption::new(None),
+            held: Mutex::new(Some(look)),
+            reopen: Some(reopen),
+            engine,
+            users: AtomicUsize::new(0),
+        }
+    }
+
+    /// The open image, or `None` while inactive (one `ArcSwap` load).
+    pub fn current(&self) -> Option<Arc<Node>> {
+        self.node.load_full()
+    }
+
+    /// Whether the image is open.
+    pub fn is_open(&self) -> bool {
+        self.node.load().is_some()
+    }
+
+    /// What is known of the image.
+    pub fn info(&self) -> SlotInfo {
+        self.info
+    }
+
+    /// The image's guest size: of the open image, else of the look held.
+    pub fn size(&self) -> Option<u64> {
+        match self.current() {
+            Some(n) => Some(n.size()),
+            None => self.held.lock().ok()?.as_ref().map(Node::size),
+        }
+    }
+
+    /// Opens the image when it is not open; returns it.
+    pub fn activate(&self) -> Result<Arc<Node>, BlockError> {
+        let mut held = self.held.lock().map_err(|_| poisoned())?;
+        if let Some(n) = self.current() {
+            return Ok(n);
+        }
+        let reopen = self
+            .reopen
+            .as_ref()
+            .ok_or_else(|| BlockError::Invalid("the image cannot be opened again".into()))?;
+        let node = Arc::new(reopen.open_active()?);
+        self.node.store(Some(node.clone()));
+        // The look goes only now: the image was never without a lock.
+        *held = None;
+        Ok(node)
+    }
+
+    /// Flushes the image and, when it can be opened again, closes it
+    /// (write-back, dirty bit cleared) and drops its locks, keeping only a
+    /// look at it. Call with no request in flight. Returns whether it was
+    /// closed.
+    pub fn inactivate(&self) -> Result<bool, BlockError> {
+        let mut held = self.held.lock().map_err(|_| poisoned())?;
+        let Some(node) = self.current() else { return Ok(false) };
+        let Some(reopen) = &self.reopen else {
+            self.flush()?;
+            return Ok(false);
+        };
+        run(self.engine, node.clone(), true)?;
+        self.node.store(None);
+        // Dropped last: nothing else holds it now (no request in flight),
+        // so its files close and their locks go.
+        drop(node);
+        *held = match reopen.open_inactive() {
+            Ok(look) => Some(look),
+            Err(e) => {
+                tracing::warn!("inactive image: cannot keep a read lock on it: {e}");
+                None
+            }
+        };
+        Ok(true)
+    }
+
+    /// Flushes the open image (if open), from a control-plane thread.
+    pub fn flush(&self) -> Result<(), BlockError> {
+        match self.current() {
+            Some(node) => run(self.engine, node, false),
+            None => Ok(()),
+        }
+    }
+
+    /// One more export serves this slot.
+    pub fn attach(&self) {
+        self.users.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// An export stopped serving this slot; the last one closes the image
+    /// and lets it go.
+    pub fn detach(&self) -> Result<(), BlockError> {
+        if self.users.fetch_sub(1, Ordering::AcqRel) > 1 {
+            return self.flush();
+        }
+        let mut held = self.held.lock().map_err(|_| poisoned())?;
+        *held = None;
+        match self.current() {
+            Some(node) => {
+                let res = run(self.engine, node, true);
+                // Its files close (and their locks go) now, not when the
+                // last reference to the device goes.
+                self.node.store(None);
+                res
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Exports serving this slot.
+    pub fn users(&self) -> usize {
+        self.users.load(Ordering::Acquire)
+    }
+}
+
+/// Flushes (or closes, with `close`) `node` on a runtime of its own.
+fn run(engine: RuntimeConfig, node: Arc<Node>, close: bool) -> Result<(), BlockError> {
+    let rt = Runtime::new(engine).map_err(BlockError::Setup)?;
+    rt.block_on(async move {
+        if close {
+            node.close().await
+        } else {
+            node.flush().await
+        }
+    })
+}
+
+#[cfg(test)]
+#[path = "slot_tests.rs"]
+mod tests;
