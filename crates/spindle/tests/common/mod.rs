@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod gio;
+pub mod migrate;
 pub mod qcow2;
 pub mod qemu;
 pub mod serve;
