@@ -36,6 +36,16 @@
  * - `R<n>`: the backend runs again. Once every writer finished a generation
  *   after it, gio prints `GIO-RESUMED n=<n> after_ms=<since R> max_op_ms=<the
  *   longest single I/O since the kill's ack>`.
+ * - `M<n>`: live migration number n is about to start. gio answers
+ *   `GIO-MIGRATE-ACK n=<n> inflight=<I/Os in progress>`. Unlike `K`, nothing
+ *   is relaxed: a migration must lose nothing, so every block is still
+ *   verified exactly.
+ * - `W<n>`: like `R` without ending a kill window (after a migration, or a
+ *   cancelled one): once every writer finished two generations after it, gio
+ *   prints `GIO-RESUMED n=<n> ...` as for `R`.
+ * - `V<n>`: every holder re-checks the checksums of all its held buffers now
+ *   (after a migration: the buffers read before it); gio then prints
+ *   `GIO-HELD-CHECKED n=<n> checked=<buffers> hold_failures=<total so far>`.
  * - `S`: stop. Every thread finishes its generation or pass; gio prints
  *   `GIO-FINAL <dev> <gen>[+],...` (+: that generation was fsynced) and
  *   `GIO-SUMMARY ...` and exits 0 only when nothing failed.
@@ -448,6 +458,10 @@ struct holder {
 	pthread_t th;
 };
 
+/* `V<n>`: the request number, and how many holders have answered it. */
+static atomic_uint held_req, held_done;
+static atomic_ullong held_checked;
+
 static uint64_t *slot_buf(struct holder *h, uint64_t s)
 {
 	return (uint64_t *)(h->d->pool + (s * o_hold_threads + h->idx) * (uint64_t)SLOT_BYTES);
@@ -469,8 +483,19 @@ static void *holder_main(void *arg)
 	struct holder *h = arg;
 	int fd = open_dev(h->d);
 	uint64_t first = o_writers * o_region_blocks, per = SLOT_BYTES / BS;
+	unsigned answered = 0;
 	while (!atomic_load(&stop_now)) {
 		for (uint64_t s = 0; s < h->nslots && !atomic_load(&stop_now); s++) {
+			unsigned req = atomic_load(&held_req);
+			if (req != answered) {
+				for (uint64_t t = 0; t < h->nslots; t++) {
+					if (h->slot_block[t] != ~0ull)
+						atomic_fetch_add(&held_checked, 1);
+					check_slot(h, t);
+				}
+				answered = req;
+				atomic_fetch_add(&held_done, 1);
+			}
 			check_slot(h, s);
 			uint64_t at = first + rnd(&h->rng) % (o_hold_blocks - per + 1);
 			uint64_t *buf = slot_buf(h, s);
@@ -554,10 +579,35 @@ static void *stdin_main(void *arg)
 			resume_at = now_us();
 			atomic_store(&restarts, n);
 			atomic_store(&resume_pending, n);
+		} else if (line[0] == 'M') {
+			say("GIO-MIGRATE-ACK n=%lu inflight=%d", strtoul(line + 1, NULL, 10), atomic_load(&in_io));
+		} else if (line[0] == 'W') {
+			unsigned n = (unsigned)strtoul(line + 1, NULL, 10);
+			for (int i = 0; i < ndevs; i++)
+				for (unsigned j = 0; j < o_writers; j++)
+					resume_base[i * o_writers + j] = atomic_load(&devs[i].writers[j].gens_done);
+			resume_at = now_us();
+			atomic_store(&win_max_us, 0);
+			atomic_store(&resume_pending, n);
+		} else if (line[0] == 'V') {
+			atomic_store(&held_done, 0);
+			atomic_store(&held_checked, 0);
+			atomic_store(&held_req, (unsigned)strtoul(line + 1, NULL, 10));
 		} else if (line[0] == 'S') {
 			atomic_store(&stop_now, 1);
 		}
 	}
+}
+
+static void check_held(void)
+{
+	static unsigned said;
+	unsigned req = atomic_load(&held_req);
+	if (req == said || !o_hold_threads || atomic_load(&held_done) < (unsigned)ndevs * o_hold_threads)
+		return;
+	said = req;
+	say("GIO-HELD-CHECKED n=%u checked=%llu hold_failures=%llu", req, (unsigned long long)atomic_load(&held_checked),
+	    (unsigned long long)atomic_load(&n_hold_fail));
 }
 
 static void check_resumed(void)
@@ -694,6 +744,7 @@ int main(int argc, char **argv)
 	while (!atomic_load(&stop_now)) {
 		usleep(50000);
 		check_resumed();
+		check_held();
 		if (now_us() - start > (uint64_t)o_max_seconds * 1000000u) {
 			say("GIO-NOTE no stop command within %u s: stopping", o_max_seconds);
 			atomic_store(&stop_now, 1);

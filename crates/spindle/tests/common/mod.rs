@@ -3,6 +3,7 @@
 
 pub mod gio;
 pub mod handover;
+pub mod migrate;
 pub mod qcow2;
 pub mod qemu;
 pub mod serve;

@@ -52,17 +52,26 @@ pub fn initrd(work: &Path, script: &str, gio: bool) -> PathBuf {
     path
 }
 
+/// vCPUs of the test guest.
+pub const SMP: u32 = 2;
+
 /// QEMU's arguments for the test guest with one vhost-user-blk disk per
 /// `(socket, queues)`; `reconnect` makes QEMU reconnect to a restarted
 /// backend every second.
 pub fn guest_args(initrd: &Path, disks: &[(&Path, u16)], reconnect: bool) -> Vec<String> {
+    guest_args_smp(initrd, disks, reconnect, SMP)
+}
+
+/// [`guest_args`] with `smp` vCPUs.
+pub fn guest_args_smp(initrd: &Path, disks: &[(&Path, u16)], reconnect: bool, smp: u32) -> Vec<String> {
+    let smp = smp.to_string();
     let mut args: Vec<String> = [
         "-accel",
         "tcg",
         "-m",
         &MEM_MB.to_string(),
         "-smp",
-        "2",
+        &smp,
         "-display",
         "none",
         "-nodefaults",
@@ -118,10 +127,22 @@ impl Vm {
     /// Starts QEMU for the guest; with `incoming` (a migration URI) it waits
     /// for a migration instead of booting. The chardevs reconnect.
     pub fn start(work: &Path, name: &str, initrd: &Path, disks: &[(&Path, u16)], incoming: Option<&str>) -> Vm {
+        Vm::start_smp(work, name, initrd, disks, incoming, SMP)
+    }
+
+    /// [`Vm::start`] with `smp` vCPUs.
+    pub fn start_smp(
+        work: &Path,
+        name: &str,
+        initrd: &Path,
+        disks: &[(&Path, u16)],
+        incoming: Option<&str>,
+        smp: u32,
+    ) -> Vm {
         super::need("qemu-system-x86_64");
         let qmp_sock = work.join(format!("{name}.qmp"));
         let err_log = work.join(format!("{name}.qemu-stderr"));
-        let mut args = guest_args(initrd, disks, true);
+        let mut args = guest_args_smp(initrd, disks, true, smp);
         args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp_sock.display())]);
         if let Some(uri) = incoming {
             args.extend(["-incoming".into(), uri.to_string()]);
