@@ -930,7 +930,17 @@ where
     // TODO: We ignore the `LOG_ALL` flag on `SET_FEATURES`, so we will continue marking pages as
     // dirty even if the migration fails. We need to disable the logging after receiving  a
     // `SET_FEATURE` without the `LOG_ALL` flag.
+    // A back-end that takes the log itself (`VhostUserBackend::set_log_base`) sees every
+    // `SET_FEATURES` through `acked_features`, and stops logging there.
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
+        // A back-end that marks its writes itself takes the log here.
+        if self
+            .backend
+            .set_log_base(log, &file)
+            .map_err(VhostUserError::ReqHandlerError)?
+        {
+            return Ok(());
+        }
         let mem = self.atomic_mem.memory();
 
         let logmem = Arc::new(
