@@ -10,6 +10,7 @@
 
 use crate::blk::config::{parse_write, ConfigWrite};
 use crate::device::Device;
+use crate::dirty::{DirtyLog, LogMap, VHOST_F_LOG_ALL};
 use crate::drain::InFlight;
 use crate::inflight::track::Tracking;
 use crate::inflight::{self, Caps, Region};
@@ -22,7 +23,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -68,6 +69,8 @@ pub struct BlkBackend {
     handlers: OnceLock<Vec<Weak<Handler>>>,
     /// The backend request channel (control plane only).
     backend_req: Mutex<Option<Backend>>,
+    /// The dirty log while the frontend migrates (`dirty.rs`).
+    pub(crate) dirty: Arc<DirtyLog>,
 }
 
 impl BlkBackend {
@@ -85,6 +88,7 @@ impl BlkBackend {
             failure: Mutex::new(None),
             handlers: OnceLock::new(),
             backend_req: Mutex::new(None),
+            dirty: Arc::new(DirtyLog::new()),
         }
     }
 
@@ -243,7 +247,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        self.dev.geometry().features()
+        self.dev.geometry().features() | VHOST_F_LOG_ALL
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.dirty.set_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -254,6 +262,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
@@ -267,6 +276,7 @@ impl VhostUserBackend for BlkBackend {
         // A reset device starts afresh: the frontend allocates a new
         // inflight buffer (QEMU frees its own on reset).
         self.tracking.set(None);
+        self.dirty.reset();
         self.recover(None, "the frontend reset it");
     }
 
@@ -282,6 +292,15 @@ impl VhostUserBackend for BlkBackend {
         limited!(info, device = %self.dev.cfg.name, "inflight buffer set: {} queues of {} entries", region.queues(), msg.queue_size);
         self.tracking.set(Some(region));
         Ok(())
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> io::Result<bool> {
+        let map = LogMap::adopt(file, log).inspect_err(|e| {
+            limited!(error, device = %self.dev.cfg.name, "SET_LOG_BASE refused, closing the connection: {e}");
+        })?;
+        limited!(info, device = %self.dev.cfg.name, "dirty log set: {} bytes (guest memory up to {} MiB)", map.len(), (map.len() as u64 * 8 * 4096) >> 20);
+        self.dirty.set_base(map);
+        Ok(true)
     }
 
     /// The vrings track EVENT_IDX themselves (`needs_notification`).

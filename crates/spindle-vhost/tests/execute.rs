@@ -4,6 +4,7 @@ use spindle_block::{open_image, Format, OpenConfig};
 use spindle_io::{Runtime, RuntimeConfig};
 use spindle_vhost::blk::request::*;
 use spindle_vhost::blk::{complete, parse, Device, Limits};
+use spindle_vhost::dirty::DirtyLog;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -59,7 +60,13 @@ fn requests_move_data_between_guest_memory_and_the_image() {
     let q = MockSplitQueue::new(&g.mem, 64);
     let run = |descs: &[RawDescriptor]| {
         let chain = q.build_desc_chain(descs).unwrap();
-        rt.block_on(complete(&node, &g.shared(), &dev, parse(chain, &g.mem, &limits)))
+        rt.block_on(complete(
+            &node,
+            &g.shared(),
+            &dev,
+            &DirtyLog::new(),
+            parse(chain, &g.mem, &limits),
+        ))
     };
 
     // Write 8 KiB from two guest buffers at sector 8.
@@ -136,6 +143,7 @@ fn a_read_only_image_fails_writes_with_ioerr() {
         &node,
         &g.shared(),
         &Device::new("ro"),
+        &DirtyLog::new(),
         parse(chain, &g.mem, &limits),
     ));
     assert_eq!(c.status, Some(VIRTIO_BLK_S_IOERR));
