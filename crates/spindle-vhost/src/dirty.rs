@@ -210,7 +210,7 @@ impl DirtyLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fuzzing::driver::memfd;
+    use crate::fuzzing::driver::{log_pages, memfd};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -220,14 +220,8 @@ mod tests {
         (f, m)
     }
 
-    /// The pages whose bits are set, read back through the file.
     fn marked(f: &File) -> Vec<u64> {
-        use std::os::unix::fs::FileExt;
-        let mut b = vec![0u8; f.metadata().unwrap().len() as usize];
-        f.read_exact_at(&mut b, 0).unwrap();
-        (0..b.len() as u64 * 8)
-            .filter(|p| b[(p / 8) as usize] & (1 << (p % 8)) != 0)
-            .collect()
+        log_pages(f).unwrap()
     }
 
     #[test]

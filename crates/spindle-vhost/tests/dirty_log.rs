@@ -10,7 +10,7 @@ use spindle_block::{open_image, Format, OpenConfig};
 use spindle_io::RuntimeConfig;
 use spindle_vhost::blk::request::VIRTIO_BLK_T_GET_ID;
 use spindle_vhost::dirty::VHOST_F_LOG_ALL;
-use spindle_vhost::fuzzing::driver::{area, memfd, Driver};
+use spindle_vhost::fuzzing::driver::{area, log_pages, memfd, Driver};
 use spindle_vhost::{Device, DeviceConfig, Export};
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -95,13 +95,8 @@ impl Server {
     }
 }
 
-/// Pages whose bits are set in `log`.
 fn marked(log: &File) -> Vec<u64> {
-    let mut b = vec![0u8; log.metadata().unwrap().len() as usize];
-    log.read_exact_at(&mut b, 0).unwrap();
-    (0..b.len() as u64 * 8)
-        .filter(|p| b[(p / 8) as usize] & (1 << (p % 8)) != 0)
-        .collect()
+    log_pages(log).unwrap()
 }
 
 fn clear(log: &File) {

@@ -55,6 +55,16 @@ pub fn memfd(len: u64, seal: bool) -> std::io::Result<File> {
     Ok(file)
 }
 
+/// The pages whose bits are set in the dirty log file `log`.
+pub fn log_pages(log: &File) -> std::io::Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; log.metadata()?.len() as usize];
+    log.read_exact_at(&mut b, 0)?;
+    Ok((0..b.len() as u64 * 8)
+        .filter(|p| b[(p / 8) as usize] & (1 << (p % 8)) != 0)
+        .collect())
+}
+
 /// A split virtqueue as the driver laid it out.
 #[derive(Debug)]
 pub struct Ring {
