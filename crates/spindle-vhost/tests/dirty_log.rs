@@ -245,3 +245,56 @@ fn logs_that_cannot_be_used_safely_are_refused_and_the_next_frontend_is_served()
         assert_eq!(d.read(0, 8, 4096, T).map(|r| r.0), Some(0), "{name}: next frontend");
     }
 }
+
+#[test]
+fn set_vring_addr_on_a_running_ring_loses_no_completion() {
+    use vhost::VringConfigData;
+    let _s = serial();
+    let srv = Server::start("readdr");
+    let mut d = srv.connect();
+    let log = memfd(4096, true).unwrap();
+    d.set_log_base(log.as_raw_fd(), 4096, 0).unwrap();
+    let r = d.rings[0].as_ref().unwrap();
+    // What QEMU sends when a migration starts (log flag on) and ends.
+    let cfg = |flags| VringConfigData {
+        queue_max_size: QSIZE,
+        queue_size: QSIZE,
+        flags,
+        desc_table_addr: d.va(r.desc),
+        used_ring_addr: d.va(r.used),
+        avail_ring_addr: d.va(r.avail),
+        log_addr: Some(r.used),
+    };
+    let (on, off) = (cfg(1), cfg(0));
+    // A second handle on the connection sends them while requests complete.
+    let fe = d.fe.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = stop.clone();
+    let readdr = std::thread::spawn(move || {
+        let mut n = 0u32;
+        while !stopper.load(std::sync::atomic::Ordering::Relaxed) {
+            fe.set_vring_addr(0, if n.is_multiple_of(2) { &on } else { &off }).unwrap();
+            n += 1;
+        }
+        n
+    });
+    // 21 requests in flight at a time (3 descriptors each on 64 entries).
+    let mut seen = 0u32;
+    for round in 0..300u64 {
+        let heads: Vec<u16> = (0..21)
+            .map(|i| d.submit(0, 0, round * 21 + i, &[0u8; 512], true).unwrap())
+            .collect();
+        let mut got: Vec<u16> = (0..21)
+            .map(|_| d.wait_used(0, T).expect("a completion went missing").0)
+            .collect();
+        got.sort_unstable();
+        let mut want = heads.clone();
+        want.sort_unstable();
+        assert_eq!(got, want, "round {round}: used entries");
+        seen += 21;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = readdr.join().unwrap();
+    eprintln!("{seen} completions while {n} SET_VRING_ADDR went by");
+    assert!(n > 10, "only {n} SET_VRING_ADDR sent");
+}
