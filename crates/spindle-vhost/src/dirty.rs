@@ -155,8 +155,7 @@ impl DirtyLog {
         DirtyLog::default()
     }
 
-    /// The log to mark now, if logging is on. One atomic load when off.
-    #[inline]
+    /// The log to mark now, if logging is on.
     pub fn active(&self) -> Option<Arc<LogMap>> {
         if !self.on.load(Ordering::Acquire) {
             return None;
@@ -164,15 +163,52 @@ impl DirtyLog {
         self.state.lock().ok()?.map.clone()
     }
 
-    /// Whether logging is on.
+    /// Whether logging is on: the data path's check (one atomic load),
+    /// before it calls the marking functions below, kept out of line.
+    #[inline]
     pub fn is_on(&self) -> bool {
         self.on.load(Ordering::Acquire)
     }
 
     /// Marks `len` bytes at `gpa` if logging is on.
+    #[cold]
+    #[inline(never)]
     pub fn mark(&self, gpa: u64, len: u64) {
         if let Some(m) = self.active() {
             m.mark(gpa, len);
+        }
+    }
+
+    /// Marks each `(gpa, len)` range and `len` bytes at `gpa` if logging
+    /// is on (a request's data buffers and status byte).
+    #[cold]
+    #[inline(never)]
+    pub fn mark_all(&self, ranges: &[(vm_memory::GuestAddress, usize)], status: Option<u64>) {
+        if let Some(m) = self.active() {
+            for &(addr, len) in ranges {
+                m.mark(addr.0, len as u64);
+            }
+            if let Some(gpa) = status {
+                m.mark(gpa, 1);
+            }
+        }
+    }
+
+    /// [`LogMap::mark_used_ring`] if logging is on.
+    #[cold]
+    #[inline(never)]
+    pub fn mark_used_ring(&self, q: &Queue) {
+        if let Some(m) = self.active() {
+            m.mark_used_ring(q);
+        }
+    }
+
+    /// [`LogMap::mark_used_event`] if logging is on.
+    #[cold]
+    #[inline(never)]
+    pub fn mark_used_event(&self, q: &Queue) {
+        if let Some(m) = self.active() {
+            m.mark_used_event(q);
         }
     }
 

@@ -268,8 +268,8 @@ fn pop_queue(b: &BlkBackend, w: &Worker, local: usize, vrings: &[VringRwLock], k
     let popped = pop_chains(b, w, &adm, queue, local, vring, keep_quiet);
     // Turning notifications off and on wrote the used ring's flags or
     // `avail_event`.
-    if let Some(log) = b.dirty.active() {
-        log.mark_used_event(vring.get_ref().get_queue());
+    if b.dirty.is_on() {
+        b.dirty.mark_used_event(vring.get_ref().get_queue());
     }
     adm.accepted(popped);
     popped
@@ -478,8 +478,8 @@ fn signal(b: &BlkBackend, w: &Worker, vrings: &[VringRwLock]) -> usize {
                     None => drop(publish()),
                 }
                 // Marked once the entries and the index are written.
-                if let Some(log) = b.dirty.active() {
-                    log.mark_used_ring(st.get_queue());
+                if b.dirty.is_on() {
+                    b.dirty.mark_used_ring(st.get_queue());
                 }
                 if let Some(why) = &broken {
                     stop(b, queue, &st, why);

@@ -273,7 +273,8 @@ fn set_vring_addr_on_a_running_ring_loses_no_completion() {
     let readdr = std::thread::spawn(move || {
         let mut n = 0u32;
         while !stopper.load(std::sync::atomic::Ordering::Relaxed) {
-            fe.set_vring_addr(0, if n.is_multiple_of(2) { &on } else { &off }).unwrap();
+            fe.set_vring_addr(0, if n.is_multiple_of(2) { &on } else { &off })
+                .unwrap();
             n += 1;
         }
         n

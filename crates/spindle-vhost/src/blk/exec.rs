@@ -62,7 +62,7 @@ pub async fn complete<B: Bitmap + 'static>(
             status_addr, status, ..
         } => {
             let ok = mem.write_obj(status, status_addr).is_ok();
-            if ok {
+            if ok && log.is_on() {
                 log.mark(status_addr.0, 1);
             }
             Completion {
@@ -73,17 +73,14 @@ pub async fn complete<B: Bitmap + 'static>(
         Parsed::Request(req) => {
             let (status, data_written) = execute(node, mem, dev, &req).await;
             let ok = mem.write_obj(status, req.status).is_ok();
-            if let Some(log) = log.active() {
+            if log.is_on() {
                 // The device may have written the data buffers even when
                 // the request failed: they are marked all the same.
-                if matches!(req.kind, RequestKind::Read | RequestKind::GetId) {
-                    for &(addr, len) in &req.data {
-                        log.mark(addr.0, len as u64);
-                    }
-                }
-                if ok {
-                    log.mark(req.status.0, 1);
-                }
+                let data = match req.kind {
+                    RequestKind::Read | RequestKind::GetId => &req.data[..],
+                    _ => &[],
+                };
+                log.mark_all(data, ok.then_some(req.status.0));
             }
             Completion {
                 status: ok.then_some(status),
