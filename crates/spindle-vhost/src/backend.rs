@@ -10,6 +10,7 @@
 
 use crate::blk::config::{parse_write, ConfigWrite};
 use crate::device::{Device, Migration};
+use crate::dirty::{DirtyLog, LogMap, VHOST_F_LOG_ALL};
 use crate::drain::InFlight;
 use crate::inflight::track::Tracking;
 use crate::inflight::{self, Caps, Region};
@@ -22,7 +23,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -35,8 +36,6 @@ pub type Memory = GuestMemoryMmap<()>;
 /// The epoll handler of one I/O thread.
 pub type Handler = VringEpollHandler<Arc<BlkBackend>>;
 
-/// `VHOST_F_LOG_ALL`: the frontend logs dirty pages (a migration runs).
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// How long `GET_VRING_BASE` and a disconnect wait for accepted requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -76,6 +75,8 @@ pub struct BlkBackend {
     acked: AtomicU64,
     /// Per queue: the ring runs (popped since it was last stopped).
     running: Box<[AtomicBool]>,
+    /// The dirty log while the frontend migrates (`dirty.rs`).
+    pub(crate) dirty: Arc<DirtyLog>,
 }
 
 impl BlkBackend {
@@ -95,6 +96,7 @@ impl BlkBackend {
             backend_req: Mutex::new(None),
             acked: AtomicU64::new(0),
             running: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+            dirty: Arc::new(DirtyLog::new()),
         }
     }
 
@@ -322,6 +324,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Release);
+        self.dirty.set_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -332,6 +335,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
@@ -351,6 +355,7 @@ impl VhostUserBackend for BlkBackend {
         // A reset device starts afresh: the frontend allocates a new
         // inflight buffer (QEMU frees its own on reset).
         self.tracking.set(None);
+        self.dirty.reset();
         self.recover(None, "the frontend reset it");
     }
 
@@ -366,6 +371,15 @@ impl VhostUserBackend for BlkBackend {
         limited!(info, device = %self.dev.cfg.name, "inflight buffer set: {} queues of {} entries", region.queues(), msg.queue_size);
         self.tracking.set(Some(region));
         Ok(())
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> io::Result<bool> {
+        let map = LogMap::adopt(file, log).inspect_err(|e| {
+            limited!(error, device = %self.dev.cfg.name, "SET_LOG_BASE refused, closing the connection: {e}");
+        })?;
+        limited!(info, device = %self.dev.cfg.name, "dirty log set: {} bytes (guest memory up to {} MiB)", map.len(), (map.len() as u64 * 8 * 4096) >> 20);
+        self.dirty.set_base(map);
+        Ok(true)
     }
 
     /// The vrings track EVENT_IDX themselves (`needs_notification`).

@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod blk;
 pub mod device;
+pub mod dirty;
 mod drain;
 pub mod export;
 #[doc(hidden)]

@@ -23,6 +23,7 @@
 use crate::backend::{BlkBackend, Memory};
 use crate::blk::{complete, parse, Parsed, RequestKind, VIRTIO_BLK_S_OK};
 use crate::device::Device;
+use crate::dirty::DirtyLog;
 use crate::drain::Admission;
 use crate::inflight::track::QueueTrack;
 use crate::kick::hold_kicks;
@@ -82,6 +83,9 @@ struct Worker {
 /// per request on the way in or out.
 struct Shared {
     dev: Arc<Device>,
+    /// Where the pages the thread writes are marked while the frontend
+    /// migrates.
+    log: Arc<DirtyLog>,
     /// Per queue (by index on this thread): finished chains, as (head,
     /// used length), not yet on the used ring. `signal` publishes them
     /// under one vring lock and one guest-memory load per queue.
@@ -105,6 +109,7 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         rt,
         shared: Rc::new(Shared {
             dev: b.dev.clone(),
+            log: b.dirty.clone(),
             done: RefCell::new(vec![Vec::new(); queues]),
         }),
         thread,
@@ -267,6 +272,11 @@ fn pop_queue(b: &BlkBackend, w: &Worker, local: usize, vrings: &[VringRwLock], k
         return 0;
     };
     let popped = pop_chains(b, w, &adm, queue, local, vring, keep_quiet, &Rc::new(node));
+    // Turning notifications off and on wrote the used ring's flags or
+    // `avail_event`.
+    if b.dirty.is_on() {
+        b.dirty.mark_used_event(vring.get_ref().get_queue());
+    }
     adm.accepted(popped);
     popped
 }
@@ -421,7 +431,7 @@ fn spawn_request(
     let sh = w.shared.clone();
     let task = w.rt.spawn_now(async move {
         let ident = sh.dev.ident();
-        let c = complete(&node, &mem, &ident, parsed).await;
+        let c = complete(&node, &mem, &ident, &sh.log, parsed).await;
         let ok = c.status == Some(VIRTIO_BLK_S_OK);
         sh.dev
             .queue_stats(queue)
@@ -476,6 +486,10 @@ fn signal(b: &BlkBackend, w: &Worker, vrings: &[VringRwLock]) -> usize {
                 match w.track.borrow()[i].as_ref() {
                     Some(t) => t.complete(&list[..], |e| e.0, publish),
                     None => drop(publish()),
+                }
+                // Marked once the entries and the index are written.
+                if b.dirty.is_on() {
+                    b.dirty.mark_used_ring(st.get_queue());
                 }
                 if let Some(why) = &broken {
                     stop(b, queue, &st, why);

@@ -4,6 +4,7 @@ use spindle_block::{open_image, Format, OpenConfig};
 use spindle_io::{Runtime, RuntimeConfig};
 use spindle_vhost::blk::request::*;
 use spindle_vhost::blk::{complete, parse, Device, Limits};
+use spindle_vhost::dirty::DirtyLog;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -24,7 +25,26 @@ struct Guest {
     mem: GuestMemoryMmap,
 }
 
+/// A 1 MiB raw image filled with `fill`: its directory, path and node.
+fn raw_disk(fill: u8) -> (tempfile::TempDir, std::path::PathBuf, spindle_block::Node) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("disk.raw");
+    std::fs::write(&path, vec![fill; 1 << 20]).unwrap();
+    let cfg = OpenConfig {
+        format: Some(Format::Raw),
+        ..Default::default()
+    };
+    let node = open_image(path.to_str().unwrap(), &cfg).unwrap();
+    (dir, path, node)
+}
+
 impl Guest {
+    /// 1 MiB of guest memory at 0.
+    fn new() -> Guest {
+        Guest {
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        }
+    }
     /// The memory as the data plane shares it (same mapping).
     fn shared(&self) -> spindle_vhost::blk::request::SharedMemory<()> {
         std::rc::Rc::new(std::sync::Arc::new(self.mem.clone()))
@@ -42,24 +62,21 @@ impl Guest {
 
 #[test]
 fn requests_move_data_between_guest_memory_and_the_image() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let path = dir.path().join("disk.raw");
-    std::fs::write(&path, vec![0x11u8; 1 << 20]).unwrap();
-    let cfg = OpenConfig {
-        format: Some(Format::Raw),
-        ..Default::default()
-    };
-    let node = open_image(path.to_str().unwrap(), &cfg).unwrap();
-    let g = Guest {
-        mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
-    };
+    let (_dir, path, node) = raw_disk(0x11);
+    let g = Guest::new();
     let limits = Limits::new((1 << 20) / 512);
     let dev = Device::new("spindle-test-serial-0123456789");
     let rt = Runtime::new(RuntimeConfig::default()).unwrap();
     let q = MockSplitQueue::new(&g.mem, 64);
     let run = |descs: &[RawDescriptor]| {
         let chain = q.build_desc_chain(descs).unwrap();
-        rt.block_on(complete(&node, &g.shared(), &dev, parse(chain, &g.mem, &limits)))
+        rt.block_on(complete(
+            &node,
+            &g.shared(),
+            &dev,
+            &DirtyLog::new(),
+            parse(chain, &g.mem, &limits),
+        ))
     };
 
     // Write 8 KiB from two guest buffers at sector 8.
@@ -136,8 +153,64 @@ fn a_read_only_image_fails_writes_with_ioerr() {
         &node,
         &g.shared(),
         &Device::new("ro"),
+        &DirtyLog::new(),
         parse(chain, &g.mem, &limits),
     ));
     assert_eq!(c.status, Some(VIRTIO_BLK_S_IOERR));
     assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn with_logging_on_reads_mark_their_data_and_status_and_writes_their_status_only() {
+    use spindle_vhost::dirty::{LogMap, VHOST_F_LOG_ALL};
+    use spindle_vhost::fuzzing::driver::{log_pages, memfd};
+    use std::os::unix::fs::FileExt;
+    let (_dir, _, node) = raw_disk(0x22);
+    let g = Guest::new();
+    let limits = Limits::new((1 << 20) / 512);
+    let dev = Device::new("serial");
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let q = MockSplitQueue::new(&g.mem, 64);
+    let file = memfd(4096, true).unwrap();
+    let log = DirtyLog::new();
+    log.set_base(LogMap::adopt(&file, &vhost::vhost_user::message::VhostUserLog::new(4096, 0)).unwrap());
+    log.set_features(VHOST_F_LOG_ALL);
+    let run = |descs: &[RawDescriptor]| {
+        file.write_all_at(&[0u8; 4096], 0).unwrap();
+        let chain = q.build_desc_chain(descs).unwrap();
+        let c = rt.block_on(complete(&node, &g.shared(), &dev, &log, parse(chain, &g.mem, &limits)));
+        (c.status, log_pages(&file).unwrap())
+    };
+    let page = |a: u64| a / 4096;
+
+    // A read of 3 sectors at BUF + 4000 (pages 16 and 17), status at 0xF000.
+    g.header(VIRTIO_BLK_T_IN, 0);
+    let (st, pages) = run(&[r(HDR, 16), w(BUF + 4000, 1536), w(STATUS, 1)]);
+    assert_eq!(st, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(pages, [page(STATUS), page(BUF), page(BUF) + 1]);
+
+    // A write: the device writes only the status byte.
+    g.header(VIRTIO_BLK_T_OUT, 0);
+    let (st, pages) = run(&[r(HDR, 16), r(BUF + 4000, 1536), w(STATUS, 1)]);
+    assert_eq!(st, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(pages, [page(STATUS)]);
+
+    // GET_ID into 20 bytes on page 32.
+    g.header(VIRTIO_BLK_T_GET_ID, 0);
+    let (st, pages) = run(&[r(HDR, 16), w(0x20000, 20), w(STATUS, 1)]);
+    assert_eq!(st, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(pages, [page(STATUS), 32]);
+
+    // A refused chain (a read past the end of the disk) writes its status.
+    g.header(VIRTIO_BLK_T_IN, (1 << 20) / 512);
+    let (st, pages) = run(&[r(HDR, 16), w(BUF, 512), w(STATUS, 1)]);
+    assert_eq!(st, Some(VIRTIO_BLK_S_IOERR));
+    assert_eq!(pages, [page(STATUS)]);
+
+    // Logging off: a read marks nothing.
+    log.set_features(0);
+    g.header(VIRTIO_BLK_T_IN, 0);
+    let (st, pages) = run(&[r(HDR, 16), w(BUF, 4096), w(STATUS, 1)]);
+    assert_eq!(st, Some(VIRTIO_BLK_S_OK));
+    assert_eq!(pages, Vec::<u64>::new());
 }

@@ -474,6 +474,23 @@ fn session_seeds() -> Vec<(&'static str, Vec<Op>)> {
             vec![Handshake, GetInflight(2, 64), SetInflight(0, 0, -64)],
         ),
         (
+            "dirty_logs",
+            with(&[
+                // A log for 256 MiB of guest memory, then one byte (32 KiB),
+                // then LOG_ALL cleared, then a log past the end of its file.
+                vec![Handshake, SetLogBase(0, 8192, 0)],
+                setup[1..].to_vec(),
+                io(0),
+                vec![SetLogBase(0, 1, 0)],
+                io(1),
+                vec![SetFeatures(FEATURES)],
+                io(0),
+                vec![SetLogBase(0, 4096, 1 << 20)],
+            ]),
+        ),
+        ("dirty_log_unsealed", vec![Handshake, SetLogBase(1, 4096, 0)]),
+        ("dirty_log_not_a_memfd", vec![Handshake, SetLogBase(2, 4096, 0)]),
+        (
             "raw_garbage",
             vec![Handshake, Raw(vec![1, 0, 0, 0, 1, 0, 0, 0, 255, 255, 0, 0])],
         ),

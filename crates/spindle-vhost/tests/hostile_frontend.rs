@@ -9,12 +9,10 @@
 use spindle_block::{open_image, Format, OpenConfig};
 use spindle_io::RuntimeConfig;
 use spindle_vhost::fuzzing::driver::{ring_base, Driver, Ring, MEM_SIZE};
-use spindle_vhost::{Device, DeviceConfig, Export, LibraryLogs};
-use std::io::Write;
+use spindle_vhost::{Device, DeviceConfig, Export};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing_subscriber::prelude::*;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
@@ -23,54 +21,8 @@ const T: Duration = Duration::from_secs(10);
 const LIFETIME: Duration = Duration::from_secs(60);
 const MAX_QUEUE: u16 = 256;
 
-/// Everything the process logs (the backend's threads included), through
-/// the layers `spindle serve` uses.
-fn log() -> &'static Mutex<Vec<u8>> {
-    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let sink = buf.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-            .with_writer(move || Sink(sink.clone()))
-            .with_ansi(false)
-            .finish()
-            .with(LibraryLogs::default())
-            .try_init()
-            .expect("subscriber");
-        buf
-    })
-}
-
-struct Sink(Arc<Mutex<Vec<u8>>>);
-impl Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The log lines written since `mark` (a length of the log).
-fn lines_since(mark: usize) -> Vec<String> {
-    let l = log().lock().unwrap();
-    String::from_utf8_lossy(&l[mark.min(l.len())..])
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn mark() -> usize {
-    log().lock().unwrap().len()
-}
-
-/// The tests share the log and measure CPU time: one at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static S: Mutex<()> = Mutex::new(());
-    S.lock().unwrap_or_else(|e| e.into_inner())
-}
+mod common;
+use common::{lines_since, log, mark, serial};
 
 struct Server {
     export: Arc<Export>,

@@ -24,7 +24,7 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight, VhostUserLog,
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
@@ -213,6 +213,16 @@ pub trait VhostUserBackend: Send + Sync {
         ))
     }
 
+    /// Take the dirty log (`SET_LOG_BASE`) for a back-end that marks the pages it writes
+    /// itself rather than through the memory's bitmap (for example with `Bitmap = ()`).
+    ///
+    /// Called only when `VHOST_USER_PROTOCOL_F_LOG_SHMFD` was negotiated, before the handler
+    /// installs the log in the memory's bitmaps. Returns whether the back-end took the log; if
+    /// so the bitmaps are left alone. The default (`false`) keeps the bitmap behaviour.
+    fn set_log_base(&self, _log: &VhostUserLog, _file: &File) -> Result<bool> {
+        Ok(false)
+    }
+
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
@@ -397,6 +407,16 @@ pub trait VhostUserBackendMut: Send + Sync {
         ))
     }
 
+    /// Take the dirty log (`SET_LOG_BASE`) for a back-end that marks the pages it writes
+    /// itself rather than through the memory's bitmap (for example with `Bitmap = ()`).
+    ///
+    /// Called only when `VHOST_USER_PROTOCOL_F_LOG_SHMFD` was negotiated, before the handler
+    /// installs the log in the memory's bitmaps. Returns whether the back-end took the log; if
+    /// so the bitmaps are left alone. The default (`false`) keeps the bitmap behaviour.
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: &File) -> Result<bool> {
+        Ok(false)
+    }
+
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
@@ -503,6 +523,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
         self.deref().set_inflight_fd(inflight, file)
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
+        self.deref().set_log_base(log, file)
     }
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
@@ -613,6 +637,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
         self.lock().unwrap().set_inflight_fd(inflight, file)
     }
 
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
+        self.lock().unwrap().set_log_base(log, file)
+    }
+
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.lock().unwrap().get_shmem_config()
     }
@@ -719,6 +747,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
         self.write().unwrap().set_inflight_fd(inflight, file)
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
+        self.write().unwrap().set_log_base(log, file)
     }
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {

@@ -6,10 +6,12 @@
 use std::error;
 use std::fs::File;
 use std::io;
+use std::ops::Deref;
 use std::os::fd::AsFd;
 #[cfg(feature = "postcopy")]
 use std::os::fd::FromRawFd;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 
@@ -516,10 +518,17 @@ where
             // Note: I'm not sure why QEMU's vhost-user library sets the 'user' index here,
             // _probably_ to make sure that the VQ is already configured. A better solution would
             // be to receive the 'used' index in SET_VRING_BASE, as is done when using packed VQs.
-            let idx = vring
-                .queue_used_idx()
+            //
+            // Read and set under one lock: QEMU sends SET_VRING_ADDR to a running ring when a
+            // migration starts or ends (only the log flag changes), and a worker publishing used
+            // entries in between would otherwise see its next used index moved back.
+            let mem = self.atomic_mem.memory();
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            let idx = queue
+                .used_idx(mem.deref(), Ordering::Acquire)
                 .map_err(|_| VhostUserError::BackendInternalError)?;
-            vring.set_queue_next_used(idx);
+            queue.set_next_used(idx.0);
 
             Ok(())
         } else {
@@ -930,7 +939,17 @@ where
     // TODO: We ignore the `LOG_ALL` flag on `SET_FEATURES`, so we will continue marking pages as
     // dirty even if the migration fails. We need to disable the logging after receiving  a
     // `SET_FEATURE` without the `LOG_ALL` flag.
+    // A back-end that takes the log itself (`VhostUserBackend::set_log_base`) sees every
+    // `SET_FEATURES` through `acked_features`, and stops logging there.
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
+        // A back-end that marks its writes itself takes the log here.
+        if self
+            .backend
+            .set_log_base(log, &file)
+            .map_err(VhostUserError::ReqHandlerError)?
+        {
+            return Ok(());
+        }
         let mem = self.atomic_mem.memory();
 
         let logmem = Arc::new(

@@ -3,6 +3,7 @@
 use super::request::{
     sg_list, Parsed, Request, RequestKind, SharedMemory, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
+use crate::dirty::DirtyLog;
 use spindle_block::Node;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::Bytes;
@@ -43,10 +44,13 @@ impl Device {
 }
 
 /// Runs a parsed chain: executes a request, or writes the failure status.
+/// While `log` is on, every guest page written (data of reads and GET_ID,
+/// the status byte) is marked in it once written.
 pub async fn complete<B: Bitmap + 'static>(
     node: &Node,
     mem: &SharedMemory<B>,
     dev: &Device,
+    log: &DirtyLog,
     parsed: Parsed,
 ) -> Completion {
     match parsed {
@@ -58,6 +62,9 @@ pub async fn complete<B: Bitmap + 'static>(
             status_addr, status, ..
         } => {
             let ok = mem.write_obj(status, status_addr).is_ok();
+            if ok && log.is_on() {
+                log.mark(status_addr.0, 1);
+            }
             Completion {
                 status: ok.then_some(status),
                 used_len: u32::from(ok),
@@ -66,6 +73,15 @@ pub async fn complete<B: Bitmap + 'static>(
         Parsed::Request(req) => {
             let (status, data_written) = execute(node, mem, dev, &req).await;
             let ok = mem.write_obj(status, req.status).is_ok();
+            if log.is_on() {
+                // The device may have written the data buffers even when
+                // the request failed: they are marked all the same.
+                let data = match req.kind {
+                    RequestKind::Read | RequestKind::GetId => &req.data[..],
+                    _ => &[],
+                };
+                log.mark_all(data, ok.then_some(req.status.0));
+            }
             Completion {
                 status: ok.then_some(status),
                 used_len: if ok { data_written + 1 } else { 0 },

@@ -100,7 +100,13 @@ pub fn blk_chain(data: &[u8]) -> Outcome {
             let parsed = parse(chain, &mem, &limits);
             check_parsed(&parsed, &mem, &limits);
             let shared = std::rc::Rc::new(std::sync::Arc::new(mem.clone()));
-            let c = env.rt.block_on(complete(&env.node, &shared, &dev, parsed));
+            let c = env.rt.block_on(complete(
+                &env.node,
+                &shared,
+                &dev,
+                &crate::dirty::DirtyLog::new(),
+                parsed,
+            ));
             assert!(
                 u64::from(c.used_len) <= writable,
                 "used length {} for a chain of {writable} writable bytes",

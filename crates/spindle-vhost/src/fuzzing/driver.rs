@@ -26,13 +26,46 @@ pub fn ring_base(i: usize) -> u64 {
 }
 /// Where request headers, data, status bytes and indirect tables go:
 /// 128 KiB for each of 64 slots of the available ring, from 8 MiB.
-fn area(slot: u16) -> u64 {
+pub fn area(slot: u16) -> u64 {
     (8 << 20) + u64::from(slot % 64) * (128 << 10)
 }
 /// `VHOST_F_LOG_ALL`.
 const LOG_ALL: u64 = 1 << 26;
 /// Largest data buffer of one request.
 pub const MAX_DATA: usize = 64 << 10;
+
+/// A memfd of `len` bytes, sealed against shrinking and growing when
+/// `seal` (as QEMU makes its dirty log): what SET_LOG_BASE passes.
+pub fn memfd(len: u64, seal: bool) -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a plain system call on a NUL-terminated name; the result is
+    // checked before use.
+    let fd = unsafe { libc::memfd_create(c"spindle-test".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    if seal {
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: fcntl on a descriptor this function owns; no memory passed.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(file)
+}
+
+/// The pages whose bits are set in the dirty log file `log`.
+pub fn log_pages(log: &File) -> std::io::Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; log.metadata()?.len() as usize];
+    log.read_exact_at(&mut b, 0)?;
+    Ok((0..b.len() as u64 * 8)
+        .filter(|p| b[(p / 8) as usize] & (1 << (p % 8)) != 0)
+        .collect())
+}
 
 /// A split virtqueue as the driver laid it out.
 #[derive(Debug)]
@@ -169,7 +202,8 @@ impl Driver {
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
                     | VhostUserProtocolFeatures::RESET_DEVICE
-                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                    | VhostUserProtocolFeatures::LOG_SHMFD),
         )?;
         self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         // Dirty logging is acked only while a migration runs, as QEMU does.
@@ -213,6 +247,17 @@ impl Driver {
         }
     }
 
+    /// SET_LOG_BASE: the dirty log is `size` bytes at `offset` in the file
+    /// `fd` (as QEMU sends it when a migration starts).
+    pub fn set_log_base(&self, fd: i32, size: u64, offset: u64) -> vhost::Result<()> {
+        let region = vhost::VhostUserDirtyLogRegion {
+            mmap_size: size,
+            mmap_offset: offset,
+            mmap_handle: fd,
+        };
+        self.fe.set_log_base(0, Some(region))
+    }
+
     /// Sends the whole of guest memory as one region.
     pub fn set_mem_table(&mut self) -> vhost::Result<()> {
         self.set_mem_table_len(MEM_SIZE)
@@ -233,7 +278,12 @@ impl Driver {
     /// Sets queue `i` up as QEMU does: size, base, addresses, kick, call,
     /// error eventfd, enable. The ring's memory is zeroed first.
     pub fn setup_queue(&mut self, i: usize, size: u16) -> vhost::Result<()> {
-        let ring = Ring::at(ring_base(i), size).map_err(vhost::Error::IOError)?;
+        self.setup_queue_at(i, ring_base(i), size)
+    }
+
+    /// `setup_queue` with the ring at guest address `base` (16-aligned).
+    pub fn setup_queue_at(&mut self, i: usize, base: u64, size: u16) -> vhost::Result<()> {
+        let ring = Ring::at(base, size).map_err(vhost::Error::IOError)?;
         let len = (ring.used + 6 + 8 * u64::from(size) - ring.desc) as usize;
         let _ = self.mem.write_slice(&vec![0u8; len], GuestAddress(ring.desc));
         self.fe.set_vring_num(i, size)?;

@@ -87,6 +87,9 @@ pub enum Op {
     SetInflight(u16, u8, i8),
     /// Sleeps this many milliseconds (lets the I/O thread run).
     Sleep(u8),
+    /// SET_LOG_BASE of `size` bytes at `offset` in a file of this kind
+    /// (modulo 3): a sealed memfd of 64 KiB, an unsealed one, `/dev/null`.
+    SetLogBase(u8, u32, u32),
 }
 
 /// Reads the fuzzer's bytes: little-endian integers, zero past the end.
@@ -125,7 +128,7 @@ impl Op {
         let mut r = Reader(data);
         let mut ops = Vec::new();
         while !r.0.is_empty() && ops.len() < 256 {
-            let op = match r.u8() % 25 {
+            let op = match r.u8() % 26 {
                 0 => Op::Handshake,
                 1 => Op::SetupQueue(r.u8(), r.u16()),
                 2 => Op::SetVringNum(r.u8(), r.u16()),
@@ -161,6 +164,7 @@ impl Op {
                 }
                 22 => Op::GetInflight(r.u8(), r.u16()),
                 23 => Op::SetInflight(r.u16(), r.u8(), r.u8() as i8),
+                25 => Op::SetLogBase(r.u8(), r.u32(), r.u32()),
                 _ => Op::Sleep(r.u8()),
             };
             ops.push(op);
@@ -211,6 +215,7 @@ impl Op {
                 Op::GetInflight(q, n) => (22, [&[*q][..], &n.to_le_bytes()].concat()),
                 Op::SetInflight(at, v, d) => (23, [&at.to_le_bytes()[..], &[*v, *d as u8]].concat()),
                 Op::Sleep(ms) => (24, vec![*ms]),
+                Op::SetLogBase(k, n, off) => (25, [&[*k][..], &n.to_le_bytes(), &off.to_le_bytes()].concat()),
             };
             o.push(code);
             o.extend_from_slice(&args);
@@ -404,5 +409,19 @@ fn run(d: &mut Driver, op: &Op) -> Result<(), ()> {
             std::thread::sleep(Duration::from_millis(u64::from(*ms % 5)));
             Ok(())
         }
+        Op::SetLogBase(kind, size, offset) => {
+            let file = log_file(*kind).ok_or(())?;
+            ok(d.set_log_base(file.as_raw_fd(), u64::from(*size), u64::from(*offset)))
+        }
+    }
+}
+
+/// A file for SET_LOG_BASE: a sealed memfd of 64 KiB (as QEMU makes the
+/// log), an unsealed one, or a file that is no memfd (`/dev/null`).
+fn log_file(kind: u8) -> Option<std::fs::File> {
+    match kind % 3 {
+        0 => super::driver::memfd(64 << 10, true).ok(),
+        1 => super::driver::memfd(64 << 10, false).ok(),
+        _ => std::fs::File::open("/dev/null").ok(),
     }
 }

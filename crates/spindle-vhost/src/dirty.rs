@@ -1,0 +1,359 @@
+//! Dirty-page logging for live migration (`VHOST_F_LOG_ALL` with
+//! `VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
+//!
+//! While the frontend migrates, it gives a shared log (`SET_LOG_BASE`):
+//! one bit per 4 KiB guest page, by guest physical address, and acks
+//! `VHOST_F_LOG_ALL`. The backend sets the bit of every page it writes,
+//! after the write, so the frontend copies the page again. Spindle writes
+//! guest memory in three places, each marked here: request data (reads and
+//! GET_ID, once the I/O completed), status bytes (`blk::exec::complete`),
+//! and the used ring (in `worker.rs`: the whole ring after each batch of
+//! entries, its flags and `avail_event` after notifications were turned
+//! off and on).
+//!
+//! Guest memory keeps `Bitmap = ()`: vm-memory's own bitmap would put
+//! every guest-memory access of the data path through it, logging or not.
+//! Here a data path with logging off pays one atomic load per request and
+//! per batch ([`DirtyLog::active`]).
+
+use crate::ratelimit::limited;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use vhost::vhost_user::message::VhostUserLog;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
+
+/// Bytes of guest memory one bit of the log stands for (`VHOST_LOG_PAGE`).
+pub const LOG_PAGE: u64 = 4096;
+
+/// `VHOST_F_LOG_ALL`: the device logs every write to guest memory.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
+fn refused(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, format!("dirty log refused: {why}"))
+}
+
+/// The frontend's log, mapped shared.
+#[derive(Debug)]
+pub struct LogMap {
+    map: MmapRegion,
+}
+
+impl LogMap {
+    /// Maps the log `msg` describes in `file` (`SET_LOG_BASE`). The file
+    /// must be sealed against shrinking (QEMU seals its log memfd): a
+    /// mapping past the end of a file that shrank would kill the process
+    /// on its next mark.
+    pub fn adopt(file: &File, msg: &VhostUserLog) -> io::Result<LogMap> {
+        let (size, offset) = (msg.mmap_size, msg.mmap_offset);
+        if size == 0 {
+            return Err(refused("its size is 0".into()));
+        }
+        if !offset.is_multiple_of(4096) {
+            return Err(refused(format!("its offset {offset} is not page-aligned")));
+        }
+        // SAFETY: fcntl on a descriptor the caller owns; no memory passed.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(refused("its file is not a memfd sealed against shrinking".into()));
+        }
+        let len = file.metadata()?.len();
+        let end = offset
+            .checked_add(size)
+            .ok_or_else(|| refused(format!("{size} bytes at {offset} overflow")))?;
+        if len < end {
+            return Err(refused(format!("its file has {len} bytes; the log ends at {end}")));
+        }
+        let size = usize::try_from(size).map_err(|_| refused(format!("{size} bytes cannot be mapped")))?;
+        let map = MmapRegion::from_file(FileOffset::new(file.try_clone()?, offset), size)
+            .map_err(|e| refused(format!("mmap: {e}")))?;
+        Ok(LogMap { map })
+    }
+
+    /// Bytes of the log.
+    pub fn len(&self) -> usize {
+        self.map.size()
+    }
+
+    /// Whether the log has no byte (never: `adopt` refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sets the bit of every page that `len` bytes at guest address `gpa`
+    /// touch. Pages past the end of the log are not marked (a frontend
+    /// that gave a log too small for its memory): one rate-limited error.
+    /// Returns whether every page was marked.
+    pub fn mark(&self, gpa: u64, len: u64) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let first = gpa / LOG_PAGE;
+        let last = gpa.saturating_add(len - 1) / LOG_PAGE;
+        let base = self.map.as_ptr();
+        for page in first..=last {
+            let byte = page / 8;
+            if byte >= self.len() as u64 {
+                limited!(
+                    error,
+                    gpa,
+                    len,
+                    log_bytes = self.len(),
+                    "dirty log too small: guest page {page} is past its end; not marked"
+                );
+                return false;
+            }
+            // SAFETY: `byte` is inside the mapping, which lives as long as
+            // `self`; an `AtomicU8` has the layout of a `u8`, and the
+            // frontend reads and clears the log with atomic operations
+            // too, so no access to this byte is a data race.
+            let cell = unsafe { AtomicU8::from_ptr(base.add(byte as usize)) };
+            cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Marks the used ring of `q`: flags, index, entries and
+    /// `avail_event` (4 + 8 * size + 2 bytes at its guest address).
+    pub fn mark_used_ring(&self, q: &Queue) {
+        self.mark(q.used_ring(), 6 + 8 * u64::from(q.size()));
+    }
+
+    /// Marks what turning guest notifications off and on writes: the used
+    /// ring's flags (without EVENT_IDX) and its `avail_event` (with).
+    pub fn mark_used_event(&self, q: &Queue) {
+        if q.event_idx_enabled() {
+            self.mark(q.used_ring().saturating_add(4 + 8 * u64::from(q.size())), 2);
+        } else {
+            self.mark(q.used_ring(), 2);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    log_all: bool,
+    map: Option<Arc<LogMap>>,
+}
+
+/// Whether writes to guest memory are logged, and where: on while the
+/// frontend acks `VHOST_F_LOG_ALL` and has given a log.
+#[derive(Debug, Default)]
+pub struct DirtyLog {
+    /// `log_all && map.is_some()`, read without the lock.
+    on: AtomicBool,
+    state: Mutex<State>,
+}
+
+impl DirtyLog {
+    /// Logging off.
+    pub fn new() -> DirtyLog {
+        DirtyLog::default()
+    }
+
+    /// The log to mark now, if logging is on.
+    pub fn active(&self) -> Option<Arc<LogMap>> {
+        if !self.on.load(Ordering::Acquire) {
+            return None;
+        }
+        self.state.lock().ok()?.map.clone()
+    }
+
+    /// Whether logging is on: the data path's check (one atomic load),
+    /// before it calls the marking functions below, kept out of line.
+    #[inline]
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::Acquire)
+    }
+
+    /// Marks `len` bytes at `gpa` if logging is on.
+    #[cold]
+    #[inline(never)]
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if let Some(m) = self.active() {
+            m.mark(gpa, len);
+        }
+    }
+
+    /// Marks each `(gpa, len)` range and `len` bytes at `gpa` if logging
+    /// is on (a request's data buffers and status byte).
+    #[cold]
+    #[inline(never)]
+    pub fn mark_all(&self, ranges: &[(vm_memory::GuestAddress, usize)], status: Option<u64>) {
+        if let Some(m) = self.active() {
+            for &(addr, len) in ranges {
+                m.mark(addr.0, len as u64);
+            }
+            if let Some(gpa) = status {
+                m.mark(gpa, 1);
+            }
+        }
+    }
+
+    /// [`LogMap::mark_used_ring`] if logging is on.
+    #[cold]
+    #[inline(never)]
+    pub fn mark_used_ring(&self, q: &Queue) {
+        if let Some(m) = self.active() {
+            m.mark_used_ring(q);
+        }
+    }
+
+    /// [`LogMap::mark_used_event`] if logging is on.
+    #[cold]
+    #[inline(never)]
+    pub fn mark_used_event(&self, q: &Queue) {
+        if let Some(m) = self.active() {
+            m.mark_used_event(q);
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+        self.on.store(st.log_all && st.map.is_some(), Ordering::Release);
+    }
+
+    /// The features the frontend acked (`SET_FEATURES`). Clearing
+    /// `VHOST_F_LOG_ALL` ends logging and drops the log (the frontend
+    /// frees it; a new migration sends a new one).
+    pub fn set_features(&self, features: u64) {
+        let log_all = features & VHOST_F_LOG_ALL != 0;
+        self.update(|st| {
+            if st.log_all && !log_all {
+                st.map = None;
+            }
+            st.log_all = log_all;
+        });
+    }
+
+    /// A new log (`SET_LOG_BASE`; again when the frontend resizes it).
+    /// Marks already under way finish on the old one.
+    pub fn set_base(&self, map: LogMap) {
+        self.update(|st| st.map = Some(Arc::new(map)));
+    }
+
+    /// Logging off and no log (a device reset).
+    pub fn reset(&self) {
+        self.update(|st| *st = State::default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::driver::{log_pages, memfd};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    fn log(bytes: u64) -> (File, LogMap) {
+        let f = memfd(bytes, true).unwrap();
+        let m = LogMap::adopt(&f, &VhostUserLog::new(bytes, 0)).unwrap();
+        (f, m)
+    }
+
+    fn marked(f: &File) -> Vec<u64> {
+        log_pages(f).unwrap()
+    }
+
+    #[test]
+    fn a_read_marks_every_page_it_touches_and_no_other() {
+        let (f, m) = log(64);
+        // 8 KiB starting 1 KiB into page 3: pages 3, 4 and 5.
+        assert!(m.mark(3 * 4096 + 1024, 8192));
+        assert_eq!(marked(&f), [3, 4, 5]);
+        // One byte on the last byte of page 9; nothing for 0 bytes.
+        assert!(m.mark(10 * 4096 - 1, 1));
+        assert!(m.mark(20 * 4096, 0));
+        assert_eq!(marked(&f), [3, 4, 5, 9]);
+    }
+
+    #[test]
+    fn a_status_byte_marks_its_page() {
+        let (f, m) = log(64);
+        // Page 100 is byte 12, bit 4.
+        m.mark(100 * 4096 + 4095, 1);
+        assert_eq!(marked(&f), [100]);
+    }
+
+    #[test]
+    fn a_used_ring_update_marks_the_whole_ring() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0x1000), 1024);
+        let q: Queue = mock.create_queue().unwrap();
+        let (f, m) = log(64);
+        m.mark_used_ring(&q);
+        let (first, last) = (q.used_ring() / 4096, (q.used_ring() + 6 + 8 * 1024 - 1) / 4096);
+        assert!(last > first, "a 1024-entry used ring spans pages");
+        assert_eq!(marked(&f), (first..=last).collect::<Vec<_>>());
+        // Flags (no EVENT_IDX) on the first page, avail_event on the last.
+        let (f, m) = log(64);
+        m.mark_used_event(&q);
+        assert_eq!(marked(&f), [first]);
+        let mut q = q;
+        q.set_event_idx(true);
+        let (f, m) = log(64);
+        m.mark_used_event(&q);
+        assert_eq!(marked(&f), [last]);
+    }
+
+    #[test]
+    fn pages_past_a_tiny_log_are_not_marked() {
+        let (f, m) = log(1);
+        assert!(m.mark(7 * 4096, 1));
+        assert!(!m.mark(6 * 4096, 3 * 4096), "pages 6 to 8: 8 is past one byte");
+        assert!(!m.mark(u64::MAX - 10, 100), "the last pages of the address space");
+        assert_eq!(marked(&f), [6, 7]);
+    }
+
+    #[test]
+    fn logs_that_cannot_be_mapped_safely_are_refused() {
+        let f = memfd(4096, false).unwrap();
+        let e = LogMap::adopt(&f, &VhostUserLog::new(4096, 0)).unwrap_err();
+        assert!(e.to_string().contains("sealed"), "{e}");
+        let f = memfd(4096, true).unwrap();
+        for (size, off, what) in [
+            (0, 0, "size is 0"),
+            (8192, 0, "the log ends at 8192"),
+            (4096, 4096, "the log ends at 8192"),
+            (16, 100, "not page-aligned"),
+            (u64::MAX, 4096, "overflow"),
+        ] {
+            let e = LogMap::adopt(&f, &VhostUserLog::new(size, off)).unwrap_err();
+            assert!(e.to_string().contains(what), "{size} at {off}: {e}");
+        }
+    }
+
+    #[test]
+    fn logging_is_on_only_with_log_all_and_a_log() {
+        let d = DirtyLog::new();
+        let (f, m) = log(64);
+        d.mark(0, 1);
+        d.set_base(m);
+        assert!(!d.is_on(), "a log without LOG_ALL");
+        d.mark(4096, 1);
+        d.set_features(VHOST_F_LOG_ALL | 1);
+        assert!(d.is_on());
+        d.mark(2 * 4096, 1);
+        // LOG_ALL cleared: off, and the log is dropped.
+        d.set_features(1);
+        assert!(!d.is_on());
+        d.mark(3 * 4096, 1);
+        d.set_features(VHOST_F_LOG_ALL);
+        assert!(!d.is_on(), "LOG_ALL again needs a new log");
+        assert_eq!(marked(&f), [2]);
+        // A new (resized) log replaces the old one; a reset ends it.
+        let (g, m) = log(128);
+        d.set_base(m);
+        d.mark(600 * 4096, 1);
+        d.reset();
+        d.mark(601 * 4096, 1);
+        assert!(!d.is_on());
+        assert_eq!(marked(&g), [600]);
+        assert_eq!(marked(&f), [2]);
+    }
+}
