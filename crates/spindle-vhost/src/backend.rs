@@ -36,7 +36,6 @@ pub type Memory = GuestMemoryMmap<()>;
 /// The epoll handler of one I/O thread.
 pub type Handler = VringEpollHandler<Arc<BlkBackend>>;
 
-
 /// How long `GET_VRING_BASE` and a disconnect wait for accepted requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -75,6 +74,9 @@ pub struct BlkBackend {
     acked: AtomicU64,
     /// Per queue: the ring runs (popped since it was last stopped).
     running: Box<[AtomicBool]>,
+    /// The device ran on this connection and the frontend then stopped
+    /// every ring (`GET_VRING_BASE`).
+    stopped: AtomicBool,
     /// The dirty log while the frontend migrates (`dirty.rs`).
     pub(crate) dirty: Arc<DirtyLog>,
 }
@@ -96,6 +98,7 @@ impl BlkBackend {
             backend_req: Mutex::new(None),
             acked: AtomicU64::new(0),
             running: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+            stopped: AtomicBool::new(false),
             dirty: Arc::new(DirtyLog::new()),
         }
     }
@@ -128,6 +131,7 @@ impl BlkBackend {
         }
         if first {
             running.store(true, Ordering::Release);
+            self.stopped.store(false, Ordering::Release);
         }
         if active {
             if let Some(n) = self.dev.node() {
@@ -150,6 +154,9 @@ impl BlkBackend {
     fn ring_stopped(&self, queue: usize) -> io::Result<()> {
         let was_running = self.running.get(queue).is_some_and(|r| r.swap(false, Ordering::AcqRel));
         let all_stopped = self.running.iter().all(|r| !r.load(Ordering::Acquire));
+        if all_stopped && was_running {
+            self.stopped.store(true, Ordering::Release);
+        }
         let migrating = self.acked.load(Ordering::Acquire) & VHOST_F_LOG_ALL != 0;
         let res = if all_stopped && migrating && self.dev.migration() == Migration::Active {
             self.dev.inactivate()
@@ -162,6 +169,13 @@ impl BlkBackend {
             limited!(error, device = %self.dev.cfg.name, queue, "cannot flush the image when the ring stopped: {e}");
             io::Error::other(format!("queue {queue}: cannot flush the image: {e}"))
         })
+    }
+
+    /// The frontend started the device on this connection and then
+    /// stopped every ring: a frontend that goes away after that hands the
+    /// image over (`Export`, at disconnect).
+    pub(crate) fn device_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
     }
 
     /// Hands over the daemon's epoll handlers (one per I/O thread), so a

@@ -166,7 +166,7 @@ impl Device {
             self.slot.inactivate()?
         };
         self.migration.store(Migration::Inactive as u8, Ordering::Release);
-        tracing::info!(device = %self.cfg.name, closed, "export inactive: its frontend stopped the device for a migration");
+        tracing::info!(device = %self.cfg.name, closed, "export inactive: its frontend stopped the device; the image is handed over");
         Ok(())
     }
 

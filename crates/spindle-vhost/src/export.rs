@@ -8,7 +8,7 @@
 //! the next connection on the same socket.
 
 use crate::backend::{BlkBackend, Memory, DRAIN_TIMEOUT};
-use crate::device::Device;
+use crate::device::{Device, Migration};
 use crate::ratelimit::limited;
 use crate::Error;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -179,6 +179,16 @@ impl Export {
         // threads finish what they accepted before they are told to exit.
         backend.stop_accepting();
         backend.drain(None, DRAIN_TIMEOUT);
+        // A frontend that stopped its device and then went away hands the
+        // image over, as a stop with dirty logging on does: the source of
+        // a migration whose guest was paused (QEMU turns logging on only
+        // for a running device), or a guest that powered off. The image is
+        // opened afresh when a frontend starts the device again.
+        if backend.device_stopped() && self.dev.migration() == Migration::Active {
+            if let Err(e) = self.dev.inactivate() {
+                limited!(error, device = %self.dev.cfg.name, "cannot hand the image over after the frontend left: {e}");
+            }
+        }
         for h in &handlers {
             h.send_exit_event();
         }

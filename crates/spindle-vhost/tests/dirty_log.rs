@@ -75,6 +75,8 @@ impl Server {
     fn connect(&self) -> Driver {
         let mut d = Driver::connect(&self.sock, 1, LIFETIME).unwrap();
         d.handshake().unwrap();
+        // As QEMU at the start of a migration: LOG_ALL acked.
+        d.set_log_all(true).unwrap();
         // The used ring straddles two pages: its flags and index on the
         // first, `avail_event` and all entries but the first on the
         // second. Entries and index are marked after each batch,

@@ -106,8 +106,12 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
 /// released the write lock; it reads the source's last writes. With
 /// `early`, the destination's device starts while the source still runs:
 /// its request waits (the destination keeps trying to take the write
-/// lock) and completes once the source stopped.
-fn two_daemons(qcow2: bool, early: bool) {
+/// lock) and completes once the source stopped. With `paused`, the
+/// source's guest was paused before the migration: QEMU stops the device
+/// without dirty logging (it turns logging on only for a running device),
+/// so the image stays the source's until its frontend goes away (QEMU
+/// quits after the migration).
+fn two_daemons(qcow2: bool, early: bool, paused: bool) {
     need("qemu-img");
     let dir = scratch();
     let img = image(&dir, qcow2);
@@ -157,7 +161,21 @@ fn two_daemons(qcow2: bool, early: bool) {
     }
     write(&mut s, 16, 0xa3);
 
-    stop_for_migration(&mut s);
+    if paused {
+        s.stop_queue(0).expect("GET_VRING_BASE");
+        assert_eq!(migration_of(&src, "disk"), "active", "a pause keeps the image");
+        assert!(
+            locks(&img).contains(&101),
+            "the source keeps the write lock while paused"
+        );
+        drop(s);
+        wait_until("the source hands the image over when its frontend leaves", || {
+            migration_of(&src, "disk") == "inactive"
+        });
+    } else {
+        stop_for_migration(&mut s);
+        drop(s);
+    }
     assert_eq!(migration_of(&src, "disk"), "inactive");
     let mut d = match d {
         Some((mut fe, head)) => {
@@ -188,7 +206,6 @@ fn two_daemons(qcow2: bool, early: bool) {
     assert_reads(&mut d, 16, 0xa3);
     write(&mut d, 24, 0xb1);
     assert!(locks(&img).contains(&101), "the destination holds the write lock");
-    drop(s);
     drop(d);
     assert!(src.stop().success());
     assert!(dst.stop().success());
@@ -206,17 +223,22 @@ fn two_daemons(qcow2: bool, early: bool) {
 
 #[test]
 fn two_daemons_raw() {
-    two_daemons(false, false);
+    two_daemons(false, false, false);
+}
+
+#[test]
+fn two_daemons_paused_guest_hands_over_when_the_source_frontend_leaves() {
+    two_daemons(true, true, true);
 }
 
 #[test]
 fn two_daemons_qcow2() {
-    two_daemons(true, false);
+    two_daemons(true, false, false);
 }
 
 #[test]
 fn two_daemons_qcow2_destination_started_early() {
-    two_daemons(true, true);
+    two_daemons(true, true, false);
 }
 
 /// A migration cancelled after the source's device stopped: the source's
