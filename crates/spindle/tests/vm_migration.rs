@@ -90,8 +90,9 @@ fn sock(dir: &Path, name: &str, side: &str) -> PathBuf {
     dir.join(format!("{name}-{side}.sock"))
 }
 
-/// `spindle serve` of `disks` on sockets `*-SIDE.sock`, with a control socket.
-fn serve(dir: &Path, disks: &[Disk], side: &str, more: &str) -> Serve {
+/// `spindle serve` of `disks` on sockets `*-SIDE.sock`, with a control
+/// socket and the serve options `args`.
+fn serve(dir: &Path, disks: &[Disk], side: &str, more: &str, args: &[&str]) -> Serve {
     let ctl = dir.join(format!("ctl-{side}.sock"));
     let socks: Vec<PathBuf> = disks.iter().map(|d| sock(dir, d.name, side)).collect();
     let extra: Vec<String> = disks.iter().map(|d| format!("{}{more}", d.more)).collect();
@@ -104,7 +105,9 @@ fn serve(dir: &Path, disks: &[Disk], side: &str, more: &str) -> Serve {
     let config = dir.join(format!("spindle-{side}.toml"));
     std::fs::write(&config, config_text(Some(&ctl), &exports)).unwrap();
     let refs: Vec<&Path> = socks.iter().map(|s| s.as_path()).collect();
-    let mut s = Serve::start(dir, &["--config", p(&config)], &refs);
+    let mut all = vec!["--config", p(&config)];
+    all.extend_from_slice(args);
+    let mut s = Serve::start(dir, &all, &refs);
     s.use_control(&ctl);
     s
 }
@@ -208,9 +211,9 @@ fn finish(
 
 /// The images, their source daemon and the guest booted on it, with gio
 /// running for a few seconds.
-fn start_source(dir: &Path) -> (Vec<Disk>, Serve, Vm) {
+fn start_source(dir: &Path, args: &[&str]) -> (Vec<Disk>, Serve, Vm) {
     let disks = images(dir);
-    let src_d = serve(dir, &disks, "src", "");
+    let src_d = serve(dir, &disks, "src", "", args);
     let src = boot(dir, &disks, "src", None, "src");
     src.wait_line(0, "GIO-RUNNING", Duration::from_secs(120));
     settle(&src, 3);
@@ -229,7 +232,16 @@ fn migrate_under_load(dest: Dest) {
     let _one = vm::one_at_a_time();
     let d = scratch();
     let dir = d.path();
-    let (disks, src_d, mut src) = start_source(dir);
+    // To another daemon, every third read of the source waits 2 s (the
+    // test-only delay): the reads in flight when the source's devices
+    // stop complete after QEMU's first pass over guest RAM, into pages it
+    // has already sent. Only Spindle's dirty log makes QEMU send them again,
+    // so the guest's checks of that data fail without it.
+    let late_reads: &[&str] = match dest {
+        Dest::OtherDaemon => &["--x-delay-io", "read:3:2000"],
+        Dest::SameDaemon => &[],
+    };
+    let (disks, src_d, mut src) = start_source(dir, late_reads);
 
     let mut daemons = vec![];
     match dest {
@@ -245,7 +257,7 @@ fn migrate_under_load(dest: Dest) {
                 assert!(r.get("error").is_none(), "ctl add {e}: {r}");
             }
         }
-        Dest::OtherDaemon => daemons.push(serve(dir, &disks, "dst", "incoming = true\n")),
+        Dest::OtherDaemon => daemons.push(serve(dir, &disks, "dst", "incoming = true\n", &[])),
     }
     let uri = migrate::uri(dir, 1);
     let mut dst = boot(dir, &disks, "dst", Some(&uri), "dst");
@@ -300,8 +312,8 @@ fn guest_carries_on_on_the_source_after_failed_and_cancelled_migrations() {
     let _one = vm::one_at_a_time();
     let d = scratch();
     let dir = d.path();
-    let (disks, src_d, mut src) = start_source(dir);
-    let dst_d = serve(dir, &disks, "dst", "incoming = true\n");
+    let (disks, src_d, mut src) = start_source(dir, &[]);
+    let dst_d = serve(dir, &disks, "dst", "incoming = true\n", &[]);
 
     // 1: the destination dies while RAM is being copied.
     let uri = migrate::uri(dir, 1);
