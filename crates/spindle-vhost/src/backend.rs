@@ -99,7 +99,7 @@ impl BlkBackend {
             acked: AtomicU64::new(0),
             running: (0..queues).map(|_| AtomicBool::new(false)).collect(),
             stopped: AtomicBool::new(false),
-            dirty: Arc::new(DirtyLog::new()),
+            dirty: Arc::new(DirtyLog::for_connection()),
         }
     }
 

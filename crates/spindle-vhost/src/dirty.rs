@@ -147,12 +147,57 @@ pub struct DirtyLog {
     /// `log_all && map.is_some()`, read without the lock.
     on: AtomicBool,
     state: Mutex<State>,
+    /// Benchmarks only: logging stays on whatever the frontend says.
+    forced: bool,
+}
+
+/// Set by [`force_logging`].
+static FORCED: AtomicBool = AtomicBool::new(false);
+
+/// Bytes of the private log of [`force_logging`]: one bit per page of a
+/// 47-bit address space, since libblkio's "guest addresses" are its
+/// process's virtual addresses. Sparse: only marked pages take memory.
+const FORCED_LOG_BYTES: u64 = 1 << 32;
+
+/// Benchmarks only (`spindle serve --x-dirty-log`, hidden): every
+/// connection made from now on logs every page it writes into a private
+/// log, as during a migration, whatever its frontend negotiates; so
+/// `spindle bench` measures what logging costs the data path.
+pub fn force_logging() {
+    FORCED.store(true, Ordering::Release);
 }
 
 impl DirtyLog {
     /// Logging off.
     pub fn new() -> DirtyLog {
         DirtyLog::default()
+    }
+
+    /// The log of a new connection: off, unless [`force_logging`] was
+    /// called (then on, into a private log, or off if that cannot be made).
+    pub fn for_connection() -> DirtyLog {
+        if !FORCED.load(Ordering::Acquire) {
+            return DirtyLog::new();
+        }
+        let private = crate::fuzzing::driver::memfd(FORCED_LOG_BYTES, true)
+            .and_then(|f| LogMap::adopt(&f, &VhostUserLog::new(FORCED_LOG_BYTES, 0)));
+        match private {
+            Ok(map) => {
+                let d = DirtyLog {
+                    forced: true,
+                    ..DirtyLog::default()
+                };
+                d.update(|st| {
+                    st.log_all = true;
+                    st.map = Some(Arc::new(map));
+                });
+                d
+            }
+            Err(e) => {
+                tracing::error!("--x-dirty-log: cannot make a private log: {e}");
+                DirtyLog::new()
+            }
+        }
     }
 
     /// The log to mark now, if logging is on.
@@ -222,6 +267,9 @@ impl DirtyLog {
     /// `VHOST_F_LOG_ALL` ends logging and drops the log (the frontend
     /// frees it; a new migration sends a new one).
     pub fn set_features(&self, features: u64) {
+        if self.forced {
+            return;
+        }
         let log_all = features & VHOST_F_LOG_ALL != 0;
         self.update(|st| {
             if st.log_all && !log_all {
@@ -234,11 +282,17 @@ impl DirtyLog {
     /// A new log (`SET_LOG_BASE`; again when the frontend resizes it).
     /// Marks already under way finish on the old one.
     pub fn set_base(&self, map: LogMap) {
+        if self.forced {
+            return;
+        }
         self.update(|st| st.map = Some(Arc::new(map)));
     }
 
     /// Logging off and no log (a device reset).
     pub fn reset(&self) {
+        if self.forced {
+            return;
+        }
         self.update(|st| *st = State::default());
     }
 }

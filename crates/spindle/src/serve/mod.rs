@@ -82,6 +82,11 @@ pub struct Args {
     /// complete out of order (`OPS:N:MS`, see docs/hardening.md).
     #[arg(long = "x-delay-io", hide = true, value_name = "PLAN")]
     delay_io: Option<String>,
+    /// Benchmarks only: every connection logs the guest pages it writes
+    /// into a private dirty log, as during a live migration
+    /// (bench/dirtylog.py). Not passed on by a handover.
+    #[arg(long = "x-dirty-log", hide = true)]
+    dirty_log: bool,
 }
 
 fn default_socket(image: &str) -> PathBuf {
@@ -178,6 +183,9 @@ pub fn run(a: Args) -> CliResult<u8> {
     let passed = activation::take_from_env().map_err(|e| BlockError::Invalid(format!("socket activation: {e}")))?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR2])
         .map_err(|e| BlockError::Invalid(format!("cannot install signal handlers: {e}")))?;
+    if a.dirty_log {
+        spindle_vhost::dirty::force_logging();
+    }
     if let Some(plan) = &a.delay_io {
         spindle_block::fault::delay::set(plan.parse().map_err(BlockError::Invalid)?).map_err(BlockError::Invalid)?;
     }
