@@ -150,6 +150,7 @@ def run(kind, base, kernel, rd):
 
 def main():
     base = sys.argv[1] if len(sys.argv) > 1 else "/var/tmp"
+    os.makedirs(base, exist_ok=True)
     work = tempfile.mkdtemp(prefix="bench-migrate-", dir=base)
     kernel, rd = prepare(work)
     res = {"spindle": [], "qsd": []}
