@@ -360,6 +360,9 @@ impl VhostUserBackend for BlkBackend {
 
     fn reset_device(&self) {
         self.drain(None, DRAIN_TIMEOUT);
+        // The frontend acks its features anew after a reset: a stop until
+        // then is no migration's.
+        self.acked.fetch_and(!VHOST_F_LOG_ALL, Ordering::AcqRel);
         for r in self.running.iter() {
             r.store(false, Ordering::Release);
         }

@@ -178,13 +178,15 @@ impl Export {
         // requests to the shared rings, so stop taking them, then let the
         // threads finish what they accepted before they are told to exit.
         backend.stop_accepting();
-        backend.drain(None, DRAIN_TIMEOUT);
+        let drained = backend.drain(None, DRAIN_TIMEOUT);
         // A frontend that stopped its device and then went away hands the
         // image over, as a stop with dirty logging on does: the source of
         // a migration whose guest was paused (QEMU turns logging on only
         // for a running device), or a guest that powered off. The image is
         // opened afresh when a frontend starts the device again.
-        if backend.device_stopped() && self.dev.migration() == Migration::Active {
+        // Only with no request left in flight: a late one would write
+        // after the image was closed clean.
+        if drained && backend.device_stopped() && self.dev.migration() == Migration::Active {
             if let Err(e) = self.dev.inactivate() {
                 limited!(error, device = %self.dev.cfg.name, "cannot hand the image over after the frontend left: {e}");
             }
