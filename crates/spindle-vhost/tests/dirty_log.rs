@@ -6,12 +6,10 @@
 //! cannot be used safely are refused with one line, and the export serves
 //! the next frontend.
 
-use spindle_block::{open_image, Format, OpenConfig};
-use spindle_io::RuntimeConfig;
 use spindle_vhost::blk::request::VIRTIO_BLK_T_GET_ID;
 use spindle_vhost::dirty::VHOST_F_LOG_ALL;
 use spindle_vhost::fuzzing::driver::{area, log_pages, memfd, Driver};
-use spindle_vhost::{Device, DeviceConfig, Export};
+use spindle_vhost::Export;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -40,31 +38,14 @@ impl Server {
     fn start(name: &str) -> Server {
         log();
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let img = dir.path().join("disk.raw");
-        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&img, data).unwrap();
-        let cfg = OpenConfig {
-            format: Some(Format::Raw),
-            ..Default::default()
-        };
-        let node = open_image(img.to_str().unwrap(), &cfg).unwrap();
-        let dev = Arc::new(Device::new(
-            node,
-            DeviceConfig {
-                name: name.into(),
-                serial: name.into(),
-                num_queues: 1,
-                iothreads: 1,
-                queue_size: 256,
-                poll_ns: 0,
-                engine: RuntimeConfig::default(),
-                read_only: false,
-            },
-        ));
-        let sock = dir.path().join("s.sock");
-        let export = Export::bind(dev, &sock).unwrap();
-        let runner = export.clone();
-        std::thread::spawn(move || runner.run());
+        let (export, sock, thread) = common::raw_export(
+            dir.path(),
+            name,
+            &(0..4u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>(),
+            1,
+            256,
+        );
+        drop(thread);
         Server {
             export,
             sock,

@@ -6,10 +6,8 @@
 //! serve a correct read/write round trip again once the frontend resets
 //! the device or reconnects.
 
-use spindle_block::{open_image, Format, OpenConfig};
-use spindle_io::RuntimeConfig;
 use spindle_vhost::fuzzing::driver::{ring_base, Driver, Ring, MEM_SIZE};
-use spindle_vhost::{Device, DeviceConfig, Export};
+use spindle_vhost::Export;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,30 +33,8 @@ impl Server {
     fn start(name: &str) -> Server {
         log();
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let img = dir.path().join("disk.raw");
-        std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
-        let cfg = OpenConfig {
-            format: Some(Format::Raw),
-            ..Default::default()
-        };
-        let node = open_image(img.to_str().unwrap(), &cfg).unwrap();
-        let dev = Arc::new(Device::new(
-            node,
-            DeviceConfig {
-                name: name.into(),
-                serial: name.into(),
-                num_queues: 2,
-                iothreads: 1,
-                queue_size: MAX_QUEUE,
-                poll_ns: 0,
-                engine: RuntimeConfig::default(),
-                read_only: false,
-            },
-        ));
-        let sock = dir.path().join("s.sock");
-        let export = Export::bind(dev, &sock).unwrap();
-        let runner = export.clone();
-        let thread = Some(std::thread::spawn(move || runner.run()));
+        let (export, sock, thread) = common::raw_export(dir.path(), name, &vec![0u8; 4 << 20], 2, MAX_QUEUE);
+        let thread = Some(thread);
         Server {
             export,
             thread,

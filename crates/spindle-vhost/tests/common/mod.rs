@@ -54,3 +54,46 @@ pub fn serial() -> MutexGuard<'static, ()> {
     static S: Mutex<()> = Mutex::new(());
     S.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// An export of a raw image holding `data`, in `dir`, serving on
+/// `dir/s.sock` from a thread of its own: the device the frontend tests
+/// talk to.
+pub fn raw_export(
+    dir: &std::path::Path,
+    name: &str,
+    data: &[u8],
+    num_queues: u16,
+    queue_size: u16,
+) -> (
+    Arc<spindle_vhost::Export>,
+    std::path::PathBuf,
+    std::thread::JoinHandle<Result<(), spindle_vhost::Error>>,
+) {
+    use spindle_block::{open_image, Format, OpenConfig};
+    use spindle_vhost::{Device, DeviceConfig, Export};
+    let img = dir.join("disk.raw");
+    std::fs::write(&img, data).unwrap();
+    let cfg = OpenConfig {
+        format: Some(Format::Raw),
+        ..Default::default()
+    };
+    let node = open_image(img.to_str().unwrap(), &cfg).unwrap();
+    let dev = Arc::new(Device::new(
+        node,
+        DeviceConfig {
+            name: name.into(),
+            serial: name.into(),
+            num_queues,
+            iothreads: 1,
+            queue_size,
+            poll_ns: 0,
+            engine: spindle_io::RuntimeConfig::default(),
+            read_only: false,
+        },
+    ));
+    let sock = dir.join("s.sock");
+    let export = Export::bind(dev, &sock).unwrap();
+    let runner = export.clone();
+    let thread = std::thread::spawn(move || runner.run());
+    (export, sock, thread)
+}
