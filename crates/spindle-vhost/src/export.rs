@@ -6,19 +6,25 @@
 //! device; when the frontend goes away, for instance because QEMU
 //! restarted, the loop drains the requests it had accepted and waits for
 //! the next connection on the same socket.
+//!
+//! The serving thread waits for a connection in poll(2) on the listening
+//! socket and an eventfd of its own, which [`Export::stop`] signals. It
+//! never wakes itself with a connection of its own: a socket handed to
+//! another process (a planned handover) would keep that connection in its
+//! backlog for the other process to accept.
 
 use crate::backend::{BlkBackend, Memory, DRAIN_TIMEOUT};
 use crate::device::{Device, Migration};
 use crate::ratelimit::limited;
 use crate::Error;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A device served on a socket.
 pub struct Export {
@@ -38,6 +44,9 @@ pub struct Export {
     owns_path: AtomicBool,
     /// The connected frontend, if any (control plane only).
     current: Mutex<Option<Connection>>,
+    /// Signalled by [`Export::stop`] to wake the thread waiting for a
+    /// connection.
+    wake: EventFd,
 }
 
 /// What the control plane needs of a live connection.
@@ -72,22 +81,27 @@ impl Export {
         // file: whether it goes is `owns_path`'s (a handover leaves it).
         let listener = std::os::unix::net::UnixListener::bind(socket).map_err(bind_err)?;
         let listener = Listener::from(listener);
-        Ok(Export::with(dev, socket, listener, true))
+        Export::with(dev, socket, listener, true).map_err(bind_err)
     }
 
     /// Serves `dev` on `listener`, a socket bound at `socket` by someone
     /// else (systemd socket activation): the socket file is left alone.
-    pub fn adopt(dev: Arc<Device>, socket: &Path, listener: std::os::unix::net::UnixListener) -> Arc<Export> {
+    pub fn adopt(
+        dev: Arc<Device>,
+        socket: &Path,
+        listener: std::os::unix::net::UnixListener,
+    ) -> std::io::Result<Arc<Export>> {
         Export::with(dev, socket, Listener::from(listener), false)
     }
 
-    fn with(dev: Arc<Device>, socket: &Path, listener: Listener, owns_path: bool) -> Arc<Export> {
+    fn with(dev: Arc<Device>, socket: &Path, listener: Listener, owns_path: bool) -> std::io::Result<Arc<Export>> {
         // SAFETY: the descriptor belongs to `listener`, which is alive for
         // this call; the borrow is only duplicated.
         let shared = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) }
             .try_clone_to_owned()
             .ok();
-        Arc::new(Export {
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        Ok(Arc::new(Export {
             dev,
             socket: socket.to_owned(),
             stop: AtomicBool::new(false),
@@ -96,7 +110,8 @@ impl Export {
             shared: Mutex::new(shared),
             owns_path: AtomicBool::new(owns_path),
             current: Mutex::new(None),
-        })
+            wake,
+        }))
     }
 
     /// Whether a frontend is connected now.
@@ -123,6 +138,12 @@ impl Export {
         self.owns_path.store(false, Ordering::Release);
     }
 
+    /// Whether the socket file goes when the export stops: it bound the
+    /// socket itself, and has not handed it over.
+    pub fn owns_socket_file(&self) -> bool {
+        self.owns_path.load(Ordering::Acquire)
+    }
+
     /// Frontend connections served so far.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Acquire)
@@ -134,7 +155,7 @@ impl Export {
         let Some(mut listener) = self.listener.lock().ok().and_then(|mut l| l.take()) else {
             return Ok(());
         };
-        while !self.stop.load(Ordering::Acquire) {
+        while self.wait_for_frontend(&listener) {
             if let Err(e) = self.serve_one(&mut listener) {
                 if self.stop.load(Ordering::Acquire) {
                     break;
@@ -149,6 +170,49 @@ impl Export {
             let _ = std::fs::remove_file(&self.socket);
         }
         self.close()
+    }
+
+    /// Waits until a frontend connects (true) or [`Export::stop`] was
+    /// called (false). A blocking poll(2), on the export's own thread
+    /// (control plane), never on an I/O thread.
+    fn wait_for_frontend(&self, listener: &Listener) -> bool {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            // SAFETY: poll(2) on an array of two pollfds that lives for
+            // the call; both descriptors stay open meanwhile (owned by
+            // `listener` and `self`).
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Not expected with two open descriptors; accept(2) then
+                // says what is wrong, as before there was a poll.
+                limited!(warn, device = %self.dev.cfg.name, "waiting for a frontend: poll: {e}");
+                return !self.stop.load(Ordering::Acquire);
+            }
+            if fds[1].revents != 0 || self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            if fds[0].revents != 0 {
+                return true;
+            }
+        }
     }
 
     fn serve_one(&self, listener: &mut Listener) -> Result<(), Error> {
@@ -233,8 +297,9 @@ impl Export {
         {
             h.shutdown();
         }
-        // Wake a thread blocked in accept(2).
-        let _ = UnixStream::connect(&self.socket);
+        // Wake the thread waiting for a connection (never by connecting:
+        // see the module's documentation). A full counter is awake anyway.
+        let _ = self.wake.write(1);
     }
 
     fn close(&self) -> Result<(), Error> {

@@ -13,20 +13,23 @@ use std::time::{Duration, Instant};
 const LIMIT: Duration = Duration::from_secs(30);
 
 fn start_null(dir: &Path) -> Serve {
+    start_null_with(dir, &[])
+}
+
+/// [`start_null`] with more arguments.
+fn start_null_with(dir: &Path, more: &[&str]) -> Serve {
     let sock = dir.join("n.sock");
-    Serve::start(
-        dir,
-        &[
-            "null:64M",
-            "--vhost-user",
-            p(&sock),
-            "--name",
-            "n",
-            "--control",
-            "ctl.sock",
-        ],
-        &[&sock],
-    )
+    let mut args = vec![
+        "null:64M",
+        "--vhost-user",
+        p(&sock),
+        "--name",
+        "n",
+        "--control",
+        "ctl.sock",
+    ];
+    args.extend_from_slice(more);
+    Serve::start(dir, &args, &[&sock])
 }
 
 fn refusal(reply: &str) -> String {
@@ -302,10 +305,15 @@ fn a_refused_resize_leaves_the_control_socket_and_sigterm_working() {
 fn a_second_signal_ends_a_shutdown_stuck_on_an_export() {
     let d = scratch();
     let dir = d.path();
-    let mut s = start_null(dir);
-    // Without its socket file nothing wakes the export's accept(2), so it
-    // never stops (a limit of spindle-vhost's Export::stop).
-    std::fs::remove_file(dir.join("n.sock")).unwrap();
+    let sock = dir.join("n.sock");
+    // Every read waits 10 s before it starts: the export stops only once
+    // the frontend's read is done.
+    let mut s = start_null_with(dir, &["--x-delay-io", "read:1:10000"]);
+    let mut fe = spindle_vhost::fuzzing::driver::Driver::connect(&sock, 16, Duration::from_secs(60)).expect("connect");
+    fe.setup(1, 64).expect("set up queue 0");
+    fe.submit(0, 0, 0, &[0u8; 4096], true).expect("submit a read");
+    // Popped (in flight) before the signal.
+    std::thread::sleep(Duration::from_millis(300));
     s.signal(libc::SIGTERM);
     assert!(
         s.wait_within(Duration::from_millis(500)).is_none(),
