@@ -95,16 +95,29 @@ impl Device {
     /// optimal I/O size (the qcow2 cluster size, 0 if none). An `incoming`
     /// device is a migration destination: [`Migration::Incoming`] until
     /// its frontend starts it.
-    pub fn with_slot(slot: Arc<NodeSlot>, mut cfg: DeviceConfig, size: u64, opt_io: u32, incoming: bool) -> Device {
-        cfg.num_queues = cfg.num_queues.clamp(1, 64);
-        cfg.iothreads = cfg.iothreads.clamp(1, cfg.num_queues as usize);
-        cfg.queue_size = cfg.queue_size.clamp(2, 32768).next_power_of_two();
-        slot.attach();
+    pub fn with_slot(slot: Arc<NodeSlot>, cfg: DeviceConfig, size: u64, opt_io: u32, incoming: bool) -> Device {
         let migration = if incoming {
             Migration::Incoming
         } else {
             Migration::Active
         };
+        Device::with_slot_in(slot, cfg, size, opt_io, migration)
+    }
+
+    /// As [`Device::with_slot`], starting in `migration`: a device that is
+    /// not [`Migration::Active`] serves once its frontend starts it (a
+    /// planned handover keeps an export's state this way).
+    pub fn with_slot_in(
+        slot: Arc<NodeSlot>,
+        mut cfg: DeviceConfig,
+        size: u64,
+        opt_io: u32,
+        migration: Migration,
+    ) -> Device {
+        cfg.num_queues = cfg.num_queues.clamp(1, 64);
+        cfg.iothreads = cfg.iothreads.clamp(1, cfg.num_queues as usize);
+        cfg.queue_size = cfg.queue_size.clamp(2, 32768).next_power_of_two();
+        slot.attach();
         Device {
             migration: AtomicU8::new(migration as u8),
             capacity: AtomicU64::new(size),

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use spindle_block::{open_image, BlockError, Format, Node, OpenConfig, Sharing};
 use spindle_io::{CacheMode, EngineKind, RuntimeConfig};
 use spindle_vhost::device::opt_io;
+use spindle_vhost::device::Migration;
 use spindle_vhost::slot::{NodeSlot, Reopen};
 use spindle_vhost::{Device, DeviceConfig};
 use std::path::{Path, PathBuf};
@@ -54,6 +55,11 @@ pub struct ExportSpec {
     /// shares the open image instead.
     #[serde(default)]
     pub incoming: bool,
+    /// A live migration's source that handed its image over (its frontend
+    /// stopped the device): opened as `incoming` is, shown `inactive`. A
+    /// planned handover writes it for such exports.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inactive: bool,
 }
 
 fn invalid(msg: String) -> BlockError {
@@ -74,16 +80,34 @@ impl ExportSpec {
         })
     }
 
+    /// The migration state the export starts in.
+    pub fn state(&self) -> Migration {
+        match (self.incoming, self.inactive) {
+            (_, true) => Migration::Inactive,
+            (true, false) => Migration::Incoming,
+            (false, false) => Migration::Active,
+        }
+    }
+
+    /// This export starting in `state` (a planned handover carries it).
+    pub fn in_state(mut self, state: Migration) -> ExportSpec {
+        self.incoming = state == Migration::Incoming;
+        self.inactive = state == Migration::Inactive;
+        self
+    }
+
     /// Checks every setting and opens the image: for serving, or (when
-    /// `incoming`) inactive, holding only a shared lock on it.
+    /// `incoming` or `inactive`) inactive, holding only a shared lock on it.
     pub fn open(&self) -> Result<Device, BlockError> {
         let (cfg, open_cfg) = self.settings()?;
         let engine = cfg.engine;
-        let (node, reopen) = self.open_node(open_cfg, self.incoming)?;
+        let state = self.state();
+        let look = state != Migration::Active;
+        let (node, reopen) = self.open_node(open_cfg, look)?;
         let (size, opt) = (node.size(), opt_io(&node));
-        if self.incoming {
+        if look {
             let slot = NodeSlot::inactive(node, Box::new(reopen), engine);
-            return Ok(Device::with_slot(Arc::new(slot), cfg, size, opt, true));
+            return Ok(Device::with_slot_in(Arc::new(slot), cfg, size, opt, state));
         }
         let mut cfg = cfg;
         cfg.read_only |= node.is_read_only();
@@ -92,13 +116,23 @@ impl ExportSpec {
     }
 
     /// A second export of the image `other` serves in this daemon, as a
-    /// live migration's destination: it shares `other`'s open image.
+    /// live migration's destination (or a source that handed the image
+    /// over): it shares `other`'s open image.
     pub fn open_shared(&self, other: &Device) -> Result<Device, BlockError> {
         let (mut cfg, _) = self.settings()?;
         cfg.read_only |= other.cfg.read_only;
-        let node = other.node();
-        let opt = node.as_deref().map_or(0, opt_io);
-        Ok(Device::with_slot(other.slot.clone(), cfg, other.capacity(), opt, true))
+        let state = match self.state() {
+            Migration::Active => Migration::Incoming,
+            s => s,
+        };
+        let opt = other.geometry().opt_io;
+        Ok(Device::with_slot_in(
+            other.slot.clone(),
+            cfg,
+            other.capacity(),
+            opt,
+            state,
+        ))
     }
 
     /// Opens the image as `cfg` says (writable, or with `look` a read-only
