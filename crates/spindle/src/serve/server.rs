@@ -12,6 +12,7 @@ use crate::img::{human_size, size_arg};
 use serde::Serialize;
 use spindle_block::BlockError;
 use spindle_io::{Runtime, RuntimeConfig};
+use spindle_vhost::device::Migration;
 use spindle_vhost::stats::OpSummary;
 use spindle_vhost::Export;
 use std::collections::BTreeMap;
@@ -68,9 +69,25 @@ impl Slot {
 #[derive(Default)]
 struct State {
     slots: BTreeMap<String, Slot>,
-    /// SIGINT or SIGTERM arrived: no new exports.
+    /// SIGINT or SIGTERM arrived, or a handover runs: no new exports.
     closing: bool,
+    /// A planned handover runs: no export is added or removed.
+    handover: bool,
 }
+
+impl State {
+    /// Why no export can be added now, if none can.
+    fn refusal(&self) -> Option<BlockError> {
+        match (self.handover, self.closing) {
+            (true, _) => Some(invalid(HANDOVER_RUNS.into())),
+            (false, true) => Some(invalid("the server is shutting down".into())),
+            (false, false) => None,
+        }
+    }
+}
+
+/// The refusal of `add` and `remove` while a handover runs.
+const HANDOVER_RUNS: &str = "a handover is in progress (SIGUSR2); try again once it is over";
 
 /// The exports by name.
 pub struct Server {
@@ -176,7 +193,7 @@ impl Server {
         let name = spec.name();
         self.reserve(&name, &spec.socket)?;
         let sibling = self.serving(&spec.image);
-        if let (Some(other), false) = (&sibling, spec.incoming) {
+        if let (Some(other), Migration::Active) = (&sibling, spec.state()) {
             lock(&self.state).slots.remove(&name);
             return Err(invalid(format!(
                 "{}: image is in use: it is already served by export '{}'; a second export of one image \
@@ -189,13 +206,15 @@ impl Server {
         let (export, thread) = match started {
             Ok(s) if !st.closing => s,
             Ok((export, thread)) => {
-                // Shutdown began while the image was opening: close it
-                // again, then free the name (shutdown waits for that).
+                // Shutdown (or a handover) began while the image was
+                // opening: close it again, then free the name (shutdown
+                // waits for that).
+                let why = st.refusal();
                 drop(st);
                 export.stop();
                 let _ = thread.join();
                 lock(&self.state).slots.remove(&name);
-                return Err(invalid("the server is shutting down".into()));
+                return Err(why.unwrap_or_else(|| invalid("the server is shutting down".into())));
             }
             Err(e) => {
                 st.slots.remove(&name);
@@ -229,8 +248,8 @@ impl Server {
     /// Takes `name` and `socket` for an export being added.
     fn reserve(&self, name: &str, socket: &Path) -> Result<(), BlockError> {
         let mut st = lock(&self.state);
-        if st.closing {
-            return Err(invalid("the server is shutting down".into()));
+        if let Some(e) = st.refusal() {
+            return Err(e);
         }
         match st.slots.get(name) {
             Some(Slot::Running(_)) => return Err(invalid(format!("an export named '{name}' already exists"))),
@@ -263,6 +282,9 @@ impl Server {
     pub fn remove(&self, name: &str) -> Result<(), BlockError> {
         let done = {
             let mut st = lock(&self.state);
+            if st.handover {
+                return Err(invalid(HANDOVER_RUNS.into()));
+            }
             match st.slots.remove(name) {
                 Some(Slot::Running(r)) => self.begin_stop(&mut st, name, r),
                 other => {
@@ -372,23 +394,35 @@ impl Server {
         }
     }
 
-    /// Refuses new exports from now on (a handover) and returns the
-    /// running ones, each with its spec. [`Server::reopen`] undoes it.
+    /// Refuses to add or remove exports from now on (a handover) and
+    /// returns the running ones, each with its spec as of now (its
+    /// migration state included). [`Server::reopen`] undoes it.
     pub fn close_for_handover(&self) -> Vec<(ExportSpec, Arc<Export>)> {
         let mut st = lock(&self.state);
         st.closing = true;
+        st.handover = true;
         st.slots
             .values()
             .filter_map(|s| match s {
-                Slot::Running(r) => Some((r.spec.clone(), r.export.clone())),
+                Slot::Running(r) => Some((r.spec.clone().in_state(r.export.dev.migration()), r.export.clone())),
                 _ => None,
             })
             .collect()
     }
 
-    /// Accepts new exports again (after a handover that failed).
+    /// Accepts new exports (and removes) again, after a handover that
+    /// failed.
     pub fn reopen(&self) {
-        lock(&self.state).closing = false;
+        let mut st = lock(&self.state);
+        st.closing = false;
+        st.handover = false;
+    }
+
+    /// The gate of the running export `name`: held, its stop waits (as
+    /// behind a resize that does not finish).
+    #[cfg(test)]
+    pub(super) fn gate(&self, name: &str) -> Arc<Mutex<bool>> {
+        self.running(name).expect("a running export").1
     }
 
     /// The exports, running and stopping.
@@ -520,7 +554,7 @@ fn start(name: &str, spec: &ExportSpec, sibling: Option<&Export>) -> Result<(Arc
         None => super::restart::open_waiting(spec, super::restart::LOCK_WAIT)?,
     });
     let export = match passed {
-        Some((listener, path)) => Export::adopt(dev, &path, listener),
+        Some((listener, path)) => Export::adopt(dev, &path, listener).map_err(|e| invalid(e.to_string()))?,
         None => Export::bind(dev, &spec.socket).map_err(|e| invalid(e.to_string()))?,
     };
     let runner = export.clone();

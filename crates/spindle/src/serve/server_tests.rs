@@ -40,9 +40,10 @@ fn a_stuck_export_neither_hangs_remove_nor_shutdown_and_keeps_its_name() {
     let server = Arc::new(Server::with_stop_timeout(Duration::from_millis(300)));
     server.add(null(&dir, "stuck", "1M")).unwrap();
     server.add(null(&dir, "fine", "1M")).unwrap();
-    // Without its socket file nothing can wake the export's accept(2):
-    // its thread never ends.
-    std::fs::remove_file(dir.join("stuck.sock")).unwrap();
+    // Its stop waits for the gate, as behind a resize on a disk that
+    // hangs: it does not end before the test does.
+    let gate = server.gate("stuck");
+    let _held = lock(&gate);
     let s = server.clone();
     let err = within(20, move || s.remove("stuck")).unwrap_err().to_string();
     assert!(err.contains("'stuck' has not stopped after"), "{err}");
@@ -109,5 +110,25 @@ fn concurrent_resizes_and_a_remove_of_one_export_are_serialised() {
             ),
         }
     }
+    assert!(server.list().is_empty());
+}
+
+#[test]
+fn no_export_is_added_or_removed_while_a_handover_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::default();
+    server.add(null(d.path(), "e", "1M")).unwrap();
+    let running = server.close_for_handover();
+    assert_eq!(running.len(), 1);
+    let err = add_err(&server, null(d.path(), "f", "1M"));
+    assert!(err.contains("a handover is in progress"), "{err}");
+    let err = server.remove("e").unwrap_err().to_string();
+    assert!(err.contains("a handover is in progress"), "{err}");
+    assert_eq!(server.list().iter().map(|e| e.state).collect::<Vec<_>>(), ["running"]);
+    // A handover that failed: both work again.
+    server.reopen();
+    server.add(null(d.path(), "f", "1M")).unwrap();
+    server.remove("e").unwrap();
+    server.remove("f").unwrap();
     assert!(server.list().is_empty());
 }
