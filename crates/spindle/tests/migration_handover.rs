@@ -56,7 +56,12 @@ fn restart(d: &mut Driver) {
 }
 
 fn migration_of(s: &Serve, name: &str) -> String {
-    let r = s.ctl(&json!({"cmd": "list"}));
+    migration_at(s.control.as_ref().expect("a control socket"), name)
+}
+
+/// The migration state of export `name` of the server on control socket `ctl`.
+fn migration_at(ctl: &Path, name: &str) -> String {
+    let r = common::serve::ctl_at(ctl, &json!({"cmd": "list"}));
     let e = r["exports"]
         .as_array()
         .and_then(|v| v.iter().find(|e| e["name"] == name))
@@ -101,6 +106,16 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
     }
 }
 
+/// A daemon of its own serving `img` on `sock` as a migration's
+/// destination (`--incoming`), with the control socket `dst.ctl`.
+fn destination(dir: &tempfile::TempDir, img: &Path, sock: &Path) -> Serve {
+    Serve::start(
+        dir.path(),
+        &[p(img), "--vhost-user", p(sock), "--incoming", "--control", "dst.ctl"],
+        &[sock],
+    )
+}
+
 /// Two daemons on one image (two hosts on shared storage): the incoming
 /// one holds only the shared read lock; it activates only once the source
 /// released the write lock; it reads the source's last writes. With
@@ -116,18 +131,7 @@ fn two_daemons(qcow2: bool, early: bool, paused: bool) {
     let dir = scratch();
     let img = image(&dir, qcow2);
     let (src_sock, dst_sock) = (at(&dir, "src.sock"), at(&dir, "dst.sock"));
-    let dst = Serve::start(
-        dir.path(),
-        &[
-            p(&img),
-            "--vhost-user",
-            p(&dst_sock),
-            "--incoming",
-            "--control",
-            "dst.ctl",
-        ],
-        &[&dst_sock],
-    );
+    let dst = destination(&dir, &img, &dst_sock);
     assert_eq!(
         locks(&img),
         vec![100],
@@ -411,5 +415,94 @@ fn config_key_incoming() {
     assert_eq!(migration_of(&s, "vm"), "active");
     drop(d);
     assert!(s.stop().success());
+    assert_clean(&img);
+}
+
+/// A scratch directory and a qcow2 image, for servers that hand over
+/// (whose new processes this one adopts).
+fn handover_scratch() -> (tempfile::TempDir, std::path::PathBuf) {
+    need("qemu-img");
+    common::handover::become_subreaper();
+    let dir = scratch();
+    let img = image(&dir, true);
+    (dir, img)
+}
+
+/// A planned handover (SIGUSR2) keeps each export's migration state. Two
+/// daemons: the destination, handed over while incoming, stays incoming;
+/// the source, handed over after it handed its image to the destination,
+/// stays inactive in its new process (only the shared lock, the image
+/// not taken back), and the destination activates and takes the image.
+#[test]
+fn a_handover_keeps_incoming_and_inactive_exports_off_the_image() {
+    use common::handover::Spindle;
+    let (dir, img) = handover_scratch();
+    let (src_sock, dst_sock) = (at(&dir, "src.sock"), at(&dir, "dst.sock"));
+    let (src_ctl, dst_ctl) = (at(&dir, "src.ctl"), at(&dir, "dst.ctl"));
+    let mut dst = Spindle::First(destination(&dir, &img, &dst_sock));
+    dst.hand_over(Duration::from_secs(60));
+    assert_eq!(migration_at(&dst_ctl, "disk"), "incoming", "{}", dst.log_text());
+    assert_eq!(locks(&img), vec![100]);
+    let mut src = Spindle::First(Serve::start(
+        dir.path(),
+        &[p(&img), "--vhost-user", p(&src_sock), "--control", p(&src_ctl)],
+        &[&src_sock],
+    ));
+    let mut s = frontend(&src_sock);
+    write(&mut s, 0, 0xf1);
+    stop_for_migration(&mut s);
+    drop(s);
+    assert_eq!(migration_at(&src_ctl, "disk"), "inactive");
+    assert_eq!(locks(&img), vec![100]);
+
+    src.hand_over(Duration::from_secs(60));
+    let log = src.log_text();
+    assert_eq!(migration_at(&src_ctl, "disk"), "inactive", "{log}");
+    assert_eq!(locks(&img), vec![100], "the new source process took the image:\n{log}");
+    let mut d = frontend(&dst_sock);
+    assert_reads(&mut d, 0, 0xf1);
+    write(&mut d, 8, 0xf2);
+    assert_eq!(migration_at(&dst_ctl, "disk"), "active");
+    assert_eq!(migration_at(&src_ctl, "disk"), "inactive");
+    drop(d);
+    assert!(src.stop(), "{}", src.log_text());
+    assert!(dst.stop(), "{}", dst.log_text());
+    assert_clean(&img);
+}
+
+/// Same daemon: a handover with a source and an incoming destination of
+/// one image (whatever their names' order) hands both over, each in its
+/// state, before and after the migration.
+#[test]
+fn a_handover_keeps_a_same_daemon_migration_as_it_is() {
+    use common::handover::Spindle;
+    let (dir, img) = handover_scratch();
+    let (a, b, ctl) = (at(&dir, "a.sock"), at(&dir, "b.sock"), at(&dir, "c.ctl"));
+    // "dst" sorts before "src".
+    let mut srv = Spindle::First(Serve::start(
+        dir.path(),
+        &[p(&img), "--name", "src", "--vhost-user", p(&a), "--control", p(&ctl)],
+        &[&a],
+    ));
+    let add = json!({"cmd": "add", "export": {"name": "dst", "image": p(&img), "socket": p(&b), "incoming": true}});
+    let r = common::serve::ctl_at(&ctl, &add);
+    assert_eq!(r["ok"], true, "{r}");
+    srv.hand_over(Duration::from_secs(60));
+    let states = || (migration_at(&ctl, "src"), migration_at(&ctl, "dst"));
+    assert_eq!(states(), ("active".into(), "incoming".into()), "{}", srv.log_text());
+    let mut s = frontend(&a);
+    write(&mut s, 0, 0xf3);
+    stop_for_migration(&mut s);
+    let mut d = frontend(&b);
+    assert_reads(&mut d, 0, 0xf3);
+    assert_eq!(states(), ("inactive".into(), "active".into()));
+    drop((s, d));
+    srv.hand_over(Duration::from_secs(60));
+    assert_eq!(states(), ("inactive".into(), "active".into()), "{}", srv.log_text());
+    let mut d = frontend(&b);
+    assert_reads(&mut d, 0, 0xf3);
+    write(&mut d, 8, 0xf4);
+    drop(d);
+    assert!(srv.stop(), "{}", srv.log_text());
     assert_clean(&img);
 }

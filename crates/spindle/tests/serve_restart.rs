@@ -200,6 +200,17 @@ fn install(bin: &Path, contents: &[u8]) {
     std::fs::rename(&tmp, bin).unwrap();
 }
 
+/// A scratch directory with a copy of the binary as `spindle`, to be
+/// replaced as an upgrade does, and the binary's bytes; servers started
+/// from it hand over to processes this one adopts.
+fn upgradable() -> (tempfile::TempDir, Vec<u8>) {
+    common::handover::become_subreaper();
+    let dir = scratch();
+    let real = std::fs::read(env!("CARGO_BIN_EXE_spindle")).unwrap();
+    install(&dir.path().join("spindle"), &real);
+    (dir, real)
+}
+
 fn list(ctl: &Path) -> serde_json::Value {
     let r = common::serve::ctl_at(ctl, &serde_json::json!({"cmd": "list"}));
     assert_eq!(r["ok"], true, "{r}");
@@ -236,13 +247,10 @@ fn wait_log(p: &common::handover::Pid, pat: &str, n: usize, limit: Duration) -> 
 /// binary that fails costs nothing; the listening sockets never go away.
 #[test]
 fn sigusr2_hands_the_sockets_and_runtime_exports_to_a_new_process() {
-    use common::handover::{become_subreaper, handed_to, Pid};
-    become_subreaper();
-    let dir = scratch();
+    use common::handover::{handed_to, Pid};
+    let (dir, real) = upgradable();
     let d = dir.path();
-    let real = std::fs::read(env!("CARGO_BIN_EXE_spindle")).unwrap();
     let bin = d.join("spindle");
-    install(&bin, &real);
     let img = image(d);
     let img2 = d.join("added.raw");
     std::fs::File::create(&img2).unwrap().set_len(32 << 20).unwrap();
@@ -398,4 +406,100 @@ fn sigusr2_hands_the_sockets_and_runtime_exports_to_a_new_process() {
         old.log_text()
     );
     assert!(!ctl.exists());
+}
+
+/// The connections each export of `list` reply `r` has served.
+fn connections_of(r: &serde_json::Value) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = r["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().into(), e["connections"].as_u64().unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A handover with a frontend connected: the old process stops its
+/// export without connecting to the socket it hands over, so the new
+/// process sees no connection but a frontend's (the frontend here does
+/// not come back).
+#[test]
+fn a_handover_leaves_no_connection_of_its_own_to_the_new_process() {
+    use common::handover::{become_subreaper, Spindle};
+    use spindle_vhost::fuzzing::driver::Driver;
+    become_subreaper();
+    let dir = scratch();
+    let d = dir.path();
+    let img = image(d);
+    let (sock, ctl) = (d.join("disk.sock"), d.join("ctl.sock"));
+    let mut s = Spindle::First(Serve::start(
+        d,
+        &[p(&img), "--vhost-user", p(&sock), "--control", p(&ctl)],
+        &[&sock],
+    ));
+    let mut fe = Driver::connect(&sock, 16, Duration::from_secs(60)).expect("connect");
+    fe.setup(1, 64).expect("set up queue 0");
+    assert_eq!(connections_of(&list(&ctl)), [("disk".to_string(), 1)]);
+    s.hand_over(Duration::from_secs(60));
+    drop(fe);
+    // Long enough for the new process to accept what its backlog holds.
+    std::thread::sleep(Duration::from_millis(500));
+    let r = list(&ctl);
+    assert_eq!(r["pid"], s.pid());
+    assert_eq!(
+        connections_of(&r),
+        [("disk".to_string(), 0)],
+        "the new process served a connection no frontend made:\n{}",
+        s.log_text()
+    );
+    assert_eq!(get_features(&sock), Some(1));
+    assert!(s.stop(), "{}", s.log_text());
+}
+
+/// A handover that fails after the old process released its exports, one
+/// of which cannot be served again (its image went away meanwhile): its
+/// socket is closed and its file removed, and the other export serves on.
+#[test]
+fn after_a_failed_handover_an_export_not_served_again_closes_its_socket() {
+    use common::handover::Pid;
+    let (dir, real) = upgradable();
+    let d = dir.path();
+    let (bin, wrapper) = (d.join("spindle"), d.join("spindle-real"));
+    install(&wrapper, &real);
+    let img = image(d);
+    let img2 = d.join("added.raw");
+    std::fs::File::create(&img2).unwrap().set_len(32 << 20).unwrap();
+    let (sock, sock2, ctl) = (d.join("disk.sock"), d.join("added.sock"), d.join("ctl.sock"));
+    let mut old = Pid::spawn(
+        &bin,
+        d,
+        &[p(&img), "--vhost-user", p(&sock), "--control", p(&ctl)],
+        &d.join("serve.log"),
+        &[],
+    );
+    assert!(wait_accepting(&ctl, Duration::from_secs(20)), "{}", old.log_text());
+    let add = serde_json::json!({"cmd": "add", "export": {"image": p(&img2), "socket": p(&sock2), "name": "added"}});
+    let r = common::serve::ctl_at(&ctl, &add);
+    assert_eq!(r["ok"], true, "{r}");
+    // The new binary removes the added image, then refuses a setting once
+    // the old process released its exports.
+    install(
+        &bin,
+        format!(
+            "#!/bin/sh\nrm -f {}\nexec {} \"$@\" --iothreads 99\n",
+            img2.display(),
+            wrapper.display()
+        )
+        .as_bytes(),
+    );
+    old.signal(libc::SIGUSR2);
+    let log = wait_log(&old, "the handover failed, still serving", 1, Duration::from_secs(60));
+    assert!(old.running());
+    assert_eq!(names(&list(&ctl)), ["disk"]);
+    assert_eq!(get_features(&sock), Some(1), "{log}");
+    assert!(!sock2.exists(), "the socket file of 'added' is left:\n{log}");
+    assert!(log.contains("export 'added' cannot be served again"), "{log}");
+    let mut old = common::handover::Spindle::Next(old);
+    assert!(old.stop(), "{}", old.log_text());
 }

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 const FIRST_FD: i32 = 3;
 /// At most this many are taken (systemd's own limit is far higher; a
 /// value past it is an error in the environment, not a request).
-const MAX_FDS: usize = 1024;
+pub const MAX_FDS: usize = 1024;
 
 /// One socket passed in.
 struct Passed {

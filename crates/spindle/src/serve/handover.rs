@@ -13,9 +13,18 @@
 //! 1. new → old `ready`: the new process parsed its configuration and
 //!    took the sockets. Until then nothing was stopped, so a new binary or
 //!    configuration that fails costs nothing: the old one keeps serving.
-//! 2. old → new `released`: the old process stopped its exports as
-//!    SIGTERM does (accepted requests finish, images flushed and closed,
-//!    locks released), leaving the sockets open and their files in place.
+//! 2. old → new `released STATES`: the old process stopped its exports
+//!    as SIGTERM does (accepted requests finish, images flushed and
+//!    closed, locks released), leaving the sockets open and their files in
+//!    place. STATES is a letter per export of the configuration, in its
+//!    order: the migration state it stopped in (`a` active, `n` incoming,
+//!    `i` inactive), which the config file has too but may have changed
+//!    meanwhile (a frontend that stopped its device and is disconnected
+//!    hands the image over). An export that is not active is opened as
+//!    `--incoming` is: a look at the image, holding only the shared lock,
+//!    until its frontend starts the device. Or, when an export did not
+//!    stop cleanly, `abort`: the new process exits without opening an
+//!    image, and the old one serves its exports again.
 //! 3. new → old `serving`: the new process opened the images and serves;
 //!    the old one exits 0. If instead the new one fails or goes silent,
 //!    the old one serves its exports again on the same sockets.
@@ -27,6 +36,7 @@ use super::activation;
 use super::server::{Server, STOP_TIMEOUT};
 use super::spec::ExportSpec;
 use serde::Serialize;
+use spindle_vhost::device::Migration;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
@@ -46,7 +56,11 @@ pub const SERVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the new process waits for the old one to release the images.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(STOP_TIMEOUT.as_secs() + 15);
 
-/// The longest step line read: the steps are single words.
+/// How long a new process told to quit may take to exit.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest step line read: the steps are single words (`released`
+/// has a letter per export more).
 const MAX_STEP: u64 = 64;
 
 static EXE: OnceLock<PathBuf> = OnceLock::new();
@@ -238,10 +252,15 @@ fn spawn(exe: &Path, fds: &[&OwnedFd], s: &Sockets, delay_io: Option<&str>) -> R
 /// Reads one step line (at most [`MAX_STEP`] bytes); `None` at the end
 /// (the other side is gone).
 fn step(chan: &mut BufReader<UnixStream>, limit: Duration) -> Result<Option<String>, std::io::Error> {
+    step_max(chan, limit, MAX_STEP)
+}
+
+/// [`step`], for a line of at most `max` bytes.
+fn step_max(chan: &mut BufReader<UnixStream>, limit: Duration, max: u64) -> Result<Option<String>, std::io::Error> {
     use std::io::Read;
     chan.get_ref().set_read_timeout(Some(limit))?;
     let mut line = String::new();
-    match chan.by_ref().take(MAX_STEP).read_line(&mut line)? {
+    match chan.by_ref().take(max).read_line(&mut line)? {
         0 => Ok(None),
         _ => Ok(Some(line.trim_end().to_string())),
     }
@@ -277,6 +296,30 @@ fn failed(child: &mut Child, got: Result<Option<String>, std::io::Error>, want: 
     }
 }
 
+/// A migration state as a letter of the `released` step.
+fn letter(m: Migration) -> char {
+    match m {
+        Migration::Active => 'a',
+        Migration::Incoming => 'n',
+        Migration::Inactive => 'i',
+    }
+}
+
+/// The states of a `released` step line; `None` for a plain `released`
+/// (or letters not understood: the configuration's states then hold).
+fn released_states(line: &str) -> Option<Vec<Migration>> {
+    let letters = line.strip_prefix("released ")?;
+    letters
+        .chars()
+        .map(|c| match c {
+            'a' => Some(Migration::Active),
+            'n' => Some(Migration::Incoming),
+            'i' => Some(Migration::Inactive),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Hands every export and the control socket to a new process; returns
 /// its pid once it serves (the caller then exits). On an error the old
 /// process serves as before and the error says what happened.
@@ -292,21 +335,50 @@ pub fn hand_over(server: &Server, delay_io: Option<&str>) -> Result<u32, String>
         }
     };
     // The new one is ready: stop the exports, leaving the sockets to it.
+    let owned: Vec<bool> = exports.iter().map(|(_, e)| e.owns_socket_file()).collect();
     for (_, e) in &exports {
         e.leave_socket_file();
     }
-    // The last references to the old devices go with the exports (an
-    // open image keeps its locks until then).
-    let specs: Vec<ExportSpec> = exports.into_iter().map(|(s, _)| s).collect();
-    if let Err(e) = server.remove_all() {
-        eprintln!("spindle: handover: {e}");
+    let stopped = server.remove_all();
+    // The state each export stopped in. The last references to the old
+    // devices go here (an export that stopped closed its image already).
+    let specs: Vec<ExportSpec> = exports
+        .into_iter()
+        .map(|(s, e)| s.in_state(e.dev.migration()))
+        .collect();
+    if let Err(e) = stopped {
+        // The images may still be held here: the new one must not start.
+        let quit = abort(&mut child, chan);
+        return Err(format!(
+            "not every export stopped ({e}); {quit}; {}",
+            serve_again(server, &specs, sockets, &owned)
+        ));
     }
-    let _ = chan.get_mut().write_all(b"released\n");
+    let states: String = specs.iter().map(|s| letter(s.state())).collect();
+    let _ = chan.get_mut().write_all(format!("released {states}\n").as_bytes());
     match step(&mut chan, SERVE_TIMEOUT) {
         Ok(Some(l)) if l == "serving" => Ok(child.id()),
         got => {
             let why = failed(&mut child, got, "serving", SERVE_TIMEOUT);
-            Err(format!("{why}; {}", serve_again(server, &specs, sockets)))
+            Err(format!("{why}; {}", serve_again(server, &specs, sockets, &owned)))
+        }
+    }
+}
+
+/// Tells the new process to quit before it opened any image, and waits
+/// for it (killing it if it does not go): what happened, for the log.
+fn abort(child: &mut Child, mut chan: BufReader<UnixStream>) -> String {
+    let _ = chan.get_mut().write_all(b"abort\n");
+    let pid = child.id();
+    match step(&mut chan, ABORT_TIMEOUT) {
+        Ok(None) => match child.wait() {
+            Ok(st) => format!("the new process ({pid}) was told to quit ({st})"),
+            Err(e) => format!("the new process ({pid}) was told to quit ({e})"),
+        },
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            format!("the new process ({pid}) did not quit when told; it was stopped")
         }
     }
 }
@@ -344,19 +416,37 @@ fn prepare(
     }
 }
 
-/// After a failed handover: serves `exports` again on the sockets kept.
-fn serve_again(server: &Server, specs: &[ExportSpec], sockets: Sockets) -> String {
+/// After a failed handover: serves `specs` again on the sockets kept
+/// (`owned[i]`: whether export i bound its socket file itself). The socket
+/// of an export that cannot be served again is closed, and its file
+/// removed as a remove would.
+fn serve_again(server: &Server, specs: &[ExportSpec], sockets: Sockets, owned: &[bool]) -> String {
     server.reopen();
     let control = sockets.control;
-    for (i, (fd, path)) in sockets.fds.into_iter().zip(sockets.paths).enumerate() {
+    for (i, (fd, path)) in sockets.fds.into_iter().zip(&sockets.paths).enumerate() {
         if Some(i) != control {
-            activation::give_back(UnixListener::from(fd), &path);
+            activation::give_back(UnixListener::from(fd), path);
         }
     }
-    let errors: Vec<String> = specs
-        .iter()
-        .filter_map(|spec| server.add(spec.clone()).err().map(|e| format!("{}: {e}", spec.name())))
-        .collect();
+    // Active exports first: an export sharing its image with another
+    // (a same-daemon migration) shares the one opened for serving.
+    let mut order: Vec<usize> = (0..specs.len()).collect();
+    order.sort_by_key(|&i| specs[i].state() != Migration::Active);
+    let mut errors = Vec::new();
+    for i in order {
+        let (spec, path) = (&specs[i], &sockets.paths[i]);
+        let Err(e) = server.add(spec.clone()) else { continue };
+        let name = spec.name();
+        drop(activation::claim_path(path));
+        if owned.get(i).copied().unwrap_or(false) {
+            let _ = std::fs::remove_file(path);
+        }
+        eprintln!(
+            "spindle: handover: export '{name}' cannot be served again ({e}); its socket {} is closed",
+            path.display()
+        );
+        errors.push(format!("{name}: {e}"));
+    }
     match errors.is_empty() {
         true => format!("serving the {} export(s) here again", specs.len()),
         false => format!("serving again here failed: {}", errors.join("; ")),
@@ -414,17 +504,34 @@ impl Incoming {
     }
 
     /// Tells the old process this one is ready and waits until it released
-    /// the images (or is gone).
-    pub fn ready_and_wait(&mut self) {
+    /// the images (or is gone). Returns the migration state each export
+    /// stopped in, in the configuration's order, when the old process said
+    /// them; an error when it told this one to quit (it could not release
+    /// every image).
+    pub fn ready_and_wait(&mut self) -> Result<Option<Vec<Migration>>, String> {
         self.config = None;
         if self.chan.get_mut().write_all(b"ready\n").is_err() {
-            return; // the old process is gone
+            return Ok(None); // the old process is gone
         }
-        match step(&mut self.chan, RELEASE_TIMEOUT) {
-            Ok(Some(l)) if l == "released" => {}
-            Ok(None) => eprintln!("spindle: handover: the old process went away; serving"),
-            Ok(Some(l)) => eprintln!("spindle: handover: the old process said {l:?}; serving"),
-            Err(e) => eprintln!("spindle: handover: no word from the old process ({e}); serving"),
+        // A letter per export: bounded by the descriptors the old one has.
+        let max = MAX_STEP + activation::MAX_FDS as u64;
+        match step_max(&mut self.chan, RELEASE_TIMEOUT, max) {
+            Ok(Some(l)) if l == "abort" => Err("the old process could not release its exports and serves them \
+                 on; exiting without opening an image"
+                .into()),
+            Ok(Some(l)) if l == "released" || l.starts_with("released ") => Ok(released_states(&l)),
+            Ok(None) => {
+                eprintln!("spindle: handover: the old process went away; serving");
+                Ok(None)
+            }
+            Ok(Some(l)) => {
+                eprintln!("spindle: handover: the old process said {l:?}; serving");
+                Ok(None)
+            }
+            Err(e) => {
+                eprintln!("spindle: handover: no word from the old process ({e}); serving");
+                Ok(None)
+            }
         }
     }
 
@@ -516,5 +623,64 @@ mod tests {
         drop(b);
         let rest = std::iter::from_fn(|| step(&mut a, Duration::from_secs(5)).unwrap()).count();
         assert_eq!(rest, (1000 - 64) / 64 + 1);
+    }
+
+    #[test]
+    fn released_carries_a_state_per_export() {
+        let all = [Migration::Active, Migration::Incoming, Migration::Inactive];
+        let line = format!("released {}", all.iter().map(|&m| letter(m)).collect::<String>());
+        assert_eq!(released_states(&line), Some(all.to_vec()));
+        assert_eq!(released_states("released"), None);
+        assert_eq!(released_states("released ax"), None);
+    }
+
+    /// An export that does not stop: the new process is told to quit
+    /// (never `released`), the other export is served here again, and the
+    /// socket of the one that cannot be is closed, its file removed.
+    #[test]
+    fn a_handover_whose_exports_do_not_all_stop_is_called_off() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        // Stands in for the new binary: says ready, writes down what it
+        // is told next, and exits.
+        let exe = dir.join("new-spindle");
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\nch=${SPINDLE_HANDOVER_FDS%,*}\neval \"echo ready >&$ch\"\n\
+             eval \"read line <&$ch\"\necho \"$line\" > \"$0.said\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        EXE.set(exe.clone()).expect("no other test sets the binary");
+        let server = Server::with_stop_timeout(Duration::from_millis(300));
+        let spec = |name: &str| ExportSpec {
+            image: "null:1M".into(),
+            socket: dir.join(format!("{name}.sock")),
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        server.add(spec("fine")).unwrap();
+        server.add(spec("stuck")).unwrap();
+        let gate = server.gate("stuck");
+        let held = gate.lock().unwrap();
+        let err = hand_over(&server, None).unwrap_err();
+        drop(held);
+        assert!(
+            err.contains("not every export stopped") && err.contains("'stuck' has not stopped"),
+            "{err}"
+        );
+        assert!(err.contains("was told to quit (exit status: 0)"), "{err}");
+        let said = std::fs::read_to_string(dir.join("new-spindle.said")).unwrap();
+        assert_eq!(said.trim(), "abort", "the new process must not be told {said:?}");
+        assert!(
+            err.contains("stuck: an export named 'stuck' is still being removed"),
+            "{err}"
+        );
+        let running: Vec<_> = server.list().into_iter().filter(|e| e.state == "running").collect();
+        assert_eq!(running.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["fine"]);
+        UnixStream::connect(dir.join("fine.sock")).expect("'fine' is served again");
+        assert!(!dir.join("stuck.sock").exists(), "the socket file of 'stuck' is left");
+        server.remove_all().unwrap();
     }
 }

@@ -118,6 +118,7 @@ impl ExportArgs {
             serial: self.serial.clone(),
             poll_us: self.poll_us,
             incoming: self.incoming,
+            inactive: false,
         }
     }
 
@@ -189,7 +190,7 @@ pub fn run(a: Args) -> CliResult<u8> {
     if let Some(plan) = &a.delay_io {
         spindle_block::fault::delay::set(plan.parse().map_err(BlockError::Invalid)?).map_err(BlockError::Invalid)?;
     }
-    let (specs, control) = match &a.config {
+    let (mut specs, control): (Vec<ExportSpec>, _) = match &a.config {
         Some(path) => {
             let cfg = ConfigFile::load(path)?;
             let control = a.control.clone().or(cfg.control);
@@ -207,9 +208,19 @@ pub fn run(a: Args) -> CliResult<u8> {
         }
     };
     if let Some(i) = &mut incoming {
-        // The old process stops its exports only now.
-        i.ready_and_wait();
+        // The old process stops its exports only now, and says the state
+        // each one stopped in (or to quit: then no image is touched).
+        match i.ready_and_wait().map_err(|e| BlockError::Invalid(format!("handover: {e}")))? {
+            Some(states) if states.len() == specs.len() => {
+                specs = specs.into_iter().zip(states).map(|(s, m)| s.in_state(m)).collect();
+            }
+            Some(_) => eprintln!("spindle: handover: the old process's export states do not match the configuration; using the configuration's"),
+            None => {}
+        }
     }
+    // Active exports first: a second export of an image (a same-daemon
+    // migration's other side) shares the image opened for serving.
+    specs.sort_by_key(|s| s.state() != spindle_vhost::device::Migration::Active);
     let server = Arc::new(Server::default());
     for spec in specs {
         let image = spec.image.clone();
