@@ -38,8 +38,10 @@ pub struct DeviceConfig {
 pub enum Migration {
     /// It serves its frontend's device (the normal state).
     Active,
-    /// A migration destination whose frontend has not started the device
-    /// yet: the image is not trusted (two daemons: not even open).
+    /// A migration destination whose device has not served yet: its
+    /// frontend has not started it, or it waits (another export of the
+    /// image still runs, or the image cannot be opened yet). The image is
+    /// not trusted (two daemons: not even open).
     Incoming,
     /// Its frontend stopped the device for a migration (every ring stopped
     /// while dirty logging was on): the image was flushed, and closed when
