@@ -9,7 +9,7 @@
 //! `worker.rs` for what happens on each event.
 
 use crate::blk::config::{parse_write, ConfigWrite};
-use crate::device::{Device, Migration};
+use crate::device::Device;
 use crate::dirty::{DirtyLog, LogMap, VHOST_F_LOG_ALL};
 use crate::drain::InFlight;
 use crate::inflight::track::Tracking;
@@ -17,6 +17,7 @@ use crate::inflight::{self, Caps, Region};
 use crate::queues::QueueMap;
 use crate::ratelimit::limited;
 use crate::ring::{Broken, Setup};
+use crate::run::{Run, Stopped};
 use crate::worker;
 use std::fs::File;
 use std::io;
@@ -25,8 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures};
 use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
@@ -72,21 +72,19 @@ pub struct BlkBackend {
     backend_req: Mutex<Option<Backend>>,
     /// Features the frontend acked (`SET_FEATURES`).
     acked: AtomicU64,
-    /// Per queue: the ring runs (popped since it was last stopped).
-    running: Box<[AtomicBool]>,
-    /// The device ran on this connection and the frontend then stopped
-    /// every ring (`GET_VRING_BASE`).
-    stopped: AtomicBool,
+    /// Which rings run; the device's start and stop (`run.rs`).
+    run: Run,
     /// The dirty log while the frontend migrates (`dirty.rs`).
     pub(crate) dirty: Arc<DirtyLog>,
 }
 
 impl BlkBackend {
     /// A backend for `dev` whose guest memory is `mem` (the same atomic
-    /// the daemon updates on SET_MEM_TABLE).
-    pub fn new(dev: Arc<Device>, mem: GuestMemoryAtomic<Memory>) -> BlkBackend {
+    /// the daemon updates on SET_MEM_TABLE). Fails when its waker (an
+    /// eventfd) cannot be created.
+    pub fn new(dev: Arc<Device>, mem: GuestMemoryAtomic<Memory>) -> io::Result<BlkBackend> {
         let queues = dev.cfg.num_queues as usize;
-        BlkBackend {
+        Ok(BlkBackend {
             dev,
             mem,
             requests: InFlight::new(queues),
@@ -97,73 +95,56 @@ impl BlkBackend {
             handlers: OnceLock::new(),
             backend_req: Mutex::new(None),
             acked: AtomicU64::new(0),
-            running: (0..queues).map(|_| AtomicBool::new(false)).collect(),
-            stopped: AtomicBool::new(false),
+            run: Run::new(queues)?,
             dirty: Arc::new(DirtyLog::for_connection()),
-        }
+        })
     }
 
-    /// The image for a round of requests popped from ring `queue`; the
-    /// first round after the frontend started the device activates the
-    /// export (opening its image afresh if it was closed for a migration).
-    /// Call holding the queue's admission, so a stop of the ring waits for
-    /// this round. `None`: the ring stopped meanwhile, or the image cannot
-    /// be opened (logged; the requests stay on the ring).
+    /// The image for a round of requests popped from ring `queue`. The
+    /// first round since the frontend started the ring asks whether the
+    /// device may start (`Run::start`): not while another export of the
+    /// image runs, nor before its image is open again after a migration
+    /// (it is opened in the background). Call holding the queue's
+    /// admission, so a stop of the ring waits for this round. `None`: the
+    /// ring stopped meanwhile, or the device may not start yet (the
+    /// requests stay on the ring; the connection's waker brings this
+    /// thread back). Never blocks.
     pub(crate) fn round_node(&self, queue: usize, vring: &VringRwLock) -> Option<Arc<spindle_block::Node>> {
-        let running = self.running.get(queue)?;
-        let first = !running.load(Ordering::Acquire);
-        let active = self.dev.migration() == Migration::Active;
-        if !first && active {
-            if let Some(n) = self.dev.node() {
-                return Some(n);
+        if self.run.is_running(queue) {
+            let node = self.dev.node();
+            if node.is_none() {
+                limited!(error, device = %self.dev.cfg.name, queue, "a running ring has no open image; its requests wait on the ring");
             }
+            return node;
         }
-        // The first round since the ring started, or a start after a
-        // handover: only for a ring the frontend has started, checked
-        // under the vring's lock, which a stop of the ring takes before it
-        // waits for this admission.
-        let live = {
-            let st = vring.get_ref();
-            st.is_enabled() && st.get_queue().ready()
-        };
-        if !live {
+        // Only for a ring the frontend has started, checked under the
+        // vring's lock, which a stop of the ring takes before it waits for
+        // this admission.
+        if !worker::live(vring) {
             return None;
         }
-        if first {
-            running.store(true, Ordering::Release);
-            self.stopped.store(false, Ordering::Release);
-        }
-        if active {
-            if let Some(n) = self.dev.node() {
-                return Some(n);
-            }
-        }
-        match self.dev.activate() {
-            Ok(n) => Some(n),
-            Err(e) => {
-                limited!(error, device = %self.dev.cfg.name, queue, "cannot activate the export (open its image): {e}; its requests wait on the ring");
-                None
-            }
-        }
+        self.run.start(queue, &self.dev)
     }
 
     /// Ring `queue` was stopped: flush (what the frontend counts as done
     /// must be on the image), and when every ring is stopped while dirty
     /// logging is on (the frontend stops the device for a migration), the
-    /// export hands its image over (`Device::inactivate`).
+    /// export hands its image over (`Device::inactivate`). Whether the
+    /// device stops is decided once, under the run state's lock.
     fn ring_stopped(&self, queue: usize) -> io::Result<()> {
-        let was_running = self.running.get(queue).is_some_and(|r| r.swap(false, Ordering::AcqRel));
-        let all_stopped = self.running.iter().all(|r| !r.load(Ordering::Acquire));
-        if all_stopped && was_running {
-            self.stopped.store(true, Ordering::Release);
-        }
         let migrating = self.acked.load(Ordering::Acquire) & VHOST_F_LOG_ALL != 0;
-        let res = if all_stopped && migrating && self.dev.migration() == Migration::Active {
-            self.dev.inactivate()
-        } else if was_running {
-            self.dev.slot.flush()
-        } else {
-            Ok(())
+        let res = match self.run.stop(queue, &self.dev, migrating) {
+            Stopped::Idle => Ok(()),
+            Stopped::Ring => self.dev.slot.flush(),
+            Stopped::Device { hand_over } => {
+                let res = if hand_over {
+                    self.dev.inactivate()
+                } else {
+                    self.dev.slot.flush()
+                };
+                self.run.handed_over(&self.dev);
+                res
+            }
         };
         res.map_err(|e| {
             limited!(error, device = %self.dev.cfg.name, queue, "cannot flush the image when the ring stopped: {e}");
@@ -175,7 +156,13 @@ impl BlkBackend {
     /// stopped every ring: a frontend that goes away after that hands the
     /// image over (`Export`, at disconnect).
     pub(crate) fn device_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
+        self.run.device_stopped()
+    }
+
+    /// The frontend went away (`drained`: nothing it sent is still in
+    /// flight): the device no longer runs, and waits for nothing.
+    pub(crate) fn disconnected(&self, drained: bool) {
+        self.run.disconnected(&self.dev, drained);
     }
 
     /// Hands over the daemon's epoll handlers (one per I/O thread), so a
@@ -184,19 +171,19 @@ impl BlkBackend {
         let _ = self.handlers.set(handlers.iter().map(Arc::downgrade).collect());
     }
 
-    pub(crate) fn register_runtime(&self, thread: usize, fds: &[i32]) -> io::Result<()> {
+    /// Registers in I/O thread `thread`'s epoll loop its runtime's
+    /// eventfds `fds` and the connection's waker, edge-triggered.
+    pub(crate) fn register_thread(&self, thread: usize, fds: &[i32]) -> io::Result<()> {
         let handler = self
             .handlers
             .get()
             .and_then(|h| h.get(thread))
             .and_then(Weak::upgrade)
             .ok_or_else(|| io::Error::other(format!("I/O thread {thread} has no epoll handler")))?;
-        for &fd in fds {
-            handler.register_listener(
-                fd,
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-                worker::runtime_event(self.dev.cfg.num_queues),
-            )?;
+        let queues = self.dev.cfg.num_queues;
+        let waker = (self.run.waker().fd(), worker::wake_event(queues));
+        for (fd, id) in fds.iter().map(|&fd| (fd, worker::runtime_event(queues))).chain([waker]) {
+            handler.register_listener(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, id)?;
         }
         Ok(())
     }
@@ -363,11 +350,12 @@ impl VhostUserBackend for BlkBackend {
         // The frontend acks its features anew after a reset: a stop until
         // then is no migration's.
         self.acked.fetch_and(!VHOST_F_LOG_ALL, Ordering::AcqRel);
-        for r in self.running.iter() {
-            r.store(false, Ordering::Release);
-        }
+        let ran = self.run.reset(&self.dev);
         if let Err(e) = self.dev.slot.flush() {
             limited!(error, device = %self.dev.cfg.name, "cannot flush the image on a device reset: {e}");
+        }
+        if ran {
+            self.run.handed_over(&self.dev);
         }
         // A reset device starts afresh: the frontend allocates a new
         // inflight buffer (QEMU frees its own on reset).

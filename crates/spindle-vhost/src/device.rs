@@ -38,8 +38,10 @@ pub struct DeviceConfig {
 pub enum Migration {
     /// It serves its frontend's device (the normal state).
     Active,
-    /// A migration destination whose frontend has not started the device
-    /// yet: the image is not trusted (two daemons: not even open).
+    /// A migration destination whose device has not served yet: its
+    /// frontend has not started it, or it waits (another export of the
+    /// image still runs, or the image cannot be opened yet). The image is
+    /// not trusted (two daemons: not even open).
     Incoming,
     /// Its frontend stopped the device for a migration (every ring stopped
     /// while dirty logging was on): the image was flushed, and closed when
@@ -73,6 +75,8 @@ pub struct Device {
     pub slot: Arc<NodeSlot>,
     /// Settings.
     pub cfg: DeviceConfig,
+    /// This export's id in its slot (`NodeSlot::attach`).
+    id: u64,
     migration: AtomicU8,
     capacity: AtomicU64,
     writeback: AtomicBool,
@@ -117,8 +121,9 @@ impl Device {
         cfg.num_queues = cfg.num_queues.clamp(1, 64);
         cfg.iothreads = cfg.iothreads.clamp(1, cfg.num_queues as usize);
         cfg.queue_size = cfg.queue_size.clamp(2, 32768).next_power_of_two();
-        slot.attach();
+        let id = slot.attach();
         Device {
+            id,
             migration: AtomicU8::new(migration as u8),
             capacity: AtomicU64::new(size),
             writeback: AtomicBool::new(true),
@@ -152,20 +157,18 @@ impl Device {
         Migration::from_u8(self.migration.load(Ordering::Acquire))
     }
 
-    /// The frontend started the device: the export serves, and its image
-    /// is opened afresh if it was closed (re-reading its metadata and
-    /// taking the write lock). Cheap when already active.
-    pub fn activate(&self) -> Result<Arc<Node>, BlockError> {
-        if self.migration() == Migration::Active {
-            if let Some(n) = self.node() {
-                return Ok(n);
-            }
-        }
-        let node = self.slot.activate()?;
+    /// This export's id in its slot.
+    pub(crate) fn export_id(&self) -> u64 {
+        self.id
+    }
+
+    /// The frontend started the device and the slot let it serve
+    /// (`NodeSlot::start`, which opened its image afresh first if it was
+    /// closed): the export is active.
+    pub(crate) fn started(&self) {
         if self.migration.swap(Migration::Active as u8, Ordering::AcqRel) != Migration::Active as u8 {
             tracing::info!(device = %self.cfg.name, "export active: its frontend started the device");
         }
-        Ok(node)
     }
 
     /// The frontend stopped the device for a migration (no request in
@@ -185,7 +188,7 @@ impl Device {
 
     /// The export stops serving: the last export of the image closes it.
     pub fn close(&self) -> Result<(), BlockError> {
-        self.slot.detach()
+        self.slot.detach(self.id)
     }
 
     /// Request limits as of now (the capacity follows resizes).

@@ -217,7 +217,8 @@ impl Export {
 
     fn serve_one(&self, listener: &mut Listener) -> Result<(), Error> {
         let mem = GuestMemoryAtomic::new(Memory::new());
-        let backend = Arc::new(BlkBackend::new(self.dev.clone(), mem.clone()));
+        let backend =
+            Arc::new(BlkBackend::new(self.dev.clone(), mem.clone()).map_err(|e| Error::Daemon(e.to_string()))?);
         let mut daemon = VhostUserDaemon::new(format!("spindle-{}", self.dev.cfg.name), backend.clone(), mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         let handlers = daemon.get_epoll_handlers();
@@ -255,6 +256,8 @@ impl Export {
                 limited!(error, device = %self.dev.cfg.name, "cannot hand the image over after the frontend left: {e}");
             }
         }
+        // Only now may another export of the image start its device.
+        backend.disconnected(drained);
         for h in &handlers {
             h.send_exit_event();
         }

@@ -10,6 +10,7 @@
 //!   connection; [`stats`] counts requests per queue without locks.
 #![deny(missing_docs)]
 
+mod activation;
 pub mod backend;
 pub mod blk;
 pub mod device;
@@ -24,6 +25,7 @@ mod poll;
 mod queues;
 pub mod ratelimit;
 pub mod ring;
+mod run;
 pub mod slot;
 pub mod stats;
 mod worker;

@@ -11,27 +11,33 @@
 //!   written back, dirty bit cleared, locks released). Call it only with no
 //!   request in flight.
 //! - [`NodeSlot::activate`] opens it afresh, which re-reads every piece of
-//!   metadata and takes the write lock (waiting a few seconds for a
-//!   process that still holds it, see [`Reopen`]).
+//!   metadata and takes the write lock (one try, see [`Reopen`]). A device
+//!   that starts while the image is closed does not call it: the slot's
+//!   activation thread does, trying again until it succeeds
+//!   (`activation.rs`).
 //!
 //! Two exports of one image in one daemon (the destination of a local
 //! migration) share one slot; the image then stays open across the
-//! handover, and only the export that stops is flushed.
+//! handover, and only the export that stops is flushed. The slot's guard
+//! lets only one of them have a running device at a time
+//! (`activation::Guard`).
 //!
 //! The data path reads the node once per round of popped requests
 //! ([`NodeSlot::current`], an `ArcSwap` load), never per request, and
 //! takes no lock.
 
+use crate::activation::{self, Guard, Start, Waker};
 use arc_swap::ArcSwapOption;
 use spindle_block::{BlockError, Node};
 use spindle_io::{Runtime, RuntimeConfig};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// How an inactive image is opened again.
 pub trait Reopen: Send + Sync {
-    /// Opens the image to serve it (the write lock, unless read-only),
-    /// waiting a few seconds while another process still holds it.
+    /// Opens the image to serve it (the write lock, unless read-only).
+    /// One try: while another process still holds the lock this fails,
+    /// and the slot's activation thread tries again a little later.
     fn open_active(&self) -> Result<Node, BlockError>;
     /// Opens the image to hold while inactive: it exists and its format is
     /// known, and only a shared lock is taken (read, sharing everything).
@@ -54,6 +60,10 @@ pub struct NodeSlot {
     engine: RuntimeConfig,
     info: SlotInfo,
     users: AtomicUsize,
+    /// The last export id given out (`attach`).
+    ids: AtomicU64,
+    /// Which export's device runs, and who waits to start.
+    guard: Guard,
 }
 
 fn poisoned() -> BlockError {
@@ -73,6 +83,8 @@ impl NodeSlot {
             reopen: None,
             engine,
             users: AtomicUsize::new(0),
+            ids: AtomicU64::new(0),
+            guard: Guard::default(),
         }
     }
 
@@ -96,6 +108,8 @@ impl NodeSlot {
             reopen: Some(reopen),
             engine,
             users: AtomicUsize::new(0),
+            ids: AtomicU64::new(0),
+            guard: Guard::default(),
         }
     }
 
@@ -122,9 +136,45 @@ impl NodeSlot {
         }
     }
 
+    /// The device of export `id` asks to start (its first round since it
+    /// last stopped): [`Start::Serve`] when no other export's device runs
+    /// and the image is open. Otherwise `waker` is woken when that may
+    /// have changed, and a closed image is opened meanwhile by the slot's
+    /// activation thread (started here, one per slot; `name` is for its
+    /// logs). Never blocks on the image: an I/O thread calls it.
+    pub(crate) fn start(self: &Arc<Self>, id: u64, waker: &Arc<Waker>, name: &str) -> Start {
+        let (start, spawn) = self.guard.start(id, waker, || self.current());
+        if spawn {
+            activation::spawn(self, name);
+        }
+        start
+    }
+
+    /// The one-writer guard of this slot.
+    pub(crate) fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// What the activation thread tries: opens the image if some device
+    /// still waits for it. `Ok(false)`: none waits, the thread ends;
+    /// `Ok(true)`: the image is open.
+    pub(crate) fn open_for_waiting(&self) -> Result<bool, BlockError> {
+        // The waiting devices are checked under `held`, which the last
+        // `detach` takes only after its export waits no longer: an image
+        // opened here is closed by that `detach`, never left open.
+        let held = self.held.lock();
+        if !self.guard.keep_activating() {
+            return Ok(false);
+        }
+        self.open(held.map_err(|_| poisoned())?).map(|_| true)
+    }
+
     /// Opens the image when it is not open; returns it.
     pub fn activate(&self) -> Result<Arc<Node>, BlockError> {
-        let mut held = self.held.lock().map_err(|_| poisoned())?;
+        self.open(self.held.lock().map_err(|_| poisoned())?)
+    }
+
+    fn open(&self, mut held: std::sync::MutexGuard<'_, Option<Node>>) -> Result<Arc<Node>, BlockError> {
         if let Some(n) = self.current() {
             return Ok(n);
         }
@@ -173,14 +223,17 @@ impl NodeSlot {
         }
     }
 
-    /// One more export serves this slot.
-    pub fn attach(&self) {
+    /// One more export serves this slot; returns its id here (for the
+    /// one-writer guard, and [`NodeSlot::detach`]).
+    pub fn attach(&self) -> u64 {
         self.users.fetch_add(1, Ordering::AcqRel);
+        self.ids.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    /// An export stopped serving this slot; the last one closes the image
-    /// and lets it go.
-    pub fn detach(&self) -> Result<(), BlockError> {
+    /// Export `id` stopped serving this slot; the last one closes the
+    /// image and lets it go.
+    pub fn detach(&self, id: u64) -> Result<(), BlockError> {
+        self.guard.forget(id);
         if self.users.fetch_sub(1, Ordering::AcqRel) > 1 {
             return self.flush();
         }

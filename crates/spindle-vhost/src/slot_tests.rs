@@ -2,6 +2,7 @@
 //! judged by a fresh open and by qemu-img.
 
 use super::*;
+use crate::activation::{Start, Waker};
 use spindle_block::formats::qcow2::create::{create, CreateOptions};
 use spindle_block::{open_image, OpenConfig, Sharing};
 use std::path::{Path, PathBuf};
@@ -70,7 +71,7 @@ fn handover(qcow2: bool) {
     let path = image(dir.path(), qcow2);
     let p = path.to_str().unwrap();
     let slot = slot_of(&path);
-    slot.attach();
+    let id = slot.attach();
     let node = slot.current().unwrap();
     write(&node, 1 << 20, 0xa5);
     if qcow2 {
@@ -106,7 +107,7 @@ fn handover(qcow2: bool) {
         "an active slot holds the write lock again"
     );
     drop(node);
-    slot.detach().unwrap();
+    slot.detach(id).unwrap();
     let (ok, out) = qemu_img(&["info", p]);
     assert!(ok, "the last detach let the image go: {out}");
     if qcow2 {
@@ -157,4 +158,105 @@ fn a_fixed_slot_only_flushes() {
     assert!(!slot.inactivate().unwrap());
     assert!(slot.is_open());
     assert!(slot.activate().is_ok());
+}
+
+fn waker() -> Arc<Waker> {
+    Arc::new(Waker::new().unwrap())
+}
+
+fn serves(s: Start) -> bool {
+    matches!(s, Start::Serve(_))
+}
+
+/// Waits up to `limit` for `f`.
+fn within(limit: std::time::Duration, f: impl Fn() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while !f() {
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}
+
+#[test]
+fn one_export_of_a_slot_runs_at_a_time() {
+    let node = open_image("null:1M", &OpenConfig::default()).unwrap();
+    let slot = Arc::new(NodeSlot::fixed(node, RuntimeConfig::default()));
+    let (a, b) = (slot.attach(), slot.attach());
+    let (wa, wb) = (waker(), waker());
+    assert!(serves(slot.start(a, &wa, "a")), "the first device starts");
+    assert!(
+        !serves(slot.start(b, &wb, "b")),
+        "the second waits while the first runs"
+    );
+    assert!(!wb.woken());
+    assert!(
+        serves(slot.start(a, &wa, "a")),
+        "the running one may start another ring"
+    );
+    slot.guard().stopped(a);
+    assert!(wb.woken(), "the first one's stop wakes the waiting device");
+    assert!(serves(slot.start(b, &wb, "b")));
+    assert!(!serves(slot.start(a, &wa, "a")), "now the first one waits");
+    slot.detach(b).unwrap();
+    assert!(wa.woken(), "an export that goes wakes the waiting ones");
+    assert!(serves(slot.start(a, &wa, "a")));
+    slot.detach(a).unwrap();
+}
+
+/// An image another writer (`source`, returned) holds, and an inactive
+/// slot of it whose device (export `id`, waker `w`) asked to start and
+/// waits.
+#[allow(clippy::type_complexity)]
+fn waiting_behind_a_source(qcow2: bool) -> (tempfile::TempDir, PathBuf, Node, Arc<NodeSlot>, u64, Arc<Waker>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), qcow2);
+    let op = Opener(path.clone());
+    let source = op.open_active().unwrap();
+    let slot = Arc::new(NodeSlot::inactive(
+        op.open_inactive().unwrap(),
+        Box::new(Opener(path.clone())),
+        RuntimeConfig::default(),
+    ));
+    let id = slot.attach();
+    let w = waker();
+    assert!(!serves(slot.start(id, &w, "dst")), "the source holds the write lock");
+    (dir, path, source, slot, id, w)
+}
+
+#[test]
+fn a_closed_image_is_opened_in_the_background_and_the_waiting_device_woken() {
+    let (_dir, path, source, slot, id, w) = waiting_behind_a_source(true);
+    assert!(slot.guard().is_activating());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!w.woken() && !slot.is_open(), "not while the source holds the lock");
+    write(&source, 0, 0x22);
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    rt.block_on(source.close()).unwrap();
+    drop(source);
+    let t = std::time::Duration::from_secs(10);
+    assert!(within(t, || w.woken()), "woken once the image is open");
+    assert!(slot.is_open() && !slot.guard().is_activating(), "the thread ended");
+    let Start::Serve(node) = slot.start(id, &w, "dst") else {
+        panic!("serves")
+    };
+    assert_eq!(read(&node, 0), vec![0x22; 4096], "the source's last write");
+    drop(node);
+    slot.detach(id).unwrap();
+    let (ok, out) = qemu_img(&["check", path.to_str().unwrap()]);
+    assert!(ok, "qemu-img check after the last detach: {out}");
+}
+
+#[test]
+fn the_activation_thread_ends_when_no_device_waits() {
+    let (_dir, _path, source, slot, id, w) = waiting_behind_a_source(false);
+    slot.guard().cancel(&w);
+    let t = std::time::Duration::from_secs(10);
+    assert!(within(t, || !slot.guard().is_activating()), "the thread ends");
+    drop(source);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!slot.is_open() && !w.woken(), "nothing opened the image for no one");
+    slot.detach(id).unwrap();
 }

@@ -51,6 +51,12 @@ pub(crate) fn runtime_event(num_queues: u16) -> u64 {
     u64::from(num_queues) + 1
 }
 
+/// The epoll event id of the connection's waker (`activation::Waker`):
+/// a device that waited to start may start now.
+pub(crate) fn wake_event(num_queues: u16) -> u64 {
+    u64::from(num_queues) + 2
+}
+
 /// Chains a polling round pops from one queue before it runs them and
 /// signals their completions. Small rounds let the driver reap and refill
 /// while this thread works on the next round, instead of the two taking
@@ -104,7 +110,7 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         return Ok(w);
     }
     let rt = Runtime::new(b.dev.cfg.engine).map_err(io::Error::other)?;
-    b.register_runtime(thread, &rt.event_fds())?;
+    b.register_thread(thread, &rt.event_fds())?;
     let w = Rc::new(Worker {
         rt,
         shared: Rc::new(Shared {
@@ -131,6 +137,12 @@ pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], t
     // wake-up). Their counters only grow; eventfds saturate, never fail.
     if (event as usize) < vrings.len() {
         pop_queue(b, &w, event as usize, vrings, false);
+    } else if u64::from(event) == wake_event(b.dev.cfg.num_queues) {
+        // A ring that waited to start (or nothing: a wake-up may be
+        // spurious) gets its round now, with no kick.
+        for i in 0..vrings.len() {
+            pop_queue(b, &w, i, vrings, false);
+        }
     }
     let in_flight = w.rt.poll_ready();
     let poll_ns = b.dev.cfg.poll_ns;
@@ -184,8 +196,12 @@ fn signal_and_look(b: &BlkBackend, w: &Worker, vrings: &[VringRwLock]) -> usize 
 }
 
 /// Whether the driver has the queue enabled and set up.
-fn live(vring: &VringRwLock) -> bool {
-    let st = vring.get_ref();
+pub(crate) fn live(vring: &VringRwLock) -> bool {
+    is_live(&vring.get_ref())
+}
+
+/// [`live`], for a vring already locked.
+fn is_live(st: &VringState<GuestMemoryAtomic<Memory>>) -> bool {
     st.is_enabled() && st.get_queue().ready()
 }
 
@@ -231,10 +247,10 @@ fn pop_queue(b: &BlkBackend, w: &Worker, local: usize, vrings: &[VringRwLock], k
     {
         let guard = b.mem.memory();
         let st = vring.get_ref();
-        let q = st.get_queue();
-        if !st.is_enabled() || !q.ready() {
+        if !is_live(&st) {
             return 0;
         }
+        let q = st.get_queue();
         let setup = Setup::of(q, b.mem_map());
         if !b.may_serve(queue, setup, q.next_avail()) {
             return 0;
@@ -267,7 +283,9 @@ fn pop_queue(b: &BlkBackend, w: &Worker, local: usize, vrings: &[VringRwLock], k
         return 0;
     };
     // One load of the image per round; its requests share it through an
-    // `Rc` (no atomic operation per request).
+    // `Rc` (no atomic operation per request). A ring whose device may not
+    // start yet leaves its requests on the ring; the connection's waker
+    // brings this thread back (`wake_event`).
     let Some(node) = b.round_node(queue, vring) else {
         return 0;
     };

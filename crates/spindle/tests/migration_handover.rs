@@ -106,14 +106,15 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
     }
 }
 
-/// A daemon of its own serving `img` on `sock` as a migration's
-/// destination (`--incoming`), with the control socket `dst.ctl`.
-fn destination(dir: &tempfile::TempDir, img: &Path, sock: &Path) -> Serve {
-    Serve::start(
-        dir.path(),
-        &[p(img), "--vhost-user", p(sock), "--incoming", "--control", "dst.ctl"],
-        &[sock],
-    )
+/// `spindle serve` of `img` on `sock` with a control socket named after
+/// it; `incoming`: as a migration's destination.
+fn serve(dir: &tempfile::TempDir, img: &Path, sock: &Path, incoming: bool) -> Serve {
+    let ctl = sock.with_extension("ctl");
+    let mut args = vec![p(img), "--vhost-user", p(sock), "--control", p(&ctl)];
+    if incoming {
+        args.push("--incoming");
+    }
+    Serve::start(dir.path(), &args, &[sock])
 }
 
 /// Two daemons on one image (two hosts on shared storage): the incoming
@@ -131,18 +132,14 @@ fn two_daemons(qcow2: bool, early: bool, paused: bool) {
     let dir = scratch();
     let img = image(&dir, qcow2);
     let (src_sock, dst_sock) = (at(&dir, "src.sock"), at(&dir, "dst.sock"));
-    let dst = destination(&dir, &img, &dst_sock);
+    let dst = serve(&dir, &img, &dst_sock, true);
     assert_eq!(
         locks(&img),
         vec![100],
         "an incoming export holds only the shared read lock"
     );
     assert_eq!(migration_of(&dst, "disk"), "incoming");
-    let src = Serve::start(
-        dir.path(),
-        &[p(&img), "--vhost-user", p(&src_sock), "--control", "src.ctl"],
-        &[&src_sock],
-    );
+    let src = serve(&dir, &img, &src_sock, false);
     assert_eq!(migration_of(&src, "disk"), "active");
     assert!(locks(&img).contains(&101), "the source holds the write lock");
 
@@ -243,6 +240,58 @@ fn two_daemons_qcow2() {
 #[test]
 fn two_daemons_qcow2_destination_started_early() {
     two_daemons(true, true, false);
+}
+
+/// Two daemons, the destination's device started while the source still
+/// holds the write lock: its request waits on the ring, and its I/O thread
+/// is not stuck trying to open the image meanwhile (`GET_VRING_BASE`
+/// answers at once and leaves the request on the ring; the ring starts
+/// again). Once the source handed the image over, the request is served
+/// within moments, with no second kick: the destination kept trying to
+/// open the image in the background.
+#[test]
+fn two_daemons_early_destination_waits_responsive_and_is_served_without_a_kick() {
+    need("qemu-img");
+    let dir = scratch();
+    let img = image(&dir, true);
+    let (src_sock, dst_sock) = (at(&dir, "src.sock"), at(&dir, "dst.sock"));
+    let dst = serve(&dir, &img, &dst_sock, true);
+    let src = serve(&dir, &img, &src_sock, false);
+    let mut s = frontend(&src_sock);
+    write(&mut s, 0, 0xf1);
+    let mut d = frontend(&dst_sock);
+    // A write (VIRTIO_BLK_T_OUT) the destination may not serve yet.
+    let head = d.submit(0, 1, 8, &pattern(0xf2), false).expect("submit");
+    assert_eq!(d.wait_used(0, Duration::from_secs(1)), None, "not beside the source");
+    let t = Instant::now();
+    let base = d.stop_queue(0).expect("GET_VRING_BASE");
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "GET_VRING_BASE of a waiting ring answers at once, took {took:?}"
+    );
+    assert_eq!(base, 0, "the waiting request is still on the ring");
+    d.resume_queue(0, base).expect("start the ring again");
+    assert_eq!(d.wait_used(0, Duration::from_secs(1)), None, "still waiting");
+    assert_eq!(migration_of(&dst, "disk"), "incoming");
+    write(&mut s, 16, 0xf3);
+    // Answered once the image is closed and the write lock released.
+    stop_for_migration(&mut s);
+    let t = Instant::now();
+    assert_eq!(d.wait_used(0, T).map(|u| u.0), Some(head), "served, no kick needed");
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "served within moments of the handover, took {took:?}"
+    );
+    assert_eq!(migration_of(&dst, "disk"), "active");
+    assert_reads(&mut d, 0, 0xf1);
+    assert_reads(&mut d, 8, 0xf2);
+    assert_reads(&mut d, 16, 0xf3);
+    drop((s, d));
+    assert!(src.stop().success());
+    assert!(dst.stop().success());
+    assert_clean(&img);
 }
 
 /// A migration cancelled after the source's device stopped: the source's
@@ -439,7 +488,7 @@ fn a_handover_keeps_incoming_and_inactive_exports_off_the_image() {
     let (dir, img) = handover_scratch();
     let (src_sock, dst_sock) = (at(&dir, "src.sock"), at(&dir, "dst.sock"));
     let (src_ctl, dst_ctl) = (at(&dir, "src.ctl"), at(&dir, "dst.ctl"));
-    let mut dst = Spindle::First(destination(&dir, &img, &dst_sock));
+    let mut dst = Spindle::First(serve(&dir, &img, &dst_sock, true));
     dst.hand_over(Duration::from_secs(60));
     assert_eq!(migration_at(&dst_ctl, "disk"), "incoming", "{}", dst.log_text());
     assert_eq!(locks(&img), vec![100]);

@@ -10,7 +10,10 @@
 //! the held buffers, keeps going, and must finish with no I/O error and no
 //! wrong data; the images are then clean and hold what gio wrote last.
 //! (c) A migration cancelled after the source's devices stopped leaves the
-//! guest running on the source with nothing lost.
+//! guest running on the source with nothing lost. (d) Two exports of one
+//! image in one daemon never both serve: an incoming export whose device
+//! starts while the source's guest runs waits until the source's device
+//! stops, and the other way round.
 //!
 //! The source is paused right after the migration's setup (dirty logging is
 //! on, so Spindle sees a migration stop): a busy TCG guest that keeps
@@ -25,8 +28,9 @@ use common::serve::{config_text, Serve};
 use common::vm::{self, Vm};
 use common::{assert_clean, ok, p, scratch};
 use serde_json::{json, Value};
+use spindle_vhost::fuzzing::driver::Driver;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const LAYOUT: Layout = Layout {
     writers: 3,
@@ -354,4 +358,103 @@ fn guest_carries_on_on_the_source_after_failed_and_cancelled_migrations() {
     settle(&src, 2);
     drop(dst);
     finish(src, "", vec![src_d, dst_d], &disks, dir);
+}
+
+/// Whether the guest printed `pat` on a console line from index `from` on.
+fn printed(vm: &Vm, from: usize, pat: &str) -> bool {
+    vm.console().lines().skip(from).any(|l| l.contains(pat))
+}
+
+/// Same daemon, a guest writing to the source export: an incoming export
+/// of the image whose device starts meanwhile (here a vhost-user frontend
+/// in the test, as a destination QEMU started too early would) has its
+/// write wait on the ring, with nothing of it in the image, while the
+/// guest's writes go on. When the source QEMU stops its device (`stop`),
+/// the write is served. The source's device, started again (`cont`), then
+/// waits in turn until the destination's frontend goes away.
+#[test]
+fn same_daemon_incoming_export_waits_while_the_source_runs() {
+    let _one = vm::one_at_a_time();
+    let d = scratch();
+    let dir = d.path();
+    let img = dir.join("disk.raw");
+    std::fs::File::create(&img).unwrap().set_len(DISK).unwrap();
+    let (a, b, ctl) = (dir.join("src.sock"), dir.join("dst.sock"), dir.join("c.ctl"));
+    let mut srv = Serve::start(
+        dir,
+        &[
+            p(&img),
+            "--format",
+            "raw",
+            "--name",
+            "src",
+            "--vhost-user",
+            p(&a),
+            "--control",
+            p(&ctl),
+        ],
+        &[&a],
+    );
+    srv.use_control(&ctl);
+    let script = "i=0\nwhile :; do\n  dd if=/dev/urandom of=/dev/vda bs=4k count=1 seek=$((i % 64)) oflag=direct 2>/dev/null || echo GUARD-IOERR\n  i=$((i + 1))\n  [ $((i % 10)) = 0 ] && echo \"GUARD-W $i\"\ndone\n";
+    let rd = vm::initrd(dir, script, false);
+    let mut src = Vm::start(dir, "src", &rd, &[(&a, 1)], None);
+    src.wait_line(0, "GUARD-W", Duration::from_secs(120));
+
+    let e = json!({"name": "dst", "image": p(&img), "format": "raw", "socket": p(&b), "incoming": true});
+    let r = srv.ctl(&json!({"cmd": "add", "export": e}));
+    assert!(r.get("error").is_none(), "ctl add {e}: {r}");
+    let start = Instant::now();
+    while !b.exists() {
+        assert!(start.elapsed() < MINUTE, "the destination socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut fe = Driver::connect(&b, 16, Duration::from_secs(300)).expect("connect");
+    fe.setup(1, 64).expect("set up queue 0");
+    let at = 1 << 20;
+    let data = vec![0x77u8; 4096];
+    // VIRTIO_BLK_T_OUT at 1 MiB, past what the guest writes.
+    let head = fe.submit(0, 1, at / 512, &data, false).expect("submit");
+    let mark = src.mark();
+    assert_eq!(
+        fe.wait_used(0, Duration::from_secs(3)),
+        None,
+        "the incoming export served beside the running source"
+    );
+    src.wait_line(mark, "GUARD-W", MINUTE);
+    assert_states(&srv, &[("src", "active"), ("dst", "incoming")], "the source runs");
+    let on_disk = |len| std::fs::read(&img).unwrap()[at as usize..at as usize + len].to_vec();
+    assert_eq!(
+        on_disk(4096),
+        vec![0; 4096],
+        "nothing of the destination reached the image"
+    );
+
+    // The source's device stops: the destination's write goes through.
+    src.qmp.execute("stop", json!({}));
+    assert_eq!(
+        fe.wait_used(0, MINUTE).map(|u| u.0),
+        Some(head),
+        "served once the source stopped"
+    );
+    assert_eq!(on_disk(4096), data, "the destination's write is in the image");
+    assert_states(&srv, &[("dst", "active")], "the destination served");
+
+    // The source's device starts again: now it waits for the destination.
+    src.qmp.execute("cont", json!({}));
+    std::thread::sleep(Duration::from_millis(500));
+    let mark = src.mark();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !printed(&src, mark, "GUARD-W"),
+        "the source wrote beside the running destination:\n{}",
+        src.console()
+    );
+    drop(fe);
+    src.wait_line(mark, "GUARD-W", MINUTE);
+    assert!(!printed(&src, 0, "GUARD-IOERR"), "{}", src.console());
+    src.qmp.send_quit();
+    src.wait_exit(MINUTE);
+    let st = srv.stop();
+    assert!(st.success(), "spindle serve exited with {st}");
 }

@@ -255,10 +255,9 @@ impl SpecReopen {
 
 impl Reopen for SpecReopen {
     fn open_active(&self) -> Result<Node, BlockError> {
-        // Quiet: a failed activation is logged (rate-limited) by the device.
-        super::restart::retry_in_use(&self.image, super::restart::LOCK_WAIT, false, || {
-            open_image(&self.image, &self.cfg)
-        })
+        // One try: the slot's activation thread tries again (and logs,
+        // rate-limited) while the source of a migration holds the lock.
+        open_image(&self.image, &self.cfg)
     }
 
     fn open_inactive(&self) -> Result<Node, BlockError> {
