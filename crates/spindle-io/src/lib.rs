@@ -19,6 +19,7 @@ pub mod engine;
 mod error;
 mod file;
 pub mod lock;
+pub mod memfd;
 mod op;
 mod range_lock;
 mod runtime;

@@ -387,6 +387,12 @@ impl VhostUserBackend for BlkBackend {
         Ok(true)
     }
 
+    fn set_log_fd(&self, file: File) -> io::Result<()> {
+        limited!(info, device = %self.dev.cfg.name, "dirty log eventfd set (kept, never signalled: the log is written as pages are)");
+        self.dirty.set_log_fd(file.into());
+        Ok(())
+    }
+
     /// The vrings track EVENT_IDX themselves (`needs_notification`).
     fn set_event_idx(&self, _enabled: bool) {}
 

@@ -14,13 +14,16 @@
 //! Guest memory keeps `Bitmap = ()`: vm-memory's own bitmap would put
 //! every guest-memory access of the data path through it, logging or not.
 //! Here a data path with logging off pays one atomic load per request and
-//! per batch ([`DirtyLog::active`]).
+//! per batch ([`DirtyLog::is_on`]); a mark takes no lock.
 
 use crate::ratelimit::limited;
+use arc_swap::ArcSwapOption;
+use spindle_io::memfd;
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::VhostUserLog;
 use virtio_queue::{Queue, QueueT};
@@ -51,14 +54,12 @@ impl LogMap {
     pub fn adopt(file: &File, msg: &VhostUserLog) -> io::Result<LogMap> {
         let (size, offset) = (msg.mmap_size, msg.mmap_offset);
         if size == 0 {
-            return Err(refused("its size is 0".into()));
+            return Err(refused("log size 0 (it covers no page)".into()));
         }
         if !offset.is_multiple_of(4096) {
             return Err(refused(format!("its offset {offset} is not page-aligned")));
         }
-        // SAFETY: fcntl on a descriptor the caller owns; no memory passed.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        if !spindle_io::memfd::cannot_shrink(file) {
             return Err(refused("its file is not a memfd sealed against shrinking".into()));
         }
         let len = file.metadata()?.len();
@@ -142,13 +143,38 @@ struct State {
 
 /// Whether writes to guest memory are logged, and where: on while the
 /// frontend acks `VHOST_F_LOG_ALL` and has given a log.
+///
+/// The data path takes no lock and, in steady state, makes one atomic load
+/// ([`DirtyLog::is_on`] and each mark read `generation`): each I/O thread
+/// keeps the log it marked last, with its generation, and loads the log
+/// again from the `ArcSwap` only when the generation moved. Changes
+/// (`SET_FEATURES`, `SET_LOG_BASE`, a reset) come from the connection's
+/// message thread and are serialized among themselves by `state`'s lock,
+/// which the data path never takes.
 #[derive(Debug, Default)]
 pub struct DirtyLog {
-    /// `log_all && map.is_some()`, read without the lock.
-    on: AtomicBool,
+    /// 0 while logging is off; else the number of the last change, which
+    /// no other change of any connection has.
+    generation: AtomicU64,
+    /// The log while logging is on (`state.map` then), else none.
+    active: ArcSwapOption<LogMap>,
     state: Mutex<State>,
+    /// `VHOST_USER_SET_LOG_FD`'s eventfd, kept and never signalled (see
+    /// [`DirtyLog::set_log_fd`]).
+    log_fd: Mutex<Option<OwnedFd>>,
     /// Benchmarks only: logging stays on whatever the frontend says.
     forced: bool,
+}
+
+/// The number of the next change of any [`DirtyLog`] (0 means off).
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The log this thread marked last and its generation. It may keep a
+    /// log that was replaced or turned off mapped until the thread marks
+    /// again or ends (a connection's I/O threads end with it); a log is
+    /// small (one bit per guest page).
+    static LAST: RefCell<(u64, Option<Arc<LogMap>>)> = const { RefCell::new((0, None)) };
 }
 
 /// Set by [`force_logging`].
@@ -179,7 +205,8 @@ impl DirtyLog {
         if !FORCED.load(Ordering::Acquire) {
             return DirtyLog::new();
         }
-        let private = crate::fuzzing::driver::memfd(FORCED_LOG_BYTES, true)
+        let seals = memfd::SEAL_SHRINK | memfd::SEAL_GROW;
+        let private = memfd::create_sized(c"spindle-dirty-log", FORCED_LOG_BYTES, seals)
             .and_then(|f| LogMap::adopt(&f, &VhostUserLog::new(FORCED_LOG_BYTES, 0)));
         match private {
             Ok(map) => {
@@ -200,28 +227,49 @@ impl DirtyLog {
         }
     }
 
-    /// The log to mark now, if logging is on.
-    pub fn active(&self) -> Option<Arc<LogMap>> {
-        if !self.on.load(Ordering::Acquire) {
-            return None;
+    /// Runs `f` on the log if logging is on: one atomic load, and the
+    /// thread's own copy of the log unless it changed since this thread
+    /// last marked. Marks made while the log is replaced or logging turned
+    /// off finish on the old log, which lives until they are done.
+    fn with_log(&self, f: impl FnOnce(&LogMap)) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation == 0 {
+            return;
         }
-        self.state.lock().ok()?.map.clone()
+        let mut f = Some(f);
+        let cached = LAST.try_with(|last| {
+            let mut last = last.borrow_mut();
+            if last.0 != generation {
+                // `active` was stored before `generation`: it is this
+                // generation's log or a later one.
+                *last = (generation, self.active.load_full());
+            }
+            if let (Some(m), Some(f)) = (&last.1, f.take()) {
+                f(m);
+            }
+        });
+        // Only while the thread's locals are being torn down: load it.
+        if cached.is_err() {
+            if let (Some(f), Some(m)) = (f, self.active.load_full()) {
+                f(&m);
+            }
+        }
     }
 
     /// Whether logging is on: the data path's check (one atomic load),
     /// before it calls the marking functions below, kept out of line.
     #[inline]
     pub fn is_on(&self) -> bool {
-        self.on.load(Ordering::Acquire)
+        self.generation.load(Ordering::Acquire) != 0
     }
 
     /// Marks `len` bytes at `gpa` if logging is on.
     #[cold]
     #[inline(never)]
     pub fn mark(&self, gpa: u64, len: u64) {
-        if let Some(m) = self.active() {
+        self.with_log(|m| {
             m.mark(gpa, len);
-        }
+        });
     }
 
     /// Marks each `(gpa, len)` range and `len` bytes at `gpa` if logging
@@ -229,38 +277,43 @@ impl DirtyLog {
     #[cold]
     #[inline(never)]
     pub fn mark_all(&self, ranges: &[(vm_memory::GuestAddress, usize)], status: Option<u64>) {
-        if let Some(m) = self.active() {
+        self.with_log(|m| {
             for &(addr, len) in ranges {
                 m.mark(addr.0, len as u64);
             }
             if let Some(gpa) = status {
                 m.mark(gpa, 1);
             }
-        }
+        });
     }
 
     /// [`LogMap::mark_used_ring`] if logging is on.
     #[cold]
     #[inline(never)]
     pub fn mark_used_ring(&self, q: &Queue) {
-        if let Some(m) = self.active() {
-            m.mark_used_ring(q);
-        }
+        self.with_log(|m| m.mark_used_ring(q));
     }
 
     /// [`LogMap::mark_used_event`] if logging is on.
     #[cold]
     #[inline(never)]
     pub fn mark_used_event(&self, q: &Queue) {
-        if let Some(m) = self.active() {
-            m.mark_used_event(q);
-        }
+        self.with_log(|m| m.mark_used_event(q));
     }
 
     fn update(&self, f: impl FnOnce(&mut State)) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut st);
-        self.on.store(st.log_all && st.map.is_some(), Ordering::Release);
+        let on = st.log_all && st.map.is_some();
+        // The log first, then its generation: a data path that sees the
+        // generation finds that log (or a newer state's).
+        self.active.store(if on { st.map.clone() } else { None });
+        let generation = if on {
+            GENERATION.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        self.generation.store(generation, Ordering::Release);
     }
 
     /// The features the frontend acked (`SET_FEATURES`). Clearing
@@ -288,12 +341,33 @@ impl DirtyLog {
         self.update(|st| st.map = Some(Arc::new(map)));
     }
 
-    /// Logging off and no log (a device reset).
+    /// Logging off and no log (a device reset). A `SET_LOG_FD` eventfd
+    /// is closed too.
     pub fn reset(&self) {
+        self.log_fd.lock().unwrap_or_else(|e| e.into_inner()).take();
         if self.forced {
             return;
         }
         self.update(|st| *st = State::default());
+    }
+
+    /// Keeps the eventfd of `VHOST_USER_SET_LOG_FD`, closing the one
+    /// before. vhost-user allows a backend to signal it to tell the
+    /// frontend that the log was written to; Spindle never does, and need
+    /// not: it marks each page in the shared log itself, synchronously,
+    /// right after the write, so the log always holds every write done so
+    /// far. QEMU reads the log at each of its dirty-sync passes and a last
+    /// time once the device stopped (`GET_VRING_BASE` returns only when
+    /// every request of the ring completed and was marked), whatever the
+    /// eventfd says. Kept rather than refused: refusing ends the connection,
+    /// which would fail the migration of a frontend that sends it.
+    pub fn set_log_fd(&self, fd: OwnedFd) {
+        *self.log_fd.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
+    }
+
+    /// Whether a `SET_LOG_FD` eventfd is held.
+    pub fn has_log_fd(&self) -> bool {
+        self.log_fd.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 }
 
@@ -371,7 +445,7 @@ mod tests {
         assert!(e.to_string().contains("sealed"), "{e}");
         let f = memfd(4096, true).unwrap();
         for (size, off, what) in [
-            (0, 0, "size is 0"),
+            (0, 0, "log size 0"),
             (8192, 0, "the log ends at 8192"),
             (4096, 4096, "the log ends at 8192"),
             (16, 100, "not page-aligned"),
@@ -409,5 +483,74 @@ mod tests {
         assert!(!d.is_on());
         assert_eq!(marked(&g), [600]);
         assert_eq!(marked(&f), [2]);
+    }
+
+    #[test]
+    fn a_log_fd_is_kept_until_replaced_or_reset() {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+        // Each fd given is one end of a socket pair: the other end reads
+        // EOF once Spindle closed it.
+        let closed = |peer: &mut UnixStream| match peer.read(&mut [0u8; 1]) {
+            Ok(0) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            r => panic!("{r:?}"),
+        };
+        let pair = || {
+            let (ours, peer) = UnixStream::pair().unwrap();
+            peer.set_nonblocking(true).unwrap();
+            (OwnedFd::from(ours), peer)
+        };
+        let d = DirtyLog::new();
+        assert!(!d.has_log_fd());
+        let (a, mut pa) = pair();
+        d.set_log_fd(a);
+        assert!(d.has_log_fd());
+        assert!(!closed(&mut pa), "kept");
+        let (b, mut pb) = pair();
+        d.set_log_fd(b);
+        assert!(closed(&mut pa), "the previous one is closed");
+        assert!(!closed(&mut pb));
+        // Logging on and off leaves it alone; a reset closes it.
+        let (_f, m) = log(64);
+        d.set_base(m);
+        d.set_features(VHOST_F_LOG_ALL);
+        d.set_features(0);
+        assert!(!closed(&mut pb));
+        d.reset();
+        assert!(closed(&mut pb));
+        assert!(!d.has_log_fd());
+    }
+
+    #[test]
+    fn two_logs_marked_from_one_thread_keep_to_their_own_pages() {
+        // Each thread keeps the log it marked last: another connection's
+        // log (or the same log set again) must not be taken for it.
+        let (a, b) = (DirtyLog::new(), DirtyLog::new());
+        let ((fa, ma), (fb, mb)) = (log(64), log(64));
+        a.set_base(ma);
+        a.set_features(VHOST_F_LOG_ALL);
+        b.set_base(mb);
+        b.set_features(VHOST_F_LOG_ALL);
+        for page in 0..4 {
+            a.mark(page * 2 * 4096, 1);
+            b.mark((page * 2 + 1) * 4096, 1);
+        }
+        assert_eq!(marked(&fa), [0, 2, 4, 6]);
+        assert_eq!(marked(&fb), [1, 3, 5, 7]);
+        // Off and on again with a new log: the old one is not marked.
+        a.set_features(0);
+        a.mark(20 * 4096, 1);
+        let (fc, mc) = log(64);
+        a.set_features(VHOST_F_LOG_ALL);
+        a.set_base(mc);
+        a.mark(21 * 4096, 1);
+        assert_eq!(marked(&fa), [0, 2, 4, 6]);
+        assert_eq!(marked(&fc), [21]);
+        // Another thread marks the same log.
+        std::thread::scope(|s| {
+            s.spawn(|| a.mark(22 * 4096, 1));
+        });
+        assert_eq!(marked(&fc), [21, 22]);
     }
 }

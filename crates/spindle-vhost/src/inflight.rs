@@ -18,9 +18,9 @@
 //! desc[i] inflight u8 | padding [u8; 5] | next u16 | counter u64       (desc_num entries)
 //! ```
 
+use spindle_io::memfd;
 use std::fmt;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{fence, Ordering};
 use vhost::vhost_user::message::VhostUserInflight;
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
@@ -240,10 +240,6 @@ pub struct Region {
     stride: usize,
 }
 
-fn os(what: &'static str) -> Refused {
-    Refused::Os(what, std::io::Error::last_os_error().to_string())
-}
-
 fn check_request(msg: &VhostUserInflight, caps: Caps) -> Result<(), Refused> {
     if msg.num_queues == 0 || msg.num_queues > caps.queues {
         return Err(Refused::Queues {
@@ -266,26 +262,9 @@ fn check_request(msg: &VhostUserInflight, caps: Caps) -> Result<(), Refused> {
 pub fn create(msg: &VhostUserInflight, caps: Caps) -> Result<(File, VhostUserInflight), Refused> {
     check_request(msg, caps)?;
     let size = region_size(msg.num_queues, msg.queue_size);
-    // SAFETY: a plain system call on a NUL-terminated name; the result is
-    // checked before use.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"spindle-inflight".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if fd < 0 {
-        return Err(os("memfd_create"));
-    }
-    // SAFETY: `fd` was just created and is owned by nothing else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|e| Refused::Os("ftruncate", e.to_string()))?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on a descriptor this function owns; no memory passed.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(os("F_ADD_SEALS"));
-    }
+    let seals = memfd::SEAL_SHRINK | memfd::SEAL_GROW | memfd::SEAL_SEAL;
+    let file =
+        memfd::create_sized(c"spindle-inflight", size, seals).map_err(|e| Refused::Os("memfd", e.to_string()))?;
     Ok((file, VhostUserInflight::new(size, 0, msg.num_queues, msg.queue_size)))
 }
 
@@ -305,9 +284,7 @@ impl Region {
         if !msg.mmap_offset.is_multiple_of(4096) {
             return Err(Refused::Offset(msg.mmap_offset));
         }
-        // SAFETY: fcntl on a descriptor this function owns; no memory passed.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        if !memfd::cannot_shrink(&file) {
             return Err(Refused::NotSealed);
         }
         let len = file.metadata().map_err(|e| Refused::Os("fstat", e.to_string()))?.len();

@@ -202,8 +202,9 @@ fn logs_that_cannot_be_used_safely_are_refused_and_the_next_frontend_is_served()
         ("eventfd", efd.as_raw_fd(), 4096, 0, "not a memfd sealed"),
         ("huge offset", sealed.as_raw_fd(), 4096, 1 << 40, "the log ends at"),
         ("past the file", sealed.as_raw_fd(), 8192, 0, "the log ends at 8192"),
-        // The vhost crate refuses this one before it reaches Spindle.
-        ("empty", sealed.as_raw_fd(), 0, 0, "invalid message"),
+        // The vhost crate refused this one as an "invalid message", which
+        // did not say what was wrong with it.
+        ("empty", sealed.as_raw_fd(), 0, 0, "log size 0"),
     ];
     for (name, fd, size, offset, why) in cases {
         let since = mark();
@@ -224,9 +225,61 @@ fn logs_that_cannot_be_used_safely_are_refused_and_the_next_frontend_is_served()
             assert!(start.elapsed() < T, "{name}: no line saying {why:?}:\n{text}");
             std::thread::sleep(Duration::from_millis(5));
         }
+        // One error line, naming the export.
+        let lines = lines_since(since);
+        let why_lines: Vec<_> = lines
+            .iter()
+            .filter(|l| l.contains("ERROR") && l.contains(why))
+            .collect();
+        assert_eq!(why_lines.len(), 1, "{name}: {why_lines:?}");
+        assert!(why_lines[0].contains("device=refuse"), "{name}: {why_lines:?}");
         let mut d = srv.connect();
         assert_eq!(d.read(0, 8, 4096, T).map(|r| r.0), Some(0), "{name}: next frontend");
     }
+}
+
+#[test]
+fn set_log_fd_is_kept_the_previous_one_closed_and_the_connection_serves_on() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let _s = serial();
+    let srv = Server::start("logfd");
+    let mut d = srv.connect();
+    let since = mark();
+    // The first "eventfd" is one end of a socket pair: once the backend
+    // closed the copy it got, the other end reads EOF.
+    let (ours, mut peer) = UnixStream::pair().unwrap();
+    peer.set_nonblocking(true).unwrap();
+    d.fe.set_log_fd(ours.as_raw_fd()).expect("SET_LOG_FD refused");
+    drop(ours);
+    let log = memfd(4096, true).unwrap();
+    d.set_log_base(log.as_raw_fd(), 4096, 0).unwrap();
+    let s = slot(&d);
+    assert_eq!(d.read(0, 8, 4096, T).map(|r| r.0), Some(0), "read after SET_LOG_FD");
+    assert_marked(&log, &expected(&d, s, 4096));
+    let e = peer.read(&mut [0u8; 1]).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "the log fd was not kept");
+    // A second one (a real eventfd) replaces it: the first is closed.
+    let efd = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    d.fe.set_log_fd(efd.as_raw_fd()).expect("second SET_LOG_FD refused");
+    let start = Instant::now();
+    while !matches!(peer.read(&mut [0u8; 1]), Ok(0)) {
+        assert!(start.elapsed() < T, "the previous log fd was not closed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for i in 0..20 {
+        assert_eq!(d.read(0, i, 4096, T).map(|r| r.0), Some(0), "read {i}");
+    }
+    assert!(srv.export.is_connected());
+    // Never signalled: the log is written as the pages are.
+    assert_eq!(efd.read().map_err(|e| e.kind()), Err(std::io::ErrorKind::WouldBlock));
+    let lines = lines_since(since);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("dirty log eventfd set") && l.contains("device=logfd")),
+        "{lines:?}"
+    );
 }
 
 #[test]

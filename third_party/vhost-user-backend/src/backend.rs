@@ -223,6 +223,16 @@ pub trait VhostUserBackend: Send + Sync {
         Ok(false)
     }
 
+    /// Take the eventfd of `VHOST_USER_SET_LOG_FD`, which the back-end may signal after it
+    /// wrote to the dirty log (vhost-user, "Migration"). A back-end that takes it keeps it
+    /// (closing the one before); the default refuses it, as the handler did before.
+    fn set_log_fd(&self, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not take VHOST_USER_SET_LOG_FD",
+        ))
+    }
+
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
@@ -417,6 +427,16 @@ pub trait VhostUserBackendMut: Send + Sync {
         Ok(false)
     }
 
+    /// Take the eventfd of `VHOST_USER_SET_LOG_FD`, which the back-end may signal after it
+    /// wrote to the dirty log (vhost-user, "Migration"). A back-end that takes it keeps it
+    /// (closing the one before); the default refuses it, as the handler did before.
+    fn set_log_fd(&mut self, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not take VHOST_USER_SET_LOG_FD",
+        ))
+    }
+
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
@@ -527,6 +547,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
         self.deref().set_log_base(log, file)
+    }
+
+    fn set_log_fd(&self, file: File) -> Result<()> {
+        self.deref().set_log_fd(file)
     }
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
@@ -641,6 +665,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
         self.lock().unwrap().set_log_base(log, file)
     }
 
+    fn set_log_fd(&self, file: File) -> Result<()> {
+        self.lock().unwrap().set_log_fd(file)
+    }
+
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.lock().unwrap().get_shmem_config()
     }
@@ -751,6 +779,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
         self.write().unwrap().set_log_base(log, file)
+    }
+
+    fn set_log_fd(&self, file: File) -> Result<()> {
+        self.write().unwrap().set_log_fd(file)
     }
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {

@@ -941,6 +941,13 @@ where
     // `SET_FEATURE` without the `LOG_ALL` flag.
     // A back-end that takes the log itself (`VhostUserBackend::set_log_base`) sees every
     // `SET_FEATURES` through `acked_features`, and stops logging there.
+    // `VHOST_USER_SET_LOG_FD`: an eventfd to signal after writing to the log.
+    fn set_log_fd(&mut self, file: File) -> VhostUserResult<()> {
+        self.backend
+            .set_log_fd(file)
+            .map_err(VhostUserError::ReqHandlerError)
+    }
+
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
         // A back-end that marks its writes itself takes the log here.
         if self

@@ -37,24 +37,8 @@ pub const MAX_DATA: usize = 64 << 10;
 /// A memfd of `len` bytes, sealed against shrinking and growing when
 /// `seal` (as QEMU makes its dirty log): what SET_LOG_BASE passes.
 pub fn memfd(len: u64, seal: bool) -> std::io::Result<File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: a plain system call on a NUL-terminated name; the result is
-    // checked before use.
-    let fd = unsafe { libc::memfd_create(c"spindle-test".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nothing else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(len)?;
-    if seal {
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-        // SAFETY: fcntl on a descriptor this function owns; no memory passed.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(file)
+    use spindle_io::memfd::{create_sized, SEAL_GROW, SEAL_SHRINK};
+    create_sized(c"spindle-test", len, if seal { SEAL_SHRINK | SEAL_GROW } else { 0 })
 }
 
 /// The pages whose bits are set in the dirty log file `log`.

@@ -210,8 +210,9 @@ impl Job {
         Ok(())
     }
 
-    /// Runs the timed phase, then (with verify) the read-back phase.
-    pub fn run(mut self, runtime: Duration) -> QueueResult {
+    /// Runs the timed phase (until `runtime` passed or `max_ios` reads and
+    /// writes completed), then (with verify) the read-back phase.
+    pub fn run(mut self, runtime: Duration, max_ios: u64) -> QueueResult {
         let mut r = QueueResult::default();
         let mut rng = SmallRng::seed_from_u64(0x5EED ^ self.index);
         let mut gens = vec![0u32; if self.verify { self.own_blocks as usize } else { 0 }];
@@ -283,7 +284,7 @@ impl Job {
                 break;
             }
             let now = Instant::now();
-            timed_out |= now >= deadline;
+            timed_out |= now >= deadline || r.ios >= max_ios;
             if timed_out && r.elapsed.is_zero() {
                 r.elapsed = now - start;
             }
@@ -311,6 +312,10 @@ impl Job {
                             r.failures += 1;
                         }
                     }
+                }
+                if !timed_out && r.ios >= max_ios {
+                    timed_out = true;
+                    r.elapsed = now - start;
                 }
                 if timed_out {
                     in_flight -= 1;

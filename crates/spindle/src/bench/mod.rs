@@ -37,6 +37,11 @@ pub struct Args {
     /// Seconds to run.
     #[arg(long, default_value_t = 10.0)]
     runtime: f64,
+    /// Stop each queue once N reads and writes completed, or at
+    /// `--runtime`, whichever comes first (fio's `number_ios`): the same
+    /// amount of work however fast the target is.
+    #[arg(long)]
+    number_ios: Option<u64>,
     /// Only use the first SIZE bytes of the device.
     #[arg(long)]
     size: Option<String>,
@@ -130,6 +135,10 @@ pub fn run(a: Args) -> CliResult<u8> {
     let started = b.start().map_err(|e| blkio_err("cannot start", t, e))?;
     let align = b.get_u64("mem-region-alignment").unwrap_or(4096).max(4096);
     let runtime = Duration::from_secs_f64(a.runtime);
+    let max_ios = a.number_ios.unwrap_or(u64::MAX);
+    if max_ios == 0 {
+        return Err(err("--number-ios must be at least 1".into()));
+    }
     let mut jobs = Vec::new();
     let queues = if a.poll { started.poll_queues } else { started.queues };
     for (i, q) in queues.into_iter().enumerate() {
@@ -155,7 +164,10 @@ pub fn run(a: Args) -> CliResult<u8> {
     }
     let start = Instant::now();
     let results: Vec<QueueResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = jobs.into_iter().map(|j| s.spawn(move || j.run(runtime))).collect();
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|j| s.spawn(move || j.run(runtime, max_ios)))
+            .collect();
         handles
             .into_iter()
             .map(|h| {

@@ -105,6 +105,12 @@ pub trait VhostUserBackendReqHandler {
     #[cfg(feature = "postcopy")]
     fn postcopy_ack_mem_regions(&self) -> Result<()>;
     fn set_log_base(&self, log: &VhostUserLog, file: File) -> Result<()>;
+    /// `VHOST_USER_SET_LOG_FD`: an eventfd the back-end may signal once it
+    /// has written to the dirty log. The default refuses it, as this crate
+    /// did before the method existed.
+    fn set_log_fd(&self, _file: File) -> Result<()> {
+        Err(Error::InvalidMessage)
+    }
 }
 
 /// Services provided to the frontend by the backend without interior mutability.
@@ -183,6 +189,10 @@ pub trait VhostUserBackendReqHandlerMut {
     #[cfg(feature = "postcopy")]
     fn postcopy_ack_mem_regions(&mut self) -> Result<()>;
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()>;
+    /// `VHOST_USER_SET_LOG_FD`: see [VhostUserBackendReqHandler::set_log_fd].
+    fn set_log_fd(&mut self, _file: File) -> Result<()> {
+        Err(Error::InvalidMessage)
+    }
 }
 
 impl<T: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandler for Mutex<T> {
@@ -359,6 +369,10 @@ impl<T: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandler for Mutex<T> {
 
     fn set_log_base(&self, log: &VhostUserLog, file: File) -> Result<()> {
         self.lock().unwrap().set_log_base(log, file)
+    }
+
+    fn set_log_fd(&self, file: File) -> Result<()> {
+        self.lock().unwrap().set_log_fd(file)
     }
 }
 
@@ -869,6 +883,13 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 let msg = self.extract_request_body::<VhostUserLog>(&hdr, size, &buf)?;
                 self.backend.set_log_base(&msg, file)?;
                 self.send_reply_message(&hdr, &msg)?;
+            }
+            // An eventfd the back-end may signal after it wrote to the log; no payload.
+            Ok(FrontendReq::SET_LOG_FD) => {
+                self.check_request_size(&hdr, size, 0)?;
+                let file = take_single_file(files).ok_or(Error::IncorrectFds)?;
+                let res = self.backend.set_log_fd(file);
+                self.send_ack_message(&hdr, res)?;
             }
             _ => {
                 return Err(Error::InvalidMessage);
