@@ -183,14 +183,7 @@ fn collect(exports: &[(ExportSpec, std::sync::Arc<spindle_vhost::Export>)]) -> R
 
 /// A memfd holding `text`.
 fn memfd(text: &str) -> Result<OwnedFd, String> {
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"spindle-handover".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut f = std::fs::File::from(fd);
+    let mut f = spindle_io::memfd::create(c"spindle-handover", false).map_err(|e| format!("memfd_create: {e}"))?;
     f.write_all(text.as_bytes())
         .map_err(io_err("writing the configuration"))?;
     Ok(OwnedFd::from(f))
