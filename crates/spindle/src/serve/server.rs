@@ -391,6 +391,18 @@ impl Server {
         lock(&self.state).closing = false;
     }
 
+    /// The running exports, each with its spec.
+    pub(crate) fn exports(&self) -> Vec<(ExportSpec, Arc<Export>)> {
+        lock(&self.state)
+            .slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Running(r) => Some((r.spec.clone(), r.export.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The exports, running and stopping.
     pub fn list(&self) -> Vec<ExportInfo> {
         let st = lock(&self.state);
@@ -404,7 +416,9 @@ impl Server {
             .collect()
     }
 
-    fn running(&self, name: &str) -> Result<(Arc<Export>, Arc<Mutex<bool>>), BlockError> {
+    /// The running export `name` and its change gate (held by a resize, a
+    /// snapshot and the removal).
+    pub(crate) fn running(&self, name: &str) -> Result<(Arc<Export>, Arc<Mutex<bool>>), BlockError> {
         match lock(&self.state).slots.get(name) {
             Some(Slot::Running(r)) => Ok((r.export.clone(), r.gate.clone())),
             Some(Slot::Starting { .. }) => Err(invalid(format!("export '{name}' is still being added"))),
@@ -532,7 +546,7 @@ fn start(name: &str, spec: &ExportSpec, sibling: Option<&Export>) -> Result<(Arc
 }
 
 /// Locks `m`, waiting at most `timeout` for it.
-fn lock_within<T>(m: &Mutex<T>, timeout: Duration) -> Option<MutexGuard<'_, T>> {
+pub(crate) fn lock_within<T>(m: &Mutex<T>, timeout: Duration) -> Option<MutexGuard<'_, T>> {
     let deadline = Instant::now() + timeout;
     loop {
         match m.try_lock() {
