@@ -237,6 +237,22 @@ fn qemu_resumes_a_spindle_vm_snapshot_read_back_without_spindle() {
     let m = src.mark();
     src.send("V");
     src.wait_line(m, "DISK vdb TAG-vdb-v2", MINUTE);
+    // A second one, listed with the first on both disks, then deleted
+    // from both.
+    let o = vm_cmd(&qmp, &ctl, &["snapshot", "s2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let l = String::from_utf8_lossy(&vm_cmd(&qmp, &ctl, &["list"]).stdout).into_owned();
+    for n in ["s1", "s2"] {
+        assert!(
+            l.lines()
+                .any(|x| x.starts_with(n) && x.contains("complete") && x.ends_with("a,b")),
+            "{l}"
+        );
+    }
+    let o = vm_cmd(&qmp, &ctl, &["delete", "s2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let l = String::from_utf8_lossy(&vm_cmd(&qmp, &ctl, &["list"]).stdout).into_owned();
+    assert!(!l.contains("s2") && l.contains("s1"), "{l}");
     wait_count(&src, first_after + 15);
     let last_src = *counts(&src, 0).last().unwrap();
     src.kill();
@@ -247,7 +263,7 @@ fn qemu_resumes_a_spindle_vm_snapshot_read_back_without_spindle() {
     // QEMU's tools see the snapshot on both disks, and the images clean.
     for img in [&im.a, &im.b] {
         let l = snapshots(img);
-        assert!(l.contains("s1"), "{}: {l}", img.display());
+        assert!(l.contains("s1") && !l.contains("s2"), "{}: {l}", img.display());
         assert_clean(img);
         ok("qemu-img", &["snapshot", "-a", "s1", p(img)]);
         assert_clean(img);

@@ -2,6 +2,7 @@
 //! serves, driven through QEMU's QMP socket and the daemon's control
 //! socket (docs/snapshots.md, "VM snapshots").
 
+pub mod list;
 pub mod qmp;
 pub mod snapshot;
 
@@ -34,12 +35,21 @@ enum Cmd {
         #[arg(long, value_name = "EXPORT")]
         vmstate_disk: Option<String>,
     },
+    /// List the snapshots on the VM's disks (complete, incomplete, disk-only).
+    List,
+    /// Delete a snapshot from every disk of the VM.
+    Delete {
+        /// Snapshot name.
+        name: String,
+    },
 }
 
 /// Runs `spindle vm`.
 pub fn run(a: Args) -> CliResult<u8> {
     let r = match a.cmd {
         Cmd::Snapshot { name, vmstate_disk } => snapshot::run(&a.qmp, &a.control, &name, vmstate_disk.as_deref()),
+        Cmd::List => list::list(&a.qmp, &a.control),
+        Cmd::Delete { name } => list::delete(&a.qmp, &a.control, &name),
     };
     r.map(|()| 0).map_err(BlockError::Invalid)
 }
