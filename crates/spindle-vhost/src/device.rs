@@ -4,6 +4,7 @@
 use crate::blk::config::Geometry;
 use crate::blk::exec;
 use crate::blk::Limits;
+use crate::quiesce::Gate;
 use crate::slot::NodeSlot;
 use crate::stats::{summarize, OpSummary, QueueStats};
 use spindle_block::{BlockError, Node};
@@ -83,6 +84,7 @@ pub struct Device {
     opt_io: u32,
     ident: exec::Device,
     stats: Box<[QueueStats]>,
+    gate: Arc<Gate>,
 }
 
 impl Device {
@@ -130,6 +132,7 @@ impl Device {
             opt_io,
             ident: exec::Device::new(&cfg.serial),
             stats: (0..cfg.num_queues).map(|_| QueueStats::default()).collect(),
+            gate: Arc::default(),
             slot,
             cfg,
         }
@@ -150,6 +153,12 @@ impl Device {
                 self.migration().name()
             ))
         })
+    }
+
+    /// The gate that holds the device's requests back while it is
+    /// quiesced (a snapshot), on every connection.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
     }
 
     /// Where the export stands in a migration.

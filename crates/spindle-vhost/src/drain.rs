@@ -7,15 +7,20 @@
 //! so a drain never sees zero between a pop and its request's count.
 //! Once [`InFlight::stop_accepting`] was called no admission is granted:
 //! requests already accepted still complete, and [`InFlight::wait`]
-//! waits for them.
+//! waits for them. While the device's quiesce [`Gate`] is held (a
+//! snapshot), no admission is granted either, on any connection.
 
+use crate::quiesce::Gate;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// In-flight counts per queue, and whether new requests are accepted.
 pub(crate) struct InFlight {
     counts: Box<[AtomicUsize]>,
     stopping: AtomicBool,
+    /// The device's quiesce gate, once the connection is set up.
+    gate: OnceLock<Arc<Gate>>,
 }
 
 /// A thread's right to pop one queue, counted as one request in flight
@@ -31,18 +36,32 @@ impl InFlight {
         InFlight {
             counts: (0..queues).map(|_| AtomicUsize::new(0)).collect(),
             stopping: AtomicBool::new(false),
+            gate: OnceLock::new(),
         }
+    }
+
+    /// Admits requests only while `gate` is not held (set once, before
+    /// the connection serves).
+    pub(crate) fn use_gate(&self, gate: Arc<Gate>) {
+        let _ = self.gate.set(gate);
+    }
+
+    /// Whether the device's quiesce gate holds requests back.
+    fn held(&self) -> bool {
+        self.gate.get().is_some_and(|g| g.is_held())
     }
 
     /// Starts popping `queue`: `None` once no request is accepted (or for
     /// a queue that does not exist).
     pub(crate) fn admit(&self, queue: usize) -> Option<Admission<'_>> {
         let n = self.counts.get(queue)?;
-        // Counted before the check: a drain that saw `stopping` unset and
-        // zero in flight cannot miss a pop that starts now.
-        n.fetch_add(1, Ordering::AcqRel);
+        // Counted before the check: a drain that saw `stopping` unset (or
+        // the gate held) and zero in flight cannot miss a pop that starts
+        // now. SeqCst pairs with `Gate::hold`'s store (a locked
+        // instruction on x86 either way).
+        n.fetch_add(1, Ordering::SeqCst);
         let adm = Admission { owner: self, queue };
-        if self.is_stopping() {
+        if self.is_stopping() || self.held() {
             return None;
         }
         Some(adm)
@@ -105,7 +124,7 @@ impl Admission<'_> {
     /// driver that keeps publishing cannot keep a frontend that left
     /// served).
     pub(crate) fn open(&self) -> bool {
-        !self.owner.is_stopping()
+        !self.owner.is_stopping() && !self.owner.held()
     }
 }
 
@@ -146,6 +165,18 @@ mod tests {
         f.completed(0, 2);
         assert_eq!(f.count(None), 0);
         assert!(f.admit(5).is_none(), "no such queue");
+    }
+
+    #[test]
+    fn no_admission_while_the_gate_is_held() {
+        let f = InFlight::new(1);
+        let gate = Arc::new(Gate::default());
+        f.use_gate(gate.clone());
+        let hold = gate.hold();
+        assert!(f.admit(0).is_none());
+        assert_eq!(f.count(None), 0);
+        drop(hold);
+        assert!(f.admit(0).is_some_and(|a| a.open()));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 use crate::backend::{BlkBackend, Memory, DRAIN_TIMEOUT};
 use crate::device::{Device, Migration};
+use crate::quiesce::Hold;
 use crate::ratelimit::limited;
 use crate::Error;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -53,6 +54,27 @@ pub struct Export {
 struct Connection {
     shutdown: Option<ShutdownHandle>,
     backend: Arc<BlkBackend>,
+    /// The frontend's process (`SO_PEERCRED` at connect time).
+    pid: Option<u32>,
+}
+
+/// The process at the other end of a unix socket (`SO_PEERCRED`: the
+/// peer when it connected, or when it listened for a connected client).
+pub fn peer_pid(sock: BorrowedFd<'_>) -> Option<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is
+    // a ucred of that size; the descriptor is borrowed for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }
 
 /// Makes `path` free for a new listening socket: a stale socket file is
@@ -117,6 +139,42 @@ impl Export {
     /// Whether a frontend is connected now.
     pub fn is_connected(&self) -> bool {
         self.current.lock().is_ok_and(|c| c.is_some())
+    }
+
+    /// The connected frontend's process id, if a frontend is connected.
+    pub fn frontend_pid(&self) -> Option<u32> {
+        self.current.lock().ok()?.as_ref()?.pid
+    }
+
+    /// Quiesces the device for a snapshot: from now on no request is
+    /// admitted on any connection until the returned hold is dropped, and
+    /// those accepted before have completed when this returns (at most
+    /// `timeout`). A connected frontend must have stopped its device
+    /// (a paused guest; QEMU stops its vhost-user devices on `stop`): a
+    /// running driver's requests would wait on the rings unseen.
+    pub fn quiesce(&self, timeout: std::time::Duration) -> Result<Hold, String> {
+        let name = &self.dev.cfg.name;
+        let hold = self.dev.gate().hold();
+        let backend = self
+            .current
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|c| c.backend.clone()));
+        if let Some(b) = backend {
+            if !b.device_stopped() {
+                return Err(format!(
+                    "export '{name}': its frontend's device is running; pause the guest first (QMP stop)"
+                ));
+            }
+            if !b.drain(None, timeout) {
+                return Err(format!(
+                    "export '{name}': {} requests still in flight after {} s",
+                    b.in_flight(),
+                    timeout.as_secs()
+                ));
+            }
+        }
+        Ok(hold)
     }
 
     /// Why the connected frontend's device stopped serving (a broken
@@ -219,15 +277,19 @@ impl Export {
         let mem = GuestMemoryAtomic::new(Memory::new());
         let backend =
             Arc::new(BlkBackend::new(self.dev.clone(), mem.clone()).map_err(|e| Error::Daemon(e.to_string()))?);
+        backend.requests.use_gate(self.dev.gate().clone());
         let mut daemon = VhostUserDaemon::new(format!("spindle-{}", self.dev.cfg.name), backend.clone(), mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         let handlers = daemon.get_epoll_handlers();
         backend.set_handlers(&handlers);
         daemon.start(listener).map_err(|e| Error::Daemon(e.to_string()))?;
         if let Ok(mut c) = self.current.lock() {
+            let shutdown = daemon.shutdown_handle();
+            let pid = shutdown.as_ref().and_then(|h| peer_pid(h.socket()));
             *c = Some(Connection {
-                shutdown: daemon.shutdown_handle(),
+                shutdown,
                 backend: backend.clone(),
+                pid,
             });
         }
         if self.stop.load(Ordering::Acquire) {

@@ -23,6 +23,7 @@ pub mod inflight;
 mod kick;
 mod poll;
 mod queues;
+pub mod quiesce;
 pub mod ratelimit;
 pub mod ring;
 mod run;

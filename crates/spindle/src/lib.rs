@@ -6,6 +6,7 @@ pub mod bench;
 pub mod ctl;
 pub mod img;
 pub mod serve;
+pub mod vm;
 
 #[doc(hidden)]
 pub mod fuzzing;

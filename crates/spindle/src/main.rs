@@ -1,6 +1,6 @@
 //! `spindle`: the command-line entry point.
 
-use spindle::{bench, ctl, img, serve};
+use spindle::{bench, ctl, img, serve, vm};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -23,6 +23,8 @@ enum Cmd {
     Bench(bench::Args),
     /// Talk to a running `spindle serve --control` (add, remove, list, stats, resize).
     Ctl(ctl::Args),
+    /// Snapshots of a running VM whose disks `spindle serve` serves (through its QMP socket).
+    Vm(vm::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => exit(serve::run(a)),
         Cmd::Bench(a) => exit(bench::run(a)),
         Cmd::Ctl(a) => exit(ctl::run(a)),
+        Cmd::Vm(a) => exit(vm::run(a)),
     }
 }
 

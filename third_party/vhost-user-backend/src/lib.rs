@@ -107,6 +107,12 @@ pub struct ShutdownHandle {
 }
 
 impl ShutdownHandle {
+    /// The connection's socket, to ask it who the frontend is (`SO_PEERCRED`).
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.state.conn.as_fd()
+    }
+
     /// Request the daemon to shut down.
     pub fn shutdown(&self) {
         self.state.shutdown_requested.store(true, Ordering::Release);

@@ -14,7 +14,7 @@ mod measure;
 mod progress;
 mod rebase;
 mod resize;
-mod snapshot;
+pub mod snapshot;
 
 use clap::{Args, Subcommand};
 use spindle_block::formats::qcow2::Qcow2Options;

@@ -89,7 +89,8 @@ pub fn list(snaps: &[Snapshot]) -> String {
     s
 }
 
-fn local_time(secs: i64) -> String {
+/// `secs` since the epoch as local time, as qemu-img prints snapshot dates.
+pub fn local_time(secs: i64) -> String {
     // SAFETY: localtime_r fills the tm we pass; time_t is i64 here.
     let tm = unsafe {
         let mut tm: libc::tm = std::mem::zeroed();

@@ -7,6 +7,7 @@ pub mod request;
 pub mod restart;
 pub mod server;
 pub mod spec;
+pub mod vm;
 
 use crate::img::{human_size, CliResult};
 use clap::Args as ClapArgs;

@@ -11,7 +11,8 @@ use spindle_block::BlockError;
 pub const MAX_LINE: usize = 64 * 1024;
 
 /// The commands, for error messages.
-const COMMANDS: &str = "list, add, remove, stats or resize";
+const COMMANDS: &str =
+    "list, add, remove, stats, resize, vm_disks, quiesce, resume, snapshot_create, snapshot_delete or snapshot_list";
 
 /// A control request.
 #[derive(Debug, Deserialize)]
@@ -44,6 +45,9 @@ pub enum Request {
         #[serde(default)]
         shrink: bool,
     },
+    /// A VM-snapshot request (`serve/vm.rs`).
+    #[serde(skip)]
+    Vm(super::vm::VmRequest),
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -78,6 +82,11 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
     match obj.get("cmd") {
         None => return Err(format!("missing field `cmd` (one of {COMMANDS})")),
         Some(Value::String(c)) if ["list", "add", "remove", "stats", "resize"].contains(&c.as_str()) => {}
+        Some(Value::String(c)) if super::vm::COMMANDS.contains(&c.as_str()) => {
+            return super::vm::VmRequest::deserialize(v)
+                .map(Request::Vm)
+                .map_err(|e| format!("bad request: {}", one_line(&e.to_string())));
+        }
         Some(Value::String(c)) => {
             let c: String = c.chars().flat_map(char::escape_default).take(64).collect();
             return Err(format!("unknown cmd `{c}`: use {COMMANDS}"));
@@ -120,6 +129,7 @@ pub fn execute(server: &Server, req: Request) -> Result<Value, BlockError> {
             let (n, told) = server.resize(&name, &size, shrink)?;
             json!({"ok": true, "name": name, "size": n, "guest_notified": told})
         }
+        Request::Vm(r) => super::vm::execute(server, r)?,
     })
 }
 

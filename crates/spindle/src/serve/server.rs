@@ -425,6 +425,18 @@ impl Server {
         self.running(name).expect("a running export").1
     }
 
+    /// The running exports, each with its spec.
+    pub(crate) fn exports(&self) -> Vec<(ExportSpec, Arc<Export>)> {
+        lock(&self.state)
+            .slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Running(r) => Some((r.spec.clone(), r.export.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The exports, running and stopping.
     pub fn list(&self) -> Vec<ExportInfo> {
         let st = lock(&self.state);
@@ -438,7 +450,9 @@ impl Server {
             .collect()
     }
 
-    fn running(&self, name: &str) -> Result<(Arc<Export>, Arc<Mutex<bool>>), BlockError> {
+    /// The running export `name` and its change gate (held by a resize, a
+    /// snapshot and the removal).
+    pub(crate) fn running(&self, name: &str) -> Result<(Arc<Export>, Arc<Mutex<bool>>), BlockError> {
         match lock(&self.state).slots.get(name) {
             Some(Slot::Running(r)) => Ok((r.export.clone(), r.gate.clone())),
             Some(Slot::Starting { .. }) => Err(invalid(format!("export '{name}' is still being added"))),
@@ -566,7 +580,7 @@ fn start(name: &str, spec: &ExportSpec, sibling: Option<&Export>) -> Result<(Arc
 }
 
 /// Locks `m`, waiting at most `timeout` for it.
-fn lock_within<T>(m: &Mutex<T>, timeout: Duration) -> Option<MutexGuard<'_, T>> {
+pub(crate) fn lock_within<T>(m: &Mutex<T>, timeout: Duration) -> Option<MutexGuard<'_, T>> {
     let deadline = Instant::now() + timeout;
     loop {
         match m.try_lock() {

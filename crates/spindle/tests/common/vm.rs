@@ -143,6 +143,10 @@ impl Vm {
         let qmp_sock = work.join(format!("{name}.qmp"));
         let err_log = work.join(format!("{name}.qemu-stderr"));
         let mut args = guest_args_smp(initrd, disks, true, smp);
+        // QEMU serves one client per QMP socket: a second one for
+        // `spindle vm`.
+        let second = work.join(format!("{name}-spindle.qmp"));
+        args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", second.display())]);
         args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp_sock.display())]);
         if let Some(uri) = incoming {
             args.extend(["-incoming".into(), uri.to_string()]);

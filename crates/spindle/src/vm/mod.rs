@@ -1,0 +1,104 @@
+//! `spindle vm`: snapshots of a running VM whose disks `spindle serve`
+//! serves, driven through QEMU's QMP socket and the daemon's control
+//! socket (docs/snapshots.md, "VM snapshots").
+
+pub mod list;
+pub mod qmp;
+pub mod snapshot;
+
+use crate::img::CliResult;
+use clap::{Args as ClapArgs, Subcommand};
+use serde_json::Value;
+use spindle_block::BlockError;
+use std::path::{Path, PathBuf};
+
+/// `spindle vm …`.
+#[derive(ClapArgs)]
+pub struct Args {
+    /// The control socket of the `spindle serve --control` that serves the disks.
+    #[arg(long, short = 'c', value_name = "PATH")]
+    control: PathBuf,
+    /// QEMU's QMP socket, one of its own (`-qmp unix:PATH,server=on,wait=off`).
+    #[arg(long, value_name = "PATH")]
+    qmp: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Snapshot the VM: every Spindle disk of it, and its VM state in one.
+    Snapshot {
+        /// Snapshot name.
+        name: String,
+        /// The export that keeps the VM state (default: the first by name).
+        #[arg(long, value_name = "EXPORT")]
+        vmstate_disk: Option<String>,
+    },
+    /// List the snapshots on the VM's disks (complete, incomplete, disk-only).
+    List,
+    /// Delete a snapshot from every disk of the VM.
+    Delete {
+        /// Snapshot name.
+        name: String,
+    },
+}
+
+/// Runs `spindle vm`.
+pub fn run(a: Args) -> CliResult<u8> {
+    let r = match a.cmd {
+        Cmd::Snapshot { name, vmstate_disk } => snapshot::run(&a.qmp, &a.control, &name, vmstate_disk.as_deref()),
+        Cmd::List => list::list(&a.qmp, &a.control),
+        Cmd::Delete { name } => list::delete(&a.qmp, &a.control, &name),
+    };
+    r.map(|()| 0).map_err(BlockError::Invalid)
+}
+
+/// One control request; the reply when it says `ok`, else its error.
+pub(crate) fn ctl(control: &Path, req: Value) -> Result<Value, String> {
+    let reply = crate::ctl::request(control, &req).map_err(|e| e.to_string())?;
+    if reply["ok"] == Value::Bool(true) {
+        Ok(reply)
+    } else {
+        Err(reply["error"].as_str().unwrap_or("request failed").to_string())
+    }
+}
+
+/// A disk of the VM, as the daemon reports it (`vm_disks`).
+#[derive(Debug, Clone)]
+pub struct Disk {
+    /// Export name.
+    pub name: String,
+    /// Image path.
+    pub image: String,
+    /// Image format.
+    pub format: String,
+    /// Served read-only.
+    pub readonly: bool,
+}
+
+/// The QEMU process behind `qmp` and its Spindle disks, sorted by name.
+pub(crate) fn disks_of(control: &Path, pid: u32) -> Result<Vec<Disk>, String> {
+    let reply = ctl(control, serde_json::json!({"cmd": "vm_disks", "pid": pid}))?;
+    let mut disks: Vec<Disk> = reply["disks"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|d| Disk {
+                    name: d["name"].as_str().unwrap_or("").to_string(),
+                    image: d["image"].as_str().unwrap_or("").to_string(),
+                    format: d["format"].as_str().unwrap_or("").to_string(),
+                    readonly: d["readonly"].as_bool().unwrap_or(false),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    disks.sort_by(|a, b| a.name.cmp(&b.name));
+    if disks.is_empty() {
+        return Err(format!(
+            "QEMU process {pid} has no disk served by the daemon of {}",
+            control.display()
+        ));
+    }
+    Ok(disks)
+}
