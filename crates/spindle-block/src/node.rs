@@ -96,6 +96,15 @@ impl Node {
         }
     }
 
+    /// The image file (none for `null`).
+    pub fn file(&self) -> Option<&spindle_io::File> {
+        match self {
+            Node::Raw(d) => Some(d.file()),
+            Node::Null(_) => None,
+            Node::Qcow2(d) => Some(d.file()),
+        }
+    }
+
     /// The backing node, if any.
     pub fn backing(&self) -> Option<&Node> {
         match self {

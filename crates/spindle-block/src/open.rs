@@ -64,6 +64,12 @@ pub struct OpenConfig {
     /// Only the images' metadata is read (`info`): the locks claim no read
     /// permission, as QEMU's metadata-only opens.
     pub metadata_only: bool,
+    /// Images (canonical paths) whose locks another open of this process
+    /// holds now, a superset of what this open takes: they are taken
+    /// without testing for conflicts, so a chain reopened under a running
+    /// export (a live overlay, stream or commit, docs/jobs.md) never
+    /// leaves an image unlocked, and is not refused by its own old open.
+    pub inherit_locks: Vec<PathBuf>,
 }
 
 /// What others may do to an open image, as QEMU's shared permissions.
@@ -86,7 +92,7 @@ pub enum Sharing {
 impl OpenConfig {
     /// QEMU's image locks for an image of the chain (backing files inherit
     /// the sharing, as QEMU's backing nodes do from their parent).
-    fn locking(&self, format: Format, read_only: bool) -> Locking {
+    pub fn locking(&self, format: Format, read_only: bool) -> Locking {
         let hold = match (read_only, self.metadata_only) {
             (true, true) => Perms::NONE,
             (true, false) => Perms::CONSISTENT_READ,
@@ -116,6 +122,7 @@ impl Default for OpenConfig {
             qcow2: Default::default(),
             sharing: Sharing::Readers,
             metadata_only: false,
+            inherit_locks: Vec::new(),
         }
     }
 }
@@ -209,6 +216,7 @@ fn open_path(
             format!("backing chain is deeper than {MAX_CHAIN_DEPTH} images"),
         ));
     }
+    let inherit = cfg.inherit_locks.contains(&canon);
     seen.push(canon);
     let probed = format.is_none();
     let format = match format {
@@ -221,7 +229,12 @@ fn open_path(
         create: false,
     };
     // Locked from here until the node closes; backing files after it, as QEMU.
-    let file = File::open_with_lock(path, opts, cfg.locking(format, read_only))?;
+    let locking = cfg.locking(format, read_only);
+    let file = if inherit {
+        File::open_inheriting(path, opts, locking)?
+    } else {
+        File::open_with_lock(path, opts, locking)?
+    };
     match format {
         Format::Raw => Ok(Node::Raw(Raw::new(file, probed)?)),
         Format::Null => Err(BlockError::Invalid("null images have no path".into())),

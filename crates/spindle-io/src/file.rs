@@ -89,6 +89,26 @@ impl File {
     /// Opens `path` holding `locking` for the File's lifetime; fails with
     /// [`Error::InUse`] when another user of the image conflicts.
     pub fn open_with_lock(path: &Path, opts: OpenOptions, locking: Locking) -> Result<File> {
+        Self::open_locked(path, opts, locking, true)
+    }
+
+    /// Opens `path` taking `locking`'s locks without testing for conflicts:
+    /// for reopening an image whose locks another open of this process
+    /// already holds (a superset of them), so the image is never unlocked
+    /// in between. Anyone else was kept out by that open.
+    pub fn open_inheriting(path: &Path, opts: OpenOptions, locking: Locking) -> Result<File> {
+        Self::open_locked(path, opts, locking, false)
+    }
+
+    /// Sets this open's image locks to exactly `locking`'s, without
+    /// testing for conflicts (see `open_inheriting`): to give up
+    /// permissions or sharing, or to take back what another open of this
+    /// process still holds.
+    pub fn set_locks(&self, locking: Locking) -> Result<()> {
+        lock::set(std::os::fd::AsFd::as_fd(&self.fd), &self.path, locking)
+    }
+
+    fn open_locked(path: &Path, opts: OpenOptions, locking: Locking, check: bool) -> Result<File> {
         let err = |context: &str, source| Error::Open {
             path: path.to_path_buf(),
             context: context.into(),
@@ -114,7 +134,11 @@ impl File {
                 err("cannot open", e)
             }
         })?;
-        lock::acquire(std::os::fd::AsFd::as_fd(&f), path, locking)?;
+        if check {
+            lock::acquire(std::os::fd::AsFd::as_fd(&f), path, locking)?;
+        } else {
+            lock::set(std::os::fd::AsFd::as_fd(&f), path, locking)?;
+        }
         let meta = f.metadata().map_err(|e| err("cannot stat", e))?;
         if opts.create && meta.is_file() {
             // Only now that nobody else uses it.

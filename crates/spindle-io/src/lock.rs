@@ -170,6 +170,37 @@ pub(crate) fn acquire(fd: BorrowedFd<'_>, path: &Path, locking: Locking) -> Resu
     Ok(())
 }
 
+/// Sets this open's locks to exactly `locking`'s, without testing for
+/// conflicts: the bytes it needs are taken first, then those it no longer
+/// needs are let go, so nothing is unlocked in between. For a caller that
+/// knows no conflict can exist: it only gives up permissions or sharing,
+/// or another open of its own holds a superset of these locks (a chain
+/// reopened under a running export, docs/jobs.md).
+pub(crate) fn set(fd: BorrowedFd<'_>, path: &Path, locking: Locking) -> Result<()> {
+    let unshared = Perms::ALL.without(locking.share);
+    let want: Vec<u64> = locking
+        .hold
+        .each()
+        .map(|(i, _)| PERM_BASE + i)
+        .chain(unshared.each().map(|(i, _)| SHARED_BASE + i))
+        .collect();
+    for &byte in &want {
+        set_lock(fd, byte, libc::F_RDLCK as libc::c_short).map_err(|source| Error::Lock {
+            path: path.to_path_buf(),
+            byte,
+            source,
+        })?;
+    }
+    for byte in Perms::ALL
+        .each()
+        .flat_map(|(i, _)| [PERM_BASE + i, SHARED_BASE + i])
+        .filter(|b| !want.contains(b))
+    {
+        let _ = set_lock(fd, byte, libc::F_UNLCK as libc::c_short);
+    }
+    Ok(())
+}
+
 /// Drops every lock this open holds, when the image is closed. Closing the
 /// descriptor would drop them too, but only once the last reference to
 /// the open goes, and io_uring's workers keep one for a moment after the

@@ -152,6 +152,13 @@ impl BlkBackend {
         })
     }
 
+    /// Makes every I/O thread of this connection look at all its rings
+    /// once (the end of a pause: requests held back at admission wait on
+    /// the rings with no kick to come).
+    pub(crate) fn wake(&self) {
+        self.run.waker().wake();
+    }
+
     /// The frontend started the device on this connection and then
     /// stopped every ring: a frontend that goes away after that hands the
     /// image over (`Export`, at disconnect).

@@ -7,6 +7,8 @@ use crate::blk::Limits;
 use crate::quiesce::Gate;
 use crate::slot::NodeSlot;
 use crate::stats::{summarize, OpSummary, QueueStats};
+use crate::written::Written;
+use arc_swap::ArcSwapOption;
 use spindle_block::{BlockError, Node};
 use spindle_io::RuntimeConfig;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -85,6 +87,9 @@ pub struct Device {
     ident: exec::Device,
     stats: Box<[QueueStats]>,
     gate: Arc<Gate>,
+    /// A job watches the guest's writes (`written` is set).
+    tracking: AtomicBool,
+    written: ArcSwapOption<Written>,
 }
 
 impl Device {
@@ -133,6 +138,8 @@ impl Device {
             ident: exec::Device::new(&cfg.serial),
             stats: (0..cfg.num_queues).map(|_| QueueStats::default()).collect(),
             gate: Arc::default(),
+            tracking: AtomicBool::new(false),
+            written: ArcSwapOption::new(None),
             slot,
             cfg,
         }
@@ -159,6 +166,25 @@ impl Device {
     /// quiesced (a snapshot), on every connection.
     pub fn gate(&self) -> &Arc<Gate> {
         &self.gate
+    }
+
+    /// Records the ranges the guest writes in `written` from now on (a
+    /// live commit job), or stops recording (`None`). Writes that complete
+    /// after this returns are recorded.
+    pub fn track_writes(&self, written: Option<Arc<Written>>) {
+        let on = written.is_some();
+        self.written.store(written);
+        self.tracking.store(on, Ordering::SeqCst);
+    }
+
+    /// A write of `len` bytes at `off` completed (called by the I/O
+    /// threads; one relaxed load when no job watches).
+    pub(crate) fn wrote(&self, off: u64, len: u64) {
+        if self.tracking.load(Ordering::Relaxed) {
+            if let Some(w) = self.written.load().as_ref() {
+                w.mark(off, len);
+            }
+        }
     }
 
     /// Where the export stands in a migration.

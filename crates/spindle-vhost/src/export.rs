@@ -50,6 +50,23 @@ pub struct Export {
     wake: EventFd,
 }
 
+/// A running export held still ([`Export::pause`]): no request is in
+/// flight and none is admitted until it is dropped; then the I/O threads
+/// look at their rings, so what the guest queued meanwhile is served.
+pub struct Pause {
+    hold: Option<Hold>,
+    backend: Option<Arc<BlkBackend>>,
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        drop(self.hold.take());
+        if let Some(b) = &self.backend {
+            b.wake();
+        }
+    }
+}
+
 /// What the control plane needs of a live connection.
 struct Connection {
     shutdown: Option<ShutdownHandle>,
@@ -136,6 +153,11 @@ impl Export {
         }))
     }
 
+    /// The connected frontend's backend, if a frontend is connected.
+    fn backend(&self) -> Option<Arc<BlkBackend>> {
+        self.current.lock().ok()?.as_ref().map(|c| c.backend.clone())
+    }
+
     /// Whether a frontend is connected now.
     pub fn is_connected(&self) -> bool {
         self.current.lock().is_ok_and(|c| c.is_some())
@@ -155,11 +177,7 @@ impl Export {
     pub fn quiesce(&self, timeout: std::time::Duration) -> Result<Hold, String> {
         let name = &self.dev.cfg.name;
         let hold = self.dev.gate().hold();
-        let backend = self
-            .current
-            .lock()
-            .ok()
-            .and_then(|c| c.as_ref().map(|c| c.backend.clone()));
+        let backend = self.backend();
         if let Some(b) = backend {
             if !b.device_stopped() {
                 return Err(format!(
@@ -175,6 +193,33 @@ impl Export {
             }
         }
         Ok(hold)
+    }
+
+    /// Holds a running export still for a moment (a live overlay, the
+    /// switch at the end of a stream or commit job): from now on no
+    /// request is admitted on any connection, and those accepted before
+    /// have completed when this returns (at most `timeout`). The guest
+    /// keeps running; its new requests wait on the rings until the
+    /// returned [`Pause`] is dropped, which wakes the I/O threads to pop
+    /// them (no kick may come for them otherwise).
+    pub fn pause(&self, timeout: std::time::Duration) -> Result<Pause, String> {
+        let hold = self.dev.gate().hold();
+        let backend = self.backend();
+        let pause = Pause {
+            hold: Some(hold),
+            backend,
+        };
+        if let Some(b) = &pause.backend {
+            if !b.drain(None, timeout) {
+                return Err(format!(
+                    "export '{}': {} requests still in flight after {} s",
+                    self.dev.cfg.name,
+                    b.in_flight(),
+                    timeout.as_secs()
+                ));
+            }
+        }
+        Ok(pause)
     }
 
     /// Why the connected frontend's device stopped serving (a broken
@@ -339,11 +384,7 @@ impl Export {
     /// Tells the connected frontend (if any) that the configuration space
     /// changed. Returns whether a frontend was told.
     pub fn notify_config_change(&self) -> std::io::Result<bool> {
-        let backend = self
-            .current
-            .lock()
-            .ok()
-            .and_then(|c| c.as_ref().map(|c| c.backend.clone()));
+        let backend = self.backend();
         match backend {
             Some(b) => b.notify_config_change(),
             None => Ok(false),

@@ -30,6 +30,7 @@ mod run;
 pub mod slot;
 pub mod stats;
 mod worker;
+pub mod written;
 
 pub use device::{Device, DeviceConfig, Migration};
 pub use export::Export;

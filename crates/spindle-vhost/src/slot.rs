@@ -56,9 +56,11 @@ pub struct NodeSlot {
     node: ArcSwapOption<Node>,
     /// The look held while inactive; also serializes the handover.
     held: Mutex<Option<Node>>,
-    reopen: Option<Box<dyn Reopen>>,
+    /// How to open the image again; replaced with the image by
+    /// [`NodeSlot::replace`] (always under `held`).
+    reopen: Mutex<Option<Box<dyn Reopen>>>,
     engine: RuntimeConfig,
-    info: SlotInfo,
+    info: Mutex<SlotInfo>,
     users: AtomicUsize,
     /// The last export id given out (`attach`).
     ids: AtomicU64,
@@ -75,12 +77,12 @@ impl NodeSlot {
     /// only flushes.
     pub fn fixed(node: Node, engine: RuntimeConfig) -> NodeSlot {
         NodeSlot {
-            info: SlotInfo {
+            info: Mutex::new(SlotInfo {
                 format: node.info().format,
-            },
+            }),
             node: ArcSwapOption::new(Some(Arc::new(node))),
             held: Mutex::new(None),
-            reopen: None,
+            reopen: Mutex::new(None),
             engine,
             users: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
@@ -91,7 +93,7 @@ impl NodeSlot {
     /// A slot serving `node`, closed and reopened through `reopen`.
     pub fn active(node: Node, reopen: Box<dyn Reopen>, engine: RuntimeConfig) -> NodeSlot {
         NodeSlot {
-            reopen: Some(reopen),
+            reopen: Mutex::new(Some(reopen)),
             ..NodeSlot::fixed(node, engine)
         }
     }
@@ -100,12 +102,12 @@ impl NodeSlot {
     /// until the first [`NodeSlot::activate`].
     pub fn inactive(look: Node, reopen: Box<dyn Reopen>, engine: RuntimeConfig) -> NodeSlot {
         NodeSlot {
-            info: SlotInfo {
+            info: Mutex::new(SlotInfo {
                 format: look.info().format,
-            },
+            }),
             node: ArcSwapOption::new(None),
             held: Mutex::new(Some(look)),
-            reopen: Some(reopen),
+            reopen: Mutex::new(Some(reopen)),
             engine,
             users: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
@@ -125,7 +127,30 @@ impl NodeSlot {
 
     /// What is known of the image.
     pub fn info(&self) -> SlotInfo {
-        self.info
+        *self.info.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Serves `node` instead of the open image, and opens it again through
+    /// `reopen` from now on (a live overlay, the end of a stream or a
+    /// commit job). Call with no request in flight and none admitted (the
+    /// device quiesced): the next round of popped requests loads `node`.
+    /// Returns the image served before, for the caller to drop once done
+    /// with it (its files close, and their locks go, with its last
+    /// reference). Refused while the image is closed (live migration).
+    pub fn replace(&self, node: Node, reopen: Option<Box<dyn Reopen>>) -> Result<Arc<Node>, BlockError> {
+        let _held = self.held.lock().map_err(|_| poisoned())?;
+        let Some(old) = self.current() else {
+            return Err(BlockError::Invalid(
+                "the image is closed (live migration); it cannot be replaced now".into(),
+            ));
+        };
+        let format = node.info().format;
+        self.node.store(Some(Arc::new(node)));
+        *self.info.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = SlotInfo { format };
+        if let Some(r) = reopen {
+            *self.reopen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
+        }
+        Ok(old)
     }
 
     /// The image's guest size: of the open image, else of the look held.
@@ -178,8 +203,8 @@ impl NodeSlot {
         if let Some(n) = self.current() {
             return Ok(n);
         }
-        let reopen = self
-            .reopen
+        let reopen = self.reopen.lock().map_err(|_| poisoned())?;
+        let reopen = reopen
             .as_ref()
             .ok_or_else(|| BlockError::Invalid("the image cannot be opened again".into()))?;
         let node = Arc::new(reopen.open_active()?);
@@ -196,7 +221,8 @@ impl NodeSlot {
     pub fn inactivate(&self) -> Result<bool, BlockError> {
         let mut held = self.held.lock().map_err(|_| poisoned())?;
         let Some(node) = self.current() else { return Ok(false) };
-        let Some(reopen) = &self.reopen else {
+        let reopen = self.reopen.lock().map_err(|_| poisoned())?;
+        let Some(reopen) = reopen.as_ref() else {
             self.flush()?;
             return Ok(false);
         };

@@ -429,6 +429,22 @@ fn classify(p: &Parsed) -> (Op, u64) {
     }
 }
 
+/// The span of the device a request changes (writes, write-zeroes and
+/// discards; the span around all ranges of a multi-range one), in bytes.
+fn written_span(p: &Parsed) -> Option<(u64, u64)> {
+    let Parsed::Request(r) = p else { return None };
+    let span = |v: &[crate::blk::request::Range]| {
+        let start = v.iter().map(|r| r.sector).min()?;
+        let end = v.iter().map(|r| r.sector + u64::from(r.sectors)).max()?;
+        Some((start * 512, (end - start) * 512))
+    };
+    match &r.kind {
+        RequestKind::Write => Some((r.sector * 512, r.data_len)),
+        RequestKind::Discard(v) | RequestKind::WriteZeroes(v) => span(v),
+        _ => None,
+    }
+}
+
 /// Runs one request as a task on the thread's runtime, polled at once:
 /// a request that needs no I/O (null, a failed parse) finishes here; one
 /// that does has its I/O queued for the round's submit. Its used entry
@@ -446,10 +462,16 @@ fn spawn_request(
     start: Instant,
 ) {
     let (op, bytes) = classify(&parsed);
+    let written = written_span(&parsed);
     let sh = w.shared.clone();
     let task = w.rt.spawn_now(async move {
         let ident = sh.dev.ident();
         let c = complete(&node, &mem, &ident, &sh.log, parsed).await;
+        // After the I/O, failed or not (a failed write may have landed in
+        // part): a live commit job copies the range again.
+        if let Some((off, len)) = written {
+            sh.dev.wrote(off, len);
+        }
         let ok = c.status == Some(VIRTIO_BLK_S_OK);
         sh.dev
             .queue_stats(queue)

@@ -44,6 +44,58 @@ enum Cmd {
         #[arg(long)]
         shrink: bool,
     },
+    /// Create a qcow2 overlay on top of a running export's image and serve
+    /// it (a live external snapshot; docs/jobs.md).
+    Overlay {
+        /// Export name.
+        name: String,
+        /// The new image (must not exist).
+        image: PathBuf,
+    },
+    /// Merge the active layer (or --top) down into its backing file (or
+    /// --base) while the guest runs, then serve the base (a background job).
+    Commit {
+        /// Export name.
+        name: String,
+        /// The image to merge into (default: the top's backing file).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// The layer to merge (default: the active layer).
+        #[arg(long)]
+        top: Option<PathBuf>,
+        /// Copy at most this many bytes per second (e.g. 64M).
+        #[arg(long)]
+        speed: Option<String>,
+    },
+    /// Copy the backing chain's data into the top image while the guest
+    /// runs, then drop the backing file (or keep --base); a background job.
+    Stream {
+        /// Export name.
+        name: String,
+        /// Keep this image (and those below it) as the backing file.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Copy at most this many bytes per second (e.g. 64M).
+        #[arg(long)]
+        speed: Option<String>,
+    },
+    /// List the background jobs: progress, state, rate.
+    Jobs,
+    /// Cancel a running job; the guest's disk stays as it was.
+    JobCancel {
+        /// Job id (from `jobs`).
+        id: u64,
+    },
+}
+
+/// A path as the daemon must see it: absolute (it may run elsewhere).
+fn abs(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
+}
+
+/// `--speed`, in bytes per second.
+fn speed(s: Option<String>) -> CliResult<Option<u64>> {
+    s.map(|s| crate::img::size_arg(&s)).transpose()
 }
 
 /// Sends one request; prints the reply as JSON. Exit 1 when it failed.
@@ -61,6 +113,20 @@ pub fn run(a: Args) -> CliResult<u8> {
         Cmd::Remove { name } => json!({"cmd": "remove", "name": name}),
         Cmd::Stats { name } => json!({"cmd": "stats", "name": name}),
         Cmd::Resize { name, size, shrink } => json!({"cmd": "resize", "name": name, "size": size, "shrink": shrink}),
+        Cmd::Overlay { name, image } => json!({"cmd": "overlay", "name": name, "image": abs(image)}),
+        Cmd::Commit {
+            name,
+            base,
+            top,
+            speed: s,
+        } => {
+            json!({"cmd": "commit", "name": name, "base": base.map(abs), "top": top.map(abs), "speed": speed(s)?})
+        }
+        Cmd::Stream { name, base, speed: s } => {
+            json!({"cmd": "stream", "name": name, "base": base.map(abs), "speed": speed(s)?})
+        }
+        Cmd::Jobs => json!({"cmd": "jobs"}),
+        Cmd::JobCancel { id } => json!({"cmd": "job_cancel", "id": id}),
     };
     let reply = request(&a.control, &req)?;
     println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());

@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod control;
 pub mod handover;
+pub mod jobs;
 pub mod request;
 pub mod restart;
 pub mod server;

@@ -12,7 +12,8 @@ pub const MAX_LINE: usize = 64 * 1024;
 
 /// The commands, for error messages.
 const COMMANDS: &str =
-    "list, add, remove, stats, resize, vm_disks, quiesce, resume, snapshot_create, snapshot_delete or snapshot_list";
+    "list, add, remove, stats, resize, vm_disks, quiesce, resume, snapshot_create, snapshot_delete, \
+     snapshot_list, overlay, commit, stream, jobs or job_cancel";
 
 /// A control request.
 #[derive(Debug, Deserialize)]
@@ -48,6 +49,9 @@ pub enum Request {
     /// A VM-snapshot request (`serve/vm.rs`).
     #[serde(skip)]
     Vm(super::vm::VmRequest),
+    /// A live-snapshot or job request (`serve/jobs`).
+    #[serde(skip)]
+    Jobs(super::jobs::JobRequest),
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -85,6 +89,11 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
         Some(Value::String(c)) if super::vm::COMMANDS.contains(&c.as_str()) => {
             return super::vm::VmRequest::deserialize(v)
                 .map(Request::Vm)
+                .map_err(|e| format!("bad request: {}", one_line(&e.to_string())));
+        }
+        Some(Value::String(c)) if super::jobs::COMMANDS.contains(&c.as_str()) => {
+            return super::jobs::JobRequest::deserialize(v)
+                .map(Request::Jobs)
                 .map_err(|e| format!("bad request: {}", one_line(&e.to_string())));
         }
         Some(Value::String(c)) => {
@@ -130,6 +139,7 @@ pub fn execute(server: &Server, req: Request) -> Result<Value, BlockError> {
             json!({"ok": true, "name": name, "size": n, "guest_notified": told})
         }
         Request::Vm(r) => super::vm::execute(server, r)?,
+        Request::Jobs(r) => super::jobs::execute(server, r)?,
     })
 }
 

@@ -461,6 +461,20 @@ impl Server {
         }
     }
 
+    /// Records that the running export `name` serves `image` (of
+    /// `format`) from now on, for `list` and a handover: a live overlay or
+    /// the end of a job changed its chain (serve/jobs). Usable from a
+    /// job's thread.
+    pub(crate) fn image_setter(&self, name: &str) -> impl Fn(&str, &str) + Send + 'static {
+        let (state, name) = (self.state.clone(), name.to_string());
+        move |image: &str, format: &str| {
+            if let Some(Slot::Running(r)) = lock(&state).slots.get_mut(&name) {
+                r.spec.image = image.to_string();
+                r.spec.format = Some(format.to_string());
+            }
+        }
+    }
+
     /// Request statistics of `name`.
     pub fn stats(&self, name: &str) -> Result<(Vec<OpSummary>, Vec<u64>), BlockError> {
         let (e, _) = self.running(name)?;

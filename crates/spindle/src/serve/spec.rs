@@ -169,6 +169,29 @@ impl ExportSpec {
         ))
     }
 
+    /// How this export opens images (its settings), with the format
+    /// probed and `cache` as the open image's: for a new chain a live
+    /// overlay or a job puts under the export (serve/jobs).
+    pub(crate) fn open_config(&self, cache: CacheMode) -> Result<OpenConfig, BlockError> {
+        let (_, mut cfg) = self.settings()?;
+        cfg.format = None;
+        cfg.cache = cache;
+        Ok(cfg)
+    }
+
+    /// How to open `image` again with `cfg` (from [`ExportSpec::open_config`]),
+    /// once it is the top of the export's chain.
+    pub(crate) fn reopen_at(image: &str, cfg: &OpenConfig) -> Box<dyn Reopen> {
+        let cfg = OpenConfig {
+            inherit_locks: Vec::new(),
+            ..cfg.clone()
+        };
+        Box::new(SpecReopen {
+            image: image.to_string(),
+            cfg,
+        })
+    }
+
     /// Checks every setting: the device's and the image's.
     fn settings(&self) -> Result<(DeviceConfig, OpenConfig), BlockError> {
         let name = self.name();

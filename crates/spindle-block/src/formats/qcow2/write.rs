@@ -17,6 +17,22 @@ use std::sync::Arc;
 impl Qcow2 {
     /// Writes guest data.
     pub(crate) async fn write(&self, off: u64, buf: &SgList, fua: bool) -> Result<()> {
+        self.write_if(off, buf, fua, false).await.map(|_| ())
+    }
+
+    /// Writes `buf` at `off` only if every cluster it touches is
+    /// unallocated in this image (no data, no zero flag): copy-on-read for
+    /// a stream job (docs/jobs.md). The check and the allocation happen
+    /// under the metadata lock and the write's in-flight range, which a
+    /// guest write of the same clusters waits for, so a guest write that
+    /// landed first is never overwritten and one that comes later wins.
+    /// Returns whether it wrote.
+    pub async fn write_unallocated(&self, off: u64, buf: &SgList) -> Result<bool> {
+        let r = self.write_if(off, buf, false, true).await;
+        self.guard(r).await
+    }
+
+    async fn write_if(&self, off: u64, buf: &SgList, fua: bool, only_unallocated: bool) -> Result<bool> {
         self.check_writable()?;
         self.repair_if_dirty().await?;
         let cs = 1u64 << self.cluster_bits;
@@ -29,6 +45,9 @@ impl Qcow2 {
         let mut allocs: Vec<(u64, u64)> = Vec::new(); // (guest cluster, old raw entry)
         for gc in first..=last {
             let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+            if only_unallocated && (raw != 0 || bmp != 0) {
+                return Ok(false);
+            }
             let pos = (gc * cs).max(off);
             let e = self.entry_at(gc * cs, raw, bmp)?;
             let normal = e.copied && e.compressed.is_none() && e.host != 0;
@@ -61,7 +80,7 @@ impl Qcow2 {
                 async move { self.write_host(host, &part, fua).await }
             });
             try_join_all(writes).await?;
-            return Ok(());
+            return Ok(true);
         }
         // L2 tables first (as QEMU does), so data runs stay contiguous; then
         // one contiguous run for the new clusters.
@@ -98,7 +117,7 @@ impl Qcow2 {
         if fua || self.file.cache().write_through() {
             m.flush(&self.file).await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Locks the metadata once no allocating write is in flight on guest
