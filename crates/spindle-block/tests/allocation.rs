@@ -130,3 +130,44 @@ fn write_zeroes_keeps_allocation_unless_unmap_is_allowed() {
         );
     }
 }
+
+/// A stream's copy-on-read write (`write_unallocated`) fills only clusters
+/// still unallocated: it never overwrites data or a zero cluster the guest
+/// wrote first, and a range it skips is left as it was.
+#[test]
+fn write_unallocated_leaves_written_clusters_alone() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("a.qcow2");
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    rt.block_on(async {
+        let opts = CreateOptions {
+            size: 4 << 20,
+            ..Default::default()
+        };
+        create(&path, &opts).await.unwrap();
+        let cfg = OpenConfig {
+            format: Some(Format::Qcow2),
+            ..Default::default()
+        };
+        let node = open_image(path.to_str().unwrap(), &cfg).unwrap();
+        let spindle_block::Node::Qcow2(q) = &node else {
+            unreachable!()
+        };
+        let cs = 65536u64;
+        node.write_from(cs, &vec![1u8; cs as usize], false).await.unwrap();
+        node.write_zeroes(3 * cs, cs, false).await.unwrap();
+        let copy = spindle_block::SgList::copy_of(&vec![9u8; 4 * cs as usize]);
+        assert!(
+            !q.write_unallocated(0, &copy).await.unwrap(),
+            "a range with written clusters is skipped"
+        );
+        assert!(q.write_unallocated(0, &copy.slice(0, cs as usize)).await.unwrap());
+        assert!(q.write_unallocated(2 * cs, &copy.slice(0, cs as usize)).await.unwrap());
+        assert!(!q.write_unallocated(3 * cs, &copy.slice(0, cs as usize)).await.unwrap());
+        let mut got = vec![0u8; 4 * cs as usize];
+        node.read_into(0, &mut got).await.unwrap();
+        let want: Vec<u8> = [9u8, 1, 9, 0].iter().flat_map(|&b| vec![b; cs as usize]).collect();
+        assert!(got == want, "the guest's data and zeroes stay; the holes are filled");
+        node.close().await.unwrap();
+    });
+}
