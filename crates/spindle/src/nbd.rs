@@ -174,27 +174,25 @@ fn listen(a: &Args) -> CliResult<(OwnedFd, Addr)> {
 }
 
 fn print_start(a: &Args, node: &Node, addr: &Addr) {
+    use std::io::Write;
     let name = &a.export_name;
     let uri = addr.uri(name);
-    println!(
-        "spindle nbd: serving {} ({}, {} bytes, {}) at {uri}",
-        spindle_block::printable(&a.image),
+    let mode = if a.read_only { "read-only" } else { "writable" };
+    let image = spindle_block::printable(&a.image);
+    let text = format!(
+        "spindle nbd: serving {image} ({}, {} bytes, {mode}) at {uri}\n  qemu-img info '{uri}'\n  nbdinfo '{uri}'\n  qemu-system-x86_64 ... {} -device virtio-blk-pci,drive=nbd0\n",
         node.info().format,
         node.size(),
-        if a.read_only { "read-only" } else { "writable" }
-    );
-    println!("  qemu-img info '{uri}'");
-    println!("  nbdinfo '{uri}'");
-    println!(
-        "  qemu-system-x86_64 ... {} -device virtio-blk-pci,drive=nbd0",
         addr.blockdev(name)
     );
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    // A closed stdout (a supervisor that read the first line) is no reason to stop.
+    let mut out = std::io::stdout();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// Goes to the background: the parent exits at once (the socket already
-/// listens, so a client may connect as soon as it returned).
+/// listens, so a client may connect as soon as it returned; the child
+/// prints the start lines).
 fn daemonize() -> CliResult<()> {
     // SAFETY: called before any thread of this process is started, so the
     // child is a full copy with nothing half-locked.
@@ -225,13 +223,14 @@ pub fn run(a: Args) -> CliResult<u8> {
     };
     let node = Arc::new(open_image(&a.image, &cfg)?);
     let (fd, addr) = listen(&a)?;
-    print_start(&a, &node, &addr);
     if a.fork {
         daemonize()?;
     }
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| invalid(format!("{}: {e}", p.display())))?;
     }
+    // Printed once the pid file is there: whoever reads the line may use both.
+    print_start(&a, &node, &addr);
     let shared = a.shared.filter(|&n| n > 0);
     let info = ExportInfo {
         name: a.export_name.clone(),
