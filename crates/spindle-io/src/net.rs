@@ -394,18 +394,8 @@ mod tests {
             rt.run_ready();
             assert_eq!(got.get(), 0);
             b.write_all(&[42]).unwrap();
-            let mut p: Vec<libc::pollfd> = rt
-                .event_fds()
-                .into_iter()
-                .map(|fd| libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
             for _ in 0..100 {
-                // SAFETY: p is a valid pollfd array; the timeout bounds the wait.
-                let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, 5000) };
+                let n = crate::runtime::tests::wait_readable(&rt.event_fds(), 5000);
                 assert!(n > 0, "{kind}: no descriptor fired for the socket");
                 rt.run_ready();
                 if got.get() != 0 {

@@ -543,7 +543,7 @@ impl Drop for OpFuture {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::EngineKind;
 
@@ -614,7 +614,7 @@ mod tests {
     }
 
     /// poll(2) on `fds` for readability, at most `ms`; returns poll's result.
-    fn wait_readable(fds: &[RawFd], ms: i32) -> i32 {
+    pub(crate) fn wait_readable(fds: &[RawFd], ms: i32) -> i32 {
         let mut p: Vec<libc::pollfd> = fds
             .iter()
             .map(|&fd| libc::pollfd {

@@ -325,6 +325,9 @@ mod tests {
         assert_eq!((be64(&c[8..]), be32(&c[16..])), (9, 12));
         let o = option_reply(opt::GO, rep::ERR_UNKNOWN, b"x");
         assert_eq!(be64(&o), REPLY_MAGIC);
-        assert_eq!((be32(&o[8..]), be32(&o[12..16]), o[16]), (rep::ERR_UNKNOWN, 1, b'x'));
+        assert_eq!(
+            (be32(&o[8..]), be32(&o[12..]), be32(&o[16..]), o[20]),
+            (opt::GO, rep::ERR_UNKNOWN, 1, b'x')
+        );
     }
 }

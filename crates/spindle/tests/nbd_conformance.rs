@@ -41,9 +41,6 @@ impl Client {
         self.0.read_exact(&mut b).unwrap();
         b
     }
-    fn u32(&mut self) -> u32 {
-        u32::from_be_bytes(self.bytes(4).try_into().unwrap())
-    }
     /// Whether the server closed the connection (EOF within the timeout).
     fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
