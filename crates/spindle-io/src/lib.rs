@@ -11,6 +11,9 @@
 //! cache modes ([`CacheMode`]), discovers its O_DIRECT alignment and serves
 //! unaligned requests through bounce buffers. It takes QEMU's image locks
 //! ([`lock`]) so QEMU and Spindle keep out of each other's images.
+//!
+//! [`net`] puts stream sockets on the same runtime (io_uring socket ops,
+//! or non-blocking calls woken by the runtime's epoll descriptor).
 #![deny(missing_docs)]
 
 mod buf;
@@ -20,8 +23,10 @@ mod error;
 mod file;
 pub mod lock;
 pub mod memfd;
+pub mod net;
 mod op;
 mod range_lock;
+mod reactor;
 mod runtime;
 mod sg;
 

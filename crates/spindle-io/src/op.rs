@@ -52,6 +52,26 @@ pub enum Op {
         /// Length.
         len: u64,
     },
+    /// `recvmsg(fd, msg, flags)` on a socket. The net layer passes
+    /// `MSG_DONTWAIT`, so the op never parks in the kernel.
+    RecvMsg {
+        /// Socket descriptor.
+        fd: RawFd,
+        /// The message header (its iovecs name the buffers).
+        msg: *mut libc::msghdr,
+        /// `MSG_*` flags.
+        flags: i32,
+    },
+    /// `sendmsg(fd, msg, flags)` on a socket (`MSG_DONTWAIT | MSG_NOSIGNAL`
+    /// from the net layer).
+    SendMsg {
+        /// Socket descriptor.
+        fd: RawFd,
+        /// The message header.
+        msg: *const libc::msghdr,
+        /// `MSG_*` flags.
+        flags: i32,
+    },
 }
 
 impl Op {
@@ -96,6 +116,14 @@ impl Op {
             Op::Fallocate { fd, mode, offset, len } => {
                 // SAFETY: plain syscall on a descriptor, no memory involved.
                 unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) as i64 }
+            }
+            Op::RecvMsg { fd, msg, flags } => {
+                // SAFETY: the caller guarantees msg and its iovecs are valid.
+                unsafe { libc::recvmsg(fd, msg, flags) as i64 }
+            }
+            Op::SendMsg { fd, msg, flags } => {
+                // SAFETY: as above.
+                unsafe { libc::sendmsg(fd, msg, flags) as i64 }
             }
         };
         if ret < 0 {

@@ -109,14 +109,16 @@ enum Slot {
     Done(i32),
 }
 
-struct Inner {
+pub(crate) struct Inner {
     engine: RefCell<Box<dyn Engine>>,
     /// Runs op kinds the main engine cannot queue (fallocate under native AIO).
     helper: RefCell<Option<ThreadPoolEngine>>,
     slots: RefCell<Slab<Slot>>,
     runq: Arc<RunQueue>,
-    kind: EngineKind,
+    pub(crate) kind: EngineKind,
     reaped: RefCell<Vec<(u64, i32)>>,
+    /// Socket readiness (crate::net).
+    pub(crate) reactor: crate::reactor::Reactor,
 }
 
 thread_local! {
@@ -158,6 +160,10 @@ impl Runtime {
                 }),
                 kind: cfg.engine,
                 reaped: RefCell::new(Vec::new()),
+                reactor: crate::reactor::Reactor::new().map_err(|source| crate::Error::EngineSetup {
+                    engine: cfg.engine.name(),
+                    source,
+                })?,
             }),
         })
     }
@@ -167,9 +173,10 @@ impl Runtime {
         self.inner.kind
     }
 
-    /// The eventfds that become readable when this runtime has work:
-    /// completions of its engine (and helper pool) and wake-ups from other
-    /// threads. An external event loop (the vhost-user worker's epoll)
+    /// The descriptors that become readable when this runtime has work:
+    /// completions of its engine (and helper pool), wake-ups from other
+    /// threads (eventfds) and sockets of [`crate::net`] (an epoll
+    /// descriptor). An external event loop (the vhost-user worker's epoll)
     /// watches them and calls [`Runtime::run_ready`] when one fires.
     /// The helper pool of the `native` engine is created up front so the
     /// set does not change later.
@@ -318,6 +325,7 @@ impl Inner {
         }
         let n = reaped.len();
         let mut slots = self.slots.borrow_mut();
+        let n = n + self.reactor.reap();
         for (token, res) in reaped.drain(..) {
             let Some(slot) = slots.get_mut(token as usize) else {
                 continue;
@@ -335,9 +343,8 @@ impl Inner {
         self.engine.borrow().in_flight() + self.helper.borrow().as_ref().map_or(0, |h| h.in_flight())
     }
 
-    /// Sleeps until the engine, the helper pool or a cross-thread wake has news.
     /// Every eventfd that signals work for this runtime.
-    fn event_fds(&self) -> Vec<RawFd> {
+    fn eventfds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.engine.borrow().event_fd(), self.runq.efd.as_raw_fd()];
         if let Some(h) = self.helper.borrow().as_ref() {
             fds.push(h.event_fd());
@@ -345,9 +352,17 @@ impl Inner {
         fds
     }
 
+    /// The eventfds and the sockets' epoll descriptor (last).
+    fn event_fds(&self) -> Vec<RawFd> {
+        let mut fds = self.eventfds();
+        fds.push(self.reactor.fd());
+        fds
+    }
+
     /// Resets every eventfd without blocking (they are all non-blocking).
+    /// The epoll descriptor needs no reset: reaping it empties it.
     fn drain_event_fds(&self) {
-        for fd in self.event_fds() {
+        for fd in self.eventfds() {
             let mut v: u64 = 0;
             // SAFETY: reads 8 bytes into a valid u64 from a non-blocking eventfd.
             unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
@@ -366,8 +381,9 @@ impl Inner {
             .collect();
         // SAFETY: fds is a valid array of pollfd for its length.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let epfd = self.reactor.fd();
         for pfd in &fds {
-            if pfd.revents & libc::POLLIN != 0 {
+            if pfd.revents & libc::POLLIN != 0 && pfd.fd != epfd {
                 let mut v: u64 = 0;
                 // SAFETY: reads 8 bytes into a valid u64 from a non-blocking eventfd.
                 unsafe { libc::read(pfd.fd, (&mut v as *mut u64).cast(), 8) };
@@ -419,6 +435,11 @@ impl Drop for Inner {
             }
         }
     }
+}
+
+/// The runtime of this thread, if inside one.
+pub(crate) fn try_current() -> Option<Rc<Inner>> {
+    CURRENT.with(|c| c.borrow().clone())
 }
 
 fn current() -> Rc<Inner> {
@@ -522,7 +543,7 @@ impl Drop for OpFuture {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::EngineKind;
 
@@ -593,7 +614,7 @@ mod tests {
     }
 
     /// poll(2) on `fds` for readability, at most `ms`; returns poll's result.
-    fn wait_readable(fds: &[RawFd], ms: i32) -> i32 {
+    pub(crate) fn wait_readable(fds: &[RawFd], ms: i32) -> i32 {
         let mut p: Vec<libc::pollfd> = fds
             .iter()
             .map(|&fd| libc::pollfd {

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod ctl;
 pub mod img;
+pub mod nbd;
 pub mod serve;
 pub mod vm;
 

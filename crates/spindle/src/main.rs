@@ -1,6 +1,6 @@
 //! `spindle`: the command-line entry point.
 
-use spindle::{bench, ctl, img, serve, vm};
+use spindle::{bench, ctl, img, nbd, serve, vm};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -19,6 +19,8 @@ enum Cmd {
     Img(img::ImgArgs),
     /// Serve images to VMs as vhost-user-blk devices.
     Serve(serve::Args),
+    /// Serve an image over NBD (qemu-nbd's job, with its names).
+    Nbd(nbd::Args),
     /// Load generator for vhost-user sockets, files and devices.
     Bench(bench::Args),
     /// Talk to a running `spindle serve --control` (add, remove, list, stats, resize).
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Img(a) => exit(img::run(a)),
         Cmd::Serve(a) => exit(serve::run(a)),
+        Cmd::Nbd(a) => exit(nbd::run(a)),
         Cmd::Bench(a) => exit(bench::run(a)),
         Cmd::Ctl(a) => exit(ctl::run(a)),
         Cmd::Vm(a) => exit(vm::run(a)),

@@ -63,6 +63,8 @@ impl UringEngine {
                 .offset(offset)
                 .mode(mode)
                 .build(),
+            Op::RecvMsg { fd, msg, flags } => opcode::RecvMsg::new(types::Fd(fd), msg).flags(flags as u32).build(),
+            Op::SendMsg { fd, msg, flags } => opcode::SendMsg::new(types::Fd(fd), msg).flags(flags as u32).build(),
         }
     }
 }

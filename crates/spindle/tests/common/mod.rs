@@ -4,6 +4,7 @@
 pub mod gio;
 pub mod handover;
 pub mod migrate;
+pub mod nbd;
 pub mod qcow2;
 pub mod qemu;
 pub mod serve;

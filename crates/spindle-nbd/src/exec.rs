@@ -1,0 +1,240 @@
+//! Runs a validated command on the export's node and sends its reply.
+//!
+//! Each request is its own task on the connection's I/O thread: data moves
+//! between the socket, a pool buffer and the image with no copy, and
+//! replies go out as they complete (out of order). Reads with structured
+//! replies send hole chunks for ranges that read as zeroes (from the
+//! node's block status through the backing chain) and an `ERROR_OFFSET`
+//! chunk for a range that failed.
+
+use crate::connection::Conn;
+use crate::export::DetectZeroes;
+use crate::handshake::Contexts;
+use crate::pool::Buf;
+use crate::proto::{errno, simple_reply, state};
+use crate::transmission::{self as tx, Command};
+use spindle_block::{BlockError, Extent, Node};
+use spindle_io::SgList;
+use std::rc::Rc;
+
+/// Reads shorter than this skip the block-status look for holes.
+const SPARSE_MIN: u32 = 64 << 10;
+/// Extents one `BLOCK_STATUS` reply describes at most, per context.
+const MAX_EXTENTS: usize = 1024;
+
+/// The wire error for a failed node call.
+pub fn wire_errno(e: &BlockError) -> u32 {
+    match e.errno() {
+        libc::EPERM | libc::EROFS => errno::EPERM,
+        libc::ENOSPC | libc::EDQUOT => errno::ENOSPC,
+        libc::EINVAL => errno::EINVAL,
+        libc::ENOMEM => errno::ENOMEM,
+        libc::EOPNOTSUPP => errno::ENOTSUP,
+        _ => errno::EIO,
+    }
+}
+
+/// Runs `cmd` (with the write payload, already received) and replies.
+pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Option<Buf>) {
+    let node = conn.export.node.clone();
+    let r = match cmd {
+        Command::Read { offset, len, df } => return read(&conn, &node, cookie, offset, len, df).await,
+        Command::BlockStatus { offset, len, req_one } => {
+            return block_status(&conn, &node, cookie, offset, len, req_one).await
+        }
+        Command::Write { offset, fua, .. } => {
+            let sg = payload.as_ref().map(Buf::sg).unwrap_or_else(|| SgList::zeroed(0));
+            write(&conn, &node, offset, &sg, fua).await
+        }
+        Command::Flush => node.flush().await,
+        Command::Trim { offset, len, fua } => {
+            let r = if conn.export.discard {
+                node.discard(offset, len as u64).await
+            } else {
+                Ok(())
+            };
+            finish_fua(&node, r, fua).await
+        }
+        Command::WriteZeroes {
+            offset,
+            len,
+            fua,
+            no_hole,
+            fast,
+        } => {
+            if fast && !crate::export::Export::zeroing_is_fast(&node) {
+                return conn
+                    .reply_error(cookie, errno::ENOTSUP, "zeroing is not fast on this image")
+                    .await;
+            }
+            let unmap = conn.export.discard && !no_hole;
+            finish_fua(&node, node.write_zeroes(offset, len as u64, unmap).await, fua).await
+        }
+        Command::Cache { offset, len } => {
+            let buf = Buf::get(len as usize);
+            node.read(offset, &buf.sg()).await
+        }
+        Command::Disconnect => Ok(()),
+    };
+    match r {
+        Ok(()) => conn.send(&[&SgList::copy_of(&simple_reply(cookie, 0))]).await,
+        Err(e) => {
+            crate::limited_warn(&format!("NBD request failed: {e}"));
+            conn.reply_error(cookie, wire_errno(&e), &e.to_string()).await
+        }
+    }
+}
+
+async fn finish_fua(node: &Node, r: spindle_block::Result<()>, fua: bool) -> spindle_block::Result<()> {
+    r?;
+    if fua {
+        node.flush().await?;
+    }
+    Ok(())
+}
+
+async fn write(conn: &Conn, node: &Node, offset: u64, sg: &SgList, fua: bool) -> spindle_block::Result<()> {
+    let detect = conn.export.detect_zeroes;
+    if detect != DetectZeroes::Off && sg.is_zero() {
+        let unmap = detect == DetectZeroes::Unmap && conn.export.discard;
+        return finish_fua(node, node.write_zeroes(offset, sg.len() as u64, unmap).await, fua).await;
+    }
+    node.write(offset, sg, fua).await
+}
+
+/// The ranges of `[offset, offset + len)` through the backing chain.
+async fn extents(node: &Node, offset: u64, len: u64, max: usize) -> spindle_block::Result<Vec<(u64, Extent)>> {
+    let mut out = Vec::new();
+    let (mut pos, end) = (offset, offset + len);
+    while pos < end && out.len() < max {
+        let e = node.map_extent(pos, end - pos).await?;
+        if e.len == 0 {
+            break;
+        }
+        let e = Extent {
+            len: e.len.min(end - pos),
+            ..e
+        };
+        out.push((pos, e));
+        pos += e.len;
+    }
+    Ok(out)
+}
+
+async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: bool) {
+    let structured = conn.limits.structured;
+    let buf = Buf::get(len as usize);
+    let sg = buf.sg();
+    // Holes: only for structured, fragmentable reads long enough to be worth a look.
+    let holes = if structured && !df && len >= SPARSE_MIN {
+        extents(node, offset, len as u64, usize::MAX).await.ok()
+    } else {
+        None
+    };
+    let Some(map) = holes.filter(|m| m.iter().any(|(_, e)| e.zero)) else {
+        match node.read(offset, &sg).await {
+            Ok(()) if structured => {
+                let hdr = SgList::copy_of(&tx::data_chunk(cookie, true, offset, len));
+                conn.send(&[&hdr, &sg]).await
+            }
+            Ok(()) => conn.send(&[&SgList::copy_of(&simple_reply(cookie, 0)), &sg]).await,
+            Err(e) => {
+                crate::limited_warn(&format!("NBD read failed: {e}"));
+                conn.reply_error(cookie, wire_errno(&e), &e.to_string()).await
+            }
+        }
+        return;
+    };
+    // Merge neighbours of one kind; read every data run concurrently.
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    for (pos, e) in map {
+        match runs.last_mut() {
+            Some(last) if last.2 == e.zero => last.1 += e.len,
+            _ => runs.push((pos, e.len, e.zero)),
+        }
+    }
+    let reads = runs.iter().map(|&(pos, n, zero)| {
+        let part = sg.slice((pos - offset) as usize, n as usize);
+        async move {
+            if zero {
+                Ok(())
+            } else {
+                node.read(pos, &part).await
+            }
+        }
+    });
+    let results = futures::future::join_all(reads).await;
+    let mut parts: Vec<SgList> = Vec::new();
+    let mut failed = None;
+    for (i, (&(pos, n, zero), r)) in runs.iter().zip(results).enumerate() {
+        let last = i + 1 == runs.len();
+        if let Err(e) = r {
+            failed = Some((pos, n, e));
+            break;
+        }
+        if zero {
+            parts.push(SgList::copy_of(&tx::hole_chunk(cookie, last, pos, n as u32)));
+        } else {
+            parts.push(SgList::copy_of(&tx::data_chunk(cookie, last, pos, n as u32)));
+            parts.push(sg.slice((pos - offset) as usize, n as usize));
+        }
+    }
+    if let Some((pos, _, e)) = failed {
+        crate::limited_warn(&format!("NBD read failed at {pos}: {e}"));
+        parts.push(SgList::copy_of(&tx::error_chunk(
+            cookie,
+            wire_errno(&e),
+            &e.to_string(),
+            Some(pos),
+        )));
+    }
+    let refs: Vec<&SgList> = parts.iter().collect();
+    conn.send(&refs).await
+}
+
+/// Merges `(len, value)` pairs with equal values; with `one`, keeps one.
+fn merged(items: impl Iterator<Item = (u64, u32)>, one: bool) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for (len, v) in items {
+        match out.last_mut() {
+            Some(last) if last.1 == v => last.0 += len,
+            _ => out.push((len, v)),
+        }
+    }
+    if one {
+        out.truncate(1);
+    }
+    // Lengths stay within the request's u32 length.
+    out.into_iter().map(|(l, v)| (l as u32, v)).collect()
+}
+
+async fn block_status(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, one: bool) {
+    let max = if one { 1 } else { MAX_EXTENTS };
+    let map = match extents(node, offset, len as u64, max).await {
+        Ok(m) if !m.is_empty() => m,
+        Ok(_) => return conn.reply_error(cookie, errno::EINVAL, "no extent").await,
+        Err(e) => return conn.reply_error(cookie, wire_errno(&e), &e.to_string()).await,
+    };
+    let ctx = conn.limits.contexts;
+    let mut out = Vec::new();
+    if ctx.base {
+        let items = map.iter().map(|(_, e)| {
+            let hole = if e.data { 0 } else { state::HOLE };
+            let zero = if e.zero { state::ZERO } else { 0 };
+            (e.len, hole | zero)
+        });
+        out.push((Contexts::BASE_ID, merged(items, one)));
+    }
+    if ctx.depth {
+        let items = map
+            .iter()
+            .map(|(_, e)| (e.len, if e.present { e.depth + 1 } else { 0 }));
+        out.push((Contexts::DEPTH_ID, merged(items, one)));
+    }
+    let n = out.len();
+    let mut bytes = Vec::new();
+    for (i, (id, ext)) in out.into_iter().enumerate() {
+        bytes.extend(tx::block_status_chunk(cookie, i + 1 == n, id, &ext));
+    }
+    conn.send(&[&SgList::copy_of(&bytes)]).await
+}

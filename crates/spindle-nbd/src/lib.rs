@@ -1,0 +1,52 @@
+//! Spindle's NBD server (the protocol of the NetworkBlockDevice project's
+//! `doc/proto.md`, with QEMU's `qemu:allocation-depth` context).
+//!
+//! The layers, each its own module:
+//! - [`proto`]: wire constants and fixed-size headers;
+//! - [`handshake`]: the fixed newstyle negotiation as a state machine over
+//!   bytes (no socket: fuzzable, and TLS can wrap the stream under it);
+//! - [`transmission`]: request validation and reply encoding, over bytes;
+//! - `exec`: runs a command on the export's [`spindle_block::Node`];
+//! - `connection`: one client's socket I/O (handshake, then one task per
+//!   request, replies out of order, bounded in-flight work);
+//! - [`server`]: the accept loop and the I/O threads, each one
+//!   [`spindle_io::Runtime`] whose sockets go through its engine.
+#![deny(missing_docs)]
+
+mod connection;
+mod error;
+mod exec;
+pub mod export;
+pub mod handshake;
+pub mod pool;
+pub mod proto;
+pub mod server;
+pub mod transmission;
+
+pub use error::{NbdError, Result};
+pub use export::{DetectZeroes, Export};
+pub use handshake::ExportInfo;
+pub use server::{Server, ServerConfig, StopHandle};
+
+/// A warning a client can trigger: at most 10 lines a second, then a
+/// count of the lines left out.
+pub(crate) fn limited_warn(msg: &str) {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static LIMIT: Mutex<Option<(Instant, u32, u64)>> = Mutex::new(None);
+    let Ok(mut g) = LIMIT.lock() else { return };
+    let now = Instant::now();
+    let (start, shown, dropped) = g.get_or_insert((now, 0, 0));
+    if now.duration_since(*start) >= Duration::from_secs(1) {
+        if *dropped > 0 {
+            tracing::warn!("{dropped} similar NBD warnings suppressed");
+        }
+        (*start, *shown, *dropped) = (now, 0, 0);
+    }
+    if *shown < 10 {
+        *shown += 1;
+        tracing::warn!("{msg}");
+    } else {
+        *dropped += 1;
+    }
+}

@@ -1,0 +1,296 @@
+//! `spindle nbd IMAGE`: serve one image over NBD, with qemu-nbd's names.
+//!
+//! The default listening address is 127.0.0.1:10809, not qemu-nbd's
+//! 0.0.0.0: NBD has no authentication without TLS, so reaching beyond
+//! this host takes an explicit `-b`. The image is locked as `spindle serve`
+//! locks it (a write lock unless `-r`). See docs/nbd.md.
+
+use crate::img::CliResult;
+use spindle_block::{open_image, BlockError, Node, OpenConfig, Sharing};
+use spindle_io::{CacheMode, EngineKind, RuntimeConfig};
+use spindle_nbd::{DetectZeroes, Export, ExportInfo, Server, ServerConfig};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// `spindle nbd` arguments (qemu-nbd's names).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The image: a raw or qcow2 file, a block device, or null:SIZE.
+    pub image: String,
+    /// TCP port (0: any free port, printed at start).
+    #[arg(short = 'p', long, default_value_t = 10809, conflicts_with = "socket")]
+    pub port: u16,
+    /// Address to listen on. Default loopback only (qemu-nbd: 0.0.0.0).
+    #[arg(short = 'b', long, default_value = "127.0.0.1", conflicts_with = "socket")]
+    pub bind: String,
+    /// Listen on a unix socket instead of TCP.
+    #[arg(short = 'k', long)]
+    pub socket: Option<PathBuf>,
+    /// Export name (default: the empty, default export).
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    pub export_name: String,
+    /// Export description, shown by `nbdinfo`.
+    #[arg(short = 'D', long)]
+    pub description: Option<String>,
+    /// Serve read-only (writes fail with EPERM; the image gets a shared lock).
+    #[arg(short = 'r', long = "read-only")]
+    pub read_only: bool,
+    /// Most clients at once (0: no limit, the default). With 1, no multi-conn.
+    #[arg(short = 'e', long, value_name = "N")]
+    pub shared: Option<usize>,
+    /// Keep serving after the last client disconnected.
+    #[arg(short = 't', long)]
+    pub persistent: bool,
+    /// Image format (raw, qcow2, null); probed when left out.
+    #[arg(short = 'f', long)]
+    pub format: Option<String>,
+    /// Cache mode: none, writeback (default), writethrough, directsync, unsafe.
+    #[arg(long)]
+    pub cache: Option<String>,
+    /// I/O engine: io_uring (default), native, threads.
+    #[arg(long)]
+    pub aio: Option<String>,
+    /// TRIM and zero writes may free space: ignore (default) or unmap.
+    #[arg(long, default_value = "ignore")]
+    pub discard: String,
+    /// Zero detection on writes: off (default), on, unmap (needs --discard=unmap).
+    #[arg(long = "detect-zeroes", default_value = "off")]
+    pub detect_zeroes: String,
+    /// Serve an internal snapshot read-only (not supported yet).
+    #[arg(short = 'l', long = "load-snapshot")]
+    pub load_snapshot: Option<String>,
+    /// Offer the qemu:allocation-depth metadata context.
+    #[arg(short = 'A', long = "allocation-depth")]
+    pub allocation_depth: bool,
+    /// Write the server's pid here (removed at exit).
+    #[arg(long = "pid-file")]
+    pub pid_file: Option<PathBuf>,
+    /// Go to the background once the socket listens.
+    #[arg(long)]
+    pub fork: bool,
+    /// I/O threads serving the connections.
+    #[arg(long, default_value_t = 2)]
+    pub iothreads: usize,
+}
+
+fn invalid(msg: impl Into<String>) -> BlockError {
+    BlockError::Invalid(msg.into())
+}
+
+/// Where clients connect, for the lines printed at start.
+enum Addr {
+    Tcp(String, u16),
+    Unix(PathBuf),
+}
+
+impl Addr {
+    fn uri(&self, name: &str) -> String {
+        match self {
+            Addr::Tcp(h, p) if h.contains(':') => format!("nbd://[{h}]:{p}/{name}"),
+            Addr::Tcp(h, p) => format!("nbd://{h}:{p}/{name}"),
+            Addr::Unix(path) => format!("nbd+unix:///{name}?socket={}", path.display()),
+        }
+    }
+    fn blockdev(&self, name: &str) -> String {
+        let server = match self {
+            Addr::Tcp(h, p) => format!("server.type=inet,server.host={h},server.port={p}"),
+            Addr::Unix(path) => format!("server.type=unix,server.path={}", path.display()),
+        };
+        let export = if name.is_empty() {
+            String::new()
+        } else {
+            format!(",export={name}")
+        };
+        format!("-blockdev driver=nbd,node-name=nbd0,{server}{export}")
+    }
+}
+
+struct Settings {
+    cache: CacheMode,
+    engine: EngineKind,
+    discard: bool,
+    detect: DetectZeroes,
+}
+
+fn settings(a: &Args) -> CliResult<Settings> {
+    if a.load_snapshot.is_some() {
+        return Err(invalid("-l/--load-snapshot is not supported yet (docs/nbd.md)"));
+    }
+    if a.iothreads == 0 || a.iothreads > 64 {
+        return Err(invalid(format!("--iothreads {} must be from 1 to 64", a.iothreads)));
+    }
+    if a.export_name.len() > 4096 || a.description.as_ref().is_some_and(|d| d.len() > 4096) {
+        return Err(invalid("export names and descriptions are at most 4096 bytes"));
+    }
+    let cache = match &a.cache {
+        Some(c) => c.parse().map_err(|e: spindle_io::Error| invalid(e.to_string()))?,
+        None => CacheMode::Writeback,
+    };
+    let engine = match &a.aio {
+        Some(e) => e.parse().map_err(|e: spindle_io::Error| invalid(e.to_string()))?,
+        None => EngineKind::IoUring,
+    };
+    let discard = match a.discard.as_str() {
+        "ignore" | "off" => false,
+        "unmap" | "on" => true,
+        d => return Err(invalid(format!("--discard {d}: expected ignore or unmap"))),
+    };
+    let detect = match a.detect_zeroes.as_str() {
+        "off" => DetectZeroes::Off,
+        "on" => DetectZeroes::On,
+        "unmap" if discard => DetectZeroes::Unmap,
+        "unmap" => return Err(invalid("--detect-zeroes=unmap needs --discard=unmap")),
+        d => return Err(invalid(format!("--detect-zeroes {d}: expected off, on or unmap"))),
+    };
+    Ok(Settings {
+        cache,
+        engine,
+        discard,
+        detect,
+    })
+}
+
+fn listen(a: &Args) -> CliResult<(OwnedFd, Addr)> {
+    if let Some(path) = &a.socket {
+        if path.exists() {
+            // A stale socket of a dead server goes; a live one is an error.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(invalid(format!(
+                    "{}: a server is listening there already",
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        }
+        let l = std::os::unix::net::UnixListener::bind(path)
+            .map_err(|e| invalid(format!("cannot listen on {}: {e}", path.display())))?;
+        return Ok((l.into(), Addr::Unix(path.clone())));
+    }
+    let l = std::net::TcpListener::bind((a.bind.as_str(), a.port))
+        .map_err(|e| invalid(format!("cannot listen on {}:{}: {e}", a.bind, a.port)))?;
+    let port = l.local_addr().map(|s| s.port()).unwrap_or(a.port);
+    Ok((l.into(), Addr::Tcp(a.bind.clone(), port)))
+}
+
+fn print_start(a: &Args, node: &Node, addr: &Addr) {
+    use std::io::Write;
+    let name = &a.export_name;
+    let uri = addr.uri(name);
+    let mode = if a.read_only { "read-only" } else { "writable" };
+    let image = spindle_block::printable(&a.image);
+    let text = format!(
+        "spindle nbd: serving {image} ({}, {} bytes, {mode}) at {uri}\n  qemu-img info '{uri}'\n  nbdinfo '{uri}'\n  qemu-system-x86_64 ... {} -device virtio-blk-pci,drive=nbd0\n",
+        node.info().format,
+        node.size(),
+        addr.blockdev(name)
+    );
+    // A closed stdout (a supervisor that read the first line) is no reason to stop.
+    let mut out = std::io::stdout();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// Goes to the background: the parent exits at once (the socket already
+/// listens, so a client may connect as soon as it returned; the child
+/// prints the start lines).
+fn daemonize() -> CliResult<()> {
+    // SAFETY: called before any thread of this process is started, so the
+    // child is a full copy with nothing half-locked.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(invalid(format!("--fork: {}", std::io::Error::last_os_error())));
+    }
+    if pid > 0 {
+        // SAFETY: the parent leaves without running destructors: the
+        // image's files and locks now belong to the child.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: plain syscall in the child.
+    unsafe { libc::setsid() };
+    Ok(())
+}
+
+/// Runs `spindle nbd`.
+pub fn run(a: Args) -> CliResult<u8> {
+    let s = settings(&a)?;
+    let format = a.format.as_deref().map(str::parse).transpose()?;
+    let cfg = OpenConfig {
+        format,
+        cache: s.cache,
+        read_only: a.read_only,
+        sharing: Sharing::Readers,
+        ..Default::default()
+    };
+    let node = Arc::new(open_image(&a.image, &cfg)?);
+    let (fd, addr) = listen(&a)?;
+    if a.fork {
+        daemonize()?;
+    }
+    if let Some(p) = &a.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| invalid(format!("{}: {e}", p.display())))?;
+    }
+    // Printed once the pid file is there: whoever reads the line may use both.
+    print_start(&a, &node, &addr);
+    let shared = a.shared.filter(|&n| n > 0);
+    let info = ExportInfo {
+        name: a.export_name.clone(),
+        description: a.description.clone().unwrap_or_default(),
+        size: node.size(),
+        read_only: a.read_only,
+        multi_conn: shared != Some(1),
+        allocation_depth: a.allocation_depth,
+        fast_zero: Export::zeroing_is_fast(&node),
+    };
+    let export = Arc::new(Export {
+        info,
+        node: node.clone(),
+        discard: s.discard,
+        detect_zeroes: s.detect,
+    });
+    let runtime = RuntimeConfig {
+        engine: s.engine,
+        ..Default::default()
+    };
+    let server = Server::new(
+        fd,
+        vec![export],
+        ServerConfig {
+            threads: a.iothreads,
+            runtime,
+            max_clients: shared,
+            persistent: a.persistent,
+        },
+    );
+    let stop = server.stop_handle();
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .map_err(|e| invalid(format!("cannot install signal handlers: {e}")))?;
+    let sig_handle = signals.handle();
+    let sig_thread = std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            stop.stop();
+        }
+    });
+    let served = server.run();
+    sig_handle.close();
+    let _ = sig_thread.join();
+    let closed = close(&node, runtime);
+    cleanup(&a, &addr);
+    served.map_err(|e| invalid(e.to_string()))?;
+    closed?;
+    Ok(0)
+}
+
+/// Flushes the image and writes qcow2 metadata back.
+fn close(node: &Node, cfg: RuntimeConfig) -> CliResult<()> {
+    let rt = spindle_io::Runtime::new(cfg)?;
+    rt.block_on(node.close())
+}
+
+fn cleanup(a: &Args, addr: &Addr) {
+    if let Addr::Unix(p) = addr {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(p) = &a.pid_file {
+        let _ = std::fs::remove_file(Path::new(p));
+    }
+}
