@@ -155,11 +155,7 @@ impl Export {
     pub fn quiesce(&self, timeout: std::time::Duration) -> Result<Hold, String> {
         let name = &self.dev.cfg.name;
         let hold = self.dev.gate().hold();
-        let backend = self
-            .current
-            .lock()
-            .ok()
-            .and_then(|c| c.as_ref().map(|c| c.backend.clone()));
+        let backend = self.backend();
         if let Some(b) = backend {
             if !b.device_stopped() {
                 return Err(format!(
@@ -171,6 +167,31 @@ impl Export {
                     "export '{name}': {} requests still in flight after {} s",
                     b.in_flight(),
                     timeout.as_secs()
+                ));
+            }
+        }
+        Ok(hold)
+    }
+
+    /// The connected frontend's backend.
+    fn backend(&self) -> Option<Arc<BlkBackend>> {
+        self.current.lock().ok()?.as_ref().map(|c| c.backend.clone())
+    }
+
+    /// Quiesces a device that no guest has used on this connection, to
+    /// revert its image (`spindle vm restore`): no frontend, or one that
+    /// has not started the device (a QEMU waiting for an incoming
+    /// migration, which starts it only once the migration completed).
+    /// A device that runs or ran is refused: its guest saw the image.
+    pub fn quiesce_unused(&self) -> Result<Hold, String> {
+        let name = &self.dev.cfg.name;
+        let hold = self.dev.gate().hold();
+        let backend = self.backend();
+        if let Some(b) = backend {
+            if !b.never_started() || b.in_flight() > 0 {
+                return Err(format!(
+                    "export '{name}': its frontend has started the device; revert only the disks of a QEMU \
+                     that waits for an incoming migration (-incoming defer)"
                 ));
             }
         }
@@ -339,11 +360,7 @@ impl Export {
     /// Tells the connected frontend (if any) that the configuration space
     /// changed. Returns whether a frontend was told.
     pub fn notify_config_change(&self) -> std::io::Result<bool> {
-        let backend = self
-            .current
-            .lock()
-            .ok()
-            .and_then(|c| c.as_ref().map(|c| c.backend.clone()));
+        let backend = self.backend();
         match backend {
             Some(b) => b.notify_config_change(),
             None => Ok(false),

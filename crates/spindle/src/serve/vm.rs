@@ -18,13 +18,15 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// The request names, for the parser.
-pub const COMMANDS: [&str; 6] = [
+pub const COMMANDS: [&str; 8] = [
     "vm_disks",
     "quiesce",
     "resume",
     "snapshot_create",
     "snapshot_delete",
     "snapshot_list",
+    "snapshot_apply",
+    "vmstate_load",
 ];
 
 /// How long a quiesce waits for requests in flight.
@@ -80,6 +82,23 @@ pub enum VmRequest {
         /// Export name.
         name: String,
     },
+    /// Revert the export's image to a snapshot (its device unused).
+    SnapshotApply {
+        /// Export name.
+        name: String,
+        /// Snapshot id or name.
+        snapshot: String,
+    },
+    /// Stream a snapshot's VM state into the socket QEMU listens on
+    /// (`migrate-incoming unix:PATH`).
+    VmstateLoad {
+        /// Export name.
+        name: String,
+        /// Snapshot id or name.
+        snapshot: String,
+        /// The socket to connect to.
+        vmstate: PathBuf,
+    },
 }
 
 /// Quiesces taken by `quiesce` requests, until `resume` or their lease.
@@ -96,7 +115,7 @@ fn leases() -> std::sync::MutexGuard<'static, Vec<Lease>> {
     LEASES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn invalid(msg: String) -> BlockError {
+pub(super) fn invalid(msg: String) -> BlockError {
     BlockError::Invalid(msg)
 }
 
@@ -164,11 +183,17 @@ pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
             let list: Vec<Value> = snaps.iter().map(snapshot_json).collect();
             Ok(json!({"ok": true, "name": name, "snapshots": list}))
         }
+        VmRequest::SnapshotApply { name, snapshot } => super::vm_restore::apply(server, &name, &snapshot),
+        VmRequest::VmstateLoad {
+            name,
+            snapshot,
+            vmstate,
+        } => super::vm_restore::load(server, &name, &snapshot, &vmstate),
     }
 }
 
 /// What a reply says of a snapshot.
-fn snapshot_json(s: &Snapshot) -> Value {
+pub(super) fn snapshot_json(s: &Snapshot) -> Value {
     json!({"id": s.id, "name": s.name, "date_sec": s.date_sec, "date_nsec": s.date_nsec,
            "vm_clock_nsec": s.vm_clock_nsec, "vm_state_size": s.vm_state_size, "disk_size": s.disk_size})
 }
@@ -177,7 +202,7 @@ fn snapshot_json(s: &Snapshot) -> Value {
 /// thread, holding the export's change gate (no resize or remove
 /// meanwhile). A raw image is refused by name; so is a read-only export
 /// when `write`.
-fn with_qcow2<T, F, Fut>(server: &Server, name: &str, write: bool, f: F) -> Result<T, BlockError>
+pub(super) fn with_qcow2<T, F, Fut>(server: &Server, name: &str, write: bool, f: F) -> Result<T, BlockError>
 where
     F: FnOnce(Arc<Node>) -> Fut,
     Fut: std::future::Future<Output = Result<T, BlockError>>,
@@ -207,7 +232,7 @@ where
     rt.block_on(f(node))
 }
 
-fn qcow2<'a>(node: &'a Node, name: &str) -> Result<&'a Qcow2, BlockError> {
+pub(super) fn qcow2<'a>(node: &'a Node, name: &str) -> Result<&'a Qcow2, BlockError> {
     match node {
         Node::Qcow2(q) => Ok(q),
         _ => Err(invalid(format!("export '{name}': its image is not qcow2"))),

@@ -4,6 +4,7 @@
 
 pub mod list;
 pub mod qmp;
+pub mod restore;
 pub mod snapshot;
 
 use crate::img::CliResult;
@@ -35,6 +36,15 @@ enum Cmd {
         #[arg(long, value_name = "EXPORT")]
         vmstate_disk: Option<String>,
     },
+    /// Restore a snapshot into a QEMU started with `-incoming defer`:
+    /// revert every disk, load the VM state, continue the guest.
+    Restore {
+        /// Snapshot name.
+        name: String,
+        /// Leave the guest paused once loaded.
+        #[arg(long)]
+        paused: bool,
+    },
     /// List the snapshots on the VM's disks (complete, incomplete, disk-only).
     List,
     /// Delete a snapshot from every disk of the VM.
@@ -48,6 +58,7 @@ enum Cmd {
 pub fn run(a: Args) -> CliResult<u8> {
     let r = match a.cmd {
         Cmd::Snapshot { name, vmstate_disk } => snapshot::run(&a.qmp, &a.control, &name, vmstate_disk.as_deref()),
+        Cmd::Restore { name, paused } => restore::run(&a.qmp, &a.control, &name, paused),
         Cmd::List => list::list(&a.qmp, &a.control),
         Cmd::Delete { name } => list::delete(&a.qmp, &a.control, &name),
     };
@@ -101,4 +112,12 @@ pub(crate) fn disks_of(control: &Path, pid: u32) -> Result<Vec<Disk>, String> {
         ));
     }
     Ok(disks)
+}
+
+/// A socket path for a VM-state stream: next to the control socket (a
+/// directory the daemon can write), named for `what` and this process.
+pub(crate) fn socket_beside(control: &Path, what: &str) -> PathBuf {
+    let control = std::path::absolute(control).unwrap_or_else(|_| control.to_owned());
+    let dir = control.parent().unwrap_or(Path::new("/tmp"));
+    dir.join(format!(".spindle-{what}-{}.sock", std::process::id()))
 }

@@ -21,7 +21,7 @@
 use super::qmp::Qmp;
 use super::{ctl, disks_of, Disk};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How long a quiesce lasts when this command dies before resuming.
@@ -132,7 +132,7 @@ fn take(
         )?;
         made.push(d.name.clone());
     }
-    let sock = vmstate_socket(control);
+    let sock = super::socket_beside(control, "vmstate");
     let req = json!({"cmd": "snapshot_create", "name": vm_disk.name, "snapshot": name, "vmstate": sock});
     let ctl_path = control.to_owned();
     let saver = std::thread::spawn(move || ctl(&ctl_path, req));
@@ -168,12 +168,4 @@ fn take(
     let reply = saved?;
     made.push(vm_disk.name.clone());
     Ok(reply["snapshot"]["vm_state_size"].as_u64().unwrap_or(0))
-}
-
-/// Where the daemon listens for the VM state: next to its control socket
-/// (a directory it can write), under a name of this process.
-fn vmstate_socket(control: &Path) -> PathBuf {
-    let control = std::path::absolute(control).unwrap_or_else(|_| control.to_owned());
-    let dir = control.parent().unwrap_or(Path::new("/tmp"));
-    dir.join(format!(".spindle-vmstate-{}.sock", std::process::id()))
 }
