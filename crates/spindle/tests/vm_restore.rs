@@ -5,30 +5,12 @@
 
 mod common;
 
-use common::serve::Serve;
 use common::vm::{self, Vm};
 use common::vmsnap::*;
-use common::{assert_clean, scratch};
+use common::{assert_clean, p, scratch};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// Waits until the daemon sees `vm`'s QEMU on both exports.
-fn wait_connected(daemon: &Serve, vm: &Vm) {
-    let deadline = Instant::now() + MINUTE;
-    loop {
-        let r = daemon.ctl(&json!({"cmd": "vm_disks", "pid": vm.pid()}));
-        if r["disks"].as_array().is_some_and(|d| d.len() == 2) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never connected to both disks: {r}",
-            vm.name
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn stderr(o: &std::process::Output) -> String {
     format!(
@@ -111,6 +93,104 @@ fn spindle_restores_a_vm_snapshot_into_a_new_qemu() {
     assert!(daemon.stop().success(), "{log}");
     for img in [&im.a, &im.b] {
         assert!(snapshots(img).contains("s1"), "{}", snapshots(img));
+        assert_clean(img);
+    }
+}
+
+/// `spindle vm list`'s line for `name`, if any.
+fn listed(qmp: &Path, ctl: &Path, name: &str) -> Option<String> {
+    let o = vm_cmd(qmp, ctl, &["list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let l = String::from_utf8_lossy(&o.stdout).into_owned();
+    l.lines()
+        .find(|x| x.split_whitespace().next() == Some(name))
+        .map(str::to_string)
+}
+
+#[test]
+fn a_daemon_killed_during_the_vm_state_stream_leaves_no_half_snapshot() {
+    let _one = vm::one_at_a_time();
+    let d = scratch();
+    let dir = d.path();
+    let Booted {
+        im,
+        mut daemon,
+        ctl,
+        socks: _,
+        mut src,
+        qmp,
+    } = booted(dir);
+    let o = vm_cmd(&qmp, &ctl, &["snapshot", "s0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let size0 = std::fs::metadata(&im.a).unwrap().len();
+    // The VM state comes at 4 MB/s: the stream lasts seconds.
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .args(["vm", "--qmp", p(&qmp), "-c", p(&ctl), "snapshot", "crash"])
+        .args(["--x-max-bandwidth", "4000000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = dir.join(format!(".spindle-vmstate-{}.sock", cli.id()));
+    let deadline = Instant::now() + MINUTE;
+    while !(sock.exists() && std::fs::metadata(&im.a).unwrap().len() > size0 + (2 << 20)) {
+        assert!(
+            Instant::now() < deadline,
+            "the VM state never streamed:\n{}",
+            daemon.log_text()
+        );
+        assert!(cli.try_wait().unwrap().is_none(), "vm snapshot ended before the kill");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    daemon.kill();
+    let out = cli.wait_with_output().unwrap();
+    let text = stderr(&out);
+    assert!(!out.status.success(), "{text}");
+    println!("vm snapshot, its daemon killed:\n{text}");
+    drop(daemon);
+    // The dead daemon's socket files stay: gone, the new ones show when
+    // it serves.
+    for f in ["ctl1.sock", "a1.sock", "b1.sock"] {
+        std::fs::remove_file(dir.join(f)).unwrap();
+    }
+    let (daemon, _, _) = serve(dir, &im, 1);
+    wait_connected(&daemon, &src);
+    // At most a disk-only leftover; the earlier snapshot complete.
+    if let Some(l) = listed(&qmp, &ctl, "crash") {
+        // The rollback could not reach the dead daemon: b keeps its
+        // disk-only snapshot; a, the VM-state disk, has none.
+        assert!(l.contains("disk-only"), "{l}");
+        assert_eq!(
+            l.split_whitespace().last(),
+            Some("b"),
+            "the VM-state disk has a half snapshot: {l}"
+        );
+        let o = vm_cmd(&qmp, &ctl, &["delete", "crash"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert!(listed(&qmp, &ctl, "crash").is_none());
+    let l0 = listed(&qmp, &ctl, "s0").expect("s0 listed");
+    assert!(l0.contains("complete") && l0.ends_with("a,b"), "{l0}");
+    // QEMU's migration failed; the guest stays paused, and goes on once
+    // continued, its disks served again.
+    assert!(text.contains("the guest stays paused"), "{text}");
+    let st = src.qmp.execute("query-status", json!({}));
+    assert_eq!(st["status"], "paused", "{st}");
+    src.qmp.execute("cont", json!({}));
+    // (Its disks are not checked here: after a daemon restart under a
+    // *paused* guest, QEMU 7.2's reconnected vhost-user-blk devices do not
+    // serve again after `cont`, with or without a snapshot; a known issue
+    // of restarts, docs/snapshots.md.)
+    let from = src.mark();
+    let first = next_count(&src, from);
+    wait_count(&src, first + 3);
+    src.kill();
+    drop(src);
+    let log = daemon.log_text();
+    assert!(daemon.stop().success(), "{log}");
+    for img in [&im.a, &im.b] {
+        let l = snapshots(img);
+        assert!(l.contains("s0") && !l.contains("crash"), "{}: {l}", img.display());
         assert_clean(img);
     }
 }

@@ -35,6 +35,10 @@ enum Cmd {
         /// The export that keeps the VM state (default: the first by name).
         #[arg(long, value_name = "EXPORT")]
         vmstate_disk: Option<String>,
+        /// Test only: QEMU's migration bandwidth (bytes/s), so the VM-state
+        /// stream lasts long enough to be interrupted.
+        #[arg(long = "x-max-bandwidth", hide = true, value_name = "BYTES")]
+        max_bandwidth: Option<u64>,
     },
     /// Restore a snapshot into a QEMU started with `-incoming defer`:
     /// revert every disk, load the VM state, continue the guest.
@@ -57,7 +61,17 @@ enum Cmd {
 /// Runs `spindle vm`.
 pub fn run(a: Args) -> CliResult<u8> {
     let r = match a.cmd {
-        Cmd::Snapshot { name, vmstate_disk } => snapshot::run(&a.qmp, &a.control, &name, vmstate_disk.as_deref()),
+        Cmd::Snapshot {
+            name,
+            vmstate_disk,
+            max_bandwidth,
+        } => {
+            let opts = snapshot::Options {
+                vmstate_disk,
+                max_bandwidth,
+            };
+            snapshot::run(&a.qmp, &a.control, &name, &opts)
+        }
         Cmd::Restore { name, paused } => restore::run(&a.qmp, &a.control, &name, paused),
         Cmd::List => list::list(&a.qmp, &a.control),
         Cmd::Delete { name } => list::delete(&a.qmp, &a.control, &name),

@@ -29,15 +29,25 @@ const LEASE_S: u64 = 600;
 /// How long the daemon's VM-state socket may take to appear.
 const LISTEN_WAIT: Duration = Duration::from_secs(10);
 
+/// How `spindle vm snapshot` runs.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// The export that keeps the VM state (default: the first by name).
+    pub vmstate_disk: Option<String>,
+    /// Test only: QEMU's migration bandwidth limit (bytes/s), to make the
+    /// VM-state stream last (default: no limit).
+    pub max_bandwidth: Option<u64>,
+}
+
 /// Runs `spindle vm snapshot --qmp QMP -c CONTROL NAME`.
-pub fn run(qmp_path: &Path, control: &Path, name: &str, vmstate_disk: Option<&str>) -> Result<(), String> {
+pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Result<(), String> {
     let mut qmp = Qmp::connect(qmp_path)?;
     let pid = qmp
         .pid
         .ok_or_else(|| format!("QMP socket {}: cannot tell which process QEMU is", qmp_path.display()))?;
     let disks = disks_of(control, pid)?;
     check(control, &disks, name)?;
-    let vm_disk = match vmstate_disk {
+    let vm_disk = match opts.vmstate_disk.as_deref() {
         Some(d) => disks
             .iter()
             .find(|x| x.name == d)
@@ -50,6 +60,10 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, vmstate_disk: Option<&st
         list.join(", "),
         vm_disk.name
     );
+    // QEMU's own limit (32 MiB/s by default) comes back afterwards.
+    let before = qmp.execute("query-migrate-parameters", json!({}))?["max-bandwidth"].as_u64();
+    let bandwidth = opts.max_bandwidth.unwrap_or(1 << 40).max(1);
+    qmp.execute("migrate-set-parameters", json!({"max-bandwidth": bandwidth}))?;
     let was_running = qmp.running()?;
     let paused = Instant::now();
     if was_running {
@@ -65,17 +79,34 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, vmstate_disk: Option<&st
             }
         }
     }
+    let mut resumed = true;
     for d in &quiesced {
         if let Err(e) = ctl(control, json!({"cmd": "resume", "name": d})) {
             eprintln!("spindle: vm snapshot: cannot resume '{d}': {e}");
+            resumed = false;
         }
     }
-    let cont = if was_running {
+    if let Some(b) = before {
+        let _ = qmp.execute("migrate-set-parameters", json!({"max-bandwidth": b}));
+    }
+    // A guest continued while its daemon is gone would start its devices
+    // without a backend (QEMU 7.2 does not start them again when the
+    // daemon is back): it stays paused until the operator sends `cont`.
+    let cont = if was_running && resumed {
         qmp.execute("cont", json!({})).map(|_| ())
+    } else if was_running {
+        Err(
+            "the guest stays paused: its disks could not be resumed; once the daemon serves them \
+             again, continue it (QMP cont) and run 'spindle vm list' (docs/snapshots.md, \"Errors and crashes\")"
+                .to_string(),
+        )
     } else {
         Ok(())
     };
     let pause = paused.elapsed();
+    if let (Err(e), Err(c)) = (&res, &cont) {
+        return Err(format!("{e}; {c}"));
+    }
     let size = res?;
     cont?;
     println!(
@@ -144,8 +175,7 @@ fn take(
         std::thread::sleep(Duration::from_millis(2));
     }
     let migrated = if std::fs::symlink_metadata(&sock).is_ok() {
-        qmp.execute("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 40}))
-            .and_then(|_| qmp.execute("migrate", json!({"uri": format!("unix:{}", sock.display())})))
+        qmp.execute("migrate", json!({"uri": format!("unix:{}", sock.display())}))
             .and_then(|_| qmp.wait_migration())
     } else {
         Err(format!(

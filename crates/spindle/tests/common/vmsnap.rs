@@ -6,8 +6,9 @@
 use super::serve::Serve;
 use super::vm::{self, Vm};
 use super::{ok, p, run};
+use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A minute.
 pub const MINUTE: Duration = Duration::from_secs(60);
@@ -163,5 +164,22 @@ pub fn booted(dir: &Path) -> Booted {
         socks,
         src,
         qmp,
+    }
+}
+
+/// Waits until the daemon sees `vm`'s QEMU on both exports.
+pub fn wait_connected(daemon: &Serve, vm: &Vm) {
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        let r = daemon.ctl(&json!({"cmd": "vm_disks", "pid": vm.pid()}));
+        if r["disks"].as_array().is_some_and(|d| d.len() == 2) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never connected to both disks: {r}",
+            vm.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
