@@ -156,6 +156,23 @@ fn qemu_resumes_a_spindle_vm_snapshot_read_back_without_spindle() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let l = String::from_utf8_lossy(&vm_cmd(&qmp, &ctl, &["list"]).stdout).into_owned();
     assert!(!l.contains("s2") && l.contains("s1"), "{l}");
+    // The pause time is listed as the snapshot reported it, from
+    // Spindle's sidecar (QEMU's table entry is QEMU's); the deleted
+    // snapshot's record went with it.
+    let said: f64 = out
+        .split("guest paused ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let line = l.lines().find(|x| x.starts_with("s1")).unwrap();
+    let listed: f64 = line.split_whitespace().nth(5).unwrap().parse().unwrap();
+    assert!((said - listed).abs() < 0.002, "said {said} s, listed: {line}");
+    let sidecar = std::fs::read_to_string(format!("{}.spindle-snapshots.json", im.a.display())).unwrap();
+    assert!(sidecar.contains("\"s1\"") && !sidecar.contains("\"s2\""), "{sidecar}");
     wait_count(&src, first_after + 15);
     let last_src = *counts(&src, 0).last().unwrap();
     src.kill();

@@ -4,6 +4,7 @@
 //! socket this daemon listens on.
 
 use super::server::Server;
+use super::vm_record;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use spindle_block::formats::qcow2::snapshot::Snapshot;
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// The request names, for the parser.
-pub const COMMANDS: [&str; 8] = [
+pub const COMMANDS: [&str; 9] = [
     "vm_disks",
     "quiesce",
     "resume",
@@ -27,6 +28,7 @@ pub const COMMANDS: [&str; 8] = [
     "snapshot_list",
     "snapshot_apply",
     "vmstate_load",
+    "snapshot_record",
 ];
 
 /// How long a quiesce waits for requests in flight.
@@ -99,6 +101,15 @@ pub enum VmRequest {
         /// The socket to connect to.
         vmstate: PathBuf,
     },
+    /// Record the guest's pause time for a snapshot (vm_record.rs).
+    SnapshotRecord {
+        /// Export name.
+        name: String,
+        /// Snapshot name.
+        snapshot: String,
+        /// How long the guest was paused, in milliseconds.
+        pause_ms: f64,
+    },
 }
 
 /// Quiesces taken by `quiesce` requests, until `resume` or their lease.
@@ -170,9 +181,16 @@ pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
         } => create(server, &name, &snapshot, vmstate.as_deref()),
         VmRequest::SnapshotDelete { name, snapshot } => {
             let name = name.as_str();
-            with_qcow2(server, name, true, |n| async move {
-                qcow2(&n, name)?.snapshot_delete(&snapshot).await
+            let table = with_qcow2(server, name, true, |n| async move {
+                let q = qcow2(&n, name)?;
+                q.snapshot_delete(&snapshot).await?;
+                Ok(q.snapshot_list().await)
             })?;
+            // The deleted snapshot's record goes too.
+            let path = vm_record::sidecar(&vm_record::image_of(server, name)?);
+            if let Err(e) = vm_record::write(&path, &table, None) {
+                tracing::warn!("snapshot record {}: {e}", path.display());
+            }
             Ok(json!({"ok": true, "name": name}))
         }
         VmRequest::SnapshotList { name } => {
@@ -180,7 +198,15 @@ pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
             let snaps = with_qcow2(server, name, false, |n| async move {
                 Ok(qcow2(&n, name)?.snapshot_list().await)
             })?;
-            let list: Vec<Value> = snaps.iter().map(snapshot_json).collect();
+            let records = vm_record::read(&vm_record::sidecar(&vm_record::image_of(server, name)?));
+            let list: Vec<Value> = snaps
+                .iter()
+                .map(|s| {
+                    let mut v = snapshot_json(s);
+                    v["pause_ms"] = vm_record::find(&records, s).map_or(Value::Null, |r| r["pause_ms"].clone());
+                    v
+                })
+                .collect();
             Ok(json!({"ok": true, "name": name, "snapshots": list}))
         }
         VmRequest::SnapshotApply { name, snapshot } => super::vm_restore::apply(server, &name, &snapshot),
@@ -189,6 +215,11 @@ pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
             snapshot,
             vmstate,
         } => super::vm_restore::load(server, &name, &snapshot, &vmstate),
+        VmRequest::SnapshotRecord {
+            name,
+            snapshot,
+            pause_ms,
+        } => vm_record::record(server, &name, &snapshot, pause_ms),
     }
 }
 

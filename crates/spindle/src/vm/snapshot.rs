@@ -109,6 +109,13 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
     }
     let size = res?;
     cont?;
+    let pause_ms = pause.as_secs_f64() * 1e3;
+    if let Err(e) = ctl(
+        control,
+        json!({"cmd": "snapshot_record", "name": vm_disk.name, "snapshot": name, "pause_ms": pause_ms}),
+    ) {
+        eprintln!("spindle: vm snapshot '{name}': the pause time is not recorded: {e}");
+    }
     println!(
         "spindle: vm snapshot '{name}': VM state {} bytes ({}), guest paused {:.3} s",
         size,
