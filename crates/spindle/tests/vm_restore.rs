@@ -142,6 +142,13 @@ fn a_daemon_killed_during_the_vm_state_stream_leaves_no_half_snapshot() {
         assert!(cli.try_wait().unwrap().is_none(), "vm snapshot ended before the kill");
         std::thread::sleep(Duration::from_millis(2));
     }
+    // Its progress, through the control socket, while it runs.
+    let jobs = daemon.ctl(&json!({"cmd": "vm_jobs"}));
+    let job = &jobs["jobs"][0];
+    assert!(
+        job["export"] == "a" && job["snapshot"] == "crash" && job["kind"] == "save" && job["bytes"].as_u64() > Some(0),
+        "{jobs}"
+    );
     daemon.kill();
     let out = cli.wait_with_output().unwrap();
     let text = stderr(&out);

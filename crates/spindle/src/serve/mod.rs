@@ -8,6 +8,7 @@ pub mod restart;
 pub mod server;
 pub mod spec;
 pub mod vm;
+pub mod vm_jobs;
 pub mod vm_record;
 pub mod vm_restore;
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// The request names, for the parser.
-pub const COMMANDS: [&str; 9] = [
+pub const COMMANDS: [&str; 10] = [
     "vm_disks",
     "quiesce",
     "resume",
@@ -29,6 +29,7 @@ pub const COMMANDS: [&str; 9] = [
     "snapshot_apply",
     "vmstate_load",
     "snapshot_record",
+    "vm_jobs",
 ];
 
 /// How long a quiesce waits for requests in flight.
@@ -110,6 +111,8 @@ pub enum VmRequest {
         /// How long the guest was paused, in milliseconds.
         pause_ms: f64,
     },
+    /// The VM-state streams running now, with their progress.
+    VmJobs {},
 }
 
 /// Quiesces taken by `quiesce` requests, until `resume` or their lease.
@@ -220,6 +223,7 @@ pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
             snapshot,
             pause_ms,
         } => vm_record::record(server, &name, &snapshot, pause_ms),
+        VmRequest::VmJobs {} => Ok(super::vm_jobs::list()),
     }
 }
 
@@ -299,7 +303,8 @@ fn create(server: &Server, name: &str, snapshot: &str, vmstate: Option<&Path>) -
                 None => q.snapshot_create(snapshot, 0, 0).await,
                 Some((l, path)) => {
                     let conn = accept(l).map_err(|e| invalid(format!("VM state socket {}: {e}", path.display())))?;
-                    q.save_vmstate(snapshot, Box::new(conn), VmStateOptions::default())
+                    let job = super::vm_jobs::Running::start(name, snapshot, "save", None);
+                    q.save_vmstate(snapshot, Box::new(job.reader(conn)), VmStateOptions::default())
                         .await
                 }
             }

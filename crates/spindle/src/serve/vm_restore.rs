@@ -60,14 +60,17 @@ pub fn load(server: &Server, name: &str, snapshot: &str, path: &Path) -> Result<
             .await
             .into_iter()
             .find(|s| s.id == snapshot || s.name == snapshot);
-        if sn.is_none_or(|s| s.vm_state_size == 0) {
+        let Some(size) = sn.map(|s| s.vm_state_size).filter(|n| *n > 0) else {
             return Err(invalid(format!(
                 "export '{name}' has no snapshot '{snapshot}' with VM state"
             )));
-        }
-        let (n, conn) = q.load_vmstate(snapshot, conn, VmStateOptions::default()).await?;
+        };
+        let job = super::vm_jobs::Running::start(name, snapshot, "load", Some(size));
+        let (n, conn) = q
+            .load_vmstate(snapshot, job.writer(conn), VmStateOptions::default())
+            .await?;
         // QEMU reads the stream's end as its end.
-        let _ = conn.shutdown(std::net::Shutdown::Write);
+        let _ = conn.inner.shutdown(std::net::Shutdown::Write);
         Ok(n)
     })?;
     Ok(json!({"ok": true, "name": name, "bytes": bytes, "seconds": started.elapsed().as_secs_f64()}))

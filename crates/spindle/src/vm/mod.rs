@@ -3,6 +3,7 @@
 //! socket (docs/snapshots.md, "VM snapshots").
 
 pub mod list;
+pub mod progress;
 pub mod qmp;
 pub mod restore;
 pub mod snapshot;

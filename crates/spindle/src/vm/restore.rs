@@ -88,10 +88,12 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, paused: bool) -> Result<
 /// Steps 3 and 4; QEMU's run state afterwards (`paused` or `running`).
 fn stream(qmp: &mut Qmp, control: &Path, vm_disk: &str, name: &str, sock: &Path) -> Result<String, String> {
     qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", sock.display())}))?;
+    let watch = super::progress::Watch::start(control, vm_disk, name, "load");
     let loaded = ctl(
         control,
         json!({"cmd": "vmstate_load", "name": vm_disk, "snapshot": name, "vmstate": sock}),
     );
+    watch.finish();
     let deadline = Instant::now() + LOAD_WAIT;
     loop {
         // QEMU exits when an incoming migration fails: the QMP error says so.

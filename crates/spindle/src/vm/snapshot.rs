@@ -181,6 +181,7 @@ fn take(
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    let watch = super::progress::Watch::start(control, &vm_disk.name, name, "save");
     let migrated = if std::fs::symlink_metadata(&sock).is_ok() {
         qmp.execute("migrate", json!({"uri": format!("unix:{}", sock.display())}))
             .and_then(|_| qmp.wait_migration())
@@ -190,6 +191,7 @@ fn take(
             sock.display()
         ))
     };
+    watch.finish();
     let saved = saver
         .join()
         .map_err(|_| "the VM-state request thread failed".to_string())?;
