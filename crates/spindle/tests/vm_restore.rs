@@ -22,10 +22,13 @@ fn stderr(o: &std::process::Output) -> String {
 
 /// Snapshots `src` as `name`, lets it run on and overwrite its tags, and
 /// kills it; the counter's last value before, first after, and last.
-fn snapshot_then_diverge(src: &mut Vm, qmp: &Path, ctl: &Path, name: &str) -> (u64, u64, u64) {
+fn snapshot_then_diverge(src: &mut Vm, qmp: &Path, ctl: &Path, args: &[&str]) -> (u64, u64, u64) {
     let before = src.mark();
     let last_before = *counts(src, 0).last().unwrap();
-    let o = vm_cmd(qmp, ctl, &["snapshot", name]);
+    let mut all = vec!["snapshot"];
+    all.extend_from_slice(args);
+    let o = vm_cmd(qmp, ctl, &all);
+    println!("{}", stderr(&o));
     assert!(o.status.success(), "vm snapshot failed:\n{}", stderr(&o));
     let first_after = next_count(src, before);
     let m = src.mark();
@@ -38,6 +41,17 @@ fn snapshot_then_diverge(src: &mut Vm, qmp: &Path, ctl: &Path, name: &str) -> (u
 
 #[test]
 fn spindle_restores_a_vm_snapshot_into_a_new_qemu() {
+    restores(&[]);
+}
+
+/// Pre-copy while the guest runs, the disks snapshotted at QEMU's
+/// switch-over; restored, the guest is where it was then.
+#[test]
+fn a_live_snapshot_restores_to_its_switch_over() {
+    restores(&["--live"]);
+}
+
+fn restores(flags: &[&str]) {
     let _one = vm::one_at_a_time();
     let d = scratch();
     let dir = d.path();
@@ -49,7 +63,9 @@ fn spindle_restores_a_vm_snapshot_into_a_new_qemu() {
         mut src,
         qmp,
     } = booted(dir);
-    let (last_before, first_after, last_src) = snapshot_then_diverge(&mut src, &qmp, &ctl, "s1");
+    let mut args = vec!["s1"];
+    args.extend_from_slice(flags);
+    let (last_before, first_after, last_src) = snapshot_then_diverge(&mut src, &qmp, &ctl, &args);
     // A running QEMU is refused: it does not wait for a migration.
     let o = vm_cmd(&qmp, &ctl, &["restore", "s1"]);
     assert!(

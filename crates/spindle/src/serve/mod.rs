@@ -9,6 +9,7 @@ pub mod server;
 pub mod spec;
 pub mod vm;
 pub mod vm_jobs;
+pub mod vm_live;
 pub mod vm_record;
 pub mod vm_restore;
 

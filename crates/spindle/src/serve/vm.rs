@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// The request names, for the parser.
-pub const COMMANDS: [&str; 10] = [
+pub const COMMANDS: [&str; 11] = [
     "vm_disks",
     "quiesce",
     "resume",
@@ -30,6 +30,7 @@ pub const COMMANDS: [&str; 10] = [
     "vmstate_load",
     "snapshot_record",
     "vm_jobs",
+    "keep_image",
 ];
 
 /// How long a quiesce waits for requests in flight.
@@ -72,6 +73,10 @@ pub enum VmRequest {
         /// Listen here for the VM state (QEMU's `migrate unix:PATH`).
         #[serde(default)]
         vmstate: Option<PathBuf>,
+        /// The guest runs while the VM state streams (`--live`): quiesce
+        /// only at the end, which the client does at the switch-over.
+        #[serde(default)]
+        live: bool,
     },
     /// Delete a snapshot of the export's image.
     SnapshotDelete {
@@ -113,6 +118,17 @@ pub enum VmRequest {
     },
     /// The VM-state streams running now, with their progress.
     VmJobs {},
+    /// Keep the image here when the frontend stops the device for a
+    /// migration (one into a VM snapshot: `--live`).
+    KeepImage {
+        /// Export name.
+        name: String,
+        /// Set or clear.
+        keep: bool,
+        /// Seconds after which a set mark clears itself.
+        #[serde(default)]
+        lease_s: Option<u64>,
+    },
 }
 
 /// Quiesces taken by `quiesce` requests, until `resume` or their lease.
@@ -181,7 +197,8 @@ pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
             name,
             snapshot,
             vmstate,
-        } => create(server, &name, &snapshot, vmstate.as_deref()),
+            live,
+        } => create(server, &name, &snapshot, vmstate.as_deref(), live),
         VmRequest::SnapshotDelete { name, snapshot } => {
             let name = name.as_str();
             let table = with_qcow2(server, name, true, |n| async move {
@@ -224,6 +241,7 @@ pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
             pause_ms,
         } => vm_record::record(server, &name, &snapshot, pause_ms),
         VmRequest::VmJobs {} => Ok(super::vm_jobs::list()),
+        VmRequest::KeepImage { name, keep, lease_s } => super::vm_live::keep_image(server, &name, keep, lease_s),
     }
 }
 
@@ -277,7 +295,13 @@ pub(super) fn qcow2<'a>(node: &'a Node, name: &str) -> Result<&'a Qcow2, BlockEr
 /// `snapshot_create`: quiesces the export for the snapshot's duration,
 /// then takes it, with the VM state read from one connection to
 /// `vmstate` when given.
-fn create(server: &Server, name: &str, snapshot: &str, vmstate: Option<&Path>) -> Result<Value, BlockError> {
+fn create(
+    server: &Server,
+    name: &str,
+    snapshot: &str,
+    vmstate: Option<&Path>,
+    live: bool,
+) -> Result<Value, BlockError> {
     if snapshot.is_empty() || snapshot.len() > 1024 || snapshot.chars().any(char::is_control) {
         return Err(invalid(
             "a snapshot name is 1 to 1024 bytes without control characters".into(),
@@ -291,7 +315,15 @@ fn create(server: &Server, name: &str, snapshot: &str, vmstate: Option<&Path>) -
     };
     let listening = &listener;
     let res = (|| {
-        let _hold = export.quiesce(DRAIN_WAIT).map_err(invalid)?;
+        if live && listening.is_none() {
+            return Err(invalid("a live snapshot needs vmstate".into()));
+        }
+        let _hold = if live {
+            None
+        } else {
+            Some(export.quiesce(DRAIN_WAIT).map_err(invalid)?)
+        };
+        let export = &export;
         with_qcow2(server, name, true, |node| async move {
             let q = qcow2(&node, name)?;
             if q.snapshot_list().await.iter().any(|s| s.name == snapshot) {
@@ -304,8 +336,12 @@ fn create(server: &Server, name: &str, snapshot: &str, vmstate: Option<&Path>) -
                 Some((l, path)) => {
                     let conn = accept(l).map_err(|e| invalid(format!("VM state socket {}: {e}", path.display())))?;
                     let job = super::vm_jobs::Running::start(name, snapshot, "save", None);
-                    q.save_vmstate(snapshot, Box::new(job.reader(conn)), VmStateOptions::default())
-                        .await
+                    let src: Box<dyn std::io::Read + Send> = if live {
+                        Box::new(super::vm_live::QuiescedAtEnd::new(job.reader(conn), export))
+                    } else {
+                        Box::new(job.reader(conn))
+                    };
+                    q.save_vmstate(snapshot, src, VmStateOptions::default()).await
                 }
             }
         })

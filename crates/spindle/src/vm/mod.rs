@@ -36,6 +36,10 @@ enum Cmd {
         /// The export that keeps the VM state (default: the first by name).
         #[arg(long, value_name = "EXPORT")]
         vmstate_disk: Option<String>,
+        /// Pre-copy the VM state while the guest runs; the guest pauses only
+        /// for the switch-over (disks snapshotted, last pass).
+        #[arg(long)]
+        live: bool,
         /// Test only: QEMU's migration bandwidth (bytes/s), so the VM-state
         /// stream lasts long enough to be interrupted.
         #[arg(long = "x-max-bandwidth", hide = true, value_name = "BYTES")]
@@ -65,10 +69,12 @@ pub fn run(a: Args) -> CliResult<u8> {
         Cmd::Snapshot {
             name,
             vmstate_disk,
+            live,
             max_bandwidth,
         } => {
             let opts = snapshot::Options {
                 vmstate_disk,
+                live,
                 max_bandwidth,
             };
             snapshot::run(&a.qmp, &a.control, &name, &opts)
