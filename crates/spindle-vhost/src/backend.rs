@@ -166,6 +166,12 @@ impl BlkBackend {
         self.run.device_stopped()
     }
 
+    /// The frontend has not started the device on this connection (a QEMU
+    /// that waits for an incoming migration).
+    pub(crate) fn never_started(&self) -> bool {
+        self.run.never_started()
+    }
+
     /// The frontend went away (`drained`: nothing it sent is still in
     /// flight): the device no longer runs, and waits for nothing.
     pub(crate) fn disconnected(&self, drained: bool) {

@@ -81,6 +81,9 @@ pub struct Device {
     /// This export's id in its slot (`NodeSlot::attach`).
     id: u64,
     migration: AtomicU8,
+    /// A migration into a VM snapshot (`spindle vm snapshot --live`) runs:
+    /// a device stop during it keeps the image here.
+    keep_image: AtomicBool,
     capacity: AtomicU64,
     writeback: AtomicBool,
     opt_io: u32,
@@ -132,6 +135,7 @@ impl Device {
         Device {
             id,
             migration: AtomicU8::new(migration as u8),
+            keep_image: AtomicBool::new(false),
             capacity: AtomicU64::new(size),
             writeback: AtomicBool::new(true),
             opt_io,
@@ -210,6 +214,10 @@ impl Device {
     /// flight): the image is flushed, and closed unless another export of
     /// this daemon shares it.
     pub fn inactivate(&self) -> Result<(), BlockError> {
+        if self.keep_image.load(Ordering::Acquire) {
+            tracing::info!(device = %self.cfg.name, "the frontend stopped the device for a migration into a VM snapshot; the image stays");
+            return self.slot.flush();
+        }
         let shared = self.slot.users() > 1;
         let closed = if shared {
             self.slot.flush().map(|_| false)?
@@ -219,6 +227,13 @@ impl Device {
         self.migration.store(Migration::Inactive as u8, Ordering::Release);
         tracing::info!(device = %self.cfg.name, closed, "export inactive: its frontend stopped the device; the image is handed over");
         Ok(())
+    }
+
+    /// While set, the frontend's migration goes into a VM snapshot
+    /// (`spindle vm snapshot --live`), not to another host: a device stop
+    /// during it flushes the image and keeps it open and active here.
+    pub fn set_keep_image(&self, keep: bool) {
+        self.keep_image.store(keep, Ordering::Release);
     }
 
     /// The export stops serving: the last export of the image closes it.

@@ -222,6 +222,26 @@ impl Export {
         Ok(pause)
     }
 
+    /// Quiesces a device that no guest has used on this connection, to
+    /// revert its image (`spindle vm restore`): no frontend, or one that
+    /// has not started the device (a QEMU waiting for an incoming
+    /// migration, which starts it only once the migration completed).
+    /// A device that runs or ran is refused: its guest saw the image.
+    pub fn quiesce_unused(&self) -> Result<Hold, String> {
+        let name = &self.dev.cfg.name;
+        let hold = self.dev.gate().hold();
+        let backend = self.backend();
+        if let Some(b) = backend {
+            if !b.never_started() || b.in_flight() > 0 {
+                return Err(format!(
+                    "export '{name}': its frontend has started the device; revert only the disks of a QEMU \
+                     that waits for an incoming migration (-incoming defer)"
+                ));
+            }
+        }
+        Ok(hold)
+    }
+
     /// Why the connected frontend's device stopped serving (a broken
     /// ring), if it did; `None` when it serves or no frontend is connected.
     pub fn failure(&self) -> Option<String> {

@@ -45,6 +45,8 @@ struct State {
     /// The device ran on this connection and the frontend then stopped
     /// every ring.
     stopped: bool,
+    /// The device started on this connection at least once.
+    ran: bool,
 }
 
 /// The run state of one connection's rings and device.
@@ -79,6 +81,7 @@ impl Run {
                 rings: vec![Ring::Stopped; queues].into(),
                 device: Dev::Stopped,
                 stopped: false,
+                ran: false,
             }),
             running: (0..queues).map(|_| AtomicBool::new(false)).collect(),
             waker: Arc::new(Waker::new()?),
@@ -128,6 +131,7 @@ impl Run {
                 Start::Serve(node) => {
                     st.device = Dev::Running;
                     st.stopped = false;
+                    st.ran = true;
                     self.set(&mut st, queue, Ring::Running);
                     dev.started();
                     // Rings that waited with this one may no longer have
@@ -220,6 +224,13 @@ impl Run {
     /// every ring.
     pub(crate) fn device_stopped(&self) -> bool {
         self.lock().stopped
+    }
+
+    /// The device never started on this connection, and no ring waits to
+    /// start it.
+    pub(crate) fn never_started(&self) -> bool {
+        let st = self.lock();
+        !st.ran && st.device == Dev::Stopped && st.rings.iter().all(|r| *r == Ring::Stopped)
     }
 
     /// With no ring waiting, the device waits no longer for the slot.

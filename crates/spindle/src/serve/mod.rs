@@ -9,6 +9,10 @@ pub mod restart;
 pub mod server;
 pub mod spec;
 pub mod vm;
+pub mod vm_jobs;
+pub mod vm_live;
+pub mod vm_record;
+pub mod vm_restore;
 
 use crate::img::{human_size, CliResult};
 use clap::Args as ClapArgs;

@@ -4,6 +4,7 @@
 //! socket this daemon listens on.
 
 use super::server::Server;
+use super::vm_record;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use spindle_block::formats::qcow2::snapshot::Snapshot;
@@ -18,13 +19,18 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// The request names, for the parser.
-pub const COMMANDS: [&str; 6] = [
+pub const COMMANDS: [&str; 11] = [
     "vm_disks",
     "quiesce",
     "resume",
     "snapshot_create",
     "snapshot_delete",
     "snapshot_list",
+    "snapshot_apply",
+    "vmstate_load",
+    "snapshot_record",
+    "vm_jobs",
+    "keep_image",
 ];
 
 /// How long a quiesce waits for requests in flight.
@@ -67,6 +73,10 @@ pub enum VmRequest {
         /// Listen here for the VM state (QEMU's `migrate unix:PATH`).
         #[serde(default)]
         vmstate: Option<PathBuf>,
+        /// The guest runs while the VM state streams (`--live`): quiesce
+        /// only at the end, which the client does at the switch-over.
+        #[serde(default)]
+        live: bool,
     },
     /// Delete a snapshot of the export's image.
     SnapshotDelete {
@@ -79,6 +89,45 @@ pub enum VmRequest {
     SnapshotList {
         /// Export name.
         name: String,
+    },
+    /// Revert the export's image to a snapshot (its device unused).
+    SnapshotApply {
+        /// Export name.
+        name: String,
+        /// Snapshot id or name.
+        snapshot: String,
+    },
+    /// Stream a snapshot's VM state into the socket QEMU listens on
+    /// (`migrate-incoming unix:PATH`).
+    VmstateLoad {
+        /// Export name.
+        name: String,
+        /// Snapshot id or name.
+        snapshot: String,
+        /// The socket to connect to.
+        vmstate: PathBuf,
+    },
+    /// Record the guest's pause time for a snapshot (vm_record.rs).
+    SnapshotRecord {
+        /// Export name.
+        name: String,
+        /// Snapshot name.
+        snapshot: String,
+        /// How long the guest was paused, in milliseconds.
+        pause_ms: f64,
+    },
+    /// The VM-state streams running now, with their progress.
+    VmJobs {},
+    /// Keep the image here when the frontend stops the device for a
+    /// migration (one into a VM snapshot: `--live`).
+    KeepImage {
+        /// Export name.
+        name: String,
+        /// Set or clear.
+        keep: bool,
+        /// Seconds after which a set mark clears itself.
+        #[serde(default)]
+        lease_s: Option<u64>,
     },
 }
 
@@ -96,7 +145,7 @@ fn leases() -> std::sync::MutexGuard<'static, Vec<Lease>> {
     LEASES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn invalid(msg: String) -> BlockError {
+pub(super) fn invalid(msg: String) -> BlockError {
     BlockError::Invalid(msg)
 }
 
@@ -148,12 +197,20 @@ pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
             name,
             snapshot,
             vmstate,
-        } => create(server, &name, &snapshot, vmstate.as_deref()),
+            live,
+        } => create(server, &name, &snapshot, vmstate.as_deref(), live),
         VmRequest::SnapshotDelete { name, snapshot } => {
             let name = name.as_str();
-            with_qcow2(server, name, true, |n| async move {
-                qcow2(&n, name)?.snapshot_delete(&snapshot).await
+            let table = with_qcow2(server, name, true, |n| async move {
+                let q = qcow2(&n, name)?;
+                q.snapshot_delete(&snapshot).await?;
+                Ok(q.snapshot_list().await)
             })?;
+            // The deleted snapshot's record goes too.
+            let path = vm_record::sidecar(&vm_record::image_of(server, name)?);
+            if let Err(e) = vm_record::write(&path, &table, None) {
+                tracing::warn!("snapshot record {}: {e}", path.display());
+            }
             Ok(json!({"ok": true, "name": name}))
         }
         VmRequest::SnapshotList { name } => {
@@ -161,14 +218,35 @@ pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
             let snaps = with_qcow2(server, name, false, |n| async move {
                 Ok(qcow2(&n, name)?.snapshot_list().await)
             })?;
-            let list: Vec<Value> = snaps.iter().map(snapshot_json).collect();
+            let records = vm_record::read(&vm_record::sidecar(&vm_record::image_of(server, name)?));
+            let list: Vec<Value> = snaps
+                .iter()
+                .map(|s| {
+                    let mut v = snapshot_json(s);
+                    v["pause_ms"] = vm_record::find(&records, s).map_or(Value::Null, |r| r["pause_ms"].clone());
+                    v
+                })
+                .collect();
             Ok(json!({"ok": true, "name": name, "snapshots": list}))
         }
+        VmRequest::SnapshotApply { name, snapshot } => super::vm_restore::apply(server, &name, &snapshot),
+        VmRequest::VmstateLoad {
+            name,
+            snapshot,
+            vmstate,
+        } => super::vm_restore::load(server, &name, &snapshot, &vmstate),
+        VmRequest::SnapshotRecord {
+            name,
+            snapshot,
+            pause_ms,
+        } => vm_record::record(server, &name, &snapshot, pause_ms),
+        VmRequest::VmJobs {} => Ok(super::vm_jobs::list()),
+        VmRequest::KeepImage { name, keep, lease_s } => super::vm_live::keep_image(server, &name, keep, lease_s),
     }
 }
 
 /// What a reply says of a snapshot.
-fn snapshot_json(s: &Snapshot) -> Value {
+pub(super) fn snapshot_json(s: &Snapshot) -> Value {
     json!({"id": s.id, "name": s.name, "date_sec": s.date_sec, "date_nsec": s.date_nsec,
            "vm_clock_nsec": s.vm_clock_nsec, "vm_state_size": s.vm_state_size, "disk_size": s.disk_size})
 }
@@ -177,7 +255,7 @@ fn snapshot_json(s: &Snapshot) -> Value {
 /// thread, holding the export's change gate (no resize or remove
 /// meanwhile). A raw image is refused by name; so is a read-only export
 /// when `write`.
-fn with_qcow2<T, F, Fut>(server: &Server, name: &str, write: bool, f: F) -> Result<T, BlockError>
+pub(super) fn with_qcow2<T, F, Fut>(server: &Server, name: &str, write: bool, f: F) -> Result<T, BlockError>
 where
     F: FnOnce(Arc<Node>) -> Fut,
     Fut: std::future::Future<Output = Result<T, BlockError>>,
@@ -207,7 +285,7 @@ where
     rt.block_on(f(node))
 }
 
-fn qcow2<'a>(node: &'a Node, name: &str) -> Result<&'a Qcow2, BlockError> {
+pub(super) fn qcow2<'a>(node: &'a Node, name: &str) -> Result<&'a Qcow2, BlockError> {
     match node {
         Node::Qcow2(q) => Ok(q),
         _ => Err(invalid(format!("export '{name}': its image is not qcow2"))),
@@ -217,7 +295,13 @@ fn qcow2<'a>(node: &'a Node, name: &str) -> Result<&'a Qcow2, BlockError> {
 /// `snapshot_create`: quiesces the export for the snapshot's duration,
 /// then takes it, with the VM state read from one connection to
 /// `vmstate` when given.
-fn create(server: &Server, name: &str, snapshot: &str, vmstate: Option<&Path>) -> Result<Value, BlockError> {
+fn create(
+    server: &Server,
+    name: &str,
+    snapshot: &str,
+    vmstate: Option<&Path>,
+    live: bool,
+) -> Result<Value, BlockError> {
     if snapshot.is_empty() || snapshot.len() > 1024 || snapshot.chars().any(char::is_control) {
         return Err(invalid(
             "a snapshot name is 1 to 1024 bytes without control characters".into(),
@@ -231,7 +315,15 @@ fn create(server: &Server, name: &str, snapshot: &str, vmstate: Option<&Path>) -
     };
     let listening = &listener;
     let res = (|| {
-        let _hold = export.quiesce(DRAIN_WAIT).map_err(invalid)?;
+        if live && listening.is_none() {
+            return Err(invalid("a live snapshot needs vmstate".into()));
+        }
+        let _hold = if live {
+            None
+        } else {
+            Some(export.quiesce(DRAIN_WAIT).map_err(invalid)?)
+        };
+        let export = &export;
         with_qcow2(server, name, true, |node| async move {
             let q = qcow2(&node, name)?;
             if q.snapshot_list().await.iter().any(|s| s.name == snapshot) {
@@ -243,8 +335,13 @@ fn create(server: &Server, name: &str, snapshot: &str, vmstate: Option<&Path>) -
                 None => q.snapshot_create(snapshot, 0, 0).await,
                 Some((l, path)) => {
                     let conn = accept(l).map_err(|e| invalid(format!("VM state socket {}: {e}", path.display())))?;
-                    q.save_vmstate(snapshot, Box::new(conn), VmStateOptions::default())
-                        .await
+                    let job = super::vm_jobs::Running::start(name, snapshot, "save", None);
+                    let src: Box<dyn std::io::Read + Send> = if live {
+                        Box::new(super::vm_live::QuiescedAtEnd::new(job.reader(conn), export))
+                    } else {
+                        Box::new(job.reader(conn))
+                    };
+                    q.save_vmstate(snapshot, src, VmStateOptions::default()).await
                 }
             }
         })

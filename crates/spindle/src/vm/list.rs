@@ -15,6 +15,8 @@ struct VmSnapshot {
     vm_state: Option<(u64, String)>,
     /// Creation time (seconds), of the VM-state disk's or the first entry.
     date_sec: u64,
+    /// The guest's pause time in ms, as recorded with the VM state.
+    pause_ms: Option<f64>,
 }
 
 fn by_name(control: &Path, disks: &[Disk]) -> Result<BTreeMap<String, VmSnapshot>, String> {
@@ -31,6 +33,7 @@ fn by_name(control: &Path, disks: &[Disk]) -> Result<BTreeMap<String, VmSnapshot
             }
             if size > 0 {
                 e.vm_state = Some((size, d.name.clone()));
+                e.pause_ms = s["pause_ms"].as_f64();
             }
         }
     }
@@ -50,7 +53,10 @@ fn qemu_pid(qmp: &Path) -> Result<u32, String> {
 pub fn list(qmp: &Path, control: &Path) -> Result<(), String> {
     let disks = disks_of(control, qemu_pid(qmp)?)?;
     let all = by_name(control, &disks)?;
-    println!("{:<20} {:<19} {:>10} {:<10} DISKS", "NAME", "DATE", "VM_STATE", "STATE");
+    println!(
+        "{:<20} {:<19} {:>10} {:>10} {:<10} DISKS",
+        "NAME", "DATE", "VM_STATE", "PAUSE", "STATE"
+    );
     for (name, s) in &all {
         let complete = s.vm_state.is_some() && s.disks.len() == disks.len();
         let state = match (&s.vm_state, complete) {
@@ -59,11 +65,13 @@ pub fn list(qmp: &Path, control: &Path) -> Result<(), String> {
             (Some(_), false) => "incomplete",
         };
         let size = s.vm_state.as_ref().map_or(0, |(n, _)| *n);
+        let pause = s.pause_ms.map_or("-".to_string(), |ms| format!("{:.3} s", ms / 1e3));
         println!(
-            "{:<20} {:<19} {:>10} {:<10} {}",
+            "{:<20} {:<19} {:>10} {:>10} {:<10} {}",
             spindle_block::printable(name),
             crate::img::snapshot::local_time(s.date_sec as i64),
             crate::img::human_size(size),
+            pause,
             state,
             s.disks.join(",")
         );

@@ -3,7 +3,9 @@
 //! socket (docs/snapshots.md, "VM snapshots").
 
 pub mod list;
+pub mod progress;
 pub mod qmp;
+pub mod restore;
 pub mod snapshot;
 
 use crate::img::CliResult;
@@ -34,6 +36,23 @@ enum Cmd {
         /// The export that keeps the VM state (default: the first by name).
         #[arg(long, value_name = "EXPORT")]
         vmstate_disk: Option<String>,
+        /// Pre-copy the VM state while the guest runs; the guest pauses only
+        /// for the switch-over (disks snapshotted, last pass).
+        #[arg(long)]
+        live: bool,
+        /// Test only: QEMU's migration bandwidth (bytes/s), so the VM-state
+        /// stream lasts long enough to be interrupted.
+        #[arg(long = "x-max-bandwidth", hide = true, value_name = "BYTES")]
+        max_bandwidth: Option<u64>,
+    },
+    /// Restore a snapshot into a QEMU started with `-incoming defer`:
+    /// revert every disk, load the VM state, continue the guest.
+    Restore {
+        /// Snapshot name.
+        name: String,
+        /// Leave the guest paused once loaded.
+        #[arg(long)]
+        paused: bool,
     },
     /// List the snapshots on the VM's disks (complete, incomplete, disk-only).
     List,
@@ -47,7 +66,20 @@ enum Cmd {
 /// Runs `spindle vm`.
 pub fn run(a: Args) -> CliResult<u8> {
     let r = match a.cmd {
-        Cmd::Snapshot { name, vmstate_disk } => snapshot::run(&a.qmp, &a.control, &name, vmstate_disk.as_deref()),
+        Cmd::Snapshot {
+            name,
+            vmstate_disk,
+            live,
+            max_bandwidth,
+        } => {
+            let opts = snapshot::Options {
+                vmstate_disk,
+                live,
+                max_bandwidth,
+            };
+            snapshot::run(&a.qmp, &a.control, &name, &opts)
+        }
+        Cmd::Restore { name, paused } => restore::run(&a.qmp, &a.control, &name, paused),
         Cmd::List => list::list(&a.qmp, &a.control),
         Cmd::Delete { name } => list::delete(&a.qmp, &a.control, &name),
     };
@@ -101,4 +133,12 @@ pub(crate) fn disks_of(control: &Path, pid: u32) -> Result<Vec<Disk>, String> {
         ));
     }
     Ok(disks)
+}
+
+/// A socket path for a VM-state stream: next to the control socket (a
+/// directory the daemon can write), named for `what` and this process.
+pub(crate) fn socket_beside(control: &Path, what: &str) -> PathBuf {
+    let control = std::path::absolute(control).unwrap_or_else(|_| control.to_owned());
+    let dir = control.parent().unwrap_or(Path::new("/tmp"));
+    dir.join(format!(".spindle-{what}-{}.sock", std::process::id()))
 }

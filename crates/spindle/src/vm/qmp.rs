@@ -102,6 +102,22 @@ impl Qmp {
         Ok(st.get("running").and_then(Value::as_bool).unwrap_or(false))
     }
 
+    /// Waits for the running migration to reach `state` (e.g.
+    /// `pre-switchover`), polling every millisecond.
+    pub fn wait_migration_state(&mut self, state: &str) -> Result<(), String> {
+        loop {
+            let m = self.execute("query-migrate", json!({}))?;
+            match m.get("status").and_then(Value::as_str).unwrap_or("") {
+                s if s == state => return Ok(()),
+                "failed" | "cancelled" | "completed" => {
+                    let why = m.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                    return Err(format!("the migration of the VM state ended before {state}: {why}"));
+                }
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
     /// Waits for the running migration to finish; its total bytes.
     pub fn wait_migration(&mut self) -> Result<u64, String> {
         loop {

@@ -9,6 +9,7 @@ pub mod qcow2;
 pub mod qemu;
 pub mod serve;
 pub mod vm;
+pub mod vmsnap;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -191,6 +191,11 @@ impl Vm {
         }
     }
 
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Types `line` on the guest's serial console.
     pub fn send(&mut self, line: &str) {
         let s = self.stdin.as_mut().expect("stdin");

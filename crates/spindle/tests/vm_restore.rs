@@ -1,0 +1,219 @@
+//! `spindle vm restore`: a snapshot of a booted TCG guest with two
+//! vhost-user disks restored through Spindle into a new QEMU waiting with
+//! `-incoming defer`. The guest's counter goes on from the snapshot point
+//! and its disks hold what they held then.
+
+mod common;
+
+use common::vm::{self, Vm};
+use common::vmsnap::*;
+use common::{assert_clean, p, scratch};
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn stderr(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Snapshots `src` as `name`, lets it run on and overwrite its tags, and
+/// kills it; the counter's last value before, first after, and last.
+fn snapshot_then_diverge(src: &mut Vm, qmp: &Path, ctl: &Path, args: &[&str]) -> (u64, u64, u64) {
+    let before = src.mark();
+    let last_before = *counts(src, 0).last().unwrap();
+    let mut all = vec!["snapshot"];
+    all.extend_from_slice(args);
+    let o = vm_cmd(qmp, ctl, &all);
+    println!("{}", stderr(&o));
+    assert!(o.status.success(), "vm snapshot failed:\n{}", stderr(&o));
+    let first_after = next_count(src, before);
+    let m = src.mark();
+    src.send("W2");
+    src.wait_line(m, "WROTE v2", MINUTE);
+    wait_count(src, first_after + 15);
+    let last_src = *counts(src, 0).last().unwrap();
+    (last_before, first_after, last_src)
+}
+
+#[test]
+fn spindle_restores_a_vm_snapshot_into_a_new_qemu() {
+    restores(&[]);
+}
+
+/// Pre-copy while the guest runs, the disks snapshotted at QEMU's
+/// switch-over; restored, the guest is where it was then.
+#[test]
+fn a_live_snapshot_restores_to_its_switch_over() {
+    restores(&["--live"]);
+}
+
+fn restores(flags: &[&str]) {
+    let _one = vm::one_at_a_time();
+    let d = scratch();
+    let dir = d.path();
+    let Booted {
+        im,
+        daemon,
+        ctl,
+        socks,
+        mut src,
+        qmp,
+    } = booted(dir);
+    let mut args = vec!["s1"];
+    args.extend_from_slice(flags);
+    let (last_before, first_after, last_src) = snapshot_then_diverge(&mut src, &qmp, &ctl, &args);
+    // A running QEMU is refused: it does not wait for a migration.
+    let o = vm_cmd(&qmp, &ctl, &["restore", "s1"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("-incoming defer"),
+        "{}",
+        stderr(&o)
+    );
+    src.kill();
+    drop(src);
+
+    let mut dst = boot(dir, "dst", &socks, Some("defer"));
+    wait_connected(&daemon, &dst);
+    let qmp = dir.join("dst-spindle.qmp");
+    let o = vm_cmd(&qmp, &ctl, &["restore", "nosuch"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("no snapshot named 'nosuch'"),
+        "{}",
+        stderr(&o)
+    );
+    let from = dst.mark();
+    let o = vm_cmd(&qmp, &ctl, &["restore", "s1"]);
+    assert!(
+        o.status.success(),
+        "vm restore failed:\n{}\n{}",
+        stderr(&o),
+        daemon.log_text()
+    );
+    println!("{}", stderr(&o));
+    assert!(stderr(&o).contains("disks a, b (VM state from 'a')"), "{}", stderr(&o));
+    assert_eq!(dst.qmp.execute("query-status", json!({}))["status"], "running");
+    assert_resumed_at_snapshot(&mut dst, from, last_before, first_after, last_src);
+    // The disk of a guest that runs is never reverted under it.
+    let r = daemon.ctl(&json!({"cmd": "snapshot_apply", "name": "a", "snapshot": "s1"}));
+    assert!(
+        r["error"].as_str().unwrap_or("").contains("has started the device"),
+        "{r}"
+    );
+    dst.kill();
+    drop(dst);
+    let log = daemon.log_text();
+    assert!(daemon.stop().success(), "{log}");
+    for img in [&im.a, &im.b] {
+        assert!(snapshots(img).contains("s1"), "{}", snapshots(img));
+        assert_clean(img);
+    }
+}
+
+/// `spindle vm list`'s line for `name`, if any.
+fn listed(qmp: &Path, ctl: &Path, name: &str) -> Option<String> {
+    let o = vm_cmd(qmp, ctl, &["list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let l = String::from_utf8_lossy(&o.stdout).into_owned();
+    l.lines()
+        .find(|x| x.split_whitespace().next() == Some(name))
+        .map(str::to_string)
+}
+
+#[test]
+fn a_daemon_killed_during_the_vm_state_stream_leaves_no_half_snapshot() {
+    let _one = vm::one_at_a_time();
+    let d = scratch();
+    let dir = d.path();
+    let Booted {
+        im,
+        mut daemon,
+        ctl,
+        socks: _,
+        mut src,
+        qmp,
+    } = booted(dir);
+    let o = vm_cmd(&qmp, &ctl, &["snapshot", "s0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let size0 = std::fs::metadata(&im.a).unwrap().len();
+    // The VM state comes at 4 MB/s: the stream lasts seconds.
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .args(["vm", "--qmp", p(&qmp), "-c", p(&ctl), "snapshot", "crash"])
+        .args(["--x-max-bandwidth", "4000000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = dir.join(format!(".spindle-vmstate-{}.sock", cli.id()));
+    let deadline = Instant::now() + MINUTE;
+    while !(sock.exists() && std::fs::metadata(&im.a).unwrap().len() > size0 + (2 << 20)) {
+        assert!(
+            Instant::now() < deadline,
+            "the VM state never streamed:\n{}",
+            daemon.log_text()
+        );
+        assert!(cli.try_wait().unwrap().is_none(), "vm snapshot ended before the kill");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Its progress, through the control socket, while it runs.
+    let jobs = daemon.ctl(&json!({"cmd": "vm_jobs"}));
+    let job = &jobs["jobs"][0];
+    assert!(
+        job["export"] == "a" && job["snapshot"] == "crash" && job["kind"] == "save" && job["bytes"].as_u64() > Some(0),
+        "{jobs}"
+    );
+    daemon.kill();
+    let out = cli.wait_with_output().unwrap();
+    let text = stderr(&out);
+    assert!(!out.status.success(), "{text}");
+    println!("vm snapshot, its daemon killed:\n{text}");
+    drop(daemon);
+    // The dead daemon's socket files stay: gone, the new ones show when
+    // it serves.
+    for f in ["ctl1.sock", "a1.sock", "b1.sock"] {
+        std::fs::remove_file(dir.join(f)).unwrap();
+    }
+    let (daemon, _, _) = serve(dir, &im, 1);
+    wait_connected(&daemon, &src);
+    // At most a disk-only leftover; the earlier snapshot complete.
+    if let Some(l) = listed(&qmp, &ctl, "crash") {
+        // The rollback could not reach the dead daemon: b keeps its
+        // disk-only snapshot; a, the VM-state disk, has none.
+        assert!(l.contains("disk-only"), "{l}");
+        assert_eq!(
+            l.split_whitespace().last(),
+            Some("b"),
+            "the VM-state disk has a half snapshot: {l}"
+        );
+        let o = vm_cmd(&qmp, &ctl, &["delete", "crash"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert!(listed(&qmp, &ctl, "crash").is_none());
+    let l0 = listed(&qmp, &ctl, "s0").expect("s0 listed");
+    assert!(l0.contains("complete") && l0.ends_with("a,b"), "{l0}");
+    // QEMU's migration failed; the guest stays paused, and goes on once
+    // continued, its disks served again.
+    assert!(text.contains("the guest stays paused"), "{text}");
+    let st = src.qmp.execute("query-status", json!({}));
+    assert_eq!(st["status"], "paused", "{st}");
+    src.qmp.execute("cont", json!({}));
+    // (Its disks are not checked here: after a daemon restart under a
+    // *paused* guest, QEMU 7.2's reconnected vhost-user-blk devices do not
+    // serve again after `cont`, with or without a snapshot; a known issue
+    // of restarts, docs/snapshots.md.)
+    let from = src.mark();
+    let first = next_count(&src, from);
+    wait_count(&src, first + 3);
+    src.kill();
+    drop(src);
+    let log = daemon.log_text();
+    assert!(daemon.stop().success(), "{log}");
+    for img in [&im.a, &im.b] {
+        let l = snapshots(img);
+        assert!(l.contains("s0") && !l.contains("crash"), "{}: {l}", img.display());
+        assert_clean(img);
+    }
+}
