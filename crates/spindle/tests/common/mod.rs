@@ -3,6 +3,7 @@
 
 pub mod gio;
 pub mod handover;
+pub mod jobs;
 pub mod migrate;
 pub mod nbd;
 pub mod qcow2;
