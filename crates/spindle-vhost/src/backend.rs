@@ -72,6 +72,9 @@ pub struct BlkBackend {
     backend_req: Mutex<Option<Backend>>,
     /// Features the frontend acked (`SET_FEATURES`).
     acked: AtomicU64,
+    /// Whether `SET_FEATURES` came on this connection (see
+    /// `protocol_features`).
+    features_set: AtomicBool,
     /// Which rings run; the device's start and stop (`run.rs`).
     run: Run,
     /// The dirty log while the frontend migrates (`dirty.rs`).
@@ -95,6 +98,7 @@ impl BlkBackend {
             handlers: OnceLock::new(),
             backend_req: Mutex::new(None),
             acked: AtomicU64::new(0),
+            features_set: AtomicBool::new(false),
             run: Run::new(queues)?,
             dirty: Arc::new(DirtyLog::for_connection()),
         })
@@ -338,18 +342,32 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Release);
+        self.features_set.store(true, Ordering::Release);
         self.dirty.set_features(features);
     }
 
+    /// CONFIGURE_MEM_SLOTS only to a frontend that acked its virtio
+    /// features before it asks for the protocol features (libblkio, which
+    /// requires it, and Cloud Hypervisor do). QEMU asks first and sets the
+    /// features only when it starts the device; it is not offered it:
+    /// with it QEMU sends only the memory regions it believes the backend
+    /// has not got, and after a restart of Spindle while the VM is paused
+    /// QEMU 7.2 goes on with its old session on the new connection (see
+    /// PATCHES.md) and would send none. Without it every device start
+    /// carries the whole table (SET_MEM_TABLE, up to 8 regions).
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
+        let base = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD;
+        if self.features_set.load(Ordering::Acquire) {
+            base | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        } else {
+            base
+        }
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {

@@ -47,12 +47,17 @@ fn frontend_reads_config_and_switches_the_write_cache() {
         VhostUserProtocolFeatures::CONFIG,
         VhostUserProtocolFeatures::MQ,
         VhostUserProtocolFeatures::REPLY_ACK,
-        VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
         VhostUserProtocolFeatures::RESET_DEVICE,
         VhostUserProtocolFeatures::BACKEND_REQ,
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        VhostUserProtocolFeatures::LOG_SHMFD,
     ] {
         assert!(proto.contains(f), "{f:?} offered");
     }
+    // Features set before the protocol features are asked for (as
+    // libblkio does): memory slots are offered too (see
+    // BlkBackend::protocol_features).
+    assert!(proto.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
     fe.set_protocol_features(
         VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ,
     )
@@ -92,6 +97,51 @@ fn frontend_reads_config_and_switches_the_write_cache() {
     assert_eq!(read(&mut fe)[32], 1);
     assert!(dev.writeback());
 
+    drop(fe);
+    export.stop();
+    server.join().unwrap().unwrap();
+}
+
+/// A frontend that negotiates the protocol features before it sets the
+/// virtio features (QEMU's order) is not offered CONFIGURE_MEM_SLOTS, so
+/// that each device start carries the whole memory table; a later
+/// connection in libblkio's order is offered it again.
+#[test]
+fn memory_slots_are_offered_only_after_the_features_are_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("slots.sock");
+    let export = Export::bind(device(), &sock).unwrap();
+    let runner = export.clone();
+    let server = std::thread::spawn(move || runner.run());
+
+    let mut fe = Frontend::connect(&sock, 2).unwrap();
+    let features = fe.get_features().unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    assert!(proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD | VhostUserProtocolFeatures::CONFIG));
+    assert!(
+        !proto.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
+        "{proto:?}"
+    );
+    fe.set_protocol_features(proto).unwrap();
+    fe.set_owner().unwrap();
+    fe.set_features(features).unwrap();
+    drop(fe);
+
+    let mut fe = loop {
+        // The export takes the next frontend once the first one is gone.
+        let fe = Frontend::connect(&sock, 2).unwrap();
+        if fe.set_owner().is_ok() {
+            break fe;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let features = fe.get_features().unwrap();
+    fe.set_features(features).unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    assert!(
+        proto.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
+        "{proto:?}"
+    );
     drop(fe);
     export.stop();
     server.join().unwrap().unwrap();

@@ -553,6 +553,19 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        // A ring never set up on this connection (no SET_VRING_ADDR since
+        // the connection or a device reset) has no index to report: 0
+        // would make the frontend start the ring over from the beginning.
+        // Refused, the frontend (QEMU) falls back to the used index.
+        let unset = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            queue.desc_table() == 0 && queue.avail_ring() == 0 && queue.used_ring() == 0
+        };
+        if unset {
+            return Err(VhostUserError::InvalidOperation("ring was never set up"));
+        }
+
         // Quote from vhost-user specification:
         // Client must start ring upon receiving a kick (that is, detecting
         // that file descriptor is readable) on the descriptor specified by

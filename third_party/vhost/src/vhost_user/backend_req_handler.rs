@@ -404,6 +404,8 @@ pub struct BackendReqHandler<S: VhostUserBackendReqHandler> {
     postcopy_state: PostcopyState,
     // whether the endpoint has encountered any failure
     error: Option<i32>,
+    // whether a request has been received on this connection
+    started: bool,
 }
 
 impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
@@ -422,7 +424,25 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             #[cfg(feature = "postcopy")]
             postcopy_state: PostcopyState::Inactive,
             error: None,
+            started: false,
         }
+    }
+
+    /// The frontend's first request on this connection is `SET_FEATURES`
+    /// with `VHOST_USER_F_PROTOCOL_FEATURES`: it negotiated the features
+    /// with an earlier backend on this socket and goes on with that
+    /// session without negotiating again. QEMU 7.2's vhost-user-blk does
+    /// this when the backend restarts while the device is stopped (the VM
+    /// is paused): it misses the disconnect and starts the device on the
+    /// new connection. The backend can only serve it by assuming what
+    /// that negotiation gave: everything it offers.
+    fn resume_session(&mut self) -> Result<()> {
+        self.virtio_features = self.backend.get_features()?;
+        let features = self.backend.get_protocol_features()? | VhostUserProtocolFeatures::REPLY_ACK;
+        self.backend.set_protocol_features(features.bits())?;
+        self.acked_protocol_features = features.bits();
+        self.update_reply_ack_flag();
+        Ok(())
     }
 
     fn check_feature(&self, feat: VhostUserVirtioFeatures) -> Result<()> {
@@ -502,6 +522,15 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             }
         };
 
+        if !self.started {
+            self.started = true;
+            if matches!(hdr.get_code(), Ok(FrontendReq::SET_FEATURES)) {
+                let msg = self.extract_request_body::<VhostUserU64>(&hdr, size, &buf)?;
+                if msg.value & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+                    self.resume_session()?;
+                }
+            }
+        }
         match hdr.get_code() {
             Ok(FrontendReq::SET_OWNER) => {
                 self.check_request_size(&hdr, size, 0)?;
