@@ -13,6 +13,7 @@ pub mod vm_jobs;
 pub mod vm_live;
 pub mod vm_record;
 pub mod vm_restore;
+pub mod vm_stream;
 
 use crate::img::{human_size, CliResult};
 use clap::Args as ClapArgs;

@@ -336,10 +336,13 @@ fn create(
                 Some((l, path)) => {
                     let conn = accept(l).map_err(|e| invalid(format!("VM state socket {}: {e}", path.display())))?;
                     let job = super::vm_jobs::Running::start(name, snapshot, "save", None);
+                    // A stream that is not whole fails the save, which
+                    // rolls the snapshot back (vm_stream).
+                    let stream = super::vm_stream::Checked::new(job.reader(conn));
                     let src: Box<dyn std::io::Read + Send> = if live {
-                        Box::new(super::vm_live::QuiescedAtEnd::new(job.reader(conn), export))
+                        Box::new(super::vm_live::QuiescedAtEnd::new(stream, export))
                     } else {
-                        Box::new(job.reader(conn))
+                        Box::new(stream)
                     };
                     q.save_vmstate(snapshot, src, VmStateOptions::default()).await
                 }
@@ -348,6 +351,10 @@ fn create(
     })();
     if let Some((_, p)) = &listener {
         let _ = std::fs::remove_file(p);
+    }
+    if let (Err(e), Some(_)) = (&res, &listener) {
+        // The client that asked may be gone (it died with QEMU): say it here too.
+        tracing::warn!("export '{name}': snapshot '{snapshot}' with VM state not taken: {e}");
     }
     let sn = res?;
     Ok(json!({"ok": true, "name": name, "snapshot": snapshot_json(&sn),

@@ -111,6 +111,27 @@ pub fn vm_cmd(qmp: &Path, ctl: &Path, args: &[&str]) -> std::process::Output {
     run("spindle", &all)
 }
 
+/// Starts `spindle vm --qmp QMP -c CTL snapshot NAME` with the VM state
+/// at 4 MB/s, so that the stream lasts seconds, and returns once image `a`
+/// grew by 2 MiB of it (the stream runs).
+pub fn slow_snapshot(qmp: &Path, ctl: &Path, name: &str, a: &Path, log: &dyn Fn() -> String) -> std::process::Child {
+    let size0 = std::fs::metadata(a).unwrap().len();
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .args(["vm", "--qmp", p(qmp), "-c", p(ctl), "snapshot", name])
+        .args(["--x-max-bandwidth", "4000000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + MINUTE;
+    while std::fs::metadata(a).unwrap().len() <= size0 + (2 << 20) {
+        assert!(Instant::now() < deadline, "the VM state never streamed:\n{}", log());
+        assert!(cli.try_wait().unwrap().is_none(), "vm snapshot ended early");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    cli
+}
+
 /// `qemu-img snapshot -l`.
 pub fn snapshots(img: &Path) -> String {
     ok("qemu-img", &["snapshot", "-l", p(img)])

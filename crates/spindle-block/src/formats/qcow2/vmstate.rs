@@ -11,7 +11,7 @@
 use super::meta::OFFSET_MASK;
 use super::snapshot::Snapshot;
 use super::{Piece, Qcow2};
-use crate::error::{fmt_err, io_err, Result};
+use crate::error::{fmt_err, io_err, BlockError, Result};
 use crate::SgList;
 use futures::channel::mpsc;
 use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
@@ -112,6 +112,26 @@ impl Qcow2 {
     /// fully, durable, or not at all.
     pub async fn save_vmstate(&self, name: &str, src: Box<dyn Read + Send>, opts: VmStateOptions) -> Result<Snapshot> {
         let r = self.save_vmstate_inner(name, src, opts).await;
+        let r = match r {
+            Err(e) if !matches!(e, BlockError::Corrupt { .. }) && self.check_writable().is_ok() => {
+                // Give back the clusters the failed stream took (the next
+                // save would drop them too; a crash here leaks them only).
+                let base = self.vm_state_offset();
+                if let Err(c) = async {
+                    self.drop_vmstate_area(base).await?;
+                    self.flush().await
+                }
+                .await
+                {
+                    tracing::warn!(
+                        "{}: cannot free the VM state of a failed save: {c}",
+                        self.path().display()
+                    );
+                }
+                Err(e)
+            }
+            r => r,
+        };
         self.guard(r).await
     }
 
@@ -137,17 +157,30 @@ impl Qcow2 {
         let mut rx = spawn_reader(src, pool.clone(), opts.depth.max(1));
         let mut inflight = FuturesUnordered::new();
         let mut total = 0u64;
-        while let Some(item) = rx.next().await {
-            let (buf, n) = item.map_err(io_err(self.path(), "reading the VM state failed"))?;
+        // On a failure, the writes in flight finish before the error is
+        // returned: the caller then frees the area with nothing racing it.
+        let mut failed = None;
+        'stream: while let Some(item) = rx.next().await {
+            let (buf, n) = match item.map_err(io_err(self.path(), "reading the VM state failed")) {
+                Ok(x) => x,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
             if n == 0 {
                 break;
             }
             while inflight.len() >= opts.depth.max(1) {
-                if let Some(r) = inflight.next().await {
-                    r?;
+                if let Some(Err(e)) = inflight.next().await {
+                    failed = Some(e);
+                    break 'stream;
                 }
             }
-            self.cover_l1(base + total + n as u64).await?;
+            if let Err(e) = self.cover_l1(base + total + n as u64).await {
+                failed = Some(e);
+                break;
+            }
             let off = base + total;
             let pool = &pool;
             inflight.push(async move {
@@ -161,7 +194,12 @@ impl Qcow2 {
             total += n as u64;
         }
         while let Some(r) = inflight.next().await {
-            r?;
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         self.flush().await?;
         // The VM state's L2 tables move to the snapshot: the active L1 no
