@@ -234,9 +234,15 @@ pub fn guest_dir() -> PathBuf {
 /// (vda, vdb, ...), runs `script` in it and returns the console output
 /// between GUEST-START and GUEST-END.
 pub fn boot(work: &Path, disks: &[(&Path, u16)], script: &str) -> String {
+    boot_with(work, disks, &[], script)
+}
+
+/// [`boot`] with more QEMU arguments (other disks: `-blockdev`, `-device`).
+pub fn boot_with(work: &Path, disks: &[(&Path, u16)], extra: &[String], script: &str) -> String {
     super::need("qemu-system-x86_64");
     let initrd = super::vm::initrd(work, script, false);
-    let args = super::vm::guest_args(&initrd, disks, false);
+    let mut args = super::vm::guest_args(&initrd, disks, false);
+    args.extend_from_slice(extra);
     let mut child = Command::new("qemu-system-x86_64")
         .args(&args)
         .stdin(Stdio::null())
