@@ -12,6 +12,7 @@ use crate::export::Export;
 use crate::handshake::{self, Negotiation, Step, MAX_OPTION};
 use crate::pool::{Buf, Credits};
 use crate::proto::{Request, REQUEST_LEN};
+use crate::tls::{TlsConfig, Wire};
 use crate::transmission::{self as tx, Command, Limits};
 use spindle_io::net::Socket;
 use spindle_io::SgList;
@@ -24,7 +25,7 @@ const INBOX: usize = 64 << 10;
 
 /// A connection in transmission.
 pub(crate) struct Conn {
-    pub(crate) sock: Rc<Socket>,
+    pub(crate) wire: Rc<Wire>,
     pub(crate) export: Arc<Export>,
     pub(crate) limits: Limits,
     send_lock: futures::lock::Mutex<()>,
@@ -38,8 +39,8 @@ impl Conn {
     pub(crate) async fn send(&self, parts: &[&SgList]) {
         let sg = SgList::concat(parts);
         let _g = self.send_lock.lock().await;
-        if self.sock.send_all(&sg).await.is_err() {
-            self.sock.shutdown(std::net::Shutdown::Both);
+        if self.wire.send_all(&sg).await.is_err() {
+            self.wire.shutdown();
         }
     }
 
@@ -71,7 +72,7 @@ impl Inbox {
     }
 
     /// Receives more; `Ok(false)` at the end of the stream.
-    async fn fill(&mut self, sock: &Socket) -> io::Result<bool> {
+    async fn fill(&mut self, sock: &Wire) -> io::Result<bool> {
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
         } else if self.end == INBOX {
@@ -85,7 +86,7 @@ impl Inbox {
     }
 
     /// Fills `out`; `Ok(false)` when the stream ended before its first byte.
-    async fn read(&mut self, sock: &Socket, out: &mut [u8]) -> io::Result<bool> {
+    async fn read(&mut self, sock: &Wire, out: &mut [u8]) -> io::Result<bool> {
         let mut done = 0;
         while done < out.len() {
             if self.available() == 0 && !self.fill(sock).await? {
@@ -103,7 +104,7 @@ impl Inbox {
     }
 
     /// Fills `sg`: what is here already by copy, the rest straight from the socket.
-    async fn read_into(&mut self, sock: &Socket, sg: &SgList) -> io::Result<()> {
+    async fn read_into(&mut self, sock: &Wire, sg: &SgList) -> io::Result<()> {
         let n = self.available().min(sg.len());
         if n > 0 {
             sg.copy_from(&self.buf.slice(self.start, n).to_vec());
@@ -113,7 +114,7 @@ impl Inbox {
     }
 
     /// Reads and drops `n` bytes (a refused payload), through this buffer.
-    async fn skip(&mut self, sock: &Socket, mut n: u64) -> io::Result<()> {
+    async fn skip(&mut self, sock: &Wire, mut n: u64) -> io::Result<()> {
         while n > 0 {
             if self.available() == 0 && !self.fill(sock).await? {
                 return Err(io::ErrorKind::UnexpectedEof.into());
@@ -126,14 +127,16 @@ impl Inbox {
     }
 }
 
-/// Serves one connection to its end: handshake, then transmission.
-pub(crate) async fn serve(sock: Rc<Socket>, exports: Arc<Vec<Arc<Export>>>) -> Result<()> {
+/// Serves one connection to its end: handshake, then transmission. With
+/// `tls`, TLS is required before anything else.
+pub(crate) async fn serve(sock: Rc<Socket>, exports: Arc<Vec<Arc<Export>>>, tls: Option<TlsConfig>) -> Result<()> {
     let mut inbox = Inbox::new();
-    let Some((export, limits)) = negotiate(&sock, &mut inbox, &exports).await? else {
+    let mut wire = Wire::Plain(sock);
+    let Some((export, limits)) = negotiate(&mut wire, &mut inbox, &exports, tls.as_ref()).await? else {
         return Ok(());
     };
     let conn = Rc::new(Conn {
-        sock,
+        wire: Rc::new(wire),
         export,
         limits,
         send_lock: futures::lock::Mutex::new(()),
@@ -145,15 +148,24 @@ pub(crate) async fn serve(sock: Rc<Socket>, exports: Arc<Vec<Arc<Export>>>) -> R
     r
 }
 
-async fn negotiate(sock: &Socket, inbox: &mut Inbox, exports: &[Arc<Export>]) -> Result<Option<(Arc<Export>, Limits)>> {
-    sock.send_all(&SgList::copy_of(&handshake::greeting())).await?;
+async fn negotiate(
+    wire: &mut Wire,
+    inbox: &mut Inbox,
+    exports: &[Arc<Export>],
+    tls: Option<&TlsConfig>,
+) -> Result<Option<(Arc<Export>, Limits)>> {
+    wire.send_all(&SgList::copy_of(&handshake::greeting())).await?;
     let mut flags = [0u8; 4];
-    if !inbox.read(sock, &mut flags).await? {
+    if !inbox.read(wire, &mut flags).await? {
         return Ok(None);
     }
     let infos = exports.iter().map(|e| e.info.clone()).collect();
     let mut neg = Negotiation::new(infos, u32::from_be_bytes(flags))?;
+    if tls.is_some() {
+        neg.require_tls();
+    }
     loop {
+        let sock = &*wire;
         let mut hdr = [0u8; 16];
         if !inbox.read(sock, &mut hdr).await? {
             return Ok(None);
@@ -176,6 +188,16 @@ async fn negotiate(sock: &Socket, inbox: &mut Inbox, exports: &[Arc<Export>]) ->
                 let _ = sock.send_all(&SgList::copy_of(&b)).await;
                 return Ok(None);
             }
+            Step::StartTls(b) => {
+                sock.send_all(&SgList::copy_of(&b)).await?;
+                let cfg = tls.ok_or_else(|| NbdError::Tls("STARTTLS without credentials".into()))?;
+                // Bytes past the option already received are the client's
+                // first TLS records.
+                let early = inbox.buf.slice(inbox.start, inbox.available()).to_vec();
+                inbox.start = inbox.end;
+                let plain = wire.socket().clone();
+                *wire = Wire::start_tls(plain, cfg, &early).await?;
+            }
             Step::Transmission(b) => {
                 sock.send_all(&SgList::copy_of(&b)).await?;
                 let n = neg
@@ -196,7 +218,7 @@ async fn negotiate(sock: &Socket, inbox: &mut Inbox, exports: &[Arc<Export>]) ->
 }
 
 async fn transmission(conn: &Rc<Conn>, inbox: &mut Inbox) -> Result<()> {
-    let sock = conn.sock.clone();
+    let sock = conn.wire.clone();
     loop {
         let mut hdr = [0u8; REQUEST_LEN];
         match inbox.read(&sock, &mut hdr).await {
@@ -209,7 +231,7 @@ async fn transmission(conn: &Rc<Conn>, inbox: &mut Inbox) -> Result<()> {
         let Some(req) = Request::decode(&hdr) else {
             // Out of sync: nothing after this can be trusted. Hard disconnect.
             crate::limited_warn("NBD client sent a bad request magic; disconnecting");
-            sock.shutdown(std::net::Shutdown::Both);
+            sock.shutdown();
             return Err(NbdError::BadMagic {
                 what: "request",
                 got: u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as u64,

@@ -22,6 +22,9 @@ pub enum NbdError {
     /// `NBD_OPT_EXPORT_NAME` named no export (the spec's answer: disconnect).
     #[error("no export named {0:?}")]
     UnknownExport(String),
+    /// TLS failed: the handshake, a record, or the client's certificate.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The client broke a rule that leaves no way to go on.
     #[error("protocol violation: {0}")]
     Protocol(String),

@@ -82,6 +82,21 @@ pub enum Step {
     ReplyAndClose(Vec<u8>),
     /// Send these bytes and enter transmission.
     Transmission(Vec<u8>),
+    /// Send these bytes (the `STARTTLS` ack), then run the TLS handshake;
+    /// the negotiation goes on over TLS.
+    StartTls(Vec<u8>),
+}
+
+/// Where the connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// The server has no credentials: `STARTTLS` is refused.
+    Off,
+    /// TLS is required and not started: only `STARTTLS` and `ABORT` are
+    /// answered (`NBD_REP_ERR_TLS_REQD`), `EXPORT_NAME` disconnects.
+    Required,
+    /// TLS runs.
+    Active,
 }
 
 /// The outcome of a finished handshake.
@@ -125,6 +140,7 @@ pub struct Negotiation {
     /// Export name and contexts of the last `SET_META_CONTEXT`.
     meta: Option<(String, Contexts)>,
     done: Option<Negotiated>,
+    tls: Tls,
 }
 
 /// A reader over option data that never reads past its end.
@@ -173,7 +189,18 @@ impl Negotiation {
             structured: false,
             meta: None,
             done: None,
+            tls: Tls::Off,
         })
+    }
+
+    /// Requires TLS before anything else (the server has credentials).
+    pub fn require_tls(&mut self) {
+        self.tls = Tls::Required;
+    }
+
+    /// Where the negotiation stands with TLS.
+    pub fn tls(&self) -> Tls {
+        self.tls
     }
 
     /// The outcome, once a step said [`Step::Transmission`].
@@ -194,10 +221,32 @@ impl Negotiation {
     /// Answers one option. An `Err` means a hard disconnect
     /// (`NBD_OPT_EXPORT_NAME` of an unknown export).
     pub fn option(&mut self, option: u32, data: &[u8]) -> Result<Step> {
+        if self.tls == Tls::Required {
+            return Ok(match option {
+                opt::ABORT => Step::ReplyAndClose(proto::option_reply(option, rep::ACK, &[])),
+                opt::STARTTLS if !data.is_empty() => err(option, rep::ERR_INVALID, "STARTTLS takes no data"),
+                opt::STARTTLS => {
+                    self.tls = Tls::Active;
+                    Step::StartTls(proto::option_reply(option, rep::ACK, &[]))
+                }
+                // No reply is possible: the spec's answer is to disconnect.
+                opt::EXPORT_NAME => {
+                    return Err(NbdError::Protocol(
+                        "EXPORT_NAME before STARTTLS on a TLS-only server".into(),
+                    ))
+                }
+                _ => err(
+                    option,
+                    rep::ERR_TLS_REQD,
+                    "this server requires TLS: send STARTTLS first",
+                ),
+            });
+        }
         Ok(match option {
             opt::EXPORT_NAME => return self.export_name(data),
             opt::ABORT => Step::ReplyAndClose(proto::option_reply(option, rep::ACK, &[])),
             opt::LIST => self.list(data),
+            opt::STARTTLS if self.tls == Tls::Active => err(option, rep::ERR_INVALID, "TLS is running already"),
             opt::STARTTLS => err(option, rep::ERR_POLICY, "TLS is not configured on this server"),
             opt::INFO | opt::GO => self.info(option, data),
             opt::STRUCTURED_REPLY => {
@@ -385,6 +434,50 @@ mod tests {
             b = &b[20 + len..];
         }
         out
+    }
+
+    #[test]
+    fn a_tls_only_server_answers_only_starttls_and_abort_before_tls() {
+        let mut n = Negotiation::new(vec![export()], proto::FLAG_C_FIXED_NEWSTYLE).unwrap();
+        n.require_tls();
+        for o in [
+            opt::LIST,
+            opt::INFO,
+            opt::GO,
+            opt::STRUCTURED_REPLY,
+            opt::SET_META_CONTEXT,
+            99,
+        ] {
+            let Ok(Step::Reply(b)) = n.option(o, &go_data("disk", &[])) else {
+                panic!("option {o}: not a reply")
+            };
+            assert_eq!(replies(&b)[0].1, rep::ERR_TLS_REQD, "option {o}");
+        }
+        assert!(
+            n.option(opt::EXPORT_NAME, b"disk").is_err(),
+            "EXPORT_NAME before TLS must disconnect"
+        );
+        let Ok(Step::Reply(b)) = n.option(opt::STARTTLS, b"x") else {
+            panic!()
+        };
+        assert_eq!(replies(&b)[0].1, rep::ERR_INVALID);
+        assert!(matches!(n.option(opt::STARTTLS, &[]), Ok(Step::StartTls(_))));
+        assert_eq!(n.tls(), Tls::Active);
+        // Over TLS: a second STARTTLS is invalid; the rest works.
+        let Ok(Step::Reply(b)) = n.option(opt::STARTTLS, &[]) else {
+            panic!()
+        };
+        assert_eq!(replies(&b)[0].1, rep::ERR_INVALID);
+        assert!(matches!(
+            n.option(opt::GO, &go_data("disk", &[])),
+            Ok(Step::Transmission(_))
+        ));
+        // A server without credentials refuses STARTTLS by policy.
+        let mut n = Negotiation::new(vec![export()], proto::FLAG_C_FIXED_NEWSTYLE).unwrap();
+        let Ok(Step::Reply(b)) = n.option(opt::STARTTLS, &[]) else {
+            panic!()
+        };
+        assert_eq!(replies(&b)[0].1, rep::ERR_POLICY);
     }
 
     fn go_data(name: &str, items: &[u16]) -> Vec<u8> {

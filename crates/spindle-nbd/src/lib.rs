@@ -17,16 +17,19 @@ mod connection;
 mod error;
 mod exec;
 pub mod export;
+pub mod fuzzing;
 pub mod handshake;
 pub mod pool;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod transmission;
 
 pub use error::{NbdError, Result};
 pub use export::{DetectZeroes, Export};
 pub use handshake::ExportInfo;
 pub use server::{Server, ServerConfig, StopHandle};
+pub use tls::TlsConfig;
 
 /// A warning a client can trigger: at most 10 lines a second, then a
 /// count of the lines left out.

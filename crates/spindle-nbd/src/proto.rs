@@ -88,6 +88,8 @@ pub mod rep {
     pub const ERR_POLICY: u32 = ERR + 2;
     /// Known, but malformed.
     pub const ERR_INVALID: u32 = ERR + 3;
+    /// TLS must be started first (`NBD_OPT_STARTTLS`).
+    pub const ERR_TLS_REQD: u32 = ERR + 5;
     /// No such export.
     pub const ERR_UNKNOWN: u32 = ERR + 6;
     /// The server is shutting down.

@@ -23,7 +23,7 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 /// How the server runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// I/O threads (at least one).
     pub threads: usize,
@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub max_clients: Option<usize>,
     /// Keep serving after the last client left (`-t/--persistent`).
     pub persistent: bool,
+    /// TLS credentials: with them, every client must start TLS first.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 enum Event {
@@ -99,10 +101,10 @@ impl Server {
         let mut senders = Vec::new();
         for i in 0..cfg.threads.max(1) {
             let (ttx, trx) = unbounded::<ToThread>();
-            let (exports, ended, rcfg) = (exports.clone(), tx.clone(), cfg.runtime);
+            let (exports, ended, rcfg, tls) = (exports.clone(), tx.clone(), cfg.runtime, cfg.tls.clone());
             let t = std::thread::Builder::new()
                 .name(format!("spindle-nbd-{i}"))
-                .spawn(move || io_thread(rcfg, trx, exports, ended))
+                .spawn(move || io_thread(rcfg, trx, exports, ended, tls))
                 .map_err(|e| NbdError::Setup(format!("cannot start an I/O thread: {e}")))?;
             threads.push(t);
             senders.push(ttx);
@@ -156,6 +158,7 @@ fn io_thread(
     mut rx: UnboundedReceiver<ToThread>,
     exports: Arc<Vec<Arc<Export>>>,
     ended: UnboundedSender<Event>,
+    tls: Option<crate::tls::TlsConfig>,
 ) {
     let rt = match Runtime::new(cfg) {
         Ok(rt) => rt,
@@ -170,14 +173,14 @@ fn io_thread(
         while let Some(msg) = rx.next().await {
             match msg {
                 ToThread::Conn(fd) => {
-                    let (exports, ended, mine) = (exports.clone(), ended.clone(), live.clone());
+                    let (exports, ended, mine, tls) = (exports.clone(), ended.clone(), live.clone(), tls.clone());
                     tasks.push(spindle_io::spawn(async move {
                         nodelay(&fd);
                         match Socket::new(fd) {
                             Ok(sock) => {
                                 let sock = Rc::new(sock);
                                 mine.borrow_mut().push(Rc::downgrade(&sock));
-                                if let Err(e) = connection::serve(sock, exports).await {
+                                if let Err(e) = connection::serve(sock, exports, tls).await {
                                     crate::limited_warn(&format!("NBD connection ended: {e}"));
                                 }
                             }

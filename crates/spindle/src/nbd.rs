@@ -8,7 +8,7 @@
 use crate::img::CliResult;
 use spindle_block::{open_image, BlockError, Node, OpenConfig, Sharing};
 use spindle_io::{CacheMode, EngineKind, RuntimeConfig};
-use spindle_nbd::{DetectZeroes, Export, ExportInfo, Server, ServerConfig};
+use spindle_nbd::{DetectZeroes, Export, ExportInfo, Server, ServerConfig, TlsConfig};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,8 +57,9 @@ pub struct Args {
     /// Zero detection on writes: off (default), on, unmap (needs --discard=unmap).
     #[arg(long = "detect-zeroes", default_value = "off")]
     pub detect_zeroes: String,
-    /// Serve an internal snapshot read-only (not supported yet).
-    #[arg(short = 'l', long = "load-snapshot")]
+    /// Serve internal snapshot ID_OR_NAME of a qcow2 image, read-only
+    /// (also `snapshot.id=ID` or `snapshot.name=NAME`, as qemu-nbd).
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT")]
     pub load_snapshot: Option<String>,
     /// Offer the qemu:allocation-depth metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
@@ -72,6 +73,14 @@ pub struct Args {
     /// I/O threads serving the connections.
     #[arg(long, default_value_t = 2)]
     pub iothreads: usize,
+    /// TLS credentials in qemu-nbd's layout: DIR/server-cert.pem,
+    /// DIR/server-key.pem (and DIR/ca-cert.pem for --tls-verify-clients).
+    /// With them every client must start TLS first.
+    #[arg(long = "tls-creds", value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Require a client certificate signed by DIR/ca-cert.pem.
+    #[arg(long = "tls-verify-clients", requires = "tls_creds")]
+    pub tls_verify_clients: bool,
 }
 
 fn invalid(msg: impl Into<String>) -> BlockError {
@@ -85,11 +94,13 @@ enum Addr {
 }
 
 impl Addr {
-    fn uri(&self, name: &str) -> String {
+    /// The NBD URI (`nbds…` with TLS).
+    fn uri(&self, name: &str, tls: bool) -> String {
+        let s = if tls { "s" } else { "" };
         match self {
-            Addr::Tcp(h, p) if h.contains(':') => format!("nbd://[{h}]:{p}/{name}"),
-            Addr::Tcp(h, p) => format!("nbd://{h}:{p}/{name}"),
-            Addr::Unix(path) => format!("nbd+unix:///{name}?socket={}", path.display()),
+            Addr::Tcp(h, p) if h.contains(':') => format!("nbd{s}://[{h}]:{p}/{name}"),
+            Addr::Tcp(h, p) => format!("nbd{s}://{h}:{p}/{name}"),
+            Addr::Unix(path) => format!("nbd{s}+unix:///{name}?socket={}", path.display()),
         }
     }
     fn blockdev(&self, name: &str) -> String {
@@ -114,9 +125,6 @@ struct Settings {
 }
 
 fn settings(a: &Args) -> CliResult<Settings> {
-    if a.load_snapshot.is_some() {
-        return Err(invalid("-l/--load-snapshot is not supported yet (docs/nbd.md)"));
-    }
     if a.iothreads == 0 || a.iothreads > 64 {
         return Err(invalid(format!("--iothreads {} must be from 1 to 64", a.iothreads)));
     }
@@ -176,15 +184,29 @@ fn listen(a: &Args) -> CliResult<(OwnedFd, Addr)> {
 fn print_start(a: &Args, node: &Node, addr: &Addr) {
     use std::io::Write;
     let name = &a.export_name;
-    let uri = addr.uri(name);
+    let tls = a.tls_creds.is_some();
+    let uri = addr.uri(name, tls);
     let mode = if a.read_only { "read-only" } else { "writable" };
     let image = spindle_block::printable(&a.image);
-    let text = format!(
-        "spindle nbd: serving {image} ({}, {} bytes, {mode}) at {uri}\n  qemu-img info '{uri}'\n  nbdinfo '{uri}'\n  qemu-system-x86_64 ... {} -device virtio-blk-pci,drive=nbd0\n",
-        node.info().format,
-        node.size(),
-        addr.blockdev(name)
-    );
+    let text = if tls {
+        // A client needs the CA's certificate (DIR/ca-cert.pem) in a
+        // directory of its own (and its own certificate with --tls-verify-clients).
+        let obj = "--object tls-creds-x509,id=tls0,dir=CLIENT-DIR,endpoint=client";
+        format!(
+            "spindle nbd: serving {image} ({}, {} bytes, {mode}, TLS only) at {uri}\n  qemu-img info {obj} --image-opts driver=nbd,{},tls-creds=tls0\n  nbdinfo '{uri}&tls-certificates=CLIENT-DIR'\n  qemu-system-x86_64 ... {obj} {},tls-creds=tls0 -device virtio-blk-pci,drive=nbd0\n",
+            node.info().format,
+            node.size(),
+            addr.blockdev(name).trim_start_matches("-blockdev driver=nbd,node-name=nbd0,"),
+            addr.blockdev(name)
+        )
+    } else {
+        format!(
+            "spindle nbd: serving {image} ({}, {} bytes, {mode}) at {uri}\n  qemu-img info '{uri}'\n  nbdinfo '{uri}'\n  qemu-system-x86_64 ... {} -device virtio-blk-pci,drive=nbd0\n",
+            node.info().format,
+            node.size(),
+            addr.blockdev(name)
+        )
+    };
     // A closed stdout (a supervisor that read the first line) is no reason to stop.
     let mut out = std::io::stdout();
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
@@ -212,6 +234,9 @@ fn daemonize() -> CliResult<()> {
 
 /// Runs `spindle nbd`.
 pub fn run(a: Args) -> CliResult<u8> {
+    let mut a = a;
+    // As qemu-nbd: a snapshot is served read-only.
+    a.read_only |= a.load_snapshot.is_some();
     let s = settings(&a)?;
     let format = a.format.as_deref().map(str::parse).transpose()?;
     let cfg = OpenConfig {
@@ -221,7 +246,16 @@ pub fn run(a: Args) -> CliResult<u8> {
         sharing: Sharing::Readers,
         ..Default::default()
     };
+    let tls = match &a.tls_creds {
+        Some(dir) => {
+            Some(TlsConfig::from_dir(dir, a.tls_verify_clients).map_err(|e| invalid(format!("--tls-creds: {e}")))?)
+        }
+        None => None,
+    };
     let node = Arc::new(open_image(&a.image, &cfg)?);
+    if let Some(sn) = &a.load_snapshot {
+        load_snapshot(&node, sn)?;
+    }
     let (fd, addr) = listen(&a)?;
     if a.fork {
         daemonize()?;
@@ -259,6 +293,7 @@ pub fn run(a: Args) -> CliResult<u8> {
             runtime,
             max_clients: shared,
             persistent: a.persistent,
+            tls,
         },
     );
     let stop = server.stop_handle();
@@ -278,6 +313,32 @@ pub fn run(a: Args) -> CliResult<u8> {
     served.map_err(|e| invalid(e.to_string()))?;
     closed?;
     Ok(0)
+}
+
+/// `-l`: serves snapshot `spec` (`ID_OR_NAME`, `snapshot.id=ID` or
+/// `snapshot.name=NAME`) of the read-only image in `node`.
+fn load_snapshot(node: &Node, spec: &str) -> CliResult<()> {
+    let Node::Qcow2(q) = node else {
+        return Err(invalid(format!(
+            "-l {spec}: the image is {}, not qcow2",
+            node.info().format
+        )));
+    };
+    let want = spec
+        .strip_prefix("snapshot.id=")
+        .or_else(|| spec.strip_prefix("snapshot.name="))
+        .unwrap_or(spec);
+    let by_id = spec.starts_with("snapshot.id=");
+    let by_name = spec.starts_with("snapshot.name=");
+    let rt = spindle_io::Runtime::new(RuntimeConfig::default())?;
+    let snaps = rt.block_on(q.snapshot_list());
+    let found = snaps
+        .iter()
+        .find(|s| (!by_name && s.id == want) || (!by_id && s.name == want))
+        .ok_or_else(|| invalid(format!("-l {spec}: {} has no such snapshot", q.path().display())))?;
+    let id = found.id.clone();
+    rt.block_on(q.view_snapshot(&id))?;
+    Ok(())
 }
 
 /// Flushes the image and writes qcow2 metadata back.

@@ -243,3 +243,85 @@ fn without_persistent_the_server_exits_after_the_last_client() {
     assert!(srv.wait(), "exit 0 after the client left");
     assert!(!pid.exists(), "the pid file is removed");
 }
+
+/// `-l`: an internal snapshot served read-only, by name or by
+/// `snapshot.id=`, with the snapshot's own size; the image is not changed.
+#[test]
+fn load_snapshot_serves_an_internal_snapshot_read_only() {
+    need_tool("qemu-io");
+    let d = scratch();
+    let dir = d.path();
+    let img = dir.join("snap.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "32M"]);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x31 0 4M",
+            "-c",
+            "write -P 0x32 20M 1M",
+            p(&img),
+        ],
+    );
+    ok("qemu-img", &["snapshot", "-c", "before", p(&img)]);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x41 1M 4M",
+            "-c",
+            "write -z 20M 1M",
+            p(&img),
+        ],
+    );
+    ok("qemu-img", &["resize", "-q", p(&img), "48M"]);
+    let want = dir.join("want.raw");
+    ok(
+        "qemu-img",
+        &["convert", "-l", "snapshot.name=before", "-O", "raw", p(&img), p(&want)],
+    );
+    let active = dir.join("active.raw");
+    ok("qemu-img", &["convert", "-O", "raw", p(&img), p(&active)]);
+    let before = std::fs::read(&img).unwrap();
+    for spec in ["before", "snapshot.id=1", "snapshot.name=before"] {
+        let sock = dir.join("snap.sock");
+        let srv = NbdServer::start(&["-t", "-k", p(&sock), "-l", spec, p(&img)]);
+        let uri = format!("nbd+unix:///?socket={}", p(&sock));
+        let info: Value = serde_json::from_str(&ok("nbdinfo", &["--json", &uri])).unwrap();
+        let e = &info["exports"][0];
+        assert_eq!(e["export-size"], 32 << 20, "{spec}: {e}");
+        assert_eq!(e["is_read_only"], true, "{spec}: {e}");
+        ok("qemu-img", &["compare", "-f", "raw", p(&want), &uri]);
+        let o = run("qemu-img", &["compare", "-f", "raw", p(&active), &uri]);
+        assert!(!o.status.success(), "{spec}: the export shows the active disk");
+        let o = run("qemu-io", &["-f", "raw", "-c", "write -P 0x55 0 512", &uri]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !o.status.success() || text.contains("ermission") || text.contains("read-only"),
+            "{spec}: a write went through: {text}"
+        );
+        assert!(srv.stop());
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "serving a snapshot changed the image"
+    );
+    // Refused by name: an unknown snapshot, a raw image.
+    let o = run("spindle", &["nbd", "-k", p(&dir.join("x.sock")), "-l", "nope", p(&img)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no such snapshot"), "{err}");
+    let o = run(
+        "spindle",
+        &["nbd", "-k", p(&dir.join("x.sock")), "-l", "before", p(&want)],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("not qcow2"), "{err}");
+}

@@ -45,7 +45,11 @@ impl NbdServer {
             .expect("start line");
         let uri = line
             .split_whitespace()
-            .find(|w| w.starts_with("nbd://") || w.starts_with("nbd+unix://"))
+            .find(|w| {
+                ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
+                    .iter()
+                    .any(|s| w.starts_with(s))
+            })
             .unwrap_or_else(|| panic!("no URI in the start line {line:?} (args {args:?})"))
             .to_string();
         NbdServer { child, uri }
@@ -53,7 +57,7 @@ impl NbdServer {
 
     /// `host:port` of a TCP server.
     pub fn tcp_addr(&self) -> String {
-        let rest = self.uri.trim_start_matches("nbd://");
+        let rest = self.uri.trim_start_matches("nbd://").trim_start_matches("nbds://");
         rest.split('/').next().unwrap_or_default().to_string()
     }
 

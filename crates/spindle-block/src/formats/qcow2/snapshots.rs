@@ -203,6 +203,29 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Serves snapshot `id_or_name` in place of the active disk (`spindle
+    /// nbd -l`, as `qemu-nbd -l`): its L1 table becomes the one reads go
+    /// through, and its disk size the image's. Only on an image opened
+    /// read-only; nothing is written, and the file stays as it is.
+    pub async fn view_snapshot(&self, id_or_name: &str) -> Result<()> {
+        if !self.read_only {
+            return Err(fmt_err(
+                self.path(),
+                "a snapshot is served only from an image opened read-only",
+            ));
+        }
+        let mut m = self.lock_meta_clear_of(0, u64::MAX).await;
+        let i = Self::find(&m.snapshots, id_or_name).ok_or_else(|| self.not_found(id_or_name))?;
+        let sn = m.snapshots[i].clone();
+        self.check_snapshot_l1(&sn)?;
+        let l1 = m.read_l1(&self.file, sn.l1_table_offset, sn.l1_size).await?;
+        m.replace_l1(l1);
+        let size = sn.disk_size.unwrap_or(m.hdr.size);
+        m.hdr.size = size;
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Deletes a snapshot and frees what only it used.
     pub async fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
         let r = self.snapshot_delete_inner(id_or_name).await;
