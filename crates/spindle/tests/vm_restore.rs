@@ -21,7 +21,10 @@ fn stderr(o: &std::process::Output) -> String {
 }
 
 /// Snapshots `src` as `name`, lets it run on and overwrite its tags, and
-/// kills it; the counter's last value before, first after, and last.
+/// kills it; the counter's last value before the command, the latest the
+/// snapshot point can be (the first value after the command started, or,
+/// for a live snapshot whose guest counts on during the pre-copy, the last
+/// one when the command returned), and the last value.
 fn snapshot_then_diverge(src: &mut Vm, qmp: &Path, ctl: &Path, args: &[&str]) -> (u64, u64, u64) {
     let before = src.mark();
     let last_before = *counts(src, 0).last().unwrap();
@@ -30,7 +33,8 @@ fn snapshot_then_diverge(src: &mut Vm, qmp: &Path, ctl: &Path, args: &[&str]) ->
     let o = vm_cmd(qmp, ctl, &all);
     println!("{}", stderr(&o));
     assert!(o.status.success(), "vm snapshot failed:\n{}", stderr(&o));
-    let first_after = next_count(src, before);
+    let at_return = *counts(src, 0).last().unwrap();
+    let first_after = next_count(src, before).max(at_return);
     let m = src.mark();
     src.send("W2");
     src.wait_line(m, "WROTE v2", MINUTE);
