@@ -6,7 +6,9 @@ fio, qemu-system-x86_64, qemu-img, and ~10 GiB free in the bench dir.
 
   bench/vmstate.py [DIR]      (default /var/tmp/spindle-bench-vm; SIZE_MB=2048)
 """
-import json, os, socket, subprocess, sys, time
+import json, os, subprocess, sys, time
+
+from qmp import Qmp
 
 DIR = sys.argv[1] if len(sys.argv) > 1 else "/var/tmp/spindle-bench-vm"
 SIZE_MB = int(os.environ.get("SIZE_MB", "2048"))
@@ -45,31 +47,8 @@ class Qemu:
         if drive:
             args += ["-drive", f"file={drive},format=qcow2,if=none,id=d0,cache=none,aio=native"]
         self.p = subprocess.Popen(args)
-        for _ in range(300):
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(self.sock)
-                break
-            except OSError:
-                time.sleep(0.05)
-        self.f = self.s.makefile("rw")
-        self.f.readline()
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.f.flush()
-        while True:
-            r = json.loads(self.f.readline())
-            if "event" not in r:
-                if "error" in r:
-                    raise RuntimeError(f"{name}: {r}")
-                return r["return"]
-
-    def hmp(self, line):
-        out = self.cmd("human-monitor-command", **{"command-line": line})
-        if out.strip():
-            raise RuntimeError(f"{line}: {out}")
+        self.q = Qmp(self.sock, self.p)
+        self.cmd, self.hmp = self.q.cmd, self.q.hmp
 
     def quit(self):
         try:

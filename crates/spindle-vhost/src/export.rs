@@ -179,7 +179,9 @@ impl Export {
         let hold = self.dev.gate().hold();
         let backend = self.backend();
         if let Some(b) = backend {
-            if !b.device_stopped() {
+            // A device the frontend never started (QEMU started with -S,
+            // as libvirt starts guests) has no requests to wait for.
+            if !b.device_stopped() && !b.never_started() {
                 return Err(format!(
                     "export '{name}': its frontend's device is running; pause the guest first (QMP stop)"
                 ));

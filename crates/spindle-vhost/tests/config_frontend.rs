@@ -146,3 +146,35 @@ fn memory_slots_are_offered_only_after_the_features_are_set() {
     export.stop();
     server.join().unwrap().unwrap();
 }
+
+/// A connected frontend that never started the device (QEMU started with
+/// `-S`, as libvirt starts a guest) leaves nothing to wait for: the export
+/// quiesces for a snapshot (`spindle vm snapshot` of a guest not yet run).
+#[test]
+fn a_frontend_that_never_started_the_device_does_not_block_a_quiesce() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("never.sock");
+    let export = Export::bind(device(), &sock).unwrap();
+    let runner = export.clone();
+    let server = std::thread::spawn(move || runner.run());
+    let mut fe = Frontend::connect(&sock, 2).unwrap();
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    fe.set_features(features).unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(proto).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !export.is_connected() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export never saw the frontend"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let hold = export.quiesce(std::time::Duration::from_secs(5));
+    assert!(hold.is_ok(), "{:?}", hold.err());
+    drop(hold);
+    drop(fe);
+    export.stop();
+    server.join().unwrap().unwrap();
+}

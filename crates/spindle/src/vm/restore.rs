@@ -7,8 +7,9 @@
 //!    refuses a disk whose device the frontend has started);
 //! 3. `migrate-incoming unix:SOCK` and the daemon streams the VM state
 //!    into it (`vmstate_load`), read ahead from the image;
-//! 4. wait until QEMU has loaded it (`query-status`: paused or running),
-//!    then `cont` unless `--paused`.
+//! 4. wait until QEMU has loaded it (`query-status`: paused or running,
+//!    or prelaunch for a guest snapshotted before it ever ran), then
+//!    `cont` unless `--paused` (a never-run guest stays so).
 
 use super::qmp::Qmp;
 use super::{ctl, disks_of};
@@ -102,7 +103,9 @@ fn stream(qmp: &mut Qmp, control: &Path, vm_disk: &str, name: &str, sock: &Path)
             Ok(_) => format!("QEMU did not load the VM state: {e}"),
         })?;
         let s = st["status"].as_str().unwrap_or("").to_string();
-        if s == "paused" || s == "running" {
+        // `prelaunch`: the snapshot is of a guest that never ran (QEMU
+        // started with -S); QEMU restores that state, and so it stays.
+        if s == "paused" || s == "running" || s == "prelaunch" {
             loaded?;
             return Ok(s);
         }
