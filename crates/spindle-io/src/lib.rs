@@ -29,6 +29,7 @@ mod range_lock;
 mod reactor;
 mod runtime;
 mod sg;
+pub mod time;
 
 pub use buf::AlignedBuf;
 pub use cache::CacheMode;

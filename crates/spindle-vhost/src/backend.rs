@@ -9,16 +9,17 @@
 //! `worker.rs` for what happens on each event.
 
 use crate::blk::config::{parse_write, ConfigWrite};
-use crate::device::Device;
 use crate::dirty::{DirtyLog, LogMap, VHOST_F_LOG_ALL};
+use crate::disk::VirtioDisk;
 use crate::drain::InFlight;
 use crate::inflight::track::Tracking;
 use crate::inflight::{self, Caps, Region};
 use crate::queues::QueueMap;
-use crate::ratelimit::limited;
 use crate::ring::{Broken, Setup};
 use crate::run::{Run, Stopped};
 use crate::worker;
+use spindle_export::device::Device;
+use spindle_export::ratelimit::limited;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -16,8 +16,8 @@
 //! Here a data path with logging off pays one atomic load per request and
 //! per batch ([`DirtyLog::is_on`]); a mark takes no lock.
 
-use crate::ratelimit::limited;
 use arc_swap::ArcSwapOption;
+use spindle_export::ratelimit::limited;
 use spindle_io::memfd;
 use std::cell::RefCell;
 use std::fs::File;

@@ -10,7 +10,7 @@
 //! waits for them. While the device's quiesce [`Gate`] is held (a
 //! snapshot), no admission is granted either, on any connection.
 
-use crate::quiesce::Gate;
+use spindle_export::quiesce::Gate;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};

@@ -14,10 +14,10 @@
 //! backlog for the other process to accept.
 
 use crate::backend::{BlkBackend, Memory, DRAIN_TIMEOUT};
-use crate::device::{Device, Migration};
-use crate::quiesce::Hold;
-use crate::ratelimit::limited;
 use crate::Error;
+use spindle_export::device::{Device, Migration};
+use spindle_export::quiesce::Hold;
+use spindle_export::ratelimit::limited;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -6,15 +6,18 @@
 //! - [`backend`] and `worker` implement rust-vmm's `VhostUserBackend` on
 //!   `&self`: each I/O thread owns a `spindle_io::Runtime` whose eventfds
 //!   sit in the same epoll loop as the queue kicks.
-//! - [`export`] serves a [`device::Device`] on a socket, connection after
-//!   connection; [`stats`] counts requests per queue without locks.
+//! - [`export`] serves a [`spindle_export::Device`] on a socket,
+//!   connection after connection; [`disk::VirtioDisk`] is what virtio-blk
+//!   makes of the export (limits, configuration space).
+//!
+//! The export itself (its image slot, statistics, quiesce gate) is
+//! `spindle-export`'s, which the NBD front end shares.
 #![deny(missing_docs)]
 
-mod activation;
 pub mod backend;
 pub mod blk;
-pub mod device;
 pub mod dirty;
+pub mod disk;
 mod drain;
 pub mod export;
 #[doc(hidden)]
@@ -23,18 +26,12 @@ pub mod inflight;
 mod kick;
 mod poll;
 mod queues;
-pub mod quiesce;
-pub mod ratelimit;
 pub mod ring;
 mod run;
-pub mod slot;
-pub mod stats;
 mod worker;
-pub mod written;
 
-pub use device::{Device, DeviceConfig, Migration};
+pub use disk::VirtioDisk;
 pub use export::Export;
-pub use ratelimit::LibraryLogs;
 use std::path::PathBuf;
 
 /// Errors of the data plane.

@@ -4,7 +4,7 @@
 //! hands each thread its vrings in increasing queue order, so the queue's
 //! index among its thread's vrings (its local index) is N / threads.
 
-use crate::device::DeviceConfig;
+use spindle_export::device::DeviceConfig;
 
 /// The map between device queues and (I/O thread, local index).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

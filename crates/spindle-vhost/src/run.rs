@@ -16,9 +16,9 @@
 //! The data path reads one atomic per round (`is_running`); the lock is
 //! taken only on a ring's first round and at stops.
 
-use crate::activation::{Start, Waker};
-use crate::device::{Device, Migration};
 use spindle_block::Node;
+use spindle_export::device::{Device, Migration};
+use spindle_export::{Start, Waker};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -244,8 +244,8 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::DeviceConfig;
     use spindle_block::{open_image, OpenConfig};
+    use spindle_export::device::DeviceConfig;
     use spindle_io::RuntimeConfig;
 
     fn device(name: &str, queues: u16, slot: Option<&Device>) -> Device {

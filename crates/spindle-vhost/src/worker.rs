@@ -22,18 +22,19 @@
 
 use crate::backend::{BlkBackend, Memory};
 use crate::blk::{complete, parse, Parsed, RequestKind, VIRTIO_BLK_S_OK};
-use crate::device::Device;
 use crate::dirty::DirtyLog;
+use crate::disk::VirtioDisk;
 use crate::drain::Admission;
 use crate::inflight::track::QueueTrack;
 use crate::kick::hold_kicks;
 use crate::poll::{PollState, Step};
 use crate::queues::QueueMap;
-use crate::ratelimit::limited;
 use crate::ring::{self, Broken, Setup};
-use crate::stats::Op;
 use smallvec::SmallVec;
 use spindle_block::Node;
+use spindle_export::device::Device;
+use spindle_export::ratelimit::limited;
+use spindle_export::stats::Op;
 use spindle_io::Runtime;
 use std::cell::RefCell;
 use std::io;

@@ -3,8 +3,9 @@
 //! switch (CONFIG_WCE) and refused writes.
 
 use spindle_block::{open_image, OpenConfig};
+use spindle_export::{Device, DeviceConfig};
 use spindle_io::RuntimeConfig;
-use spindle_vhost::{Device, DeviceConfig, Export};
+use spindle_vhost::{Export, VirtioDisk};
 use std::sync::Arc;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};

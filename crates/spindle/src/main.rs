@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         .finish()
         // The rust-vmm crates' lines (a frontend can trigger them) get the
         // same rate limit as the data plane's own.
-        .with(spindle_vhost::LibraryLogs::default())
+        .with(spindle_export::LibraryLogs::default())
         .init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,

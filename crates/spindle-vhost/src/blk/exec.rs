@@ -105,20 +105,20 @@ async fn execute<B: Bitmap + 'static>(node: &Node, mem: &SharedMemory<B>, dev: &
             match Box::pin(node.read(off, &sg)).await {
                 Ok(()) => (VIRTIO_BLK_S_OK, req.data_len as u32),
                 Err(e) => {
-                    crate::ratelimit::limited!(warn, "read of {} bytes at {off}: {e}", req.data_len);
+                    spindle_export::ratelimit::limited!(warn, "read of {} bytes at {off}: {e}", req.data_len);
                     ioerr
                 }
             }
         }
         RequestKind::Write => {
             let Some(sg) = sg_list(mem, &req.data) else {
-                crate::ratelimit::limited!(warn, "write at {off}: data buffers outside guest memory");
+                spindle_export::ratelimit::limited!(warn, "write at {off}: data buffers outside guest memory");
                 return ioerr;
             };
             match Box::pin(node.write(off, &sg, dev.write_through)).await {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
-                    crate::ratelimit::limited!(warn, "write of {} bytes at {off}: {e}", req.data_len);
+                    spindle_export::ratelimit::limited!(warn, "write of {} bytes at {off}: {e}", req.data_len);
                     ioerr
                 }
             }

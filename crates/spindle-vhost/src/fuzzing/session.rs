@@ -11,8 +11,9 @@
 //! not.
 
 use super::driver::{Driver, Ring, MAX_DATA, MEM_SIZE};
-use crate::{Device, DeviceConfig, Export};
+use crate::Export;
 use spindle_block::{open_image, OpenConfig};
+use spindle_export::{Device, DeviceConfig};
 use spindle_io::RuntimeConfig;
 use std::io::Write;
 use std::os::fd::AsRawFd;

@@ -5,11 +5,12 @@
 use super::{fail, spawn_request, stop, Worker};
 use crate::backend::BlkBackend;
 use crate::blk::{parse, Parsed};
+use crate::disk::VirtioDisk;
 use crate::inflight::track::QueueTrack;
 use crate::inflight::Region;
-use crate::ratelimit::limited;
 use crate::ring::{self, Broken};
 use spindle_block::Node;
+use spindle_export::ratelimit::limited;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

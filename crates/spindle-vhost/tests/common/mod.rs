@@ -1,7 +1,7 @@
 //! What the frontend tests of this crate share: the process's log, as
 //! `spindle serve` sets it up, and one test at a time.
 
-use spindle_vhost::LibraryLogs;
+use spindle_export::LibraryLogs;
 use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use tracing_subscriber::prelude::*;
@@ -70,7 +70,8 @@ pub fn raw_export(
     std::thread::JoinHandle<Result<(), spindle_vhost::Error>>,
 ) {
     use spindle_block::{open_image, Format, OpenConfig};
-    use spindle_vhost::{Device, DeviceConfig, Export};
+    use spindle_export::{Device, DeviceConfig};
+    use spindle_vhost::Export;
     let img = dir.join("disk.raw");
     std::fs::write(&img, data).unwrap();
     let cfg = OpenConfig {

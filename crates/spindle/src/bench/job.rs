@@ -3,7 +3,7 @@
 use super::pattern;
 use blkio::{Blkioq, Completion, MemoryRegion, ReqFlags};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
-use spindle_vhost::stats::Histogram;
+use spindle_export::stats::Histogram;
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
 

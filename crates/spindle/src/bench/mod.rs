@@ -14,7 +14,7 @@ use clap::Args as ClapArgs;
 use job::{Job, QueueResult, Rw};
 use serde_json::json;
 use spindle_block::BlockError;
-use spindle_vhost::stats::Histogram;
+use spindle_export::stats::Histogram;
 use std::os::unix::fs::FileTypeExt;
 use std::time::{Duration, Instant};
 

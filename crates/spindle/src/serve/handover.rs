@@ -36,7 +36,7 @@ use super::activation;
 use super::server::{Server, STOP_TIMEOUT};
 use super::spec::ExportSpec;
 use serde::Serialize;
-use spindle_vhost::device::Migration;
+use spindle_export::device::Migration;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};

@@ -227,7 +227,7 @@ pub fn run(a: Args) -> CliResult<u8> {
     }
     // Active exports first: a second export of an image (a same-daemon
     // migration's other side) shares the image opened for serving.
-    specs.sort_by_key(|s| s.state() != spindle_vhost::device::Migration::Active);
+    specs.sort_by_key(|s| s.state() != spindle_export::device::Migration::Active);
     let server = Arc::new(Server::default());
     for spec in specs {
         let image = spec.image.clone();

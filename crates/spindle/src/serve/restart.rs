@@ -9,7 +9,7 @@
 
 use super::spec::ExportSpec;
 use spindle_block::BlockError;
-use spindle_vhost::Device;
+use spindle_export::Device;
 use std::time::{Duration, Instant};
 
 /// How long an image that is in use is waited for.

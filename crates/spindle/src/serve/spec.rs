@@ -3,11 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 use spindle_block::{open_image, BlockError, Format, Node, OpenConfig, Sharing};
+use spindle_export::device::opt_io;
+use spindle_export::device::Migration;
+use spindle_export::slot::{NodeSlot, Reopen};
+use spindle_export::{Device, DeviceConfig};
 use spindle_io::{CacheMode, EngineKind, RuntimeConfig};
-use spindle_vhost::device::opt_io;
-use spindle_vhost::device::Migration;
-use spindle_vhost::slot::{NodeSlot, Reopen};
-use spindle_vhost::{Device, DeviceConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -125,7 +125,7 @@ impl ExportSpec {
             Migration::Active => Migration::Incoming,
             s => s,
         };
-        let opt = other.geometry().opt_io;
+        let opt = other.opt_io();
         Ok(Device::with_slot_in(
             other.slot.clone(),
             cfg,

@@ -15,7 +15,7 @@
 use super::server::Server;
 use serde_json::{json, Value};
 use spindle_block::BlockError;
-use spindle_vhost::quiesce::Gate;
+use spindle_export::quiesce::Gate;
 use spindle_vhost::Export;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};

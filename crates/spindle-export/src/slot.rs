@@ -167,7 +167,7 @@ impl NodeSlot {
     /// have changed, and a closed image is opened meanwhile by the slot's
     /// activation thread (started here, one per slot; `name` is for its
     /// logs). Never blocks on the image: an I/O thread calls it.
-    pub(crate) fn start(self: &Arc<Self>, id: u64, waker: &Arc<Waker>, name: &str) -> Start {
+    pub fn start(self: &Arc<Self>, id: u64, waker: &Arc<Waker>, name: &str) -> Start {
         let (start, spawn) = self.guard.start(id, waker, || self.current());
         if spawn {
             activation::spawn(self, name);
@@ -176,7 +176,7 @@ impl NodeSlot {
     }
 
     /// The one-writer guard of this slot.
-    pub(crate) fn guard(&self) -> &Guard {
+    pub fn guard(&self) -> &Guard {
         &self.guard
     }
 

@@ -90,6 +90,7 @@ impl RateLimit {
 
 /// Logs at `$level` (a `tracing` macro name) through a limit of its own
 /// call site: `limited!(warn, device = %name, "refused request {head}")`.
+#[macro_export]
 macro_rules! limited {
     ($level:ident, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::RateLimit =
@@ -101,7 +102,7 @@ macro_rules! limited {
         }
     }};
 }
-pub(crate) use limited;
+pub use crate::limited;
 
 /// Module paths of the rust-vmm crates this data plane runs on.
 const LIBRARIES: [&str; 4] = ["vhost", "virtio_queue", "vm_memory", "vmm_sys_util"];

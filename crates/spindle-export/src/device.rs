@@ -1,9 +1,6 @@
 //! One exported disk: the block node and what outlives a frontend
 //! connection (settings, write-cache state, statistics, migration state).
 
-use crate::blk::config::Geometry;
-use crate::blk::exec;
-use crate::blk::Limits;
 use crate::quiesce::Gate;
 use crate::slot::NodeSlot;
 use crate::stats::{summarize, OpSummary, QueueStats};
@@ -13,6 +10,10 @@ use spindle_block::{BlockError, Node};
 use spindle_io::RuntimeConfig;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+
+/// Stream front-end lanes of statistics per export: an NBD server has at
+/// most this many I/O threads.
+pub const LANES: usize = 16;
 
 /// How a disk is exported.
 #[derive(Debug, Clone)]
@@ -87,8 +88,9 @@ pub struct Device {
     capacity: AtomicU64,
     writeback: AtomicBool,
     opt_io: u32,
-    ident: exec::Device,
     stats: Box<[QueueStats]>,
+    /// Counters of the stream front ends (NBD), one lane per I/O thread.
+    lanes: Box<[QueueStats]>,
     gate: Arc<Gate>,
     /// A job watches the guest's writes (`written` is set).
     tracking: AtomicBool,
@@ -139,8 +141,8 @@ impl Device {
             capacity: AtomicU64::new(size),
             writeback: AtomicBool::new(true),
             opt_io,
-            ident: exec::Device::new(&cfg.serial),
             stats: (0..cfg.num_queues).map(|_| QueueStats::default()).collect(),
+            lanes: (0..LANES).map(|_| QueueStats::default()).collect(),
             gate: Arc::default(),
             tracking: AtomicBool::new(false),
             written: ArcSwapOption::new(None),
@@ -183,7 +185,7 @@ impl Device {
 
     /// A write of `len` bytes at `off` completed (called by the I/O
     /// threads; one relaxed load when no job watches).
-    pub(crate) fn wrote(&self, off: u64, len: u64) {
+    pub fn wrote(&self, off: u64, len: u64) {
         if self.tracking.load(Ordering::Relaxed) {
             if let Some(w) = self.written.load().as_ref() {
                 w.mark(off, len);
@@ -197,14 +199,14 @@ impl Device {
     }
 
     /// This export's id in its slot.
-    pub(crate) fn export_id(&self) -> u64 {
+    pub fn export_id(&self) -> u64 {
         self.id
     }
 
     /// The frontend started the device and the slot let it serve
     /// (`NodeSlot::start`, which opened its image afresh first if it was
     /// closed): the export is active.
-    pub(crate) fn started(&self) {
+    pub fn started(&self) {
         if self.migration.swap(Migration::Active as u8, Ordering::AcqRel) != Migration::Active as u8 {
             tracing::info!(device = %self.cfg.name, "export active: its frontend started the device");
         }
@@ -241,30 +243,9 @@ impl Device {
         self.slot.detach(self.id)
     }
 
-    /// Request limits as of now (the capacity follows resizes).
-    pub fn limits(&self) -> Limits {
-        let mut l = Limits::new(self.capacity.load(Ordering::Acquire) / 512);
-        l.read_only = self.cfg.read_only;
-        l
-    }
-
-    /// The configuration space and features as of now.
-    pub fn geometry(&self) -> Geometry {
-        Geometry {
-            limits: self.limits(),
-            logical_block: 512,
-            opt_io: self.opt_io,
-            num_queues: self.cfg.num_queues,
-            writeback: self.writeback(),
-        }
-    }
-
-    /// Request settings as of now: the GET_ID string, and write-through
-    /// when the guest turned its write cache off.
-    pub fn ident(&self) -> exec::Device {
-        let mut d = self.ident.clone();
-        d.write_through = !self.writeback();
-        d
+    /// The optimal I/O size (the qcow2 cluster size, 0 if none).
+    pub fn opt_io(&self) -> u32 {
+        self.opt_io
     }
 
     /// Whether the guest's write cache is on (CONFIG_WCE).
@@ -297,9 +278,21 @@ impl Device {
         self.stats.iter().map(QueueStats::requests).collect()
     }
 
-    /// Statistics summed over all queues.
+    /// Counters of stream front-end lane `lane` (an NBD I/O thread's
+    /// number): each lane has one writer, as each queue has.
+    pub fn lane_stats(&self, lane: usize) -> &QueueStats {
+        &self.lanes[lane % LANES]
+    }
+
+    /// Requests finished by the stream front ends (NBD), all lanes.
+    pub fn lane_requests(&self) -> u64 {
+        self.lanes.iter().map(QueueStats::requests).sum()
+    }
+
+    /// Statistics summed over all queues and lanes.
     pub fn stats(&self) -> Vec<OpSummary> {
-        summarize(&self.stats)
+        let all: Vec<&QueueStats> = self.stats.iter().chain(self.lanes.iter()).collect();
+        summarize(&all)
     }
 }
 

@@ -133,7 +133,7 @@ pub struct OpSummary {
 }
 
 /// Sums `queues` into one summary per kind of request that has been seen.
-pub fn summarize(queues: &[QueueStats]) -> Vec<OpSummary> {
+pub fn summarize(queues: &[&QueueStats]) -> Vec<OpSummary> {
     let mut out = Vec::new();
     for (i, name) in NAMES.iter().enumerate() {
         let mut hist = vec![0u64; BUCKETS];
@@ -246,7 +246,7 @@ mod tests {
             q[(i % 2) as usize].record(Op::Read, 4096, true, i * 1000);
         }
         q[0].record(Op::Write, 512, false, 10);
-        let s = summarize(&q);
+        let s = summarize(&[&q[0], &q[1]]);
         assert_eq!(s.len(), 2);
         let r = &s[0];
         assert_eq!((r.op, r.requests, r.errors, r.bytes), ("read", 1000, 0, 4096 * 1000));

@@ -43,34 +43,34 @@ const FIRST_PAUSE: Duration = Duration::from_millis(20);
 const MAX_PAUSE: Duration = Duration::from_millis(200);
 
 /// Wakes the I/O threads of one connection (an eventfd in their epoll).
-pub(crate) struct Waker(EventFd);
+pub struct Waker(EventFd);
 
 impl Waker {
     /// A new, non-blocking eventfd.
-    pub(crate) fn new() -> io::Result<Waker> {
+    pub fn new() -> io::Result<Waker> {
         EventFd::new(EFD_NONBLOCK).map(Waker)
     }
 
     /// Makes every I/O thread that registered it look at its rings.
-    pub(crate) fn wake(&self) {
+    pub fn wake(&self) {
         // Never read: the counter only grows; a full one still wakes.
         let _ = self.0.write(1);
     }
 
     /// The descriptor to register (edge-triggered) in an epoll loop.
-    pub(crate) fn fd(&self) -> RawFd {
+    pub fn fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
 
-    /// Whether it was woken since the last look (which reads it).
-    #[cfg(test)]
-    pub(crate) fn woken(&self) -> bool {
+    /// Whether it was woken since the last look (which reads it; for
+    /// tests: the I/O threads never read it).
+    pub fn woken(&self) -> bool {
         self.0.read().is_ok()
     }
 }
 
 /// What a device that asks to start gets.
-pub(crate) enum Start {
+pub enum Start {
     /// It may serve: the open image.
     Serve(Arc<Node>),
     /// Not now; its waker is woken when that may have changed.
@@ -90,7 +90,7 @@ struct State {
 
 /// The one-writer rule of a slot (see the module's documentation).
 #[derive(Default)]
-pub(crate) struct Guard {
+pub struct Guard {
     state: Mutex<State>,
 }
 
@@ -125,7 +125,7 @@ impl Guard {
 
     /// The device of export `id` stopped (or is gone): devices waiting for
     /// it are woken.
-    pub(crate) fn stopped(&self, id: u64) {
+    pub fn stopped(&self, id: u64) {
         let woken = {
             let mut st = self.lock();
             let before = st.running.len();
@@ -140,7 +140,7 @@ impl Guard {
 
     /// `waker` waits no longer (its rings stopped, its device was reset or
     /// its frontend went away).
-    pub(crate) fn cancel(&self, waker: &Arc<Waker>) {
+    pub fn cancel(&self, waker: &Arc<Waker>) {
         self.lock().waiting.retain(|(_, w)| !Arc::ptr_eq(w, waker));
     }
 
