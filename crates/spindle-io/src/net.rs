@@ -71,6 +71,13 @@ impl Socket {
         })
     }
 
+    /// The descriptor, for shutting the socket from another thread
+    /// (`shutdown(2)` on it while it is still open; the upgrade fails once
+    /// the socket was dropped, so a reused descriptor number is never hit).
+    pub fn weak_fd(&self) -> std::sync::Weak<OwnedFd> {
+        Arc::downgrade(&self.fd)
+    }
+
     /// The descriptor (for `shutdown`, socket options, logs).
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()

@@ -8,7 +8,7 @@
 //! 64 MiB of payload buffered at once, then its socket simply is not read.
 
 use crate::error::{NbdError, Result};
-use crate::export::Export;
+use crate::export::{Catalog, Export};
 use crate::handshake::{self, Negotiation, Step, MAX_OPTION};
 use crate::pool::{Buf, Credits};
 use crate::proto::{Request, REQUEST_LEN};
@@ -28,6 +28,8 @@ pub(crate) struct Conn {
     pub(crate) wire: Rc<Wire>,
     pub(crate) export: Arc<Export>,
     pub(crate) limits: Limits,
+    /// The device statistics lane of this connection's I/O thread.
+    pub(crate) lane: usize,
     send_lock: futures::lock::Mutex<()>,
     pub(crate) credits: Credits,
 }
@@ -127,18 +129,43 @@ impl Inbox {
     }
 }
 
-/// Serves one connection to its end: handshake, then transmission. With
-/// `tls`, TLS is required before anything else.
-pub(crate) async fn serve(sock: Rc<Socket>, exports: Arc<Vec<Arc<Export>>>, tls: Option<TlsConfig>) -> Result<()> {
+/// How a connection is served.
+#[derive(Clone)]
+pub(crate) struct Setup {
+    /// What a client may choose from.
+    pub(crate) catalog: Arc<Catalog>,
+    /// With credentials, TLS is required before anything else.
+    pub(crate) tls: Option<TlsConfig>,
+    /// The statistics lane (the I/O thread's number).
+    pub(crate) lane: usize,
+    /// The handshake must be over within this time.
+    pub(crate) handshake_limit: std::time::Duration,
+}
+
+/// Serves one connection to its end: handshake, then transmission.
+pub(crate) async fn serve(sock: Rc<Socket>, setup: Setup) -> Result<()> {
     let mut inbox = Inbox::new();
+    let weak = sock.weak_fd();
     let mut wire = Wire::Plain(sock);
-    let Some((export, limits)) = negotiate(&mut wire, &mut inbox, &exports, tls.as_ref()).await? else {
+    let limit = setup.handshake_limit;
+    let exports = setup.catalog.list();
+    let negotiated = spindle_io::time::timeout(limit, negotiate(&mut wire, &mut inbox, &exports, setup.tls.as_ref()))
+        .await?
+        .ok_or_else(|| NbdError::Protocol(format!("handshake not finished within {} s", limit.as_secs_f64())))??;
+    let Some((export, limits)) = negotiated else {
         return Ok(());
     };
+    if !export.attach(weak) {
+        return Err(NbdError::Protocol(format!(
+            "export '{}' was removed during the handshake",
+            export.settings.name
+        )));
+    }
     let conn = Rc::new(Conn {
         wire: Rc::new(wire),
         export,
         limits,
+        lane: setup.lane,
         send_lock: futures::lock::Mutex::new(()),
         credits: Credits::default(),
     });
@@ -159,7 +186,7 @@ async fn negotiate(
     if !inbox.read(wire, &mut flags).await? {
         return Ok(None);
     }
-    let infos = exports.iter().map(|e| e.info.clone()).collect();
+    let infos: Vec<_> = exports.iter().map(|e| e.info()).collect();
     let mut neg = Negotiation::new(infos, u32::from_be_bytes(flags))?;
     if tls.is_some() {
         neg.require_tls();
@@ -204,12 +231,13 @@ async fn negotiate(
                     .negotiated()
                     .ok_or_else(|| NbdError::Protocol("no export chosen".into()))?;
                 let export = exports[n.export].clone();
+                let info = &neg.exports()[n.export];
                 let limits = Limits {
-                    size: export.info.size,
-                    read_only: export.info.read_only,
+                    size: info.size,
+                    read_only: info.read_only,
                     structured: n.structured,
                     contexts: n.contexts,
-                    fast_zero: export.info.fast_zero,
+                    fast_zero: info.fast_zero,
                 };
                 return Ok(Some((export, limits)));
             }

@@ -14,8 +14,10 @@ use crate::pool::Buf;
 use crate::proto::{errno, simple_reply, state};
 use crate::transmission::{self as tx, Command};
 use spindle_block::{BlockError, Extent, Node};
+use spindle_export::stats::Op;
 use spindle_io::SgList;
 use std::rc::Rc;
+use std::time::Instant;
 
 /// Reads shorter than this skip the block-status look for holes.
 const SPARSE_MIN: u32 = 64 << 10;
@@ -34,26 +36,96 @@ pub fn wire_errno(e: &BlockError) -> u32 {
     }
 }
 
+/// A reply to send once the image work is done (and the request no
+/// longer holds the export's gate).
+type Reply = Vec<SgList>;
+
 /// Runs `cmd` (with the write payload, already received) and replies.
+/// The request passes the export's quiesce gate first and is counted in
+/// flight until its image work is done; the reply goes out after, so a
+/// client that does not read its replies cannot hold a snapshot back.
 pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Option<Buf>) {
-    let node = conn.export.node.clone();
+    let dev = conn.export.dev.clone();
+    let pass = dev.gate().pass().await;
+    let start = Instant::now();
+    let (op, bytes) = classify(&cmd);
+    let (reply, ok) = match dev.node() {
+        Some(node) => {
+            let (reply, ok) = image_work(&conn, &node, cookie, cmd, payload).await;
+            if let Some((off, len)) = written_span(&cmd) {
+                // A failed write may have landed in part: a live commit
+                // job copies the range again, as for vhost-user.
+                dev.wrote(off, len);
+            }
+            (reply, ok)
+        }
+        None => {
+            let why = format!(
+                "export '{}' is {} (live migration): its image is not open here",
+                dev.cfg.name,
+                dev.migration().name()
+            );
+            crate::limited_warn(&format!("NBD request refused: {why}"));
+            (error_reply(&conn, cookie, errno::EIO, &why), false)
+        }
+    };
+    drop(pass);
+    let ns = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+    dev.lane_stats(conn.lane)
+        .record(if ok { op } else { Op::Other }, if ok { bytes } else { 0 }, ok, ns);
+    let refs: Vec<&SgList> = reply.iter().collect();
+    conn.send(&refs).await
+}
+
+fn error_reply(conn: &Conn, cookie: u64, errno: u32, why: &str) -> Reply {
+    vec![SgList::copy_of(&tx::error_reply(
+        cookie,
+        conn.limits.structured,
+        errno,
+        why,
+    ))]
+}
+
+/// The statistics kind and byte count of a command.
+fn classify(cmd: &Command) -> (Op, u64) {
+    match *cmd {
+        Command::Read { len, .. } => (Op::Read, len as u64),
+        Command::Write { len, .. } => (Op::Write, len as u64),
+        Command::Flush => (Op::Flush, 0),
+        Command::Trim { len, .. } => (Op::Discard, len as u64),
+        Command::WriteZeroes { len, .. } => (Op::WriteZeroes, len as u64),
+        _ => (Op::Other, 0),
+    }
+}
+
+/// The range a command may change.
+fn written_span(cmd: &Command) -> Option<(u64, u64)> {
+    match *cmd {
+        Command::Write { offset, len, .. } => Some((offset, len as u64)),
+        Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. } => Some((offset, len as u64)),
+        _ => None,
+    }
+}
+
+/// The image work of one command: its reply and whether it succeeded.
+async fn image_work(conn: &Conn, node: &Node, cookie: u64, cmd: Command, payload: Option<Buf>) -> (Reply, bool) {
     let r = match cmd {
-        Command::Read { offset, len, df } => return read(&conn, &node, cookie, offset, len, df).await,
+        Command::Read { offset, len, df } => return read(conn, node, cookie, offset, len, df).await,
         Command::BlockStatus { offset, len, req_one } => {
-            return block_status(&conn, &node, cookie, offset, len, req_one).await
+            return block_status(conn, node, cookie, offset, len, req_one).await
         }
         Command::Write { offset, fua, .. } => {
             let sg = payload.as_ref().map(Buf::sg).unwrap_or_else(|| SgList::zeroed(0));
-            write(&conn, &node, offset, &sg, fua).await
+            write(conn, node, offset, &sg, fua).await
         }
         Command::Flush => node.flush().await,
         Command::Trim { offset, len, fua } => {
-            let r = if conn.export.discard {
+            let r = if conn.export.settings.discard {
                 node.discard(offset, len as u64).await
             } else {
                 Ok(())
             };
-            finish_fua(&node, r, fua).await
+            finish_fua(node, r, fua).await
         }
         Command::WriteZeroes {
             offset,
@@ -62,13 +134,14 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
             no_hole,
             fast,
         } => {
-            if fast && !crate::export::Export::zeroing_is_fast(&node) {
-                return conn
-                    .reply_error(cookie, errno::ENOTSUP, "zeroing is not fast on this image")
-                    .await;
+            if fast && !crate::export::Export::zeroing_is_fast(node) {
+                return (
+                    error_reply(conn, cookie, errno::ENOTSUP, "zeroing is not fast on this image"),
+                    false,
+                );
             }
-            let unmap = conn.export.discard && !no_hole;
-            finish_fua(&node, node.write_zeroes(offset, len as u64, unmap).await, fua).await
+            let unmap = conn.export.settings.discard && !no_hole;
+            finish_fua(node, node.write_zeroes(offset, len as u64, unmap).await, fua).await
         }
         Command::Cache { offset, len } => {
             let buf = Buf::get(len as usize);
@@ -77,10 +150,10 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
         Command::Disconnect => Ok(()),
     };
     match r {
-        Ok(()) => conn.send(&[&SgList::copy_of(&simple_reply(cookie, 0))]).await,
+        Ok(()) => (vec![SgList::copy_of(&simple_reply(cookie, 0))], true),
         Err(e) => {
             crate::limited_warn(&format!("NBD request failed: {e}"));
-            conn.reply_error(cookie, wire_errno(&e), &e.to_string()).await
+            (error_reply(conn, cookie, wire_errno(&e), &e.to_string()), false)
         }
     }
 }
@@ -94,9 +167,9 @@ async fn finish_fua(node: &Node, r: spindle_block::Result<()>, fua: bool) -> spi
 }
 
 async fn write(conn: &Conn, node: &Node, offset: u64, sg: &SgList, fua: bool) -> spindle_block::Result<()> {
-    let detect = conn.export.detect_zeroes;
+    let detect = conn.export.settings.detect_zeroes;
     if detect != DetectZeroes::Off && sg.is_zero() {
-        let unmap = detect == DetectZeroes::Unmap && conn.export.discard;
+        let unmap = detect == DetectZeroes::Unmap && conn.export.settings.discard;
         return finish_fua(node, node.write_zeroes(offset, sg.len() as u64, unmap).await, fua).await;
     }
     node.write(offset, sg, fua).await
@@ -121,7 +194,7 @@ async fn extents(node: &Node, offset: u64, len: u64, max: usize) -> spindle_bloc
     Ok(out)
 }
 
-async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: bool) {
+async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: bool) -> (Reply, bool) {
     let structured = conn.limits.structured;
     let buf = Buf::get(len as usize);
     let sg = buf.sg();
@@ -132,18 +205,17 @@ async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: 
         None
     };
     let Some(map) = holes.filter(|m| m.iter().any(|(_, e)| e.zero)) else {
-        match node.read(offset, &sg).await {
-            Ok(()) if structured => {
-                let hdr = SgList::copy_of(&tx::data_chunk(cookie, true, offset, len));
-                conn.send(&[&hdr, &sg]).await
-            }
-            Ok(()) => conn.send(&[&SgList::copy_of(&simple_reply(cookie, 0)), &sg]).await,
+        return match node.read(offset, &sg).await {
+            Ok(()) if structured => (
+                vec![SgList::copy_of(&tx::data_chunk(cookie, true, offset, len)), sg],
+                true,
+            ),
+            Ok(()) => (vec![SgList::copy_of(&simple_reply(cookie, 0)), sg], true),
             Err(e) => {
                 crate::limited_warn(&format!("NBD read failed: {e}"));
-                conn.reply_error(cookie, wire_errno(&e), &e.to_string()).await
+                (error_reply(conn, cookie, wire_errno(&e), &e.to_string()), false)
             }
-        }
-        return;
+        };
     };
     // Merge neighbours of one kind; read every data run concurrently.
     let mut runs: Vec<(u64, u64, bool)> = Vec::new();
@@ -179,6 +251,7 @@ async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: 
             parts.push(sg.slice((pos - offset) as usize, n as usize));
         }
     }
+    let ok = failed.is_none();
     if let Some((pos, _, e)) = failed {
         crate::limited_warn(&format!("NBD read failed at {pos}: {e}"));
         parts.push(SgList::copy_of(&tx::error_chunk(
@@ -188,8 +261,7 @@ async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: 
             Some(pos),
         )));
     }
-    let refs: Vec<&SgList> = parts.iter().collect();
-    conn.send(&refs).await
+    (parts, ok)
 }
 
 /// Merges `(len, value)` pairs with equal values; with `one`, keeps one.
@@ -208,12 +280,12 @@ fn merged(items: impl Iterator<Item = (u64, u32)>, one: bool) -> Vec<(u32, u32)>
     out.into_iter().map(|(l, v)| (l as u32, v)).collect()
 }
 
-async fn block_status(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, one: bool) {
+async fn block_status(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, one: bool) -> (Reply, bool) {
     let max = if one { 1 } else { MAX_EXTENTS };
     let map = match extents(node, offset, len as u64, max).await {
         Ok(m) if !m.is_empty() => m,
-        Ok(_) => return conn.reply_error(cookie, errno::EINVAL, "no extent").await,
-        Err(e) => return conn.reply_error(cookie, wire_errno(&e), &e.to_string()).await,
+        Ok(_) => return (error_reply(conn, cookie, errno::EINVAL, "no extent"), false),
+        Err(e) => return (error_reply(conn, cookie, wire_errno(&e), &e.to_string()), false),
     };
     let ctx = conn.limits.contexts;
     let mut out = Vec::new();
@@ -236,5 +308,5 @@ async fn block_status(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u
     for (i, (id, ext)) in out.into_iter().enumerate() {
         bytes.extend(tx::block_status_chunk(cookie, i + 1 == n, id, &ext));
     }
-    conn.send(&[&SgList::copy_of(&bytes)]).await
+    (vec![SgList::copy_of(&bytes)], true)
 }

@@ -1,8 +1,19 @@
-//! What the server serves: an image node with its NBD description.
+//! What the server serves: exports of the export layer
+//! ([`spindle_export::Device`]) with their NBD description, in a
+//! [`Catalog`] that may change while the server runs (`spindle serve`'s
+//! hot plug).
+//!
+//! A request goes through the device like a vhost-user one: the device's
+//! quiesce gate admits it, the image is the device's current node (which
+//! overlays, jobs and live migration may replace or close), and its
+//! counts go into the device's statistics.
 
 use crate::handshake::ExportInfo;
 use spindle_block::Node;
-use std::sync::Arc;
+use spindle_export::Device;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// QEMU's `detect-zeroes`: what a write of all zeroes becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -16,12 +27,17 @@ pub enum DetectZeroes {
     Unmap,
 }
 
-/// One export: the node every connection to it shares, and its description.
-pub struct Export {
-    /// Name, size, flags as the handshake announces them.
-    pub info: ExportInfo,
-    /// The image (shared by every connection and I/O thread).
-    pub node: Arc<Node>,
+/// How one export is described and served over NBD.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Export name (`""`: the default export).
+    pub name: String,
+    /// For humans (`nbdinfo`).
+    pub description: String,
+    /// `NBD_FLAG_CAN_MULTI_CONN` is offered.
+    pub multi_conn: bool,
+    /// `qemu:allocation-depth` is offered.
+    pub allocation_depth: bool,
     /// `TRIM` and hole-punching zero writes reach the image (QEMU's
     /// `discard=unmap`); otherwise `TRIM` succeeds without effect.
     pub discard: bool,
@@ -29,10 +45,132 @@ pub struct Export {
     pub detect_zeroes: DetectZeroes,
 }
 
+/// One export: the device every connection to it shares, and how NBD
+/// describes it.
+pub struct Export {
+    /// Name, description and NBD options.
+    pub settings: Settings,
+    /// The exported disk.
+    pub dev: Arc<Device>,
+    /// Connected clients' sockets (for [`Export::disconnect`]).
+    conns: Mutex<Vec<Weak<OwnedFd>>>,
+    closed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Export {
+    /// An export of `dev`.
+    pub fn new(dev: Arc<Device>, settings: Settings) -> Export {
+        Export {
+            settings,
+            dev,
+            conns: Mutex::default(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// What the handshake announces, as of now (the size follows resizes;
+    /// a client keeps the size it was told).
+    pub fn info(&self) -> ExportInfo {
+        let s = &self.settings;
+        ExportInfo {
+            name: s.name.clone(),
+            description: s.description.clone(),
+            size: self.dev.capacity(),
+            read_only: self.dev.cfg.read_only,
+            multi_conn: s.multi_conn,
+            allocation_depth: s.allocation_depth,
+            fast_zero: self.dev.node().is_some_and(|n| Export::zeroing_is_fast(&n)),
+        }
+    }
+
     /// Whether zeroing is always cheap on this node (`FAST_ZERO`): qcow2
     /// (zero clusters) and null; raw may fall back to writing zeroes.
     pub fn zeroing_is_fast(node: &Node) -> bool {
         matches!(node, Node::Qcow2(_) | Node::Null(_))
+    }
+
+    /// Clients connected now.
+    pub fn connections(&self) -> usize {
+        let mut c = lock(&self.conns);
+        c.retain(|w| w.strong_count() > 0);
+        c.len()
+    }
+
+    /// A client chose this export: `false` once it was removed.
+    pub(crate) fn attach(&self, sock: Weak<OwnedFd>) -> bool {
+        let mut c = lock(&self.conns);
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        c.retain(|w| w.strong_count() > 0);
+        c.push(sock);
+        true
+    }
+
+    /// Ends every connection to this export and refuses new ones: each
+    /// client's socket is shut for reading, so its connection finishes
+    /// the requests it has, replies, and ends.
+    pub fn disconnect(&self) {
+        let c = {
+            let mut c = lock(&self.conns);
+            self.closed.store(true, Ordering::Release);
+            std::mem::take(&mut *c)
+        };
+        for fd in c.iter().filter_map(Weak::upgrade) {
+            // SAFETY: shutdown on a descriptor kept open by the Arc just
+            // upgraded; no memory involved.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) };
+        }
+    }
+}
+
+/// The exports a server offers, by name; changed while it runs.
+#[derive(Default)]
+pub struct Catalog {
+    exports: Mutex<Vec<Arc<Export>>>,
+}
+
+impl Catalog {
+    /// A catalog of `exports`.
+    pub fn new(exports: Vec<Arc<Export>>) -> Catalog {
+        Catalog {
+            exports: Mutex::new(exports),
+        }
+    }
+
+    /// The exports as of now (what a new client may choose from).
+    pub fn list(&self) -> Vec<Arc<Export>> {
+        lock(&self.exports).clone()
+    }
+
+    /// The export named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        lock(&self.exports).iter().find(|e| e.settings.name == name).cloned()
+    }
+
+    /// Offers `export` to new clients; `Err` if the name is taken.
+    pub fn insert(&self, export: Arc<Export>) -> Result<(), String> {
+        let mut v = lock(&self.exports);
+        if v.iter().any(|e| e.settings.name == export.settings.name) {
+            return Err(format!("an NBD export named '{}' already exists", export.settings.name));
+        }
+        v.push(export);
+        Ok(())
+    }
+
+    /// Withdraws `name` and disconnects its clients (they finish the
+    /// requests they have first); returns it if it was there.
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        let e = {
+            let mut v = lock(&self.exports);
+            let i = v.iter().position(|e| e.settings.name == name)?;
+            v.remove(i)
+        };
+        e.disconnect();
+        Some(e)
     }
 }

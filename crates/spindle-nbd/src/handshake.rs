@@ -208,6 +208,11 @@ impl Negotiation {
         self.done
     }
 
+    /// The exports offered, as announced (in the order given).
+    pub fn exports(&self) -> &[ExportInfo] {
+        &self.exports
+    }
+
     fn find(&self, name: &[u8]) -> Option<usize> {
         self.exports.iter().position(|e| e.name.as_bytes() == name)
     }

@@ -26,7 +26,7 @@ pub mod tls;
 pub mod transmission;
 
 pub use error::{NbdError, Result};
-pub use export::{DetectZeroes, Export};
+pub use export::{Catalog, DetectZeroes, Export, Settings};
 pub use handshake::ExportInfo;
 pub use server::{Server, ServerConfig, StopHandle};
 pub use tls::TlsConfig;

@@ -12,7 +12,7 @@
 
 use crate::connection;
 use crate::error::{NbdError, Result};
-use crate::export::Export;
+use crate::export::Catalog;
 use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::StreamExt;
 use spindle_io::net::{Listener, Socket};
@@ -36,7 +36,13 @@ pub struct ServerConfig {
     pub persistent: bool,
     /// TLS credentials: with them, every client must start TLS first.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// A client that has not finished its handshake within this time is
+    /// disconnected (qemu-nbd's `--handshake-limit`).
+    pub handshake_limit: std::time::Duration,
 }
+
+/// The default handshake limit (qemu-nbd's: 10 s).
+pub const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 enum Event {
     Stop,
@@ -63,19 +69,20 @@ impl StopHandle {
 /// A server over one listening socket.
 pub struct Server {
     listener: OwnedFd,
-    exports: Arc<Vec<Arc<Export>>>,
+    exports: Arc<Catalog>,
     cfg: ServerConfig,
     tx: UnboundedSender<Event>,
     rx: UnboundedReceiver<Event>,
 }
 
 impl Server {
-    /// A server for `exports` on a bound, listening socket.
-    pub fn new(listener: OwnedFd, exports: Vec<Arc<Export>>, cfg: ServerConfig) -> Server {
+    /// A server for the exports of `exports` (which may change while it
+    /// runs) on a bound, listening socket.
+    pub fn new(listener: OwnedFd, exports: Arc<Catalog>, cfg: ServerConfig) -> Server {
         let (tx, rx) = unbounded();
         Server {
             listener,
-            exports: Arc::new(exports),
+            exports,
             cfg,
             tx,
             rx,
@@ -99,12 +106,18 @@ impl Server {
         } = self;
         let mut threads = Vec::new();
         let mut senders = Vec::new();
-        for i in 0..cfg.threads.max(1) {
+        for i in 0..cfg.threads.clamp(1, spindle_export::device::LANES) {
             let (ttx, trx) = unbounded::<ToThread>();
-            let (exports, ended, rcfg, tls) = (exports.clone(), tx.clone(), cfg.runtime, cfg.tls.clone());
+            let setup = connection::Setup {
+                catalog: exports.clone(),
+                tls: cfg.tls.clone(),
+                lane: i,
+                handshake_limit: cfg.handshake_limit,
+            };
+            let (ended, rcfg) = (tx.clone(), cfg.runtime);
             let t = std::thread::Builder::new()
                 .name(format!("spindle-nbd-{i}"))
-                .spawn(move || io_thread(rcfg, trx, exports, ended, tls))
+                .spawn(move || io_thread(rcfg, trx, setup, ended))
                 .map_err(|e| NbdError::Setup(format!("cannot start an I/O thread: {e}")))?;
             threads.push(t);
             senders.push(ttx);
@@ -156,9 +169,8 @@ impl Server {
 fn io_thread(
     cfg: RuntimeConfig,
     mut rx: UnboundedReceiver<ToThread>,
-    exports: Arc<Vec<Arc<Export>>>,
+    setup: connection::Setup,
     ended: UnboundedSender<Event>,
-    tls: Option<crate::tls::TlsConfig>,
 ) {
     let rt = match Runtime::new(cfg) {
         Ok(rt) => rt,
@@ -173,14 +185,14 @@ fn io_thread(
         while let Some(msg) = rx.next().await {
             match msg {
                 ToThread::Conn(fd) => {
-                    let (exports, ended, mine, tls) = (exports.clone(), ended.clone(), live.clone(), tls.clone());
+                    let (setup, ended, mine) = (setup.clone(), ended.clone(), live.clone());
                     tasks.push(spindle_io::spawn(async move {
                         nodelay(&fd);
                         match Socket::new(fd) {
                             Ok(sock) => {
                                 let sock = Rc::new(sock);
                                 mine.borrow_mut().push(Rc::downgrade(&sock));
-                                if let Err(e) = connection::serve(sock, exports, tls).await {
+                                if let Err(e) = connection::serve(sock, setup).await {
                                     crate::limited_warn(&format!("NBD connection ended: {e}"));
                                 }
                             }

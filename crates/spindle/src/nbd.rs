@@ -7,11 +7,13 @@
 
 use crate::img::CliResult;
 use spindle_block::{open_image, BlockError, Node, OpenConfig, Sharing};
+use spindle_export::{Device, DeviceConfig};
 use spindle_io::{CacheMode, EngineKind, RuntimeConfig};
-use spindle_nbd::{DetectZeroes, Export, ExportInfo, Server, ServerConfig, TlsConfig};
+use spindle_nbd::{Catalog, DetectZeroes, Export, Server, ServerConfig, TlsConfig};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// `spindle nbd` arguments (qemu-nbd's names).
 #[derive(clap::Args, Debug)]
@@ -73,6 +75,11 @@ pub struct Args {
     /// I/O threads serving the connections.
     #[arg(long, default_value_t = 2)]
     pub iothreads: usize,
+    /// Seconds a client has to finish its handshake before it is
+    /// disconnected (qemu-nbd's name and default).
+    #[arg(long = "handshake-limit", value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handshake_limit: u64,
     /// TLS credentials in qemu-nbd's layout: DIR/server-cert.pem,
     /// DIR/server-key.pem (and DIR/ca-cert.pem for --tls-verify-clients).
     /// With them every client must start TLS first.
@@ -252,7 +259,7 @@ pub fn run(a: Args) -> CliResult<u8> {
         }
         None => None,
     };
-    let node = Arc::new(open_image(&a.image, &cfg)?);
+    let node = open_image(&a.image, &cfg)?;
     if let Some(sn) = &a.load_snapshot {
         load_snapshot(&node, sn)?;
     }
@@ -266,34 +273,42 @@ pub fn run(a: Args) -> CliResult<u8> {
     // Printed once the pid file is there: whoever reads the line may use both.
     print_start(&a, &node, &addr);
     let shared = a.shared.filter(|&n| n > 0);
-    let info = ExportInfo {
-        name: a.export_name.clone(),
-        description: a.description.clone().unwrap_or_default(),
-        size: node.size(),
-        read_only: a.read_only,
-        multi_conn: shared != Some(1),
-        allocation_depth: a.allocation_depth,
-        fast_zero: Export::zeroing_is_fast(&node),
-    };
-    let export = Arc::new(Export {
-        info,
-        node: node.clone(),
-        discard: s.discard,
-        detect_zeroes: s.detect,
-    });
     let runtime = RuntimeConfig {
         engine: s.engine,
         ..Default::default()
     };
+    let dev = Arc::new(Device::new(
+        node,
+        DeviceConfig {
+            name: a.export_name.clone(),
+            serial: String::new(),
+            num_queues: 1,
+            iothreads: 1,
+            queue_size: 2,
+            poll_ns: 0,
+            engine: runtime,
+            read_only: a.read_only,
+        },
+    ));
+    let settings = spindle_nbd::Settings {
+        name: a.export_name.clone(),
+        description: a.description.clone().unwrap_or_default(),
+        multi_conn: shared != Some(1),
+        allocation_depth: a.allocation_depth,
+        discard: s.discard,
+        detect_zeroes: s.detect,
+    };
+    let catalog = Arc::new(Catalog::new(vec![Arc::new(Export::new(dev.clone(), settings))]));
     let server = Server::new(
         fd,
-        vec![export],
+        catalog,
         ServerConfig {
             threads: a.iothreads,
             runtime,
             max_clients: shared,
             persistent: a.persistent,
             tls,
+            handshake_limit: Duration::from_secs(a.handshake_limit),
         },
     );
     let stop = server.stop_handle();
@@ -308,7 +323,9 @@ pub fn run(a: Args) -> CliResult<u8> {
     let served = server.run();
     sig_handle.close();
     let _ = sig_thread.join();
-    let closed = close(&node, runtime);
+    let closed = dev
+        .close()
+        .map_err(|e| invalid(format!("{}: cannot close the image: {e}", a.image)));
     cleanup(&a, &addr);
     served.map_err(|e| invalid(e.to_string()))?;
     closed?;
@@ -339,12 +356,6 @@ fn load_snapshot(node: &Node, spec: &str) -> CliResult<()> {
     let id = found.id.clone();
     rt.block_on(q.view_snapshot(&id))?;
     Ok(())
-}
-
-/// Flushes the image and writes qcow2 metadata back.
-fn close(node: &Node, cfg: RuntimeConfig) -> CliResult<()> {
-    let rt = spindle_io::Runtime::new(cfg)?;
-    rt.block_on(node.close())
 }
 
 fn cleanup(a: &Args, addr: &Addr) {

@@ -144,12 +144,26 @@ fn witness_read(w: &mut Client, cookie: u64) {
     w.bytes(4096);
 }
 
+/// A client that sends `partial` after its flags and then nothing is
+/// disconnected once the server's 2 s handshake limit is over.
+fn closed_at_the_limit(addr: &str, partial: &[u8]) {
+    let start = std::time::Instant::now();
+    let mut c = Client::connect(addr, 1);
+    c.send(partial);
+    assert!(c.closed());
+    let t = start.elapsed();
+    assert!(
+        t >= Duration::from_millis(1900) && t < Duration::from_secs(8),
+        "closed after {t:?}"
+    );
+}
+
 #[test]
 fn raw_socket_cases_get_the_spec_answers_and_others_keep_being_served() {
     let dir = scratch();
     let img = dir.path().join("disk.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "16M"]);
-    let srv = NbdServer::start(&["-t", "-p", "0", "-x", "d", p(&img)]);
+    let srv = NbdServer::start(&["-t", "-p", "0", "--handshake-limit", "2", "-x", "d", p(&img)]);
     let ro = NbdServer::start(&["-t", "-p", "0", "-r", "-x", "d", "null:16M"]);
     let (addr, ro_addr) = (srv.tcp_addr(), ro.tcp_addr());
     let mut w = Client::connect(&addr, 1);
@@ -358,8 +372,38 @@ fn raw_socket_cases_get_the_spec_answers_and_others_keep_being_served() {
             assert_eq!(seen, (1000..1200).collect::<Vec<_>>());
         },
     );
+    case(
+        "a client silent after its flags: disconnected at the handshake limit",
+        &mut w,
+        &mut || {
+            let start = std::time::Instant::now();
+            let mut c = Client::connect(&addr, 1);
+            assert!(c.closed());
+            let t = start.elapsed();
+            assert!(
+                t >= Duration::from_millis(1900) && t < Duration::from_secs(8),
+                "closed after {t:?}"
+            );
+        },
+    );
+    case(
+        "a client stalled inside an option: disconnected at the handshake limit",
+        &mut w,
+        &mut || {
+            let start = std::time::Instant::now();
+            let mut c = Client::connect(&addr, 1);
+            c.send(&IHAVEOPT.to_be_bytes());
+            c.send(&3u32.to_be_bytes());
+            assert!(c.closed());
+            let t = start.elapsed();
+            assert!(
+                t >= Duration::from_millis(1900) && t < Duration::from_secs(8),
+                "closed after {t:?}"
+            );
+        },
+    );
     eprintln!("raw-socket conformance cases: {cases}");
-    assert_eq!(cases, 20);
+    assert_eq!(cases, 22);
     drop(w);
     assert!(srv.stop() && ro.stop());
 }
