@@ -194,7 +194,20 @@ impl Export {
                 ));
             }
         }
+        self.wait_other_front_ends(timeout)?;
         Ok(hold)
+    }
+
+    /// Waits for the requests of the export's other front ends (NBD),
+    /// which the held gate admits no more.
+    fn wait_other_front_ends(&self, timeout: std::time::Duration) -> Result<(), String> {
+        self.dev.gate().wait_passes(timeout).map_err(|n| {
+            format!(
+                "export '{}': {n} NBD requests still in flight after {} s",
+                self.dev.cfg.name,
+                timeout.as_secs()
+            )
+        })
     }
 
     /// Holds a running export still for a moment (a live overlay, the
@@ -221,6 +234,7 @@ impl Export {
                 ));
             }
         }
+        self.wait_other_front_ends(timeout)?;
         Ok(pause)
     }
 
@@ -241,6 +255,7 @@ impl Export {
                 ));
             }
         }
+        self.wait_other_front_ends(DRAIN_TIMEOUT)?;
         Ok(hold)
     }
 

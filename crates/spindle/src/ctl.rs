@@ -23,7 +23,14 @@ enum Cmd {
     /// List the exports.
     List,
     /// Serve another image (hot plug); IMAGE and --vhost-user are required.
-    Add(ExportArgs),
+    Add {
+        #[command(flatten)]
+        export: ExportArgs,
+        /// Require it to be offered over NBD too (the daemon's --nbd
+        /// listener; without this flag it is offered whenever there is one).
+        #[arg(long)]
+        nbd: bool,
+    },
     /// Stop serving an export (hot unplug); its image is flushed and closed.
     Remove {
         /// Export name.
@@ -102,13 +109,15 @@ fn speed(s: Option<String>) -> CliResult<Option<u64>> {
 pub fn run(a: Args) -> CliResult<u8> {
     let req = match a.cmd {
         Cmd::List => json!({"cmd": "list"}),
-        Cmd::Add(x) => {
+        Cmd::Add { export: x, nbd } => {
             let (Some(image), Some(_)) = (x.image.clone(), &x.vhost_user) else {
                 return Err(BlockError::Invalid(
                     "ctl add needs IMAGE and --vhost-user SOCKET".into(),
                 ));
             };
-            json!({"cmd": "add", "export": x.spec(image)})
+            let mut spec = x.spec(image);
+            spec.nbd = nbd.then_some(true);
+            json!({"cmd": "add", "export": spec})
         }
         Cmd::Remove { name } => json!({"cmd": "remove", "name": name}),
         Cmd::Stats { name } => json!({"cmd": "stats", "name": name}),

@@ -6,6 +6,7 @@
 //! locks it (a write lock unless `-r`). See docs/nbd.md.
 
 use crate::img::CliResult;
+use crate::nbd_addr::Addr;
 use spindle_block::{open_image, BlockError, Node, OpenConfig, Sharing};
 use spindle_export::{Device, DeviceConfig};
 use spindle_io::{CacheMode, EngineKind, RuntimeConfig};
@@ -94,36 +95,6 @@ fn invalid(msg: impl Into<String>) -> BlockError {
     BlockError::Invalid(msg.into())
 }
 
-/// Where clients connect, for the lines printed at start.
-enum Addr {
-    Tcp(String, u16),
-    Unix(PathBuf),
-}
-
-impl Addr {
-    /// The NBD URI (`nbds…` with TLS).
-    fn uri(&self, name: &str, tls: bool) -> String {
-        let s = if tls { "s" } else { "" };
-        match self {
-            Addr::Tcp(h, p) if h.contains(':') => format!("nbd{s}://[{h}]:{p}/{name}"),
-            Addr::Tcp(h, p) => format!("nbd{s}://{h}:{p}/{name}"),
-            Addr::Unix(path) => format!("nbd{s}+unix:///{name}?socket={}", path.display()),
-        }
-    }
-    fn blockdev(&self, name: &str) -> String {
-        let server = match self {
-            Addr::Tcp(h, p) => format!("server.type=inet,server.host={h},server.port={p}"),
-            Addr::Unix(path) => format!("server.type=unix,server.path={}", path.display()),
-        };
-        let export = if name.is_empty() {
-            String::new()
-        } else {
-            format!(",export={name}")
-        };
-        format!("-blockdev driver=nbd,node-name=nbd0,{server}{export}")
-    }
-}
-
 struct Settings {
     cache: CacheMode,
     engine: EngineKind,
@@ -167,25 +138,10 @@ fn settings(a: &Args) -> CliResult<Settings> {
 }
 
 fn listen(a: &Args) -> CliResult<(OwnedFd, Addr)> {
-    if let Some(path) = &a.socket {
-        if path.exists() {
-            // A stale socket of a dead server goes; a live one is an error.
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(invalid(format!(
-                    "{}: a server is listening there already",
-                    path.display()
-                )));
-            }
-            std::fs::remove_file(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-        }
-        let l = std::os::unix::net::UnixListener::bind(path)
-            .map_err(|e| invalid(format!("cannot listen on {}: {e}", path.display())))?;
-        return Ok((l.into(), Addr::Unix(path.clone())));
+    match &a.socket {
+        Some(path) => Addr::Unix(path.clone()).bind(),
+        None => Addr::Tcp(a.bind.clone(), a.port).bind(),
     }
-    let l = std::net::TcpListener::bind((a.bind.as_str(), a.port))
-        .map_err(|e| invalid(format!("cannot listen on {}:{}: {e}", a.bind, a.port)))?;
-    let port = l.local_addr().map(|s| s.port()).unwrap_or(a.port);
-    Ok((l.into(), Addr::Tcp(a.bind.clone(), port)))
 }
 
 fn print_start(a: &Args, node: &Node, addr: &Addr) {

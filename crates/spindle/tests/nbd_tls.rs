@@ -267,3 +267,43 @@ fn nbd_over_tls_serves_clients_with_the_ca_and_refuses_the_others() {
         text(&o)
     );
 }
+
+#[test]
+fn serve_nbd_tls_creds_requires_tls_of_every_nbd_client() {
+    need_tool("nbdinfo");
+    let d = scratch();
+    let dir = d.path();
+    let (ca, server, _) = pki(dir, "good");
+    let img = dir.join("a.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "16M"]);
+    let (vsock, nsock) = (dir.join("a.sock"), dir.join("nbd.sock"));
+    let nbd = format!("unix:{}", p(&nsock));
+    let srv = common::serve::Serve::start(
+        dir,
+        &[
+            p(&img),
+            "--vhost-user",
+            p(&vsock),
+            "--nbd",
+            &nbd,
+            "--nbd-tls-creds",
+            p(&server),
+        ],
+        &[&vsock, &nsock],
+    );
+    let good = format!("nbds+unix:///a?socket={}&tls-certificates={}", p(&nsock), p(&ca));
+    assert!(
+        srv.log_text().contains(&format!("nbds+unix:///a?socket={}", p(&nsock))),
+        "{}",
+        srv.log_text()
+    );
+    let o = nbdinfo(&good);
+    assert!(o.status.success(), "nbdinfo over TLS: {}", text(&o));
+    let o = nbdinfo(&format!("nbd+unix:///a?socket={}", p(&nsock)));
+    assert!(
+        !o.status.success() && text(&o).to_lowercase().contains("tls"),
+        "a plain client: {}",
+        text(&o)
+    );
+    assert!(srv.stop().success());
+}

@@ -129,6 +129,12 @@ pub fn notify(state: &str) {
 struct Config<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     control: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nbd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nbd_tls_creds: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nbd_iothreads: Option<usize>,
     #[serde(rename = "export")]
     exports: Vec<&'a ExportSpec>,
 }
@@ -319,7 +325,7 @@ fn released_states(line: &str) -> Option<Vec<Migration>> {
 pub fn hand_over(server: &Server, delay_io: Option<&str>) -> Result<u32, String> {
     let exe = EXE.get().ok_or("the path of the running binary is unknown")?.clone();
     let exports = server.close_for_handover();
-    let prepared = prepare(&exe, &exports, delay_io);
+    let prepared = prepare(&exe, &exports, server.nbd().map(|f| f.options()), delay_io);
     let (mut child, mut chan, sockets) = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -331,6 +337,11 @@ pub fn hand_over(server: &Server, delay_io: Option<&str>) -> Result<u32, String>
     let owned: Vec<bool> = exports.iter().map(|(_, e)| e.owns_socket_file()).collect();
     for (_, e) in &exports {
         e.leave_socket_file();
+    }
+    // The new process binds the NBD address once the exports are free:
+    // this one's NBD clients are disconnected (they reconnect to it).
+    if let Some(f) = server.nbd() {
+        f.stop();
     }
     let stopped = server.remove_all();
     // The state each export stopped in. The last references to the old
@@ -382,6 +393,7 @@ type Prepared = (Child, BufReader<UnixStream>, Sockets);
 fn prepare(
     exe: &Path,
     exports: &[(ExportSpec, std::sync::Arc<spindle_vhost::Export>)],
+    nbd: Option<&super::nbd::NbdOptions>,
     delay_io: Option<&str>,
 ) -> Result<Prepared, String> {
     if exports.is_empty() {
@@ -390,6 +402,9 @@ fn prepare(
     let sockets = collect(exports)?;
     let config = Config {
         control: sockets.control.map(|i| sockets.paths[i].as_path()),
+        nbd: nbd.map(|o| o.addr.spelling()),
+        nbd_tls_creds: nbd.and_then(|o| o.tls_creds.as_deref()),
+        nbd_iothreads: nbd.map(|o| o.iothreads),
         exports: exports.iter().map(|(s, _)| s).collect(),
     };
     let text = toml::to_string(&config).map_err(|e| format!("writing the configuration: {e}"))?;
@@ -580,6 +595,9 @@ mod tests {
         };
         let text = toml::to_string(&Config {
             control: Some(Path::new("/run/ctl")),
+            nbd: Some("unix:/run/nbd.sock".into()),
+            nbd_tls_creds: None,
+            nbd_iothreads: Some(2),
             exports: vec![&spec, &spec],
         })
         .unwrap();
@@ -588,6 +606,10 @@ mod tests {
         let back = super::super::spec::ConfigFile::load(&dir).unwrap();
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(back.control.as_deref(), Some(Path::new("/run/ctl")));
+        assert_eq!(
+            (back.nbd.as_deref(), back.nbd_iothreads),
+            (Some("unix:/run/nbd.sock"), Some(2))
+        );
         assert_eq!(back.exports.len(), 2);
         let b = &back.exports[1];
         assert_eq!(

@@ -4,6 +4,7 @@ pub mod activation;
 pub mod control;
 pub mod handover;
 pub mod jobs;
+pub mod nbd;
 pub mod request;
 pub mod restart;
 pub mod server;
@@ -85,6 +86,17 @@ pub struct Args {
     /// Control socket for `spindle ctl` (add, remove, list, stats, resize).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Serve the exports over NBD too, by name: HOST:PORT, [IPV6]:PORT,
+    /// unix:PATH or a socket path (see docs/nbd.md).
+    #[arg(long, value_name = "ADDR")]
+    nbd: Option<String>,
+    /// TLS for --nbd: a directory with server-cert.pem and server-key.pem
+    /// (qemu-nbd's layout); every NBD client must then start TLS.
+    #[arg(long = "nbd-tls-creds", value_name = "DIR")]
+    nbd_tls_creds: Option<PathBuf>,
+    /// I/O threads of the NBD server.
+    #[arg(long = "nbd-iothreads", value_name = "N")]
+    nbd_iothreads: Option<usize>,
     /// Test only: make every Nth request wait before it starts, so requests
     /// complete out of order (`OPS:N:MS`, see docs/hardening.md).
     #[arg(long = "x-delay-io", hide = true, value_name = "PLAN")]
@@ -126,6 +138,7 @@ impl ExportArgs {
             poll_us: self.poll_us,
             incoming: self.incoming,
             inactive: false,
+            nbd: None,
         }
     }
 
@@ -197,11 +210,20 @@ pub fn run(a: Args) -> CliResult<u8> {
     if let Some(plan) = &a.delay_io {
         spindle_block::fault::delay::set(plan.parse().map_err(BlockError::Invalid)?).map_err(BlockError::Invalid)?;
     }
-    let (mut specs, control): (Vec<ExportSpec>, _) = match &a.config {
+    let mut nbd_tls = a.nbd_tls_creds.clone();
+    let mut nbd_threads = a.nbd_iothreads;
+    let (mut specs, control, nbd_addr): (Vec<ExportSpec>, _, _) = match &a.config {
         Some(path) => {
             let cfg = ConfigFile::load(path)?;
             let control = a.control.clone().or(cfg.control);
-            (cfg.exports.into_iter().map(|s| a.export.fill(s)).collect(), control)
+            let nbd = a.nbd.clone().or(cfg.nbd);
+            nbd_tls = nbd_tls.or(cfg.nbd_tls_creds);
+            nbd_threads = nbd_threads.or(cfg.nbd_iothreads);
+            (
+                cfg.exports.into_iter().map(|s| a.export.fill(s)).collect(),
+                control,
+                nbd,
+            )
         }
         None => {
             let image = match &a.export.image {
@@ -211,9 +233,11 @@ pub fn run(a: Args) -> CliResult<u8> {
                     DEFAULT_IMAGE.to_string()
                 }
             };
-            (vec![a.export.spec(image)], a.control.clone())
+            (vec![a.export.spec(image)], a.control.clone(), a.nbd.clone())
         }
     };
+    // Checked before anything is opened or handed over.
+    let nbd_addr = nbd_addr.as_deref().map(crate::nbd_addr::Addr::parse).transpose()?;
     if let Some(i) = &mut incoming {
         // The old process stops its exports only now, and says the state
         // each one stopped in (or to quit: then no image is touched).
@@ -229,6 +253,14 @@ pub fn run(a: Args) -> CliResult<u8> {
     // migration's other side) shares the image opened for serving.
     specs.sort_by_key(|s| s.state() != spindle_export::device::Migration::Active);
     let server = Arc::new(Server::default());
+    if let Some(addr) = nbd_addr {
+        let front = nbd::NbdFront::start(&nbd::NbdOptions {
+            addr,
+            tls_creds: nbd_tls,
+            iothreads: nbd_threads.unwrap_or(1),
+        })?;
+        server.set_nbd(Arc::new(front));
+    }
     for spec in specs {
         let image = spec.image.clone();
         let spec_incoming = spec.incoming;
@@ -261,6 +293,9 @@ pub fn run(a: Args) -> CliResult<u8> {
             }
         );
         println!("{}", attach_lines(&export));
+        if let (Some(f), Some(_)) = (server.nbd(), server.nbd().and_then(|f| f.connections(&d.cfg.name))) {
+            println!("{}", f.lines(&d.cfg.name));
+        }
     }
     if passed > 0 && incoming.is_none() {
         println!("spindle: serving {passed} socket(s) passed in by the service manager");
@@ -334,6 +369,9 @@ pub fn run(a: Args) -> CliResult<u8> {
     let res = rx
         .recv()
         .unwrap_or_else(|_| Err(BlockError::Invalid("shutdown failed".into())));
+    if let Some(f) = server.nbd() {
+        f.stop();
+    }
     if let Some(path) = &control {
         let _ = std::fs::remove_file(path);
     }

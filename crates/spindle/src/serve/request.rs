@@ -131,8 +131,9 @@ pub fn execute(server: &Server, req: Request) -> Result<Value, BlockError> {
             json!({"ok": true})
         }
         Request::Stats { name } => {
-            let (s, q) = server.stats(&name)?;
-            json!({"ok": true, "name": name, "stats": s, "queue_requests": q})
+            let s = server.stats(&name)?;
+            json!({"ok": true, "name": name, "stats": s.stats, "queue_requests": s.queue_requests,
+                   "nbd_requests": s.nbd_requests, "nbd_connections": s.nbd_connections})
         }
         Request::Resize { name, size, shrink } => {
             let (n, told) = server.resize(&name, &size, shrink)?;

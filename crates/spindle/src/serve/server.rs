@@ -7,6 +7,7 @@
 //! the export's thread has ended, so a new export can never bind a socket
 //! that an old one is still serving or about to delete.
 
+use super::nbd::NbdFront;
 use super::spec::ExportSpec;
 use crate::img::{human_size, size_arg};
 use serde::Serialize;
@@ -18,7 +19,7 @@ use spindle_vhost::Export;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -92,6 +93,8 @@ const HANDOVER_RUNS: &str = "a handover is in progress (SIGUSR2); try again once
 /// The exports by name.
 pub struct Server {
     state: Arc<Mutex<State>>,
+    /// The NBD front end (`--nbd`), once it listens.
+    nbd: OnceLock<Arc<NbdFront>>,
     stop_timeout: Duration,
     /// Only `null:` images, sockets inside this directory (fuzz harness).
     sandbox: Option<PathBuf>,
@@ -101,6 +104,7 @@ impl Default for Server {
     fn default() -> Server {
         Server {
             state: Arc::default(),
+            nbd: OnceLock::new(),
             stop_timeout: STOP_TIMEOUT,
             sandbox: None,
         }
@@ -134,9 +138,27 @@ pub struct ExportInfo {
     pub num_queues: u16,
     /// The guest's write cache is on (CONFIG_WCE); off means write-through.
     pub write_cache: bool,
+    /// Offered over NBD (`--nbd`): its URI.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
+    /// NBD clients connected now.
+    pub nbd_connections: usize,
     /// Live migration: `active`, `incoming` (a destination not started
     /// yet) or `inactive` (stopped for a migration, image handed over).
     pub migration: &'static str,
+}
+
+/// What `stats` reports of an export: every front end's requests.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    /// Per operation, summed over vhost-user queues and NBD connections.
+    pub stats: Vec<OpSummary>,
+    /// Requests finished per vhost-user queue.
+    pub queue_requests: Vec<u64>,
+    /// Requests finished for NBD clients.
+    pub nbd_requests: u64,
+    /// NBD clients connected now.
+    pub nbd_connections: usize,
 }
 
 fn invalid(msg: String) -> BlockError {
@@ -185,8 +207,24 @@ impl Server {
         Ok(spec)
     }
 
+    /// Serves the exports over NBD too, from now on (set once, before
+    /// the first `add`).
+    pub fn set_nbd(&self, front: Arc<NbdFront>) {
+        let _ = self.nbd.set(front);
+    }
+
+    /// The NBD front end, if the daemon has one.
+    pub fn nbd(&self) -> Option<&Arc<NbdFront>> {
+        self.nbd.get()
+    }
+
     /// Opens and starts serving `spec`.
     pub fn add(&self, spec: ExportSpec) -> Result<Arc<Export>, BlockError> {
+        if spec.nbd == Some(true) && self.nbd.get().is_none() {
+            return Err(invalid(
+                "this daemon serves no NBD (start it with --nbd ADDR, or nbd = \"ADDR\" in its config file)".into(),
+            ));
+        }
         let mut spec = self.confine(spec)?;
         // One spelling per socket, so two exports cannot share one.
         spec.socket = canonical(&spec.socket);
@@ -221,6 +259,15 @@ impl Server {
                 return Err(e);
             }
         };
+        if let (Some(front), false) = (self.nbd.get(), spec.nbd == Some(false)) {
+            if let Err(e) = front.offer(&export.dev, &spec.image) {
+                drop(st);
+                export.stop();
+                let _ = thread.join();
+                lock(&self.state).slots.remove(&name);
+                return Err(e);
+            }
+        }
         let running = Running {
             export: export.clone(),
             spec,
@@ -320,8 +367,14 @@ impl Server {
         // Taken back if the thread cannot start.
         let cell = Arc::new(Mutex::new(Some(r)));
         let (state, label, mine) = (self.state.clone(), name.to_string(), cell.clone());
+        let nbd = self.nbd.get().cloned();
         let spawned = std::thread::Builder::new().name(format!("stop-{name}")).spawn(move || {
             let Some(r) = lock(&mine).take() else { return };
+            // NBD clients first: they finish their requests and go, then
+            // the vhost-user side drains and the image closes.
+            if let Some(front) = nbd {
+                front.withdraw(&label);
+            }
             let res = stop(r);
             lock(&state).slots.remove(&label);
             let _ = tx.send(res);
@@ -444,8 +497,8 @@ impl Server {
             .values()
             .filter_map(|s| match s {
                 Slot::Starting { .. } => None,
-                Slot::Running(r) => Some(info(&r.export, &r.spec, "running")),
-                Slot::Stopping { export, spec } => Some(info(export, spec, "stopping")),
+                Slot::Running(r) => Some(info(&r.export, &r.spec, "running", self.nbd.get())),
+                Slot::Stopping { export, spec } => Some(info(export, spec, "stopping", self.nbd.get())),
             })
             .collect()
     }
@@ -476,9 +529,14 @@ impl Server {
     }
 
     /// Request statistics of `name`.
-    pub fn stats(&self, name: &str) -> Result<(Vec<OpSummary>, Vec<u64>), BlockError> {
+    pub fn stats(&self, name: &str) -> Result<Stats, BlockError> {
         let (e, _) = self.running(name)?;
-        Ok((e.dev.stats(), e.dev.queue_requests()))
+        Ok(Stats {
+            stats: e.dev.stats(),
+            queue_requests: e.dev.queue_requests(),
+            nbd_requests: e.dev.lane_requests(),
+            nbd_connections: self.nbd.get().and_then(|f| f.connections(name)).unwrap_or(0),
+        })
     }
 
     /// Grows (or, with `shrink`, shrinks) `name` to `size`, publishes the
@@ -528,9 +586,12 @@ impl Server {
     }
 }
 
-fn info(e: &Export, spec: &ExportSpec, state: &'static str) -> ExportInfo {
+fn info(e: &Export, spec: &ExportSpec, state: &'static str, nbd: Option<&Arc<NbdFront>>) -> ExportInfo {
     let d = &e.dev;
+    let clients = nbd.and_then(|f| f.connections(&d.cfg.name));
     ExportInfo {
+        nbd: clients.and(nbd).map(|f| f.uri(&d.cfg.name)),
+        nbd_connections: clients.unwrap_or(0),
         name: d.cfg.name.clone(),
         state,
         image: spec.image.clone(),

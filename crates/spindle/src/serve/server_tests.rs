@@ -132,3 +132,19 @@ fn no_export_is_added_or_removed_while_a_handover_runs() {
     server.remove("f").unwrap();
     assert!(server.list().is_empty());
 }
+
+#[test]
+fn an_export_that_requires_nbd_is_refused_by_a_daemon_without_it() {
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::default();
+    let mut spec = null(d.path(), "n", "1M");
+    spec.nbd = Some(true);
+    let e = add_err(&server, spec);
+    assert!(e.contains("serves no NBD") && e.contains("--nbd"), "{e}");
+    assert!(server.list().is_empty(), "nothing was started");
+    let mut spec = null(d.path(), "n", "1M");
+    spec.nbd = Some(false);
+    server.add(spec).unwrap();
+    assert_eq!(server.list()[0].nbd, None);
+    server.remove_all().unwrap();
+}

@@ -60,6 +60,10 @@ pub struct ExportSpec {
     /// planned handover writes it for such exports.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inactive: bool,
+    /// Offered over NBD: unset, when the daemon has an NBD listener
+    /// (`--nbd`); `true` requires one (`ctl add --nbd`); `false` never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<bool>,
 }
 
 fn invalid(msg: String) -> BlockError {
@@ -322,6 +326,12 @@ fn check_file_type(image: &str) -> Result<(), BlockError> {
 pub struct ConfigFile {
     /// Control socket path.
     pub control: Option<PathBuf>,
+    /// NBD listening address (as `--nbd`).
+    pub nbd: Option<String>,
+    /// TLS credentials directory for NBD (as `--nbd-tls-creds`).
+    pub nbd_tls_creds: Option<PathBuf>,
+    /// I/O threads of the NBD server (as `--nbd-iothreads`).
+    pub nbd_iothreads: Option<usize>,
     /// Exports.
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportSpec>,
