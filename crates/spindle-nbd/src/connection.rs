@@ -258,7 +258,7 @@ async fn transmission(conn: &Rc<Conn>, inbox: &mut Inbox) -> Result<()> {
         }
         let Some(req) = Request::decode(&hdr) else {
             // Out of sync: nothing after this can be trusted. Hard disconnect.
-            crate::limited_warn("NBD client sent a bad request magic; disconnecting");
+            spindle_export::limited!(warn, "NBD client sent a bad request magic; disconnecting");
             sock.shutdown();
             return Err(NbdError::BadMagic {
                 what: "request",

@@ -65,7 +65,7 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
                 dev.cfg.name,
                 dev.migration().name()
             );
-            crate::limited_warn(&format!("NBD request refused: {why}"));
+            spindle_export::limited!(warn, "NBD request refused: {why}");
             (error_reply(&conn, cookie, errno::EIO, &why), false)
         }
     };
@@ -152,7 +152,7 @@ async fn image_work(conn: &Conn, node: &Node, cookie: u64, cmd: Command, payload
     match r {
         Ok(()) => (vec![SgList::copy_of(&simple_reply(cookie, 0))], true),
         Err(e) => {
-            crate::limited_warn(&format!("NBD request failed: {e}"));
+            spindle_export::limited!(warn, "NBD request failed: {e}");
             (error_reply(conn, cookie, wire_errno(&e), &e.to_string()), false)
         }
     }
@@ -212,7 +212,7 @@ async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: 
             ),
             Ok(()) => (vec![SgList::copy_of(&simple_reply(cookie, 0)), sg], true),
             Err(e) => {
-                crate::limited_warn(&format!("NBD read failed: {e}"));
+                spindle_export::limited!(warn, "NBD read failed: {e}");
                 (error_reply(conn, cookie, wire_errno(&e), &e.to_string()), false)
             }
         };
@@ -253,7 +253,7 @@ async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: 
     }
     let ok = failed.is_none();
     if let Some((pos, _, e)) = failed {
-        crate::limited_warn(&format!("NBD read failed at {pos}: {e}"));
+        spindle_export::limited!(warn, "NBD read failed at {pos}: {e}");
         parts.push(SgList::copy_of(&tx::error_chunk(
             cookie,
             wire_errno(&e),

@@ -30,26 +30,3 @@ pub use export::{Catalog, DetectZeroes, Export, Settings};
 pub use handshake::ExportInfo;
 pub use server::{Server, ServerConfig, StopHandle};
 pub use tls::TlsConfig;
-
-/// A warning a client can trigger: at most 10 lines a second, then a
-/// count of the lines left out.
-pub(crate) fn limited_warn(msg: &str) {
-    use std::sync::Mutex;
-    use std::time::{Duration, Instant};
-    static LIMIT: Mutex<Option<(Instant, u32, u64)>> = Mutex::new(None);
-    let Ok(mut g) = LIMIT.lock() else { return };
-    let now = Instant::now();
-    let (start, shown, dropped) = g.get_or_insert((now, 0, 0));
-    if now.duration_since(*start) >= Duration::from_secs(1) {
-        if *dropped > 0 {
-            tracing::warn!("{dropped} similar NBD warnings suppressed");
-        }
-        (*start, *shown, *dropped) = (now, 0, 0);
-    }
-    if *shown < 10 {
-        *shown += 1;
-        tracing::warn!("{msg}");
-    } else {
-        *dropped += 1;
-    }
-}

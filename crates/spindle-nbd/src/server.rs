@@ -193,10 +193,10 @@ fn io_thread(
                                 let sock = Rc::new(sock);
                                 mine.borrow_mut().push(Rc::downgrade(&sock));
                                 if let Err(e) = connection::serve(sock, setup).await {
-                                    crate::limited_warn(&format!("NBD connection ended: {e}"));
+                                    spindle_export::limited!(warn, "NBD connection ended: {e}");
                                 }
                             }
-                            Err(e) => crate::limited_warn(&format!("NBD connection refused: {e}")),
+                            Err(e) => spindle_export::limited!(warn, "NBD connection refused: {e}"),
                         }
                         let _ = ended.unbounded_send(Event::Ended);
                     }));
