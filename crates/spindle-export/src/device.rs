@@ -217,8 +217,11 @@ impl Device {
     /// this daemon shares it.
     pub fn inactivate(&self) -> Result<(), BlockError> {
         if self.keep_image.load(Ordering::Acquire) {
-            tracing::info!(device = %self.cfg.name, "the frontend stopped the device for a migration into a VM snapshot; the image stays");
-            return self.slot.flush();
+            let t = std::time::Instant::now();
+            let r = self.slot.flush();
+            tracing::info!(device = %self.cfg.name, ms = t.elapsed().as_secs_f64() * 1e3,
+                "the frontend stopped the device for a migration into a VM snapshot; the image stays (flushed)");
+            return r;
         }
         let shared = self.slot.users() > 1;
         let closed = if shared {

@@ -40,6 +40,14 @@ enum Cmd {
         /// for the switch-over (disks snapshotted, last pass).
         #[arg(long)]
         live: bool,
+        /// With --live: the longest pause wanted, in ms. QEMU switches over
+        /// once what is left fits in a quarter of it at the rate it measured
+        /// (its downtime-limit; the rate it measures runs ahead of the
+        /// disk); a guest that dirties memory faster than that is given
+        /// twice as much every 5 s.
+        #[arg(long = "max-pause", value_name = "MS", default_value_t = 100,
+              value_parser = clap::value_parser!(u64).range(1..=60000))]
+        max_pause: u64,
         /// Test only: QEMU's migration bandwidth (bytes/s), so the VM-state
         /// stream lasts long enough to be interrupted.
         #[arg(long = "x-max-bandwidth", hide = true, value_name = "BYTES")]
@@ -71,11 +79,13 @@ pub fn run(a: Args) -> CliResult<u8> {
             vmstate_disk,
             live,
             max_bandwidth,
+            max_pause,
         } => {
             let opts = snapshot::Options {
                 vmstate_disk,
                 live,
                 max_bandwidth,
+                max_pause_ms: max_pause,
             };
             snapshot::run(&a.qmp, &a.control, &name, &opts)
         }

@@ -105,10 +105,25 @@ impl Qmp {
     /// Waits for the running migration to reach `state` (e.g.
     /// `pre-switchover`), polling every millisecond.
     pub fn wait_migration_state(&mut self, state: &str) -> Result<(), String> {
+        self.wait_migration_state_with(state, |_, _| Ok(()))
+    }
+
+    /// As [`Qmp::wait_migration_state`], calling `tick` with the time
+    /// waited so far between two polls (to change parameters meanwhile).
+    pub fn wait_migration_state_with(
+        &mut self,
+        state: &str,
+        mut tick: impl FnMut(&mut Qmp, Duration) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let start = std::time::Instant::now();
         loop {
+            tick(self, start.elapsed())?;
             let m = self.execute("query-migrate", json!({}))?;
             match m.get("status").and_then(Value::as_str).unwrap_or("") {
-                s if s == state => return Ok(()),
+                s if s == state => {
+                    tracing::debug!(ram = %m["ram"], "QEMU's migration is {state}");
+                    return Ok(());
+                }
                 "failed" | "cancelled" | "completed" => {
                     let why = m.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
                     return Err(format!("the migration of the VM state ended before {state}: {why}"));
@@ -120,10 +135,19 @@ impl Qmp {
 
     /// Waits for the running migration to finish; its total bytes.
     pub fn wait_migration(&mut self) -> Result<u64, String> {
+        Ok(self.wait_migration_done()?["ram"]["total"].as_u64().unwrap_or(0))
+    }
+
+    /// Waits for the running migration to finish; QEMU's last
+    /// `query-migrate` answer (with `downtime`, in ms, for a live one).
+    pub fn wait_migration_done(&mut self) -> Result<Value, String> {
         loop {
             let m = self.execute("query-migrate", json!({}))?;
             match m.get("status").and_then(Value::as_str).unwrap_or("") {
-                "completed" => return Ok(m["ram"]["total"].as_u64().unwrap_or(0)),
+                "completed" => {
+                    tracing::debug!(ram = %m["ram"], downtime = %m["downtime"], "QEMU's migration completed");
+                    return Ok(m);
+                }
                 "failed" | "cancelled" => {
                     let why = m.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
                     return Err(format!("the migration of the VM state failed: {why}"));

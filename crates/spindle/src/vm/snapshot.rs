@@ -49,7 +49,17 @@ pub struct Options {
     /// Test only: QEMU's migration bandwidth limit (bytes/s), to make the
     /// VM-state stream last (default: no limit).
     pub max_bandwidth: Option<u64>,
+    /// Live: the longest pause wanted, in ms; QEMU's `downtime-limit` is a
+    /// quarter of it ([`downtime_limit`]).
+    pub max_pause_ms: u64,
 }
+
+/// A live snapshot whose guest has not let the migration converge for
+/// this long gets twice the pause allowance.
+const CONVERGE: Duration = Duration::from_secs(5);
+/// The largest pause allowance the doubling reaches (then QEMU switches
+/// over with whatever is left).
+const MAX_DOWNTIME_MS: u64 = 60_000;
 
 /// What a failed or finished snapshot has to undo.
 #[derive(Default)]
@@ -57,9 +67,13 @@ struct Undo {
     quiesced: Vec<String>,
     made: Vec<String>,
     kept: Vec<String>,
-    /// When the guest stopped (stop-copy: at `stop`; live: at the
-    /// switch-over).
+    /// When the guest stopped (stop-copy: at `stop`; live: when the
+    /// switch-over was seen).
     paused: Option<Instant>,
+    /// Live: QEMU's own downtime (from its stopping the guest to the end
+    /// of the stream) and when the end was seen; the pause is that plus
+    /// the time from the end to `cont`.
+    switched: Option<(Duration, Instant)>,
 }
 
 /// Runs `spindle vm snapshot --qmp QMP -c CONTROL NAME`.
@@ -84,15 +98,28 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
         vm_disk.name,
         if opts.live { ", live" } else { "" }
     );
-    // QEMU's own limit (32 MiB/s by default) comes back afterwards.
-    let before = qmp.execute("query-migrate-parameters", json!({}))?["max-bandwidth"].as_u64();
+    // QEMU's own limits (32 MiB/s, 300 ms by default) come back afterwards.
+    let params = qmp.execute("query-migrate-parameters", json!({}))?;
+    let before = params["max-bandwidth"].as_u64();
+    let before_downtime = params["downtime-limit"].as_u64();
     let bandwidth = opts.max_bandwidth.unwrap_or(1 << 40).max(1);
     qmp.execute("migrate-set-parameters", json!({"max-bandwidth": bandwidth}))?;
+    if opts.live {
+        downtime(&mut qmp, downtime_limit(opts.max_pause_ms))?;
+    }
     let was_running = qmp.running()?;
     let live = opts.live && was_running;
     let mut undo = Undo::default();
     let res = if live {
-        take(&mut qmp, control, &disks, vm_disk, name, true, &mut undo)
+        take(
+            &mut qmp,
+            control,
+            &disks,
+            vm_disk,
+            name,
+            (true, opts.max_pause_ms),
+            &mut undo,
+        )
     } else {
         undo.paused = Some(Instant::now());
         let stopped = if was_running {
@@ -100,7 +127,7 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
         } else {
             Ok(())
         };
-        stopped.and_then(|()| take(&mut qmp, control, &disks, vm_disk, name, false, &mut undo))
+        stopped.and_then(|()| take(&mut qmp, control, &disks, vm_disk, name, (false, 0), &mut undo))
     };
     if res.is_err() {
         for d in &undo.made {
@@ -110,22 +137,14 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
         }
     }
     let mut resumed = true;
+    if let Some(t) = undo.paused {
+        tracing::debug!(ms = ms(t), "vm snapshot: resuming the disks");
+    }
     for d in &undo.quiesced {
         if let Err(e) = ctl(control, json!({"cmd": "resume", "name": d})) {
             eprintln!("spindle: vm snapshot: cannot resume '{d}': {e}");
             resumed = false;
         }
-    }
-    for d in &undo.kept {
-        if let Err(e) = ctl(control, json!({"cmd": "keep_image", "name": d, "keep": false})) {
-            eprintln!("spindle: vm snapshot: cannot clear keep_image of '{d}': {e}");
-        }
-    }
-    if let Some(b) = before {
-        let _ = qmp.execute("migrate-set-parameters", json!({"max-bandwidth": b}));
-    }
-    if live {
-        let _ = switchover_pause(&mut qmp, false);
     }
     // A guest continued while its daemon is gone would start its devices
     // without a backend (QEMU 7.2 does not start them again when the
@@ -141,7 +160,28 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
     } else {
         Ok(())
     };
-    let pause = undo.paused.map_or(Duration::ZERO, |t| t.elapsed());
+    let pause = match (undo.switched, undo.paused) {
+        (Some((downtime, end)), _) => downtime + end.elapsed(),
+        (None, Some(t)) => t.elapsed(),
+        (None, None) => Duration::ZERO,
+    };
+    // Once the guest runs again: what only the next migration or device
+    // stop would look at.
+    for d in &undo.kept {
+        if let Err(e) = ctl(control, json!({"cmd": "keep_image", "name": d, "keep": false})) {
+            eprintln!("spindle: vm snapshot: cannot clear keep_image of '{d}': {e}");
+        }
+    }
+    if let Some(b) = before {
+        let _ = qmp.execute("migrate-set-parameters", json!({"max-bandwidth": b}));
+    }
+    if let (true, Some(d)) = (opts.live, before_downtime) {
+        let _ = downtime(&mut qmp, d);
+    }
+    if live {
+        let _ = switchover_pause(&mut qmp, false);
+    }
+
     if let (Err(e), Err(c)) = (&res, &cont) {
         return Err(format!("{e}; {c}"));
     }
@@ -161,6 +201,67 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
         pause.as_secs_f64()
     );
     Ok(())
+}
+
+/// Milliseconds since `t`, for the phase timings (`SPINDLE_LOG=debug`).
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// QEMU's `downtime-limit` for a wanted pause of `max_pause_ms`: QEMU
+/// estimates what it can send in that time from the rate the stream took
+/// so far, which read-ahead into the daemon's buffers puts ahead of the
+/// disk's; measured here (bench/vmsnap.py), a limit of a quarter of the
+/// pause keeps an idle 2 GiB guest's pause under it.
+fn downtime_limit(max_pause_ms: u64) -> u64 {
+    (max_pause_ms / 4).max(1)
+}
+
+/// Sets QEMU's `downtime-limit` (ms): the migration switches over once
+/// what is left to send fits in it at the rate measured so far.
+fn downtime(qmp: &mut Qmp, ms: u64) -> Result<(), String> {
+    qmp.execute("migrate-set-parameters", json!({"downtime-limit": ms}))
+        .map(|_| ())
+}
+
+/// The pause allowance of a live snapshot while it waits for QEMU to
+/// switch over: doubled every [`CONVERGE`] up to [`MAX_DOWNTIME_MS`].
+struct Allowance {
+    limit: u64,
+    next: Duration,
+}
+
+impl Allowance {
+    fn new(limit: u64) -> Allowance {
+        Allowance { limit, next: CONVERGE }
+    }
+
+    /// The new limit, when `waited` calls for one.
+    fn tick(&mut self, waited: Duration) -> Option<u64> {
+        if waited < self.next || self.limit >= MAX_DOWNTIME_MS {
+            return None;
+        }
+        self.limit = (self.limit * 2).min(MAX_DOWNTIME_MS);
+        self.next += CONVERGE;
+        Some(self.limit)
+    }
+}
+
+/// Waits for the switch-over of a live snapshot, doubling the pause
+/// allowance every [`CONVERGE`] while the guest dirties its memory faster
+/// than the stream can take it.
+fn wait_switchover(qmp: &mut Qmp, limit_ms: u64) -> Result<(), String> {
+    let mut allowance = Allowance::new(limit_ms);
+    qmp.wait_migration_state_with("pre-switchover", |q, waited| match allowance.tick(waited) {
+        None => Ok(()),
+        Some(limit) => {
+            eprintln!(
+                "spindle: vm snapshot: the guest writes its memory faster than it is saved; \
+                 letting QEMU stop it for up to {limit} ms"
+            );
+            downtime(q, limit)
+        }
+    })
 }
 
 /// Sets QEMU's `pause-before-switchover` migration capability.
@@ -226,7 +327,7 @@ fn take(
     disks: &[Disk],
     vm_disk: &Disk,
     name: &str,
-    live: bool,
+    (live, max_pause_ms): (bool, u64),
     undo: &mut Undo,
 ) -> Result<u64, String> {
     if live {
@@ -258,12 +359,19 @@ fn take(
         qmp.execute("migrate", json!({"uri": format!("unix:{}", sock.display())}))
             .and_then(|_| {
                 if live {
-                    qmp.wait_migration_state("pre-switchover")?;
-                    undo.paused = Some(Instant::now());
+                    wait_switchover(qmp, downtime_limit(max_pause_ms))?;
+                    let at = Instant::now();
+                    undo.paused = Some(at);
                     quiesce_and_snapshot(control, disks, vm_disk, name, undo)?;
+                    tracing::debug!(ms = ms(at), "vm snapshot: disks quiesced at the switch-over");
                     qmp.execute("migrate-continue", json!({"state": "pre-switchover"}))?;
                 }
-                qmp.wait_migration()
+                let m = qmp.wait_migration_done()?;
+                tracing::debug!(ms = ms(started), "vm snapshot: QEMU's migration ended");
+                if let (true, Some(d)) = (live, m["downtime"].as_u64()) {
+                    undo.switched = Some((Duration::from_millis(d), Instant::now()));
+                }
+                Ok(())
             })
     } else {
         Err(format!(
@@ -287,6 +395,34 @@ fn take(
         return Err(e.clone());
     }
     let reply = saved?;
+    tracing::debug!(ms = ms(started), "vm snapshot: the daemon committed the snapshot");
     undo.made.push(vm_disk.name.clone());
     Ok(reply["snapshot"]["vm_state_size"].as_u64().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pause_allowance_doubles_every_five_seconds_up_to_its_cap() {
+        let mut a = Allowance::new(25);
+        let s = Duration::from_secs;
+        assert_eq!(a.tick(s(0)), None);
+        assert_eq!(a.tick(s(4)), None);
+        assert_eq!(a.tick(s(5)), Some(50));
+        assert_eq!(a.tick(s(9)), None);
+        assert_eq!(a.tick(s(10)), Some(100));
+        let mut last = 100;
+        for t in 3..40 {
+            if let Some(l) = a.tick(s(5 * t)) {
+                assert!(l == (last * 2).min(MAX_DOWNTIME_MS));
+                last = l;
+            }
+        }
+        assert_eq!(last, MAX_DOWNTIME_MS);
+        assert_eq!(a.tick(s(1000)), None, "no change past the cap");
+        assert_eq!(downtime_limit(100), 25);
+        assert_eq!(downtime_limit(2), 1);
+    }
 }

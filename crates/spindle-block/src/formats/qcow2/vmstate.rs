@@ -201,11 +201,20 @@ impl Qcow2 {
         if let Some(e) = failed {
             return Err(e);
         }
+        let end = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
         self.flush().await?;
+        tracing::debug!(
+            ms = ms(end),
+            bytes = total,
+            "VM state: the stream ended and its data is flushed"
+        );
         // The VM state's L2 tables move to the snapshot: the active L1 no
         // longer maps them, so the next snapshot will not copy them on write.
         let sn = self.create_snapshot(name, total, 0, true).await?;
+        tracing::debug!(ms = ms(end), "VM state: the snapshot is created");
         self.flush().await?;
+        tracing::debug!(ms = ms(end), "VM state: flushed");
         Ok(sn)
     }
 
