@@ -14,6 +14,7 @@ pub mod formats;
 pub mod fuzzing;
 mod node;
 mod open;
+pub mod protocols;
 
 pub use error::{BlockError, Result};
 pub use formats::qcow2::header::printable;

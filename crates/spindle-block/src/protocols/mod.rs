@@ -1,0 +1,3 @@
+//! Protocol drivers: exports reached over the network.
+
+pub mod nbd;
