@@ -55,6 +55,16 @@ pub enum BlockError {
     /// The I/O layer could not be set up or a file could not be opened.
     #[error(transparent)]
     Setup(#[from] spindle_io::Error),
+    /// A remote server (NBD) refused a request, or broke its protocol.
+    #[error("{uri}: {msg}")]
+    Remote {
+        /// The URI of the export.
+        uri: String,
+        /// What went wrong, with the server's own message if it sent one.
+        msg: String,
+        /// The errno that stands for it.
+        errno: i32,
+    },
     /// Bad configuration or argument.
     #[error("{0}")]
     Invalid(String),
@@ -67,6 +77,7 @@ impl BlockError {
             BlockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             BlockError::ReadOnly { .. } => libc::EROFS,
             BlockError::OutOfRange { .. } | BlockError::Invalid(_) => libc::EINVAL,
+            BlockError::Remote { errno, .. } => *errno,
             _ => libc::EIO,
         }
     }

@@ -1,7 +1,8 @@
 //! Spindle's block layer.
 //!
 //! A [`Node`] is one image in a backing chain: a `raw` file or block device,
-//! a `qcow2` image, or a `null` device. Every operation is an `async fn` that
+//! a `qcow2` image, a `null` device, or an NBD export (`nbd://`,
+//! `nbd+unix://`, through [`protocols::nbd`]). Every operation is an `async fn` that
 //! runs on the calling thread's [`spindle_io::Runtime`]; data moves directly
 //! between the caller's [`SgList`] and the image file. qcow2 metadata misses
 //! are awaited like any other I/O, so no call blocks the thread.

@@ -3,6 +3,7 @@
 use crate::error::{BlockError, Result};
 use crate::fault::delay;
 use crate::formats::{null::Null, qcow2::Qcow2, raw::Raw};
+use crate::protocols::nbd::Nbd;
 use spindle_io::SgList;
 use std::path::Path;
 
@@ -14,6 +15,8 @@ pub enum Node {
     Null(Null),
     /// A qcow2 image.
     Qcow2(Box<Qcow2>),
+    /// An NBD export (raw data).
+    Nbd(Box<Nbd>),
 }
 
 /// What a range of the device is, as `qemu-img map` reports it.
@@ -84,6 +87,7 @@ impl Node {
             Node::Raw(d) => d.size(),
             Node::Null(d) => d.size(),
             Node::Qcow2(d) => d.size(),
+            Node::Nbd(d) => d.size(),
         }
     }
 
@@ -93,14 +97,15 @@ impl Node {
             Node::Raw(d) => d.path(),
             Node::Null(d) => d.path(),
             Node::Qcow2(d) => d.path(),
+            Node::Nbd(d) => d.path(),
         }
     }
 
-    /// The image file (none for `null`).
+    /// The image file (none for `null` and NBD).
     pub fn file(&self) -> Option<&spindle_io::File> {
         match self {
             Node::Raw(d) => Some(d.file()),
-            Node::Null(_) => None,
+            Node::Null(_) | Node::Nbd(_) => None,
             Node::Qcow2(d) => Some(d.file()),
         }
     }
@@ -119,6 +124,7 @@ impl Node {
             Node::Raw(d) => d.is_read_only(),
             Node::Null(_) => false,
             Node::Qcow2(d) => d.is_read_only(),
+            Node::Nbd(d) => d.is_read_only(),
         }
     }
 
@@ -136,6 +142,12 @@ impl Node {
                 ..Default::default()
             },
             Node::Qcow2(d) => d.info(),
+            // As qemu-img shows an NBD export: raw data of the export's size.
+            Node::Nbd(d) => ImageInfo {
+                format: "raw",
+                virtual_size: d.size(),
+                ..Default::default()
+            },
         }
     }
 
@@ -156,6 +168,7 @@ impl Node {
                 Ok(())
             }
             Node::Qcow2(d) => d.guard(d.read(offset, buf).await).await,
+            Node::Nbd(d) => d.read(offset, buf).await,
         }
     }
 
@@ -187,6 +200,7 @@ impl Node {
             Node::Raw(d) => d.write(offset, buf, fua).await,
             Node::Null(_) => Ok(()),
             Node::Qcow2(d) => d.guard(d.write(offset, buf, fua).await).await,
+            Node::Nbd(d) => d.write(offset, buf, fua).await,
         }
     }
 
@@ -199,6 +213,7 @@ impl Node {
             Node::Raw(d) => d.flush().await,
             Node::Null(_) => Ok(()),
             Node::Qcow2(d) => d.guard(d.flush().await).await,
+            Node::Nbd(d) => d.flush().await,
         }
     }
 
@@ -210,6 +225,7 @@ impl Node {
             Node::Raw(d) => d.discard(offset, len).await,
             Node::Null(_) => Ok(()),
             Node::Qcow2(d) => d.guard(d.discard(offset, len).await).await,
+            Node::Nbd(d) => d.discard(offset, len).await,
         }
     }
 
@@ -220,6 +236,7 @@ impl Node {
             Node::Raw(d) => d.write_zeroes(offset, len, may_unmap).await,
             Node::Null(_) => Ok(()),
             Node::Qcow2(d) => d.guard(d.write_zeroes(offset, len, may_unmap).await).await,
+            Node::Nbd(d) => d.write_zeroes(offset, len, may_unmap).await,
         }
     }
 
@@ -231,11 +248,16 @@ impl Node {
             Node::Raw(d) => d.block_status(offset, len),
             Node::Null(_) => Ok((BlockStatus::Zero, len)),
             Node::Qcow2(d) => d.guard(d.block_status(offset, len).await).await,
+            Node::Nbd(d) => d.block_status(offset, len).await,
         }
     }
 
     /// Status through the whole chain, as `qemu-img map` reports it.
     pub async fn map_extent(&self, offset: u64, len: u64) -> Result<Extent> {
+        if let Node::Nbd(d) = self {
+            // Hole and zero are separate facts on NBD, as qemu-img maps them.
+            return d.map_extent(offset, len.min(d.size().saturating_sub(offset))).await;
+        }
         let mut node = self;
         let mut depth = 0;
         let mut len = len;
@@ -293,6 +315,10 @@ impl Node {
                 Ok(())
             }
             Node::Qcow2(d) => d.guard(d.resize(new_size).await).await,
+            Node::Nbd(_) => Err(BlockError::Invalid(format!(
+                "{}: an NBD export cannot be resized from the client",
+                self.path().display()
+            ))),
         }
     }
 
@@ -301,6 +327,7 @@ impl Node {
     pub async fn close(&self) -> Result<()> {
         match self {
             Node::Qcow2(d) => d.guard(d.close().await).await,
+            Node::Nbd(d) => d.close().await,
             other => other.flush().await,
         }
     }

@@ -3,6 +3,7 @@
 use crate::error::{fmt_err, io_err, BlockError, Result};
 use crate::formats::{null::Null, qcow2, raw::Raw};
 use crate::node::Node;
+use crate::protocols::nbd;
 use spindle_io::{CacheMode, File, Locking, OpenOptions, Perms};
 use std::path::{Path, PathBuf};
 
@@ -180,10 +181,19 @@ pub fn probe(path: &Path) -> Result<Format> {
     })
 }
 
-/// Opens `spec` (a path, or `null:SIZE`) and its backing chain.
+/// Opens `spec` (a path, `null:SIZE`, or an NBD URI) and its backing chain.
 pub fn open_image(spec: &str, cfg: &OpenConfig) -> Result<Node> {
     if let Some(size) = parse_null_spec(spec) {
         return Ok(Node::Null(Null::new(size?)));
+    }
+    if nbd::is_nbd_spec(spec) {
+        if matches!(cfg.format, Some(f) if f != Format::Raw) {
+            return Err(BlockError::Invalid(format!(
+                "'{spec}': an NBD export is opened as raw (the server exports the guest's view), not {}",
+                cfg.format.map_or("", |f| f.name())
+            )));
+        }
+        return Ok(Node::Nbd(Box::new(nbd::Nbd::open(spec, cfg.read_only)?)));
     }
     if cfg.format == Some(Format::Null) {
         return Err(BlockError::Invalid(format!(

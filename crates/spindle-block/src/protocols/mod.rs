@@ -1,3 +1,3 @@
-//! Protocol drivers: exports reached over the network.
+//! Protocol drivers: exports reached over the network, seen as raw nodes.
 
 pub mod nbd;

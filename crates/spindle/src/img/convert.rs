@@ -105,7 +105,16 @@ pub async fn run(a: Args) -> CliResult<()> {
         ));
     }
     let sparse = size_arg(&a.sparse)?;
-    if !a.no_create {
+    // An NBD export exists already: it is written, never created (as
+    // qemu-img's convert to an NBD URI), and holds raw data.
+    let nbd_target = spindle_block::protocols::nbd::is_nbd_spec(&a.target);
+    if nbd_target && (out_fmt != Format::Raw || a.backing.is_some()) {
+        return Err(BlockError::Invalid(format!(
+            "{}: an NBD target takes raw data (-O raw) and no backing file (-B)",
+            a.target
+        )));
+    }
+    if !a.no_create && !nbd_target {
         let mut base = CreateOptions {
             size,
             backing_file: a.backing.clone(),
@@ -143,7 +152,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         size,
         chunk,
         sparse,
-        target_zeroed: !a.no_create && a.backing.is_none(),
+        target_zeroed: !a.no_create && !nbd_target && a.backing.is_none(),
         compress: a.compress,
         next: Cell::new(0),
         bar,

@@ -28,7 +28,7 @@ fn actual_size(node: &Node) -> Option<u64> {
     match node {
         Node::Raw(r) => r.file().allocated_bytes().ok(),
         Node::Qcow2(q) => q.file().allocated_bytes().ok(),
-        Node::Null(_) => None,
+        Node::Null(_) | Node::Nbd(_) => None,
     }
 }
 
@@ -101,8 +101,11 @@ fn human(node: &Node, info: &ImageInfo) -> String {
         human_size(info.virtual_size),
         info.virtual_size
     );
-    if let Some(a) = actual_size(node) {
-        s += &format!("disk size: {}\n", human_size(a));
+    match actual_size(node) {
+        Some(a) => s += &format!("disk size: {}\n", human_size(a)),
+        // qemu-img's words for an export it cannot see the storage of.
+        None if matches!(node, Node::Nbd(_)) => s += "disk size: unavailable\n",
+        None => {}
     }
     if let Some(cs) = info.cluster_size {
         s += &format!("cluster_size: {cs}\n");

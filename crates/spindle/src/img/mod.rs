@@ -249,7 +249,7 @@ fn warn_native_on_sparse(node: &Node) {
     let file = match node {
         Node::Raw(r) => r.file(),
         Node::Qcow2(q) => q.file(),
-        Node::Null(_) => return,
+        Node::Null(_) | Node::Nbd(_) => return,
     };
     let why = if !file.cache().direct() {
         "files opened without O_DIRECT"
