@@ -18,7 +18,7 @@ const MAX_OPTION_REPLY: u32 = 16 << 10;
 /// Most replies accepted for one option.
 const MAX_REPLIES: usize = 256;
 /// `cliserv_magic` of the oldstyle handshake.
-const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 
 /// What the handshake settled about the export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,7 +179,17 @@ pub fn handshake(s: &mut Stream, uri: &NbdUri, spec: &str) -> Result<Export> {
     let no_zeroes = sflags & wire::FLAG_NO_ZEROES != 0;
     let cflags = wire::FLAG_C_FIXED_NEWSTYLE | if no_zeroes { wire::FLAG_C_NO_ZEROES } else { 0 };
     h.send(&cflags.to_be_bytes())?;
+    let r = haggle(&mut h, uri, no_zeroes);
+    if r.is_err() {
+        // A soft disconnect, as the protocol asks; no reply is awaited.
+        let _ = h.option(opt::ABORT, &[]);
+    }
+    r
+}
 
+/// The options, after the greeting.
+fn haggle(h: &mut Haggle, uri: &NbdUri, no_zeroes: bool) -> Result<Export> {
+    let spec = h.spec;
     h.option(opt::STRUCTURED_REPLY, &[])?;
     let r = h.reply(opt::STRUCTURED_REPLY)?;
     if let Some(e) = h.fatal(&r) {
@@ -187,12 +197,16 @@ pub fn handshake(s: &mut Stream, uri: &NbdUri, spec: &str) -> Result<Export> {
     }
     let structured = r.kind == rep::ACK;
     let context = if structured {
-        set_meta_context(&mut h, &uri.export)?
+        set_meta_context(h, &uri.export)?
     } else {
         None
     };
-    let (size, flags, blocks) = go(&mut h, &uri.export, no_zeroes)?;
+    let (size, flags, blocks) = go(h, &uri.export, no_zeroes)?;
     let (min_block, max_payload) = block_limits(spec, blocks)?;
+    if size > i64::MAX as u64 {
+        // As QEMU: offsets stay far from overflowing once aligned.
+        return Err(refused(spec, format!("the NBD export's size {size} is too large")));
+    }
     if flags & tflag::HAS_FLAGS == 0 {
         return Err(refused(spec, "the NBD server's transmission flags lack HAS_FLAGS"));
     }

@@ -61,7 +61,7 @@ pub fn check_chunk(e: &Expect, flags: u16, kind: u16, cookie: u64, len: u32) -> 
         }
         reply::OFFSET_HOLE if e.cmd == cmd::READ && len == 12 => Ok(Step::Hole),
         reply::BLOCK_STATUS if e.cmd == cmd::BLOCK_STATUS => {
-            if len < 12 || (len - 4) % 8 != 0 || len > MAX_STATUS_CHUNK {
+            if len < 12 || !(len - 4).is_multiple_of(8) || len > MAX_STATUS_CHUNK {
                 return Err(format!("a block status chunk of length {len}"));
             }
             Ok(Step::Status(len))

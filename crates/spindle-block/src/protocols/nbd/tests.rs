@@ -162,6 +162,13 @@ fn server_errors_name_the_export_and_the_error() {
     );
 }
 
+fn info_export(size: u64) -> Vec<u8> {
+    let mut d = super::wire::info::EXPORT.to_be_bytes().to_vec();
+    d.extend_from_slice(&size.to_be_bytes());
+    d.extend_from_slice(&tflag::HAS_FLAGS.to_be_bytes());
+    d
+}
+
 /// A server that sends the greeting, then `replies` to each option in turn.
 fn handshake_against(replies: Vec<(u32, Vec<u8>)>) -> String {
     let (client, mut srv) = UnixStream::pair().unwrap();
@@ -172,13 +179,17 @@ fn handshake_against(replies: Vec<(u32, Vec<u8>)>) -> String {
         srv.write_all(&g).unwrap();
         let mut f = [0u8; 4];
         srv.read_exact(&mut f).unwrap();
+        let mut h = [0u8; 16];
+        let mut more = false;
         for (kind, data) in replies {
-            let mut h = [0u8; 16];
-            if srv.read_exact(&mut h).is_err() {
-                return;
+            // An INFO reply is followed by more replies to the same option.
+            if !std::mem::replace(&mut more, kind == rep::INFO) {
+                if srv.read_exact(&mut h).is_err() {
+                    return;
+                }
+                let mut d = vec![0u8; wire::be32(&h[12..]) as usize];
+                srv.read_exact(&mut d).unwrap();
             }
-            let mut d = vec![0u8; wire::be32(&h[12..]) as usize];
-            srv.read_exact(&mut d).unwrap();
             let mut b = wire::REPLY_MAGIC.to_be_bytes().to_vec();
             b.extend_from_slice(&h[8..12]);
             b.extend_from_slice(&kind.to_be_bytes());
@@ -218,4 +229,12 @@ fn handshake_errors_are_clear_and_bounded() {
     assert!(e.contains("too long"), "{e}");
     let e = handshake_against(vec![(rep::ACK, vec![]), (rep::ACK, vec![]), (rep::ACK, vec![])]);
     assert!(e.contains("no export size"), "{e}");
+    let huge = info_export(u64::MAX);
+    let e = handshake_against(vec![
+        (rep::ACK, vec![]),
+        (rep::ACK, vec![]),
+        (rep::INFO, huge),
+        (rep::ACK, vec![]),
+    ]);
+    assert!(e.contains("size 18446744073709551615 is too large"), "{e}");
 }
