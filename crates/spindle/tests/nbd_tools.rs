@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::nbd::{need_tool, NbdServer};
+use common::nbd::{need_tool, qemu_map, NbdServer};
 use common::{ok, p, run, scratch};
 use serde_json::Value;
 use std::path::Path;
@@ -49,20 +49,6 @@ fn chain(dir: &Path) -> std::path::PathBuf {
         ],
     );
     top
-}
-
-/// Per 64 KiB block: (data, zero) as qemu-img map says.
-fn qemu_map(img: &Path, size: u64) -> Vec<(bool, bool)> {
-    let out = ok("qemu-img", &["map", "-U", "--output=json", p(img)]);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    let mut blocks = vec![(false, false); (size / (64 << 10)) as usize];
-    for e in v.as_array().unwrap() {
-        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-        for b in start / (64 << 10)..(start + len) / (64 << 10) {
-            blocks[b as usize] = (e["data"].as_bool().unwrap(), e["zero"].as_bool().unwrap());
-        }
-    }
-    blocks
 }
 
 /// Per 64 KiB block: the value nbdinfo --map reports for `context`.

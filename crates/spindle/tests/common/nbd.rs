@@ -22,6 +22,20 @@ pub fn need_tool(tool: &str) {
     );
 }
 
+/// Per 64 KiB block: (data, zero) as qemu-img map says.
+pub fn qemu_map(img: &std::path::Path, size: u64) -> Vec<(bool, bool)> {
+    let out = super::ok("qemu-img", &["map", "-U", "--output=json", super::p(img)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut blocks = vec![(false, false); (size / (64 << 10)) as usize];
+    for e in v.as_array().unwrap() {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        for b in start / (64 << 10)..(start + len) / (64 << 10) {
+            blocks[b as usize] = (e["data"].as_bool().unwrap(), e["zero"].as_bool().unwrap());
+        }
+    }
+    blocks
+}
+
 /// A running `spindle nbd`; stopped (SIGTERM, then waited for) on drop.
 pub struct NbdServer {
     child: Child,

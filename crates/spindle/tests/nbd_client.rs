@@ -1,0 +1,335 @@
+//! `spindle img` as an NBD client: convert, compare, info and map on
+//! `nbd://` and `nbd+unix://` URIs against qemu-nbd, nbdkit and
+//! `spindle nbd`, checked with qemu-img; and the errors of a refused
+//! connection, an unknown export and a bad URI.
+
+mod common;
+
+use common::nbd::{need_tool, qemu_map, NbdServer};
+use common::{ok, p, run, scratch};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+/// A qemu-nbd or nbdkit process; killed on drop.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `tool args…` with `--pid-file PID` (qemu-nbd) or `-P PID`
+/// (nbdkit) and waits (10 s at most) until the server wrote it: it
+/// listens then.
+fn start(tool: &str, args: &[&str], dir: &Path) -> Peer {
+    need_tool(tool);
+    let pid = dir.join(format!("{tool}-{}.pid", args.len()));
+    let flag = if tool == "nbdkit" { "-P" } else { "--pid-file" };
+    let child = Command::new(tool)
+        .args([flag, p(&pid)])
+        .args(args)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {tool}: {e}"));
+    let peer = Peer(child);
+    let t = Instant::now();
+    while std::fs::read_to_string(&pid).map_or(true, |s| s.trim().is_empty()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{tool} {args:?} did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    peer
+}
+
+/// A free TCP port on loopback (bound and let go).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// qemu-nbd serving `img` (format `fmt`) on a unix socket in `dir`.
+fn qemu_nbd_unix(dir: &Path, fmt: &str, img: &Path, extra: &[&str]) -> (Peer, PathBuf) {
+    let sock = dir.join(format!("qemu-nbd-{}.sock", extra.len()));
+    let s = p(&sock).to_string();
+    let mut args = vec!["-t", "-e", "4", "-f", fmt, "-k", &s];
+    args.extend_from_slice(extra);
+    args.push(p(img));
+    let peer = start("qemu-nbd", &args, dir);
+    (peer, sock)
+}
+
+fn unix_uri(name: &str, sock: &Path) -> String {
+    format!("nbd+unix:///{name}?socket={}", p(sock))
+}
+
+/// A 64 MiB qcow2 with data, zero clusters, written zeroes and holes.
+fn source(dir: &Path) -> PathBuf {
+    let img = dir.join("src.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "64M"]);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 3M",
+            "-c",
+            "write -z 8M 2M",
+            "-c",
+            "write -P 0 12M 1M",
+            "-c",
+            "write -P 0x22 20M 64k",
+            "-c",
+            "write -P 0x33 40M 5M",
+            "-c",
+            "write -P 0x44 63M 1M",
+            p(&img),
+        ],
+    );
+    img
+}
+
+fn spindle(args: &[&str]) -> String {
+    ok("spindle", &[&["img"], args].concat())
+}
+
+/// A failing `spindle img …`: its exit code and its message.
+fn spindle_fails(args: &[&str]) -> (i32, String) {
+    let o = run("spindle", &[&["img"], args].concat());
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "spindle img {args:?} succeeded");
+    (o.status.code().unwrap_or(-1), err)
+}
+
+#[test]
+fn convert_from_qemu_nbd_is_identical_and_stays_sparse() {
+    let dir = scratch();
+    let src = source(dir.path());
+    let (_srv, sock) = qemu_nbd_unix(dir.path(), "qcow2", &src, &["-r"]);
+    let uri = unix_uri("", &sock);
+    let out = dir.path().join("out.qcow2");
+    spindle(&["convert", "-O", "qcow2", &uri, p(&out)]);
+    ok("qemu-img", &["compare", "-q", p(&src), p(&out)]);
+    let (src_map, out_map) = (qemu_map(&src, 64 * MIB), qemu_map(&out, 64 * MIB));
+    for (i, (s, o)) in src_map.iter().zip(&out_map).enumerate() {
+        assert!(s.0 || !o.0, "block {i}: a hole of the source is data in the copy");
+    }
+    let data = out_map.iter().filter(|b| b.0).count() as u64 * (64 << 10);
+    // 3M + 64k + 5M + 1M of data; the zero clusters and the zeroes written
+    // at 12M stay holes.
+    assert_eq!(data, 9 * MIB + (64 << 10), "data in the copy");
+}
+
+#[test]
+fn convert_into_writable_exports_over_tcp_and_unix() {
+    let dir = scratch();
+    let src = source(dir.path());
+    // qemu-nbd over TCP with an export name, into an existing image (-n).
+    let dst = dir.path().join("dst.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", p(&dst), "64M"]);
+    let port = free_port().to_string();
+    let _srv = start(
+        "qemu-nbd",
+        &[
+            "-t",
+            "-e",
+            "4",
+            "-f",
+            "raw",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-x",
+            "disk1",
+            p(&dst),
+        ],
+        dir.path(),
+    );
+    let uri = format!("nbd://127.0.0.1:{port}/disk1");
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x77 8M 4M", &uri]); // stale data to be zeroed
+    spindle(&["convert", "-n", p(&src), &uri]);
+    ok("qemu-img", &["compare", "-q", p(&src), &uri]);
+
+    // nbdkit's memory plugin, without -n: the export is written, not created.
+    let sock = dir.path().join("nbdkit.sock");
+    let _kit = start(
+        "nbdkit",
+        &["-f", "--exit-with-parent", "-U", p(&sock), "memory", "64M"],
+        dir.path(),
+    );
+    let uri = unix_uri("", &sock);
+    spindle(&["convert", "-O", "raw", p(&src), &uri]);
+    ok("qemu-img", &["compare", "-q", p(&src), &uri]);
+    let (code, err) = spindle_fails(&["convert", "-O", "qcow2", p(&src), &uri]);
+    assert!(code != 0 && err.contains("an NBD target takes raw data"), "{err}");
+}
+
+#[test]
+fn compare_map_and_info_on_an_nbd_uri() {
+    let dir = scratch();
+    let src = source(dir.path());
+    let (_srv, sock) = qemu_nbd_unix(dir.path(), "qcow2", &src, &["-r"]);
+    let uri = unix_uri("", &sock);
+
+    // compare: identical is 0, different is 1 with the offset, as qemu-img.
+    let o = run("spindle", &["img", "compare", p(&src), &uri]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Images are identical."));
+    let other = dir.path().join("other.qcow2");
+    ok("qemu-img", &["convert", "-O", "qcow2", p(&src), p(&other)]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x99 41M 512", p(&other)]);
+    let o = run("spindle", &["img", "compare", p(&other), &uri]);
+    let q = run("qemu-img", &["compare", p(&other), &uri]);
+    assert_eq!((o.status.code(), q.status.code()), (Some(1), Some(1)));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&q.stdout));
+
+    // map: the same extents as qemu-img's map of the same URI.
+    let ours = ok("spindle", &["img", "map", "--output", "json", &uri]);
+    let qemu = ok("qemu-img", &["map", "--output=json", &uri]);
+    let fields = |s: &str| -> Vec<(u64, u64, bool, bool, bool, Option<u64>)> {
+        let v: Value = serde_json::from_str(s).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["data"].as_bool().unwrap(),
+                    e["zero"].as_bool().unwrap(),
+                    e["present"].as_bool().unwrap(),
+                    e["offset"].as_u64(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(fields(&ours), fields(&qemu), "spindle:\n{ours}\nqemu-img:\n{qemu}");
+
+    // info: a raw export of the virtual size, as qemu-img shows it.
+    let human = ok("spindle", &["img", "info", &uri]);
+    assert!(
+        human.contains("file format: raw\nvirtual size: 64 MiB (67108864 bytes)\ndisk size: unavailable"),
+        "{human}"
+    );
+    let j: Value = serde_json::from_str(&ok("spindle", &["img", "info", "--output", "json", &uri])).unwrap();
+    assert_eq!(
+        (j["virtual-size"].as_u64(), j["format"].as_str()),
+        (Some(64 * MIB), Some("raw"))
+    );
+}
+
+#[test]
+fn spindles_own_server_both_ways() {
+    let dir = scratch();
+    let src = source(dir.path());
+    let sock = dir.path().join("spindle.sock");
+    let served = dir.path().join("served.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&served), "64M"]);
+    let srv = NbdServer::start(&["-t", "-k", p(&sock), p(&served)]);
+    spindle(&["convert", "-n", p(&src), &srv.uri]);
+    let back = dir.path().join("back.qcow2");
+    spindle(&["convert", "-O", "qcow2", &srv.uri, p(&back)]);
+    assert_eq!(spindle(&["compare", p(&src), &srv.uri]).trim(), "Images are identical.");
+    assert!(srv.stop(), "spindle nbd exits 0");
+    ok("qemu-img", &["compare", "-q", p(&src), p(&served)]);
+    ok("qemu-img", &["compare", "-q", p(&src), p(&back)]);
+    common::assert_clean(&served);
+}
+
+#[test]
+fn block_size_limits_are_honoured() {
+    // nbdkit fails any request that breaks its 4 KiB minimum or 64 KiB maximum.
+    let dir = scratch();
+    let src = source(dir.path());
+    let sock = dir.path().join("bs.sock");
+    let _kit = start(
+        "nbdkit",
+        &[
+            "-f",
+            "--exit-with-parent",
+            "-U",
+            p(&sock),
+            "--filter=blocksize-policy",
+            "memory",
+            "64M",
+            "blocksize-minimum=4096",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
+        dir.path(),
+    );
+    let uri = unix_uri("", &sock);
+    spindle(&["convert", "-n", p(&src), &uri]);
+    ok("qemu-img", &["compare", "-q", p(&src), &uri]);
+    // Unaligned writes and reads are widened to whole blocks.
+    let rt = spindle_io::Runtime::new(Default::default()).unwrap();
+    rt.block_on(async {
+        let node = spindle_block::open_image(&uri, &Default::default()).unwrap();
+        node.write_from(40 * MIB + 1000, &[0xab; 5000], true).await.unwrap();
+        node.write_zeroes(MIB + 100, 3 * 4096, false).await.unwrap();
+        let mut got = vec![0u8; 8192];
+        node.read_into(40 * MIB, &mut got).await.unwrap();
+        assert!(got[..1000].iter().all(|&b| b == 0x33), "the head kept the old data");
+        assert!(got[1000..6000].iter().all(|&b| b == 0xab) && got[6000..].iter().all(|&b| b == 0x33));
+        node.read_into(MIB, &mut got).await.unwrap();
+        assert!(got[..100].iter().all(|&b| b == 0x11) && got[100..].iter().all(|&b| b == 0));
+        node.close().await.unwrap();
+    });
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("read -P 0xab {} 5000", 40 * MIB + 1000),
+            &uri,
+        ],
+    );
+}
+
+#[test]
+fn refused_unknown_bad_and_read_only_are_clear_errors() {
+    let dir = scratch();
+    let src = source(dir.path());
+    let out = dir.path().join("o.qcow2");
+    let port = free_port();
+    let (code, err) = spindle_fails(&["info", &format!("nbd://127.0.0.1:{port}/x")]);
+    assert!(
+        code != 0 && err.contains("cannot connect to the NBD server: Connection refused"),
+        "{err}"
+    );
+    let missing = dir.path().join("nobody.sock");
+    let (_, err) = spindle_fails(&["convert", "-O", "qcow2", &unix_uri("", &missing), p(&out)]);
+    assert!(
+        err.contains("cannot connect to the NBD server") && err.contains(p(&missing)),
+        "{err}"
+    );
+
+    let (_srv, sock) = qemu_nbd_unix(dir.path(), "qcow2", &src, &["-r", "-x", "vm1"]);
+    let (code, err) = spindle_fails(&["map", &unix_uri("vm2", &sock)]);
+    assert!(code != 0 && err.contains("has no export 'vm2'"), "{err}");
+    let (code, err) = spindle_fails(&["compare", p(&src), &unix_uri("vm2", &sock)]);
+    assert!(code == 2 && err.contains("has no export 'vm2'"), "exit {code}: {err}");
+    let (_, err) = spindle_fails(&["convert", "-n", p(&src), &unix_uri("vm1", &sock)]);
+    assert!(err.contains("read-only (the NBD server exports it read-only)"), "{err}");
+
+    for (bad, why) in [
+        ("nbd+unix:///vm1", "needs ?socket=PATH"),
+        ("nbd://127.0.0.1:99999/vm1", "bad port '99999'"),
+        ("nbd+tls://h/vm1", "unknown scheme 'nbd+tls'"),
+        ("nbds://127.0.0.1/vm1", "TLS"),
+    ] {
+        let (code, err) = spindle_fails(&["info", bad]);
+        assert!(code != 0 && err.contains(why) && err.contains(bad), "{bad}: {err}");
+    }
+}
