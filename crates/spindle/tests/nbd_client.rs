@@ -49,6 +49,13 @@ fn start(tool: &str, args: &[&str], dir: &Path) -> Peer {
     peer
 }
 
+/// nbdkit `args…` (plugin, filters, parameters) on the unix socket `sock`.
+fn nbdkit(dir: &Path, sock: &Path, args: &[&str]) -> Peer {
+    let mut all = vec!["-f", "--exit-with-parent", "-U", p(sock)];
+    all.extend_from_slice(args);
+    start("nbdkit", &all, dir)
+}
+
 /// A free TCP port on loopback (bound and let go).
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -161,11 +168,7 @@ fn convert_into_writable_exports_over_tcp_and_unix() {
 
     // nbdkit's memory plugin, without -n: the export is written, not created.
     let sock = dir.path().join("nbdkit.sock");
-    let _kit = start(
-        "nbdkit",
-        &["-f", "--exit-with-parent", "-U", p(&sock), "memory", "64M"],
-        dir.path(),
-    );
+    let _kit = nbdkit(dir.path(), &sock, &["memory", "64M"]);
     let uri = unix_uri("", &sock);
     spindle(&["convert", "-O", "raw", p(&src), &uri]);
     ok("qemu-img", &["compare", "-q", p(&src), &uri]);
@@ -251,13 +254,10 @@ fn block_size_limits_are_honoured() {
     let dir = scratch();
     let src = source(dir.path());
     let sock = dir.path().join("bs.sock");
-    let _kit = start(
-        "nbdkit",
+    let _kit = nbdkit(
+        dir.path(),
+        &sock,
         &[
-            "-f",
-            "--exit-with-parent",
-            "-U",
-            p(&sock),
             "--filter=blocksize-policy",
             "memory",
             "64M",
@@ -266,7 +266,6 @@ fn block_size_limits_are_honoured() {
             "blocksize-maximum=65536",
             "blocksize-error-policy=error",
         ],
-        dir.path(),
     );
     let uri = unix_uri("", &sock);
     spindle(&["convert", "-n", p(&src), &uri]);
@@ -332,4 +331,60 @@ fn refused_unknown_bad_and_read_only_are_clear_errors() {
         let (code, err) = spindle_fails(&["info", bad]);
         assert!(code != 0 && err.contains(why) && err.contains(bad), "{bad}: {err}");
     }
+}
+
+#[test]
+fn a_re_export_keeps_one_connection_per_io_thread() {
+    let dir = scratch();
+    let src = source(dir.path());
+    // nbdkit offers multi-conn; its log filter counts the connections.
+    let (sock, log) = (dir.path().join("kit.sock"), dir.path().join("kit.log"));
+    let logfile = format!("logfile={}", p(&log));
+    let _kit = nbdkit(dir.path(), &sock, &["--filter=log", "memory", "64M", &logfile]);
+    let upstream = unix_uri("", &sock);
+    spindle(&["convert", "-n", p(&src), &upstream]);
+    let front = dir.path().join("front.sock");
+    let srv = NbdServer::start(&["-t", "--iothreads", "2", "-k", p(&front), &upstream]);
+    // (The start line names the upstream URI first: the front one is ours.)
+    let uri = unix_uri("", &front);
+    // Two clients in turn land on the two I/O threads (round robin).
+    ok("qemu-img", &["compare", "-q", p(&src), &uri]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x55 30M 1M", &uri]);
+    assert!(srv.stop(), "spindle nbd exits 0");
+    let count = |what: &str| {
+        let text = std::fs::read_to_string(&log).unwrap();
+        (text.lines().filter(|l| l.contains(what)).count(), text)
+    };
+    let t = Instant::now();
+    while count(" Disconnect ").0 < count(" Connect ").0 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // convert's, then one per I/O thread (the open-time one is the first
+    // thread's); qemu-io flushed, so closing needs no connection of its own.
+    let (connects, text) = count(" Connect ");
+    assert_eq!(connects, 3, "{text}");
+    assert_eq!(count(" Disconnect ").0, 3, "{text}");
+    assert_eq!(
+        text.matches("connection=3 Write").count(),
+        1,
+        "thread 2 wrote on its own connection:\n{text}"
+    );
+    ok("qemu-io", &["-f", "raw", "-c", "read -P 0x55 30M 1M", &upstream]);
+
+    // qemu-nbd's default (-e 1) offers no multi-conn: the second thread's
+    // client is refused at once, not left waiting for a second connection.
+    let sock1 = dir.path().join("single.sock");
+    let _one = start(
+        "qemu-nbd",
+        &["-t", "-r", "-f", "qcow2", "-k", p(&sock1), p(&src)],
+        dir.path(),
+    );
+    let front1 = dir.path().join("front1.sock");
+    let srv = NbdServer::start(&["-t", "--iothreads", "2", "-k", p(&front1), &unix_uri("", &sock1)]);
+    let uri = unix_uri("", &front1);
+    ok("qemu-img", &["compare", "-q", p(&src), &uri]);
+    let t = Instant::now();
+    let o = run("qemu-img", &["compare", "-q", p(&src), &uri]);
+    assert!(!o.status.success() && t.elapsed() < Duration::from_secs(10), "{o:?}");
+    assert!(srv.stop());
 }

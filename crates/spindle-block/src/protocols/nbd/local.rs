@@ -1,13 +1,14 @@
 //! Each thread's connections to the exports it uses: a
 //! `spindle_io::net::Socket` belongs to the runtime of the thread that
 //! made it, so a node keeps one connection per thread, made on that
-//! thread's first request (the open-time connection for the first such
-//! thread, a new one negotiated on a helper thread for any other).
+//! thread's first request: the open-time connection for the first such
+//! thread, and for any other a new one negotiated on a helper thread
+//! when the server offers multi-conn (an error otherwise).
 
 use super::conn::Conn;
 use super::handshake::{self, Export};
 use super::stream::Stream;
-use super::wire::{self, cmd};
+use super::wire::{self, cmd, tflag};
 use super::{Nbd, NbdUri};
 use crate::error::{BlockError, Result};
 use std::cell::RefCell;
@@ -64,7 +65,11 @@ impl Nbd {
         let spare = self.spare.lock().ok().and_then(|mut s| s.take());
         let (stream, export) = match spare {
             Some(s) => (s, self.export),
-            None => self.connect_elsewhere().await?,
+            None if self.export.has(tflag::CAN_MULTI_CONN) => self.connect_elsewhere().await?,
+            None => return Err(handshake::refused(
+                &self.spec_str(),
+                "the NBD server offers no multi-conn, and the export's one connection is on another thread (or closed)",
+            )),
         };
         if (export.size, export.flags) != (self.export.size, self.export.flags) {
             return Err(handshake::refused(

@@ -7,8 +7,11 @@
 //! timeouts, like the blocking reads that open an image file) and keeps
 //! that connection for the first thread that does I/O. A further thread
 //! gets its own connection, made and negotiated on a helper thread, so no
-//! I/O thread ever blocks on the network. Each connection carries one
-//! request at a time. No TLS.
+//! I/O thread ever blocks on the network. That is only done when the
+//! server offers `NBD_FLAG_CAN_MULTI_CONN` (so a flush on one connection
+//! covers them all); without it the export keeps to its one connection,
+//! on the first thread that used it. Each connection carries one request
+//! at a time. No TLS.
 
 mod conn;
 mod handshake;
@@ -27,7 +30,7 @@ use conn::{Conn, Sink};
 use spindle_io::SgList;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use stream::Stream;
 use wire::{cflag, cmd, state, tflag};
@@ -49,6 +52,8 @@ pub struct Nbd {
     spare: Mutex<Option<Stream>>,
     /// Read-modify-write of unaligned writes, one at a time.
     rmw: futures::lock::Mutex<()>,
+    /// Something was written since the last flush.
+    dirty: AtomicBool,
     alive: Arc<()>,
 }
 
@@ -73,6 +78,7 @@ impl Nbd {
             read_only,
             spare: Mutex::new(Some(stream)),
             rmw: futures::lock::Mutex::new(()),
+            dirty: AtomicBool::new(false),
             alive: Arc::new(()),
         })
     }
@@ -176,6 +182,7 @@ impl Nbd {
             .await?;
         }
         if fua && !fua_flag {
+            self.dirty.store(true, Ordering::Release);
             self.flush().await?;
         }
         Ok(())
@@ -185,6 +192,12 @@ impl Nbd {
     /// Unaligned edges are read, patched and written back.
     pub async fn write(&self, offset: u64, buf: &SgList, fua: bool) -> Result<()> {
         self.check_writable()?;
+        let r = self.write_any(offset, buf, fua).await;
+        self.dirty.store(true, Ordering::Release);
+        r
+    }
+
+    async fn write_any(&self, offset: u64, buf: &SgList, fua: bool) -> Result<()> {
         let c = self.conn().await?;
         let (a0, a1) = self.align_out(offset, buf.len() as u64);
         if (a0, a1) == (offset, offset + buf.len() as u64) {
@@ -197,13 +210,25 @@ impl Nbd {
         self.write_aligned(&c, a0, &bounce, fua).await
     }
 
-    /// `NBD_CMD_FLUSH`, when the server has it and the export is writable.
+    /// `NBD_CMD_FLUSH`, when the server has it, the export is writable
+    /// and something was written since the last flush. It goes out on
+    /// this thread's connection: the only one, or (multi-conn) one whose
+    /// flush covers every connection's writes.
     pub async fn flush(&self) -> Result<()> {
         if self.read_only.is_some() || !self.export.has(tflag::SEND_FLUSH) {
             return Ok(());
         }
-        let c = self.conn().await?;
-        c.call(cmd::FLUSH, 0, 0, 0, None, Sink::Nothing).await
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let r = match self.conn().await {
+            Ok(c) => c.call(cmd::FLUSH, 0, 0, 0, None, Sink::Nothing).await,
+            Err(e) => Err(e),
+        };
+        if r.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        r
     }
 
     /// `NBD_CMD_TRIM` of the aligned part (advisory: nothing without it).
@@ -215,7 +240,9 @@ impl Nbd {
             return Ok(());
         }
         let c = self.conn().await?;
-        self.ranges(&c, cmd::TRIM, 0, start, end - start, MAX_RANGE).await
+        let r = self.ranges(&c, cmd::TRIM, 0, start, end - start, MAX_RANGE).await;
+        self.dirty.store(true, Ordering::Release);
+        r
     }
 
     /// `NBD_CMD_WRITE_ZEROES` (`NO_HOLE` unless `may_unmap`), or zeroes
@@ -231,8 +258,11 @@ impl Nbd {
         self.write_zero_data(offset, start - offset).await?;
         let c = self.conn().await?;
         let flags = if may_unmap { 0 } else { cflag::NO_HOLE };
-        self.ranges(&c, cmd::WRITE_ZEROES, flags, start, stop - start, MAX_RANGE)
-            .await?;
+        let r = self
+            .ranges(&c, cmd::WRITE_ZEROES, flags, start, stop - start, MAX_RANGE)
+            .await;
+        self.dirty.store(true, Ordering::Release);
+        r?;
         self.write_zero_data(stop, end - stop).await
     }
 
