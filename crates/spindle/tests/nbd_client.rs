@@ -388,3 +388,22 @@ fn a_re_export_keeps_one_connection_per_io_thread() {
     assert!(!o.status.success() && t.elapsed() < Duration::from_secs(10), "{o:?}");
     assert!(srv.stop());
 }
+
+#[test]
+fn a_server_without_structured_replies_is_read_through_simple_replies() {
+    // nbdkit --no-sr: simple replies only, hence no base:allocation either,
+    // so everything reads as data and convert finds the zeroes by looking.
+    let dir = scratch();
+    let src = source(dir.path());
+    let sock = dir.path().join("nosr.sock");
+    let _kit = nbdkit(dir.path(), &sock, &["--no-sr", "memory", "64M"]);
+    let uri = unix_uri("", &sock);
+    spindle(&["convert", "-n", p(&src), &uri]);
+    let out = dir.path().join("back.qcow2");
+    spindle(&["convert", "-O", "qcow2", &uri, p(&out)]);
+    ok("qemu-img", &["compare", "-q", p(&src), p(&out)]);
+    let map: Value = serde_json::from_str(&spindle(&["map", "--output", "json", &uri])).unwrap();
+    assert!(map.as_array().unwrap().iter().all(|e| e["data"] == true), "{map}");
+    let data = qemu_map(&out, 64 * MIB).iter().filter(|b| b.0).count() as u64 * (64 << 10);
+    assert_eq!(data, 9 * MIB + (64 << 10), "the zeroes read stay holes in the copy");
+}
