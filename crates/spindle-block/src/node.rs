@@ -128,6 +128,16 @@ impl Node {
         }
     }
 
+    /// Whether only one thread may do I/O on this node: an NBD export
+    /// without multi-conn has one connection, on the first thread that
+    /// used it. Servers of such a node use one I/O thread.
+    pub fn is_single_threaded(&self) -> bool {
+        match self {
+            Node::Nbd(d) => !d.export().has(crate::protocols::nbd::wire::tflag::CAN_MULTI_CONN),
+            _ => false,
+        }
+    }
+
     /// Format, size and format-specific facts.
     pub fn info(&self) -> ImageInfo {
         match self {

@@ -219,6 +219,17 @@ pub fn run(a: Args) -> CliResult<u8> {
     if let Some(sn) = &a.load_snapshot {
         load_snapshot(&node, sn)?;
     }
+    // What the image allows (an NBD upstream: read-only, or one
+    // connection only) is what is offered.
+    a.read_only |= node.is_read_only();
+    let single = node.is_single_threaded();
+    if single && a.iothreads > 1 {
+        eprintln!(
+            "spindle nbd: {}: the upstream NBD server offers no multi-conn: one I/O thread, no multi-conn",
+            a.image
+        );
+        a.iothreads = 1;
+    }
     let (fd, addr) = listen(&a)?;
     if a.fork {
         daemonize()?;
@@ -249,7 +260,7 @@ pub fn run(a: Args) -> CliResult<u8> {
     let settings = spindle_nbd::Settings {
         name: a.export_name.clone(),
         description: a.description.clone().unwrap_or_default(),
-        multi_conn: shared != Some(1),
+        multi_conn: shared != Some(1) && !single,
         allocation_depth: a.allocation_depth,
         discard: s.discard,
         detect_zeroes: s.detect,

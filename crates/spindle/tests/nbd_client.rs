@@ -371,8 +371,11 @@ fn a_re_export_keeps_one_connection_per_io_thread() {
     );
     ok("qemu-io", &["-f", "raw", "-c", "read -P 0x55 30M 1M", &upstream]);
 
-    // qemu-nbd's default (-e 1) offers no multi-conn: the second thread's
-    // client is refused at once, not left waiting for a second connection.
+    // qemu-nbd's default offers no multi-conn: `spindle nbd` over it serves
+    // on one I/O thread (every client on the one upstream connection),
+    // offers no multi-conn itself, and says read-only for a read-only
+    // upstream; `spindle serve` refuses it (each I/O thread needs a
+    // connection of its own).
     let sock1 = dir.path().join("single.sock");
     let _one = start(
         "qemu-nbd",
@@ -383,10 +386,32 @@ fn a_re_export_keeps_one_connection_per_io_thread() {
     let srv = NbdServer::start(&["-t", "--iothreads", "2", "-k", p(&front1), &unix_uri("", &sock1)]);
     let uri = unix_uri("", &front1);
     ok("qemu-img", &["compare", "-q", p(&src), &uri]);
-    let t = Instant::now();
-    let o = run("qemu-img", &["compare", "-q", p(&src), &uri]);
-    assert!(!o.status.success() && t.elapsed() < Duration::from_secs(10), "{o:?}");
+    ok("qemu-img", &["compare", "-q", p(&src), &uri]);
+    need_tool("nbdinfo");
+    let can = run("nbdinfo", &["--can", "multi-conn", &uri]);
+    assert_eq!(
+        can.status.code(),
+        Some(2),
+        "multi-conn offered over an upstream without it: {can:?}"
+    );
+    let can = run("nbdinfo", &["--can", "write", &uri]);
+    assert_eq!(
+        can.status.code(),
+        Some(2),
+        "writes offered over a read-only upstream: {can:?}"
+    );
     assert!(srv.stop());
+    let o = run(
+        "spindle",
+        &[
+            "serve",
+            &unix_uri("", &sock1),
+            "--vhost-user",
+            p(&dir.path().join("v.sock")),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("offers no multi-conn"), "{err}");
 }
 
 #[test]

@@ -164,6 +164,14 @@ impl ExportSpec {
                 node.size()
             )));
         }
+        if node.is_single_threaded() {
+            // Every I/O thread of an export (and the NBD server's) needs
+            // a connection of its own.
+            return Err(invalid(format!(
+                "{}: the NBD server offers no multi-conn, which serving it needs (one connection per I/O thread)",
+                self.image
+            )));
+        }
         Ok((
             node,
             SpecReopen {
