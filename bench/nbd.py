@@ -79,7 +79,8 @@ def fio(rw, bs, qd):
     out = sh("fio", "--name=nbd", "--ioengine=nbd", f"--uri={URI}", f"--rw={rw}", f"--bs={bs}",
              f"--iodepth={qd}", "--time_based", f"--runtime={RUNTIME}", "--ramp_time=1",
              "--output-format=json")
-    j = json.loads(out)["jobs"][0]
+    # fio's nbd engine prints "fio: connected to NBD server" before the JSON.
+    j = json.loads(out[out.index("{"):])["jobs"][0]
     side = j["read"] if "read" in rw else j["write"]
     return side["iops"] if bs == "4k" else side["bw_bytes"] / (1 << 20)
 

@@ -10,11 +10,14 @@ has the same kind of qcow2 served by `spindle serve` as a vhost-user-blk
 disk, the VM state going into it. `vm restore` goes into a new QEMU started
 with -S -incoming defer. The live row runs the guest (firmware idling, no
 boot disk: an idle guest) and reads the pause `vm snapshot --live` reports.
-Paired column: the mean of the per-pair QEMU/Spindle time ratios, with its
-95% confidence interval (Student's t). Device figures: fio 1 MiB QD8
+A second table does the same with a booted guest (the test guest's
+kernel and initramfs from tests/guest/build.sh, 256 MiB of random data in
+its tmpfs, then idle): savevm against `vm snapshot`, each one's pause, and
+the `--live` pause. Paired column: the mean of the per-pair QEMU/Spindle
+time ratios, with its 95% confidence interval (Student's t). Device figures: fio 1 MiB QD8
 O_DIRECT. Needs root (drop caches), fio, qemu-system-x86_64, qemu-img.
 
-  bench/vmsnap.py [DIR]   env: RAM_MB=2048 REPS=3 SPINDLE=path
+  bench/vmsnap.py [DIR]   env: RAM_MB=2048 REPS=3 SPINDLE=path BOOTED=1
 """
 import atexit, json, os, re, socket, statistics, subprocess, sys, time
 
@@ -199,6 +202,105 @@ def live_pause(n):
     return float(m.group(1))
 
 
+# The booted guest fills 256 MiB of its RAM (tmpfs) and idles.
+GUEST_SCRIPT = "dd if=/dev/urandom of=/tmp/fill bs=1M count=256 2>/dev/null; echo FILLED; while :; do sleep 1; done\n"
+
+
+def guest_files():
+    """The test guest (tests/guest/build.sh) with GUEST_SCRIPT as its test."""
+    g = os.path.join(DIR, "guest")
+    sh("sh", os.path.join(ROOT, "tests", "guest", "build.sh"), g)
+    t = os.path.join(DIR, "guest-test")
+    os.makedirs(t, exist_ok=True)
+    with open(os.path.join(t, "test.sh"), "w") as f:
+        f.write(GUEST_SCRIPT)
+    extra = subprocess.run("echo test.sh | cpio -o -H newc 2>/dev/null | gzip", shell=True, cwd=t,
+                           check=True, capture_output=True).stdout
+    initrd = os.path.join(DIR, "booted-initrd.gz")
+    with open(os.path.join(g, "base.cpio.gz"), "rb") as f, open(initrd, "wb") as o:
+        o.write(f.read() + extra)
+    return os.path.join(g, "vmlinuz"), initrd
+
+
+def booted(name, disk, kernel, initrd):
+    """A booted test guest; returns once its RAM is filled."""
+    log = os.path.join(DIR, name + ".console")
+    q = Qemu(name, MEMFD, disk, ["-kernel", kernel, "-initrd", initrd, "-append",
+                                 "console=ttyS0 quiet panic=-1", "-serial", f"file:{log}", "-no-reboot"])
+    end = time.time() + 120
+    while time.time() < end:
+        if os.path.exists(log) and "FILLED" in open(log, errors="replace").read():
+            return q
+        if q.p.poll() is not None:
+            sys.exit(f"the booted guest {name} exited:\n{open(log, errors='replace').read()}")
+        time.sleep(0.2)
+    sys.exit(f"the booted guest {name} did not fill its RAM in 120 s")
+
+
+def booted_qemu(n, kernel, initrd):
+    """HMP savevm of the running booted guest: its time is its pause."""
+    img = os.path.join(DIR, f"bq{n}.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, DISK)
+    q = booted(f"bq{n}", ["-drive", f"file={img},format=qcow2,if=none,id=d0,cache=none,aio=native",
+                          "-device", "virtio-blk-pci,drive=d0"], kernel, initrd)
+    t = timed(lambda: q.hmp("savevm s1"))
+    q.quit()
+    size = json.loads(sh("qemu-img", "info", "--output", "json", img))["snapshots"][0]["vm-state-size"]
+    os.remove(img)
+    return t, size
+
+
+def paused_of(out):
+    m = re.search(r"guest paused ([0-9.]+) s", out)
+    if not m:
+        sys.exit(f"no pause time in: {out}")
+    return float(m.group(1))
+
+
+def booted_spindle(n, kernel, initrd, live):
+    """`vm snapshot` (or `--live`) of the running booted guest: total time and pause."""
+    s = Serve(500 + 2 * n + live)
+    q = booted(f"bs{n}{'l' if live else ''}", s.disk(), kernel, initrd)
+    s.wait_disk(q)
+    args = ["snapshot", "--live", "s1"] if live else ["snapshot", "s1"]
+    out = []
+    t = timed(lambda: out.append(s.vm(q.vmsock, *args)))
+    q.quit()
+    s.stop()
+    return t, paused_of(out[0])
+
+
+def booted_table():
+    kernel, initrd = guest_files()
+    r = {"q": [], "s": [], "sp": [], "lp": [], "lt": []}
+    size = 0
+    for n in range(REPS):
+        order = ["qemu", "spindle"] if n % 2 == 0 else ["spindle", "qemu"]
+        for who in order:
+            if who == "qemu":
+                t, size = booted_qemu(n, kernel, initrd)
+                r["q"].append(t)
+            else:
+                t, pause = booted_spindle(n, kernel, initrd, False)
+                r["s"].append(t)
+                r["sp"].append(pause)
+        t, pause = booted_spindle(n, kernel, initrd, True)
+        r["lt"].append(t)
+        r["lp"].append(pause)
+        print(f"booted pair {n + 1}: savevm {r['q'][-1]:.2f} s, vm snapshot {r['s'][-1]:.2f} s "
+              f"(paused {r['sp'][-1]:.3f} s), --live {r['lt'][-1]:.2f} s (paused {r['lp'][-1]:.3f} s)",
+              file=sys.stderr)
+    mean = statistics.mean
+    rs = [a / b for a, b in zip(r["q"], r["s"])]
+    ps = [a / b for a, b in zip(r["q"], r["sp"])]
+    print()
+    print(f"| booted {RAM_MB} MiB guest (256 MiB filled), {REPS} pairs | time s (mean) | guest pause s (mean ± 95% CI) | QEMU/Spindle |")
+    print("|---|---|---|---|")
+    print(f"| QEMU 7.2 HMP savevm ({size >> 20} MiB state) | {mean(r['q']):.2f} | {mean(r['q']):.3f} ± {ci95(r['q']):.3f} | |")
+    print(f"| `spindle vm snapshot` | {mean(r['s']):.2f} | {mean(r['sp']):.3f} ± {ci95(r['sp']):.3f} | time {mean(rs):.1f}x ± {ci95(rs):.1f}, pause {mean(ps):.1f}x ± {ci95(ps):.1f} |")
+    print(f"| `spindle vm snapshot --live` | {mean(r['lt']):.2f} | {mean(r['lp']):.3f} ± {ci95(r['lp']):.3f} | |")
+
+
 def fio(rw, path):
     out = sh("fio", "--name=dev", f"--filename={path}", f"--rw={rw}", "--bs=1M", "--iodepth=8",
              "--direct=1", "--ioengine=io_uring", f"--size={RAM_MB}M", "--output-format=json")
@@ -259,6 +361,8 @@ def main():
         pair = ratio("qs", "ss") if key == "ss" else ratio("ql", "sl") if key == "sl" else ""
         print(f"| {label} | {t:.2f} | {mib(size, t):.0f} | {mib(size, t) / dev:.0%} | {pair} |")
     print(f"| `spindle vm snapshot --live`, guest pause (idle guest) | {mean(pauses):.3f} ± {ci95(pauses):.3f} | | | |")
+    if os.environ.get("BOOTED", "1") != "0":
+        booted_table()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ use spindle_block::{BlockError, Node};
 use spindle_io::RuntimeConfig;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long closing or handing over an image waits for NBD requests in
+/// flight (each is one bounded image operation).
+pub const STREAM_DRAIN: Duration = Duration::from_secs(60);
 
 /// Stream front-end lanes of statistics per export: an NBD server has at
 /// most this many I/O threads.
@@ -216,6 +221,7 @@ impl Device {
     /// flight): the image is flushed, and closed unless another export of
     /// this daemon shares it.
     pub fn inactivate(&self) -> Result<(), BlockError> {
+        self.drain_stream_requests(STREAM_DRAIN)?;
         if self.keep_image.load(Ordering::Acquire) {
             let t = std::time::Instant::now();
             let r = self.slot.flush();
@@ -243,7 +249,30 @@ impl Device {
 
     /// The export stops serving: the last export of the image closes it.
     pub fn close(&self) -> Result<(), BlockError> {
+        self.drain_stream_requests(STREAM_DRAIN)?;
         self.slot.detach(self.id)
+    }
+
+    /// Waits (at most `timeout`) for the stream front ends' (NBD)
+    /// requests in flight, whose gate the caller holds already (a quiesce
+    /// or pause: vhost-user's own requests are the caller's to wait for).
+    pub fn wait_stream_requests(&self, timeout: Duration) -> Result<(), String> {
+        self.gate.wait_passes(timeout).map_err(|n| {
+            format!(
+                "export '{}': {n} NBD requests still in flight after {} s",
+                self.cfg.name,
+                timeout.as_secs()
+            )
+        })
+    }
+
+    /// Before the image is closed or handed over: holds the gate while
+    /// the stream front ends' requests in flight finish. A request that
+    /// waited meanwhile finds the image closed (or its export withdrawn)
+    /// once the gate opens, and fails without touching it.
+    fn drain_stream_requests(&self, timeout: Duration) -> Result<(), BlockError> {
+        let _hold = self.gate.hold();
+        self.wait_stream_requests(timeout).map_err(BlockError::Invalid)
     }
 
     /// The optimal I/O size (the qcow2 cluster size, 0 if none).

@@ -157,18 +157,23 @@ mod tests {
 
         let hold = g.hold();
         let g2 = g.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let start = Instant::now();
         let t = std::thread::spawn(move || {
             let rt = spindle_io::Runtime::new(spindle_io::RuntimeConfig::default()).unwrap();
-            let start = Instant::now();
             let p = rt.block_on(g2.pass());
+            tx.send(()).unwrap();
             (start.elapsed(), g2.passes(), p)
         });
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a pass was admitted under the hold"
+        );
         assert_eq!(g.passes(), 0, "a waiting request is not in flight");
         drop(hold);
         let (waited, n, p) = t.join().unwrap();
         assert!(
-            waited >= Duration::from_millis(90),
+            waited >= Duration::from_millis(200),
             "admitted after {waited:?}, under the hold"
         );
         assert_eq!(n, 1);

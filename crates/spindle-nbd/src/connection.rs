@@ -248,6 +248,11 @@ async fn negotiate(
 async fn transmission(conn: &Rc<Conn>, inbox: &mut Inbox) -> Result<()> {
     let sock = conn.wire.clone();
     loop {
+        // A withdrawn export takes no more requests, even those already
+        // received (its clients are being disconnected).
+        if conn.export.is_closed() {
+            return Ok(());
+        }
         let mut hdr = [0u8; REQUEST_LEN];
         match inbox.read(&sock, &mut hdr).await {
             Ok(true) => {}

@@ -49,8 +49,16 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
     let pass = dev.gate().pass().await;
     let start = Instant::now();
     let (op, bytes) = classify(&cmd);
-    let (reply, ok) = match dev.node() {
-        Some(node) => {
+    let node = if conn.export.is_closed() {
+        Err((
+            errno::ESHUTDOWN,
+            format!("export '{}' was withdrawn", conn.export.settings.name),
+        ))
+    } else {
+        dev.open_node().map_err(|e| (errno::EIO, e.to_string()))
+    };
+    let (reply, ok) = match node {
+        Ok(node) => {
             let (reply, ok) = image_work(&conn, &node, cookie, cmd, payload).await;
             if let Some((off, len)) = written_span(&cmd) {
                 // A failed write may have landed in part: a live commit
@@ -59,14 +67,9 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
             }
             (reply, ok)
         }
-        None => {
-            let why = format!(
-                "export '{}' is {} (live migration): its image is not open here",
-                dev.cfg.name,
-                dev.migration().name()
-            );
+        Err((code, why)) => {
             spindle_export::limited!(warn, "NBD request refused: {why}");
-            (error_reply(&conn, cookie, errno::EIO, &why), false)
+            (error_reply(&conn, cookie, code, &why), false)
         }
     };
     drop(pass);

@@ -103,7 +103,7 @@ impl Export {
     /// A client chose this export: `false` once it was removed.
     pub(crate) fn attach(&self, sock: Weak<OwnedFd>) -> bool {
         let mut c = lock(&self.conns);
-        if self.closed.load(Ordering::Acquire) {
+        if self.is_closed() {
             return false;
         }
         c.retain(|w| w.strong_count() > 0);
@@ -111,19 +111,40 @@ impl Export {
         true
     }
 
+    /// Whether the export was withdrawn ([`Export::disconnect`]): its
+    /// connections read no more requests, and a request admitted after
+    /// that fails without touching the image.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Ends every connection to this export and refuses new ones: each
-    /// client's socket is shut for reading, so its connection finishes
-    /// the requests it has, replies, and ends.
+    /// client's socket is shut for reading and no further request is
+    /// taken, so its connection finishes the requests it has, replies,
+    /// and ends.
     pub fn disconnect(&self) {
-        let c = {
+        self.closed.store(true, Ordering::Release);
+        self.shut(libc::SHUT_RD);
+    }
+
+    /// Shuts every connection both ways: replies still unsent fail, so a
+    /// client that does not read cannot keep its connection (after
+    /// [`Export::disconnect`] and a grace period).
+    pub fn kill(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.shut(libc::SHUT_RDWR);
+    }
+
+    fn shut(&self, how: libc::c_int) {
+        let live: Vec<Arc<OwnedFd>> = {
             let mut c = lock(&self.conns);
-            self.closed.store(true, Ordering::Release);
-            std::mem::take(&mut *c)
+            c.retain(|w| w.strong_count() > 0);
+            c.iter().filter_map(Weak::upgrade).collect()
         };
-        for fd in c.iter().filter_map(Weak::upgrade) {
+        for fd in live {
             // SAFETY: shutdown on a descriptor kept open by the Arc just
             // upgraded; no memory involved.
-            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) };
+            unsafe { libc::shutdown(fd.as_raw_fd(), how) };
         }
     }
 }

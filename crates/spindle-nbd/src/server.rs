@@ -134,7 +134,17 @@ impl Server {
                     let accept = std::pin::pin!(l.accept());
                     match futures::future::select(accept, rx.next()).await {
                         futures::future::Either::Left((fd, _)) => {
-                            let fd = fd?;
+                            let fd = match fd {
+                                Ok(fd) => fd,
+                                Err(e) => {
+                                    // Out of descriptors or memory, a
+                                    // connection reset before accept: the
+                                    // listener stays; try again shortly.
+                                    spindle_export::limited!(warn, "NBD accept failed: {e}; retrying");
+                                    let _ = spindle_io::time::sleep(ACCEPT_RETRY).await;
+                                    continue;
+                                }
+                            };
                             active += 1;
                             let _ = senders[next % senders.len()].unbounded_send(ToThread::Conn(fd));
                             next += 1;
@@ -207,6 +217,17 @@ fn io_thread(
                     for s in live.borrow().iter().filter_map(Weak::upgrade) {
                         s.shutdown(std::net::Shutdown::Read);
                     }
+                    // A client that does not read its replies would keep
+                    // its connection (and this thread) forever: after a
+                    // grace period its socket is shut both ways.
+                    let mine = live.clone();
+                    spindle_io::spawn(async move {
+                        let _ = spindle_io::time::sleep(SHUTDOWN_GRACE).await;
+                        for s in mine.borrow().iter().filter_map(Weak::upgrade) {
+                            s.shutdown(std::net::Shutdown::Both);
+                        }
+                    })
+                    .detach();
                     break;
                 }
             }
@@ -214,8 +235,22 @@ fn io_thread(
         for t in tasks {
             t.await;
         }
+        // An image only this thread may use (an NBD upstream without
+        // multi-conn) is flushed here, where its connection is.
+        for e in setup.catalog.list() {
+            if let Some(n) = e.dev.node().filter(|n| n.is_single_threaded()) {
+                if let Err(err) = n.flush().await {
+                    tracing::warn!("NBD export '{}': flush at exit failed: {err}", e.settings.name);
+                }
+            }
+        }
     });
 }
+
+/// How long a failed accept waits before the next.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long stopping waits for clients to take their last replies.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `TCP_NODELAY` on a TCP connection (replies are whole messages already;
 /// Nagle would only delay them). Unix sockets refuse it, harmlessly.

@@ -201,13 +201,7 @@ impl Export {
     /// Waits for the requests of the export's other front ends (NBD),
     /// which the held gate admits no more.
     fn wait_other_front_ends(&self, timeout: std::time::Duration) -> Result<(), String> {
-        self.dev.gate().wait_passes(timeout).map_err(|n| {
-            format!(
-                "export '{}': {n} NBD requests still in flight after {} s",
-                self.dev.cfg.name,
-                timeout.as_secs()
-            )
-        })
+        self.dev.wait_stream_requests(timeout)
     }
 
     /// Holds a running export still for a moment (a live overlay, the

@@ -412,6 +412,36 @@ fn a_re_export_keeps_one_connection_per_io_thread() {
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("offers no multi-conn"), "{err}");
+
+    // A writable upstream without multi-conn: what a client wrote through
+    // `spindle nbd` is flushed upstream at exit, from the I/O thread that
+    // holds the one connection, and the exit is clean.
+    let raw = dir.path().join("w.raw");
+    std::fs::File::create(&raw).unwrap().set_len(64 * MIB).unwrap();
+    let sock2 = dir.path().join("single-w.sock");
+    let _w = start("qemu-nbd", &["-t", "-f", "raw", "-k", p(&sock2), p(&raw)], dir.path());
+    let front2 = dir.path().join("front2.sock");
+    let srv = NbdServer::start(&["-t", "-k", p(&front2), &unix_uri("", &sock2)]);
+    // nbdsh writes and disconnects without a flush (qemu-io would flush).
+    let o = Command::new("/usr/bin/nbdsh")
+        .args([
+            "-u",
+            &unix_uri("", &front2),
+            "-c",
+            "h.pwrite(b'\\x66' * 1048576, 1048576)",
+        ])
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("nbdsh (apt-get install -y libnbd-bin python3-libnbd)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        srv.stop(),
+        "spindle nbd over a writable single-connection upstream did not exit 0"
+    );
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x66 1M 1M", &unix_uri("", &sock2)],
+    );
 }
 
 #[test]

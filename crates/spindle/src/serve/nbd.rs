@@ -15,8 +15,10 @@ use spindle_block::BlockError;
 use spindle_export::Device;
 use spindle_io::RuntimeConfig;
 use spindle_nbd::{Catalog, DetectZeroes, Export, Server, ServerConfig, Settings, StopHandle, TlsConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// How `--nbd` serves.
 #[derive(Debug, Clone)]
@@ -38,7 +40,14 @@ pub struct NbdFront {
     tls: bool,
     stop: StopHandle,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Stopped (shutdown, or a handover that went ahead): it offers
+    /// nothing any more.
+    stopped: AtomicBool,
 }
+
+/// Clients at once; more wait in the listen backlog (each connection is
+/// a descriptor of this process, which the vhost-user side needs too).
+pub const MAX_CLIENTS: usize = 512;
 
 fn invalid(msg: String) -> BlockError {
     BlockError::Invalid(msg)
@@ -66,7 +75,7 @@ impl NbdFront {
             ServerConfig {
                 threads: o.iothreads,
                 runtime: RuntimeConfig::default(),
-                max_clients: None,
+                max_clients: Some(MAX_CLIENTS),
                 persistent: true,
                 tls: tls.clone(),
                 handshake_limit: spindle_nbd::server::HANDSHAKE_LIMIT,
@@ -91,6 +100,7 @@ impl NbdFront {
             tls: tls.is_some(),
             stop,
             thread: Mutex::new(Some(thread)),
+            stopped: AtomicBool::new(false),
         })
     }
 
@@ -116,10 +126,26 @@ impl NbdFront {
             .map_err(invalid)
     }
 
-    /// Withdraws export `name` (its clients finish their requests and are
-    /// disconnected); `false` if it was not offered.
+    /// Whether it still listens (not stopped).
+    pub fn is_listening(&self) -> bool {
+        !self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Withdraws export `name`: its clients take no more requests, those
+    /// in flight finish (the device's close waits for them), and each
+    /// connection ends; one whose client does not take its last replies
+    /// within [`spindle_nbd::server::SHUTDOWN_GRACE`] is shut both ways.
+    /// `false` if it was not offered.
     pub fn withdraw(&self, name: &str) -> bool {
-        self.catalog.remove(name).is_some()
+        let Some(e) = self.catalog.remove(name) else {
+            return false;
+        };
+        let deadline = Instant::now() + spindle_nbd::server::SHUTDOWN_GRACE;
+        while e.connections() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        e.kill();
+        true
     }
 
     /// NBD clients of export `name` now; `None` if it is not offered.
@@ -151,6 +177,7 @@ impl NbdFront {
     /// requests first). For shutdown and for a handover, whose new
     /// process binds the address again.
     pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
         for e in self.catalog.list() {
             self.catalog.remove(&e.settings.name);
         }

@@ -213,14 +213,14 @@ impl Server {
         let _ = self.nbd.set(front);
     }
 
-    /// The NBD front end, if the daemon has one.
+    /// The NBD front end, if the daemon has one that listens.
     pub fn nbd(&self) -> Option<&Arc<NbdFront>> {
-        self.nbd.get()
+        self.nbd.get().filter(|f| f.is_listening())
     }
 
     /// Opens and starts serving `spec`.
     pub fn add(&self, spec: ExportSpec) -> Result<Arc<Export>, BlockError> {
-        if spec.nbd == Some(true) && self.nbd.get().is_none() {
+        if spec.nbd == Some(true) && self.nbd().is_none() {
             return Err(invalid(
                 "this daemon serves no NBD (start it with --nbd ADDR, or nbd = \"ADDR\" in its config file)".into(),
             ));
@@ -259,7 +259,7 @@ impl Server {
                 return Err(e);
             }
         };
-        if let (Some(front), false) = (self.nbd.get(), spec.nbd == Some(false)) {
+        if let (Some(front), false) = (self.nbd(), spec.nbd == Some(false)) {
             if let Err(e) = front.offer(&export.dev, &spec.image) {
                 drop(st);
                 export.stop();
@@ -367,7 +367,7 @@ impl Server {
         // Taken back if the thread cannot start.
         let cell = Arc::new(Mutex::new(Some(r)));
         let (state, label, mine) = (self.state.clone(), name.to_string(), cell.clone());
-        let nbd = self.nbd.get().cloned();
+        let nbd = self.nbd().cloned();
         let spawned = std::thread::Builder::new().name(format!("stop-{name}")).spawn(move || {
             let Some(r) = lock(&mine).take() else { return };
             // NBD clients first: they finish their requests and go, then
@@ -497,8 +497,8 @@ impl Server {
             .values()
             .filter_map(|s| match s {
                 Slot::Starting { .. } => None,
-                Slot::Running(r) => Some(info(&r.export, &r.spec, "running", self.nbd.get())),
-                Slot::Stopping { export, spec } => Some(info(export, spec, "stopping", self.nbd.get())),
+                Slot::Running(r) => Some(info(&r.export, &r.spec, "running", self.nbd())),
+                Slot::Stopping { export, spec } => Some(info(export, spec, "stopping", self.nbd())),
             })
             .collect()
     }
@@ -535,7 +535,7 @@ impl Server {
             stats: e.dev.stats(),
             queue_requests: e.dev.queue_requests(),
             nbd_requests: e.dev.lane_requests(),
-            nbd_connections: self.nbd.get().and_then(|f| f.connections(name)).unwrap_or(0),
+            nbd_connections: self.nbd().and_then(|f| f.connections(name)).unwrap_or(0),
         })
     }
 

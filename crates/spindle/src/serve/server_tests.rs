@@ -142,9 +142,38 @@ fn an_export_that_requires_nbd_is_refused_by_a_daemon_without_it() {
     let e = add_err(&server, spec);
     assert!(e.contains("serves no NBD") && e.contains("--nbd"), "{e}");
     assert!(server.list().is_empty(), "nothing was started");
-    let mut spec = null(d.path(), "n", "1M");
-    spec.nbd = Some(false);
-    server.add(spec).unwrap();
-    assert_eq!(server.list()[0].nbd, None);
+}
+
+#[test]
+fn exports_are_offered_over_nbd_unless_they_say_no_and_not_once_it_stopped() {
+    use crate::serve::nbd::{NbdFront, NbdOptions};
+    let d = tempfile::tempdir().unwrap();
+    let server = Server::default();
+    let sock = d.path().join("nbd.sock");
+    let front = Arc::new(
+        NbdFront::start(&NbdOptions {
+            addr: crate::nbd_addr::Addr::Unix(sock.clone()),
+            tls_creds: None,
+            iothreads: 1,
+        })
+        .unwrap(),
+    );
+    server.set_nbd(front.clone());
+    let mut no = null(d.path(), "no", "1M");
+    no.nbd = Some(false);
+    server.add(no).unwrap();
+    server.add(null(d.path(), "yes", "1M")).unwrap();
+    let nbd_of = |name: &str| server.list().into_iter().find(|e| e.name == name).unwrap().nbd;
+    assert_eq!(nbd_of("no"), None);
+    assert_eq!(
+        nbd_of("yes"),
+        Some(format!("nbd+unix:///yes?socket={}", sock.display()))
+    );
+    // Stopped (a handover went ahead): nothing is offered any more.
+    front.stop();
+    assert_eq!(nbd_of("yes"), None);
+    let mut must = null(d.path(), "must", "1M");
+    must.nbd = Some(true);
+    assert!(add_err(&server, must).contains("serves no NBD"));
     server.remove_all().unwrap();
 }

@@ -103,11 +103,28 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
     let before = params["max-bandwidth"].as_u64();
     let before_downtime = params["downtime-limit"].as_u64();
     let bandwidth = opts.max_bandwidth.unwrap_or(1 << 40).max(1);
-    qmp.execute("migrate-set-parameters", json!({"max-bandwidth": bandwidth}))?;
-    if opts.live {
-        downtime(&mut qmp, downtime_limit(opts.max_pause_ms))?;
-    }
-    let was_running = qmp.running()?;
+    let restore_params = |qmp: &mut Qmp| {
+        if let Some(b) = before {
+            let _ = qmp.execute("migrate-set-parameters", json!({"max-bandwidth": b}));
+        }
+        if let (true, Some(d)) = (opts.live, before_downtime) {
+            let _ = downtime(qmp, d);
+        }
+    };
+    let set = qmp
+        .execute("migrate-set-parameters", json!({"max-bandwidth": bandwidth}))
+        .and_then(|_| match opts.live {
+            true => downtime(&mut qmp, downtime_limit(opts.max_pause_ms)),
+            false => Ok(()),
+        })
+        .and_then(|()| qmp.running());
+    let was_running = match set {
+        Ok(r) => r,
+        Err(e) => {
+            restore_params(&mut qmp);
+            return Err(e);
+        }
+    };
     let live = opts.live && was_running;
     let mut undo = Undo::default();
     let res = if live {
@@ -172,12 +189,7 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
             eprintln!("spindle: vm snapshot: cannot clear keep_image of '{d}': {e}");
         }
     }
-    if let Some(b) = before {
-        let _ = qmp.execute("migrate-set-parameters", json!({"max-bandwidth": b}));
-    }
-    if let (true, Some(d)) = (opts.live, before_downtime) {
-        let _ = downtime(&mut qmp, d);
-    }
+    restore_params(&mut qmp);
     if live {
         let _ = switchover_pause(&mut qmp, false);
     }
