@@ -10,6 +10,7 @@
 use crate::error::{NbdError, Result};
 use crate::export::{Catalog, Export};
 use crate::handshake::{self, Negotiation, Step, MAX_OPTION};
+use crate::outbox::Outbox;
 use crate::pool::{Buf, Credits};
 use crate::proto::{Request, REQUEST_LEN};
 use crate::tls::{TlsConfig, Wire};
@@ -30,20 +31,17 @@ pub(crate) struct Conn {
     pub(crate) limits: Limits,
     /// The device statistics lane of this connection's I/O thread.
     pub(crate) lane: usize,
-    send_lock: futures::lock::Mutex<()>,
+    outbox: Outbox,
     pub(crate) credits: Credits,
 }
 
 impl Conn {
-    /// Sends the lists back to back as one message, under the send lock.
-    /// A failed send (the client went away) shuts the socket, which ends
-    /// the reader; the other replies then fail the same way.
+    /// Sends the lists back to back as one reply, never interleaved with
+    /// another (`outbox`: replies that complete together share a
+    /// message). A failed send (the client went away) shuts the socket,
+    /// which ends the reader; the other replies then fail the same way.
     pub(crate) async fn send(&self, parts: &[&SgList]) {
-        let sg = SgList::concat(parts);
-        let _g = self.send_lock.lock().await;
-        if self.wire.send_all(&sg).await.is_err() {
-            self.wire.shutdown();
-        }
+        self.outbox.send(&self.wire, SgList::concat(parts)).await
     }
 
     /// The error reply the negotiated replies allow.
@@ -166,7 +164,7 @@ pub(crate) async fn serve(sock: Rc<Socket>, setup: Setup) -> Result<()> {
         export,
         limits,
         lane: setup.lane,
-        send_lock: futures::lock::Mutex::new(()),
+        outbox: Outbox::default(),
         credits: Credits::default(),
     });
     let r = transmission(&conn, &mut inbox).await;

@@ -19,6 +19,7 @@ mod exec;
 pub mod export;
 pub mod fuzzing;
 pub mod handshake;
+mod outbox;
 pub mod pool;
 pub mod proto;
 pub mod server;
