@@ -80,6 +80,15 @@ impl SgList {
         SgList::owned(AlignedBuf::new(len, 4096))
     }
 
+    /// A list over a copy of `data`, without O_DIRECT's alignment: for
+    /// socket I/O (protocol headers), where a page-aligned allocation per
+    /// message would cost more than the message.
+    pub fn copy_unaligned(data: &[u8]) -> SgList {
+        let mut b = AlignedBuf::new(data.len(), 16);
+        b.copy_from_slice(data);
+        SgList::owned(b)
+    }
+
     /// A list over a copy of `data`.
     pub fn copy_of(data: &[u8]) -> SgList {
         let mut b = AlignedBuf::new(data.len(), 4096);

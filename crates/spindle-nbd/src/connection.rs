@@ -47,7 +47,7 @@ impl Conn {
     /// The error reply the negotiated replies allow.
     pub(crate) async fn reply_error(&self, cookie: u64, errno: u32, why: &str) {
         let b = tx::error_reply(cookie, self.limits.structured, errno, why);
-        self.send(&[&SgList::copy_of(&b)]).await
+        self.send(&[&SgList::copy_unaligned(&b)]).await
     }
 }
 
@@ -179,7 +179,7 @@ async fn negotiate(
     exports: &[Arc<Export>],
     tls: Option<&TlsConfig>,
 ) -> Result<Option<(Arc<Export>, Limits)>> {
-    wire.send_all(&SgList::copy_of(&handshake::greeting())).await?;
+    wire.send_all(&SgList::copy_unaligned(&handshake::greeting())).await?;
     let mut flags = [0u8; 4];
     if !inbox.read(wire, &mut flags).await? {
         return Ok(None);
@@ -207,14 +207,14 @@ async fn negotiate(
             neg.option(option, &data)?
         };
         match step {
-            Step::Reply(b) => sock.send_all(&SgList::copy_of(&b)).await?,
+            Step::Reply(b) => sock.send_all(&SgList::copy_unaligned(&b)).await?,
             Step::ReplyAndClose(b) => {
                 // The client may have gone already (it need not wait for this ACK).
-                let _ = sock.send_all(&SgList::copy_of(&b)).await;
+                let _ = sock.send_all(&SgList::copy_unaligned(&b)).await;
                 return Ok(None);
             }
             Step::StartTls(b) => {
-                sock.send_all(&SgList::copy_of(&b)).await?;
+                sock.send_all(&SgList::copy_unaligned(&b)).await?;
                 let cfg = tls.ok_or_else(|| NbdError::Tls("STARTTLS without credentials".into()))?;
                 // Bytes past the option already received are the client's
                 // first TLS records.
@@ -224,7 +224,7 @@ async fn negotiate(
                 *wire = Wire::start_tls(plain, cfg, &early).await?;
             }
             Step::Transmission(b) => {
-                sock.send_all(&SgList::copy_of(&b)).await?;
+                sock.send_all(&SgList::copy_unaligned(&b)).await?;
                 let n = neg
                     .negotiated()
                     .ok_or_else(|| NbdError::Protocol("no export chosen".into()))?;

@@ -38,7 +38,19 @@ pub fn wire_errno(e: &BlockError) -> u32 {
 
 /// A reply to send once the image work is done (and the request no
 /// longer holds the export's gate).
-type Reply = Vec<SgList>;
+struct Reply {
+    /// Dropped first (fields drop in order), so that the pool buffer
+    /// below is shared by nothing when it drops and goes back to the pool.
+    parts: Vec<SgList>,
+    /// The buffer a read's data sits in, kept until the reply is sent.
+    _buf: Option<Buf>,
+}
+
+impl From<Vec<SgList>> for Reply {
+    fn from(parts: Vec<SgList>) -> Reply {
+        Reply { parts, _buf: None }
+    }
+}
 
 /// Runs `cmd` (with the write payload, already received) and replies.
 /// The request passes the export's quiesce gate first and is counted in
@@ -76,17 +88,17 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
     let ns = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
     dev.lane_stats(conn.lane)
         .record(if ok { op } else { Op::Other }, if ok { bytes } else { 0 }, ok, ns);
-    let refs: Vec<&SgList> = reply.iter().collect();
+    let refs: Vec<&SgList> = reply.parts.iter().collect();
     conn.send(&refs).await
 }
 
 fn error_reply(conn: &Conn, cookie: u64, errno: u32, why: &str) -> Reply {
-    vec![SgList::copy_of(&tx::error_reply(
+    Reply::from(vec![SgList::copy_unaligned(&tx::error_reply(
         cookie,
         conn.limits.structured,
         errno,
         why,
-    ))]
+    ))])
 }
 
 /// The statistics kind and byte count of a command.
@@ -153,7 +165,7 @@ async fn image_work(conn: &Conn, node: &Node, cookie: u64, cmd: Command, payload
         Command::Disconnect => Ok(()),
     };
     match r {
-        Ok(()) => (vec![SgList::copy_of(&simple_reply(cookie, 0))], true),
+        Ok(()) => (vec![SgList::copy_unaligned(&simple_reply(cookie, 0))].into(), true),
         Err(e) => {
             spindle_export::limited!(warn, "NBD request failed: {e}");
             (error_reply(conn, cookie, wire_errno(&e), &e.to_string()), false)
@@ -210,10 +222,19 @@ async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: 
     let Some(map) = holes.filter(|m| m.iter().any(|(_, e)| e.zero)) else {
         return match node.read(offset, &sg).await {
             Ok(()) if structured => (
-                vec![SgList::copy_of(&tx::data_chunk(cookie, true, offset, len)), sg],
+                Reply {
+                    parts: vec![SgList::copy_unaligned(&tx::data_chunk(cookie, true, offset, len)), sg],
+                    _buf: Some(buf),
+                },
                 true,
             ),
-            Ok(()) => (vec![SgList::copy_of(&simple_reply(cookie, 0)), sg], true),
+            Ok(()) => (
+                Reply {
+                    parts: vec![SgList::copy_unaligned(&simple_reply(cookie, 0)), sg],
+                    _buf: Some(buf),
+                },
+                true,
+            ),
             Err(e) => {
                 spindle_export::limited!(warn, "NBD read failed: {e}");
                 (error_reply(conn, cookie, wire_errno(&e), &e.to_string()), false)
@@ -248,23 +269,23 @@ async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: 
             break;
         }
         if zero {
-            parts.push(SgList::copy_of(&tx::hole_chunk(cookie, last, pos, n as u32)));
+            parts.push(SgList::copy_unaligned(&tx::hole_chunk(cookie, last, pos, n as u32)));
         } else {
-            parts.push(SgList::copy_of(&tx::data_chunk(cookie, last, pos, n as u32)));
+            parts.push(SgList::copy_unaligned(&tx::data_chunk(cookie, last, pos, n as u32)));
             parts.push(sg.slice((pos - offset) as usize, n as usize));
         }
     }
     let ok = failed.is_none();
     if let Some((pos, _, e)) = failed {
         spindle_export::limited!(warn, "NBD read failed at {pos}: {e}");
-        parts.push(SgList::copy_of(&tx::error_chunk(
+        parts.push(SgList::copy_unaligned(&tx::error_chunk(
             cookie,
             wire_errno(&e),
             &e.to_string(),
             Some(pos),
         )));
     }
-    (parts, ok)
+    (Reply { parts, _buf: Some(buf) }, ok)
 }
 
 /// Merges `(len, value)` pairs with equal values; with `one`, keeps one.
@@ -311,5 +332,5 @@ async fn block_status(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u
     for (i, (id, ext)) in out.into_iter().enumerate() {
         bytes.extend(tx::block_status_chunk(cookie, i + 1 == n, id, &ext));
     }
-    (vec![SgList::copy_of(&bytes)], true)
+    (vec![SgList::copy_unaligned(&bytes)].into(), true)
 }

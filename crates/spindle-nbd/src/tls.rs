@@ -233,7 +233,7 @@ impl Tls {
                 }
                 c.write_tls(&mut buf)?;
             }
-            self.sock.send_all(&SgList::copy_of(&buf)).await?;
+            self.sock.send_all(&SgList::copy_unaligned(&buf)).await?;
         }
     }
 
