@@ -14,6 +14,8 @@
 //! at a time. No TLS.
 
 mod conn;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod local;
 mod reply;
