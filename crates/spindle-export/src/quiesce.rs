@@ -68,9 +68,8 @@ impl Gate {
                 return Poll::Ready(Pass { gate: self.clone() });
             }
             self.passes.fetch_sub(1, Ordering::SeqCst);
-            let Ok(mut w) = self.waiting.lock() else {
-                return Poll::Pending;
-            };
+            // A panic elsewhere never leaves the list half-changed.
+            let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
             w.push(cx.waker().clone());
             drop(w);
             // Released between the check and the registration: try again
@@ -107,11 +106,7 @@ impl Gate {
 
     fn released(&self) {
         if self.holds.fetch_sub(1, Ordering::SeqCst) == 1 {
-            let wakers = self
-                .waiting
-                .lock()
-                .map(|mut w| std::mem::take(&mut *w))
-                .unwrap_or_default();
+            let wakers = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
             wakers.into_iter().for_each(Waker::wake);
         }
     }

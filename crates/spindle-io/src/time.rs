@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::Duration;
 
 /// A one-shot timer registered with this thread's runtime.
@@ -89,30 +90,12 @@ pub async fn sleep(d: Duration) -> io::Result<()> {
 /// dropped then). A timer that cannot be made fails the call.
 pub async fn timeout<F: Future>(d: Duration, fut: F) -> io::Result<Option<F::Output>> {
     let timer = Timer::new(d)?;
-    let fut = pin!(fut);
-    let expiry = pin!(timer.wait());
-    match futures_select(fut, expiry).await {
-        Either::Done(v) => Ok(Some(v)),
-        Either::Expired(Ok(())) => Ok(None),
-        Either::Expired(Err(e)) => Err(e),
-    }
-}
-
-enum Either<T> {
-    Done(T),
-    Expired(io::Result<()>),
-}
-
-/// The first of the two to finish (the future is polled first).
-async fn futures_select<F: Future, E: Future<Output = io::Result<()>>>(
-    mut fut: std::pin::Pin<&mut F>,
-    mut exp: std::pin::Pin<&mut E>,
-) -> Either<F::Output> {
-    poll_fn(|cx| {
-        if let std::task::Poll::Ready(v) = fut.as_mut().poll(cx) {
-            return std::task::Poll::Ready(Either::Done(v));
-        }
-        exp.as_mut().poll(cx).map(Either::Expired)
+    let mut fut = pin!(fut);
+    let mut expiry = pin!(timer.wait());
+    // The future first: one that is ready when the time runs out wins.
+    poll_fn(|cx| match fut.as_mut().poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Ok(Some(v))),
+        Poll::Pending => expiry.as_mut().poll(cx).map(|r| r.map(|()| None)),
     })
     .await
 }

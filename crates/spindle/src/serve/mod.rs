@@ -293,7 +293,8 @@ pub fn run(a: Args) -> CliResult<u8> {
             }
         );
         println!("{}", attach_lines(&export));
-        if let (Some(f), Some(_)) = (server.nbd(), server.nbd().and_then(|f| f.connections(&d.cfg.name))) {
+        // Offered over NBD (not `nbd = false`): how to reach it there.
+        if let Some(f) = server.nbd().filter(|f| f.connections(&d.cfg.name).is_some()) {
             println!("{}", f.lines(&d.cfg.name));
         }
     }
