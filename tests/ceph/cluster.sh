@@ -106,7 +106,7 @@ admin socket = $DIR/run/\$name.asok
 pid file = $DIR/run/\$name.pid
 log file = $DIR/log/\$name.log
 log to stderr = false
-err to stderr = true
+err to stderr = false
 mon cluster log file = $DIR/log/cluster.log
 crash dir = $DIR/crash
 osd pool default size = 1
@@ -119,6 +119,12 @@ mon max pg per osd = 1000
 mon warn on pool no redundancy = false
 mon warn on insecure global id reclaim allowed = false
 mon data avail warn = 1
+
+[client]
+# Many clients at once (each test's connections, the rbd tool): no admin
+# socket, a log of their own.
+admin socket =
+log file = $DIR/log/\$name.\$pid.log
 
 [mon]
 mon data = $DIR/mon.\$id
