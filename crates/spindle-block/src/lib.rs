@@ -13,12 +13,16 @@ pub mod fault;
 pub mod formats;
 #[doc(hidden)]
 pub mod fuzzing;
+mod info;
 mod node;
 mod open;
 pub mod protocols;
+mod status;
 
 pub use error::{BlockError, Result};
 pub use formats::qcow2::header::printable;
-pub use node::{BlockStatus, Extent, ImageInfo, Node};
+pub use info::ImageInfo;
+pub use node::Node;
 pub use open::{backing_path, open_image, parse_size, probe, Format, OpenConfig, Sharing};
 pub use spindle_io::SgList;
+pub use status::{BlockStatus, Extent};

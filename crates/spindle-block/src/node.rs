@@ -3,7 +3,9 @@
 use crate::error::{BlockError, Result};
 use crate::fault::delay;
 use crate::formats::{null::Null, qcow2::Qcow2, raw::Raw};
+use crate::info::ImageInfo;
 use crate::protocols::nbd::Nbd;
+use crate::status::{BlockStatus, Extent};
 use spindle_io::SgList;
 use std::path::Path;
 
@@ -17,60 +19,6 @@ pub enum Node {
     Qcow2(Box<Qcow2>),
     /// An NBD export (raw data).
     Nbd(Box<Nbd>),
-}
-
-/// What a range of the device is, as `qemu-img map` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// Length of the range in bytes.
-    pub len: u64,
-    /// Data is stored for it somewhere in the chain.
-    pub data: bool,
-    /// It reads as zeroes.
-    pub zero: bool,
-    /// Some image of the chain defines it.
-    pub present: bool,
-    /// Which image of the chain defines it (0 = this one).
-    pub depth: u32,
-    /// Offset in the defining image's file, when data sits there plainly.
-    pub offset: Option<u64>,
-    /// Stored compressed.
-    pub compressed: bool,
-}
-
-/// Allocation state of a range within one node, for block status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockStatus {
-    /// Stored here, at the given host offset if plain.
-    Data {
-        /// Host offset of the data, if it is stored uncompressed.
-        offset: Option<u64>,
-        /// Stored compressed.
-        compressed: bool,
-    },
-    /// Reads as zeroes, defined here.
-    Zero,
-    /// Not defined here: the backing image decides.
-    Unallocated,
-}
-
-/// What `info` reports about one image.
-#[derive(Debug, Clone, Default)]
-pub struct ImageInfo {
-    /// Format name (`raw`, `qcow2`, `null`).
-    pub format: &'static str,
-    /// Guest-visible size.
-    pub virtual_size: u64,
-    /// Cluster size (qcow2).
-    pub cluster_size: Option<u64>,
-    /// Backing file name as stored.
-    pub backing_file: Option<String>,
-    /// Backing format as stored.
-    pub backing_format: Option<String>,
-    /// Whether the dirty bit is set (qcow2 v3).
-    pub dirty: bool,
-    /// qcow2 specifics.
-    pub qcow2: Option<crate::formats::qcow2::Qcow2Info>,
 }
 
 fn range_check(offset: u64, len: u64, size: u64) -> Result<()> {

@@ -1,7 +1,7 @@
 //! Raw images: a file or block device whose bytes are the disk.
 
 use crate::error::{io_err, BlockError, Result};
-use crate::node::BlockStatus;
+use crate::status::BlockStatus;
 use spindle_io::File;
 use spindle_io::SgList;
 use std::path::Path;

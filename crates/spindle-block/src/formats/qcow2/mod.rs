@@ -25,7 +25,8 @@ mod write;
 
 use crate::error::{fmt_err, io_err, BlockError, Result};
 use crate::fault;
-use crate::node::{ImageInfo, Node};
+use crate::info::ImageInfo;
+use crate::node::Node;
 use futures::lock::Mutex;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use meta::Meta;
@@ -33,28 +34,10 @@ use spindle_io::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use crate::info::Qcow2Info;
 pub use check::{check, CheckMode, CheckReport};
 pub use create::{create, CreateOptions, Preallocation};
 pub use vmstate::VmStateOptions;
-
-/// qcow2-specific facts for `info`.
-#[derive(Debug, Clone)]
-pub struct Qcow2Info {
-    /// "0.10" (v2) or "1.1" (v3).
-    pub compat: &'static str,
-    /// Lazy refcounts enabled.
-    pub lazy_refcounts: bool,
-    /// Refcount width.
-    pub refcount_bits: u32,
-    /// Corrupt bit set.
-    pub corrupt: bool,
-    /// Extended L2 entries.
-    pub extended_l2: bool,
-    /// "zlib" or "zstd".
-    pub compression_type: &'static str,
-    /// Internal snapshots.
-    pub snapshots: u32,
-}
 
 /// Tunables of an open image.
 #[derive(Debug, Clone, Copy, Default)]

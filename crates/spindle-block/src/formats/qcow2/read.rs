@@ -4,7 +4,7 @@ use super::entry::Entry;
 use super::meta::Meta;
 use super::{compress, compressed_extent, tlb, Piece, Qcow2};
 use crate::error::{corrupt, fmt_err, io_err, Result};
-use crate::node::BlockStatus;
+use crate::status::BlockStatus;
 use futures::future::try_join_all;
 use spindle_io::SgList;
 use std::sync::atomic::Ordering;

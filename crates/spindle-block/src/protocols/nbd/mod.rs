@@ -27,7 +27,7 @@ pub use handshake::Export;
 pub use uri::{is_nbd_spec, Address, NbdUri};
 
 use crate::error::{BlockError, Result};
-use crate::node::{BlockStatus, Extent};
+use crate::status::{BlockStatus, Extent};
 use conn::{Conn, Sink};
 use spindle_io::SgList;
 use std::cell::Cell;
