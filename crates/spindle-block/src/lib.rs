@@ -18,11 +18,13 @@ mod node;
 mod open;
 pub mod protocols;
 mod status;
+pub mod storage;
 
 pub use error::{BlockError, Result};
 pub use formats::qcow2::header::printable;
 pub use info::ImageInfo;
 pub use node::Node;
-pub use open::{backing_path, open_image, parse_size, probe, Format, OpenConfig, Sharing};
+pub use open::{backing_path, open_image, parse_size, probe, probe_storage, Format, OpenConfig, Sharing};
 pub use spindle_io::SgList;
-pub use status::{BlockStatus, Extent};
+pub use status::{Allocation, BlockStatus, Extent};
+pub use storage::Storage;

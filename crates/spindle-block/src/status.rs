@@ -35,3 +35,12 @@ pub enum BlockStatus {
     /// Not defined here: the backing image decides.
     Unallocated,
 }
+
+/// What a storage knows of a range of its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// Data is stored for it (not a hole).
+    pub data: bool,
+    /// It reads as zeroes.
+    pub zero: bool,
+}
