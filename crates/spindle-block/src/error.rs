@@ -98,6 +98,15 @@ pub(crate) fn io_err<'a>(
     }
 }
 
+/// Helper: names what was being done when storage I/O failed (the
+/// storage names the image and the error; other errors pass unchanged).
+pub(crate) fn doing(context: &'static str) -> impl FnOnce(BlockError) -> BlockError {
+    move |e| match e {
+        BlockError::Io { path, source, .. } => BlockError::Io { path, context, source },
+        e => e,
+    }
+}
+
 /// Helper: a corruption found in the image's metadata.
 pub(crate) fn corrupt(path: &std::path::Path, msg: impl Into<String>) -> BlockError {
     BlockError::Corrupt {

@@ -2,75 +2,20 @@
 
 use crate::error::{BlockError, Result};
 use crate::fault::delay;
-use crate::formats::{null::Null, qcow2::Qcow2, raw::Raw};
-use crate::protocols::nbd::Nbd;
+use crate::formats::{qcow2::Qcow2, raw::Raw};
+use crate::info::ImageInfo;
+use crate::status::{BlockStatus, Extent};
+use crate::storage::Storage;
 use spindle_io::SgList;
 use std::path::Path;
 
-/// One image of a backing chain.
+/// One image of a backing chain: a format on a storage.
 pub enum Node {
-    /// A raw file or block device.
+    /// A raw image: the storage's bytes (a file, a block device, an NBD
+    /// export, `null:SIZE`).
     Raw(Raw),
-    /// A device that reads zeroes and accepts writes.
-    Null(Null),
     /// A qcow2 image.
     Qcow2(Box<Qcow2>),
-    /// An NBD export (raw data).
-    Nbd(Box<Nbd>),
-}
-
-/// What a range of the device is, as `qemu-img map` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// Length of the range in bytes.
-    pub len: u64,
-    /// Data is stored for it somewhere in the chain.
-    pub data: bool,
-    /// It reads as zeroes.
-    pub zero: bool,
-    /// Some image of the chain defines it.
-    pub present: bool,
-    /// Which image of the chain defines it (0 = this one).
-    pub depth: u32,
-    /// Offset in the defining image's file, when data sits there plainly.
-    pub offset: Option<u64>,
-    /// Stored compressed.
-    pub compressed: bool,
-}
-
-/// Allocation state of a range within one node, for block status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockStatus {
-    /// Stored here, at the given host offset if plain.
-    Data {
-        /// Host offset of the data, if it is stored uncompressed.
-        offset: Option<u64>,
-        /// Stored compressed.
-        compressed: bool,
-    },
-    /// Reads as zeroes, defined here.
-    Zero,
-    /// Not defined here: the backing image decides.
-    Unallocated,
-}
-
-/// What `info` reports about one image.
-#[derive(Debug, Clone, Default)]
-pub struct ImageInfo {
-    /// Format name (`raw`, `qcow2`, `null`).
-    pub format: &'static str,
-    /// Guest-visible size.
-    pub virtual_size: u64,
-    /// Cluster size (qcow2).
-    pub cluster_size: Option<u64>,
-    /// Backing file name as stored.
-    pub backing_file: Option<String>,
-    /// Backing format as stored.
-    pub backing_format: Option<String>,
-    /// Whether the dirty bit is set (qcow2 v3).
-    pub dirty: bool,
-    /// qcow2 specifics.
-    pub qcow2: Option<crate::formats::qcow2::Qcow2Info>,
 }
 
 fn range_check(offset: u64, len: u64, size: u64) -> Result<()> {
@@ -85,9 +30,7 @@ impl Node {
     pub fn size(&self) -> u64 {
         match self {
             Node::Raw(d) => d.size(),
-            Node::Null(d) => d.size(),
             Node::Qcow2(d) => d.size(),
-            Node::Nbd(d) => d.size(),
         }
     }
 
@@ -95,19 +38,21 @@ impl Node {
     pub fn path(&self) -> &Path {
         match self {
             Node::Raw(d) => d.path(),
-            Node::Null(d) => d.path(),
             Node::Qcow2(d) => d.path(),
-            Node::Nbd(d) => d.path(),
         }
     }
 
-    /// The image file (none for `null` and NBD).
-    pub fn file(&self) -> Option<&spindle_io::File> {
+    /// The storage the image's bytes are in.
+    pub fn storage(&self) -> &Storage {
         match self {
-            Node::Raw(d) => Some(d.file()),
-            Node::Null(_) | Node::Nbd(_) => None,
-            Node::Qcow2(d) => Some(d.file()),
+            Node::Raw(d) => d.storage(),
+            Node::Qcow2(d) => d.storage(),
         }
+    }
+
+    /// The image file (none on other storage).
+    pub fn file(&self) -> Option<&spindle_io::File> {
+        self.storage().as_file()
     }
 
     /// The backing node, if any.
@@ -122,9 +67,7 @@ impl Node {
     pub fn is_read_only(&self) -> bool {
         match self {
             Node::Raw(d) => d.is_read_only(),
-            Node::Null(_) => false,
             Node::Qcow2(d) => d.is_read_only(),
-            Node::Nbd(d) => d.is_read_only(),
         }
     }
 
@@ -132,32 +75,23 @@ impl Node {
     /// without multi-conn has one connection, on the first thread that
     /// used it. Servers of such a node use one I/O thread.
     pub fn is_single_threaded(&self) -> bool {
-        match self {
-            Node::Nbd(d) => !d.export().has(crate::protocols::nbd::wire::tflag::CAN_MULTI_CONN),
-            _ => false,
-        }
+        self.storage().is_single_threaded()
     }
 
     /// Format, size and format-specific facts.
     pub fn info(&self) -> ImageInfo {
         match self {
+            // An NBD export shows as qemu-img shows it: raw data. `null:SIZE`
+            // is a storage with no format above it in QEMU's terms.
             Node::Raw(d) => ImageInfo {
-                format: "raw",
-                virtual_size: d.size(),
-                ..Default::default()
-            },
-            Node::Null(d) => ImageInfo {
-                format: "null",
+                format: match d.storage() {
+                    Storage::Null(_) => "null",
+                    _ => "raw",
+                },
                 virtual_size: d.size(),
                 ..Default::default()
             },
             Node::Qcow2(d) => d.info(),
-            // As qemu-img shows an NBD export: raw data of the export's size.
-            Node::Nbd(d) => ImageInfo {
-                format: "raw",
-                virtual_size: d.size(),
-                ..Default::default()
-            },
         }
     }
 
@@ -173,12 +107,7 @@ impl Node {
         }
         match self {
             Node::Raw(d) => d.read(offset, buf).await,
-            Node::Null(_) => {
-                buf.fill_zero();
-                Ok(())
-            }
             Node::Qcow2(d) => d.guard(d.read(offset, buf).await).await,
-            Node::Nbd(d) => d.read(offset, buf).await,
         }
     }
 
@@ -208,9 +137,7 @@ impl Node {
         }
         match self {
             Node::Raw(d) => d.write(offset, buf, fua).await,
-            Node::Null(_) => Ok(()),
             Node::Qcow2(d) => d.guard(d.write(offset, buf, fua).await).await,
-            Node::Nbd(d) => d.write(offset, buf, fua).await,
         }
     }
 
@@ -221,9 +148,7 @@ impl Node {
         }
         match self {
             Node::Raw(d) => d.flush().await,
-            Node::Null(_) => Ok(()),
             Node::Qcow2(d) => d.guard(d.flush().await).await,
-            Node::Nbd(d) => d.flush().await,
         }
     }
 
@@ -233,9 +158,7 @@ impl Node {
         range_check(offset, len, self.size())?;
         match self {
             Node::Raw(d) => d.discard(offset, len).await,
-            Node::Null(_) => Ok(()),
             Node::Qcow2(d) => d.guard(d.discard(offset, len).await).await,
-            Node::Nbd(d) => d.discard(offset, len).await,
         }
     }
 
@@ -244,9 +167,7 @@ impl Node {
         range_check(offset, len, self.size())?;
         match self {
             Node::Raw(d) => d.write_zeroes(offset, len, may_unmap).await,
-            Node::Null(_) => Ok(()),
             Node::Qcow2(d) => d.guard(d.write_zeroes(offset, len, may_unmap).await).await,
-            Node::Nbd(d) => d.write_zeroes(offset, len, may_unmap).await,
         }
     }
 
@@ -255,23 +176,24 @@ impl Node {
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
         let len = len.min(self.size().saturating_sub(offset));
         match self {
-            Node::Raw(d) => d.block_status(offset, len),
-            Node::Null(_) => Ok((BlockStatus::Zero, len)),
+            Node::Raw(d) => d.block_status(offset, len).await,
             Node::Qcow2(d) => d.guard(d.block_status(offset, len).await).await,
-            Node::Nbd(d) => d.block_status(offset, len).await,
         }
     }
 
     /// Status through the whole chain, as `qemu-img map` reports it.
     pub async fn map_extent(&self, offset: u64, len: u64) -> Result<Extent> {
-        if let Node::Nbd(d) = self {
-            // Hole and zero are separate facts on NBD, as qemu-img maps them.
-            return d.map_extent(offset, len.min(d.size().saturating_sub(offset))).await;
-        }
         let mut node = self;
         let mut depth = 0;
         let mut len = len;
         loop {
+            if let Node::Raw(r) = node {
+                // Hole and zero are separate facts of a raw image's
+                // storage, as qemu-img maps them.
+                return r
+                    .map_extent(offset, len.min(r.size().saturating_sub(offset)), depth)
+                    .await;
+            }
             let (st, n) = node.block_status(offset, len).await?;
             len = n;
             let ext = |data, zero, offset, compressed| Extent {
@@ -320,15 +242,7 @@ impl Node {
         }
         match self {
             Node::Raw(d) => d.resize(new_size),
-            Node::Null(d) => {
-                d.resize(new_size);
-                Ok(())
-            }
             Node::Qcow2(d) => d.guard(d.resize(new_size).await).await,
-            Node::Nbd(_) => Err(BlockError::Invalid(format!(
-                "{}: an NBD export cannot be resized from the client",
-                self.path().display()
-            ))),
         }
     }
 
@@ -337,7 +251,6 @@ impl Node {
     pub async fn close(&self) -> Result<()> {
         match self {
             Node::Qcow2(d) => d.guard(d.close().await).await,
-            Node::Nbd(d) => d.close().await,
             other => other.flush().await,
         }
     }

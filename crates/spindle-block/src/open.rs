@@ -1,9 +1,10 @@
 //! Opening images: format probing, backing chains, safety rules.
 
 use crate::error::{fmt_err, io_err, BlockError, Result};
-use crate::formats::{null::Null, qcow2, raw::Raw};
+use crate::formats::{qcow2, raw::Raw};
 use crate::node::Node;
 use crate::protocols::nbd;
+use crate::storage::{null::Null, Storage};
 use spindle_io::{CacheMode, File, Locking, OpenOptions, Perms};
 use std::path::{Path, PathBuf};
 
@@ -168,12 +169,20 @@ pub fn parse_size(s: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
-/// Reads the start of a file and guesses its format.
+/// Opens a file and guesses its format from its start (without taking
+/// image locks: only a look).
 pub fn probe(path: &Path) -> Result<Format> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(io_err(path, "cannot open"))?;
+    let opts = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    probe_storage(&Storage::File(File::open_with_lock(path, opts, Locking::NONE)?))
+}
+
+/// Guesses the format of what a storage holds from its first bytes.
+pub fn probe_storage(s: &Storage) -> Result<Format> {
     let mut head = [0u8; 4];
-    let n = f.read(&mut head).map_err(io_err(path, "cannot read"))?;
+    let n = s.read_blocking(0, &mut head)?;
     Ok(if n == 4 && u32::from_be_bytes(head) == qcow2::header::MAGIC {
         Format::Qcow2
     } else {
@@ -184,16 +193,10 @@ pub fn probe(path: &Path) -> Result<Format> {
 /// Opens `spec` (a path, `null:SIZE`, or an NBD URI) and its backing chain.
 pub fn open_image(spec: &str, cfg: &OpenConfig) -> Result<Node> {
     if let Some(size) = parse_null_spec(spec) {
-        return Ok(Node::Null(Null::new(size?)));
+        return Ok(Node::Raw(Raw::new(Storage::Null(Null::new(size?)), false)?));
     }
     if nbd::is_nbd_spec(spec) {
-        if matches!(cfg.format, Some(f) if f != Format::Raw) {
-            return Err(BlockError::Invalid(format!(
-                "'{spec}': an NBD export is opened as raw (the server exports the guest's view), not {}",
-                cfg.format.map_or("", |f| f.name())
-            )));
-        }
-        return Ok(Node::Nbd(Box::new(nbd::Nbd::open(spec, cfg.read_only)?)));
+        return open_nbd(spec, cfg);
     }
     if cfg.format == Some(Format::Null) {
         return Err(BlockError::Invalid(format!(
@@ -229,6 +232,7 @@ fn open_path(
     let inherit = cfg.inherit_locks.contains(&canon);
     seen.push(canon);
     let probed = format.is_none();
+    // Probed before the image locks are taken: which locks depends on it.
     let format = match format {
         Some(f) => f,
         None => probe(path)?,
@@ -245,11 +249,12 @@ fn open_path(
     } else {
         File::open_with_lock(path, opts, locking)?
     };
+    let storage = Storage::File(file);
     match format {
-        Format::Raw => Ok(Node::Raw(Raw::new(file, probed)?)),
+        Format::Raw => Ok(Node::Raw(Raw::new(storage, probed)?)),
         Format::Null => Err(BlockError::Invalid("null images have no path".into())),
         Format::Qcow2 => {
-            let mut q = qcow2::Qcow2::open(file, None, cfg.qcow2)?;
+            let mut q = qcow2::Qcow2::open(storage, None, cfg.qcow2)?;
             let info = q.info();
             let backing = match (&info.backing_file, cfg.open_backing) {
                 (Some(name), true) => {
@@ -273,6 +278,33 @@ fn open_path(
                 _ => None,
             };
             q.set_backing_node(backing);
+            Ok(Node::Qcow2(Box::new(q)))
+        }
+    }
+}
+
+/// Opens an NBD export: raw data unless a format is stated (no probing:
+/// a guest's disk exported elsewhere must not turn into an image format
+/// by what the guest wrote), or qcow2 on the export when stated, as
+/// QEMU's qcow2 over its `nbd` driver.
+fn open_nbd(spec: &str, cfg: &OpenConfig) -> Result<Node> {
+    let storage = Storage::Nbd(Box::new(nbd::Nbd::open(spec, cfg.read_only)?));
+    match cfg.format {
+        None | Some(Format::Raw) => Ok(Node::Raw(Raw::new(storage, false)?)),
+        Some(Format::Null) => Err(BlockError::Invalid(format!(
+            "'{spec}': the null format takes a spec like null:1G"
+        ))),
+        Some(Format::Qcow2) => {
+            let q = qcow2::Qcow2::open(storage, None, cfg.qcow2)?;
+            if let (Some(name), true) = (q.info().backing_file, cfg.open_backing) {
+                return Err(fmt_err(
+                    Path::new(spec),
+                    format!(
+                        "the qcow2 image on this NBD export has a backing file '{name}'; \
+                         Spindle opens backing files only of local images"
+                    ),
+                ));
+            }
             Ok(Node::Qcow2(Box::new(q)))
         }
     }

@@ -240,6 +240,51 @@ impl File {
         Ok(())
     }
 
+    /// Reads into `buf` at `offset` with blocking `pread`s, through an
+    /// aligned buffer of its own (O_DIRECT needs one): for setup time,
+    /// such as reading an image's header and tables at open, never on an
+    /// I/O thread's runtime. Returns the bytes read, fewer than
+    /// `buf.len()` only at the end of the file; the rest is left as it was.
+    pub fn read_blocking(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let (start, len) = self.bounce_range(offset, buf.len());
+        let mut bounce = AlignedBuf::new(len, self.align.mem);
+        let req = self.align.req.max(1);
+        let mut done = 0;
+        while done < len {
+            let rest = &mut bounce[done..];
+            // SAFETY: pread writes at most `rest.len()` bytes into `rest`,
+            // memory this function owns for the call.
+            let r = unsafe {
+                libc::pread(
+                    self.raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    (start + done as u64) as i64,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            done += r as usize;
+            // End of file (a block cut short ends it too: O_DIRECT cannot
+            // go on from an unaligned offset).
+            if r == 0 || !(r as usize).is_multiple_of(req) {
+                break;
+            }
+        }
+        let pos = (offset - start) as usize;
+        let n = done.saturating_sub(pos).min(buf.len());
+        buf[..n].copy_from_slice(&bounce[pos..pos + n]);
+        Ok(n)
+    }
+
     fn aligned(&self, offset: u64, sg: &SgList) -> bool {
         let Alignment { mem, req } = self.align;
         if mem == 1 && req == 1 {

@@ -90,7 +90,7 @@ impl Export {
     /// Whether zeroing is always cheap on this node (`FAST_ZERO`): qcow2
     /// (zero clusters) and null; raw may fall back to writing zeroes.
     pub fn zeroing_is_fast(node: &Node) -> bool {
-        matches!(node, Node::Qcow2(_) | Node::Null(_))
+        matches!(node, Node::Qcow2(_)) || matches!(node.storage(), spindle_block::Storage::Null(_))
     }
 
     /// Clients connected now.

@@ -1,5 +1,4 @@
 //! Image format drivers.
 
-pub mod null;
 pub mod qcow2;
 pub mod raw;

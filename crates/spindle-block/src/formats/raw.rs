@@ -1,15 +1,15 @@
-//! Raw images: a file or block device whose bytes are the disk.
+//! Raw images: the storage's bytes are the disk.
 
-use crate::error::{io_err, BlockError, Result};
-use crate::node::BlockStatus;
-use spindle_io::File;
+use crate::error::{BlockError, Result};
+use crate::status::{BlockStatus, Extent};
+use crate::storage::Storage;
 use spindle_io::SgList;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A raw image.
 pub struct Raw {
-    file: File,
+    storage: Storage,
     size: AtomicU64,
     /// The format was guessed, not stated: refuse writes that would make
     /// sector 0 look like another format (CVE-2008-2004).
@@ -41,12 +41,14 @@ pub fn looks_like_image_format(head: &[u8]) -> bool {
 }
 
 impl Raw {
-    /// Wraps an open file. `probed` marks that the format was guessed.
-    pub fn new(mut file: File, probed: bool) -> Result<Raw> {
-        file.keep_exact_length();
-        let size = file.len().map_err(io_err(file.path(), "cannot get size"))?;
+    /// Wraps an open storage. `probed` marks that the format was guessed.
+    pub fn new(mut storage: Storage, probed: bool) -> Result<Raw> {
+        if let Storage::File(f) = &mut storage {
+            f.keep_exact_length();
+        }
+        let size = storage.len()?;
         Ok(Raw {
-            file,
+            storage,
             size: AtomicU64::new(size),
             probed,
         })
@@ -55,38 +57,25 @@ impl Raw {
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
-    /// The file's path.
+    /// The storage's path.
     pub fn path(&self) -> &Path {
-        self.file.path()
+        self.storage.path()
     }
     /// Whether it is read-only.
     pub fn is_read_only(&self) -> bool {
-        self.file.is_read_only()
+        self.storage.is_read_only()
     }
-    /// The underlying file.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    fn writable(&self) -> Result<()> {
-        if self.file.is_read_only() {
-            return Err(BlockError::ReadOnly {
-                path: self.path().into(),
-                reason: String::new(),
-            });
-        }
-        Ok(())
+    /// The storage underneath.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
 
     pub(crate) async fn read(&self, offset: u64, buf: &SgList) -> Result<()> {
-        self.file
-            .read_sg(offset, buf)
-            .await
-            .map_err(io_err(self.path(), "read failed"))
+        self.storage.read(offset, buf).await
     }
 
     pub(crate) async fn write(&self, offset: u64, buf: &SgList, fua: bool) -> Result<()> {
-        self.writable()?;
+        self.storage.check_writable()?;
         if self.probed && offset < 512 {
             let mut head = vec![0u8; buf.len().min(512 - offset as usize)];
             buf.slice(0, head.len()).copy_to(&mut head);
@@ -100,83 +89,67 @@ impl Raw {
                 )));
             }
         }
-        self.file
-            .write_sg(offset, buf, fua)
-            .await
-            .map_err(io_err(self.path(), "write failed"))
+        self.storage.write(offset, buf, fua).await
     }
 
     pub(crate) async fn flush(&self) -> Result<()> {
-        self.file.flush().await.map_err(io_err(self.path(), "flush failed"))
+        self.storage.flush().await
     }
 
     pub(crate) async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.writable()?;
-        if self.file.is_block_device() {
-            return Ok(()); // advisory; BLKDISCARD support can come with device passthrough
-        }
-        self.file
-            .punch_hole(offset, len)
-            .await
-            .map_err(io_err(self.path(), "discard failed"))
+        self.storage.discard(offset, len).await
     }
 
     pub(crate) async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.writable()?;
-        self.file
-            .write_zeroes(offset, len, may_unmap)
-            .await
-            .map_err(io_err(self.path(), "write zeroes failed"))
+        self.storage.write_zeroes(offset, len, may_unmap).await
     }
 
-    /// Data/hole status from SEEK_DATA/SEEK_HOLE.
-    pub(crate) fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
-        if self.file.is_block_device() {
-            return Ok((
-                BlockStatus::Data {
-                    offset: Some(offset),
-                    compressed: false,
-                },
-                len,
-            ));
+    /// Everything is defined here: data, or zeroes where the storage
+    /// knows them.
+    pub(crate) async fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
+        if len == 0 {
+            return Ok((BlockStatus::Zero, 0));
         }
-        let fd = self.file.raw_fd();
-        // SAFETY: lseek on our own descriptor.
-        let data = unsafe { libc::lseek(fd, offset as i64, libc::SEEK_DATA) };
-        if data < 0 || data as u64 > offset {
-            // In a hole (ENXIO: hole up to EOF).
-            let end = if data < 0 {
-                offset + len
-            } else {
-                (data as u64).min(offset + len)
-            };
-            return Ok((BlockStatus::Zero, end - offset));
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, offset as i64, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            offset + len
+        let (a, n) = self.storage.allocation(offset, len).await?;
+        let st = if a.zero {
+            BlockStatus::Zero
         } else {
-            (hole as u64).min(offset + len)
-        };
-        Ok((
             BlockStatus::Data {
                 offset: Some(offset),
                 compressed: false,
-            },
-            (end - offset).max(1).min(len),
-        ))
+            }
+        };
+        Ok((st, n))
+    }
+
+    /// A range as `qemu-img map` shows a raw image at `depth` of a chain:
+    /// present, mapped at its own offset, data unless a hole, zero where
+    /// the storage says so.
+    pub(crate) async fn map_extent(&self, offset: u64, len: u64, depth: u32) -> Result<Extent> {
+        let (a, n) = if len == 0 {
+            (
+                crate::status::Allocation {
+                    data: true,
+                    zero: false,
+                },
+                0,
+            )
+        } else {
+            self.storage.allocation(offset, len).await?
+        };
+        Ok(Extent {
+            len: n,
+            data: a.data,
+            zero: a.zero,
+            present: true,
+            depth,
+            offset: Some(offset),
+            compressed: false,
+        })
     }
 
     pub(crate) fn resize(&self, size: u64) -> Result<()> {
-        self.writable()?;
-        if self.file.is_block_device() {
-            return Err(BlockError::Invalid(format!(
-                "{}: cannot resize a block device",
-                self.path().display()
-            )));
-        }
-        self.file.set_len(size).map_err(io_err(self.path(), "resize failed"))?;
+        self.storage.resize(size)?;
         self.size.store(size, Ordering::Relaxed);
         Ok(())
     }

@@ -1,3 +1,4 @@
-//! Protocol drivers: exports reached over the network, seen as raw nodes.
+//! Network protocol clients, the storage backends reached over the
+//! network ([`crate::Storage::Nbd`]).
 
 pub mod nbd;

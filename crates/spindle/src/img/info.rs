@@ -25,11 +25,7 @@ pub struct Args {
 }
 
 fn actual_size(node: &Node) -> Option<u64> {
-    match node {
-        Node::Raw(r) => r.file().allocated_bytes().ok(),
-        Node::Qcow2(q) => q.file().allocated_bytes().ok(),
-        Node::Null(_) | Node::Nbd(_) => None,
-    }
+    node.storage().allocated_bytes()
 }
 
 /// Snapshots of a qcow2 node (empty for other formats).
@@ -104,7 +100,7 @@ fn human(node: &Node, info: &ImageInfo) -> String {
     match actual_size(node) {
         Some(a) => s += &format!("disk size: {}\n", human_size(a)),
         // qemu-img's words for an export it cannot see the storage of.
-        None if matches!(node, Node::Nbd(_)) => s += "disk size: unavailable\n",
+        None if matches!(node.storage(), spindle_block::Storage::Nbd(_)) => s += "disk size: unavailable\n",
         None => {}
     }
     if let Some(cs) = info.cluster_size {

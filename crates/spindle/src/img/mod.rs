@@ -246,11 +246,7 @@ fn suggest_force_share(e: BlockError, access: Access) -> BlockError {
 /// Linux AIO blocks in io_submit when a write must allocate blocks of a
 /// sparse file (or without O_DIRECT), which stalls the I/O thread.
 fn warn_native_on_sparse(node: &Node) {
-    let file = match node {
-        Node::Raw(r) => r.file(),
-        Node::Qcow2(q) => q.file(),
-        Node::Null(_) | Node::Nbd(_) => return,
-    };
+    let Some(file) = node.file() else { return };
     let why = if !file.cache().direct() {
         "files opened without O_DIRECT"
     } else if file.is_sparse() {

@@ -4,7 +4,7 @@
 use super::header::{Compression, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::meta::ZERO;
 use super::{check, Qcow2};
-use crate::error::{fmt_err, Result};
+use crate::error::{doing, fmt_err, Result};
 use crate::fault;
 
 impl Qcow2 {
@@ -18,10 +18,10 @@ impl Qcow2 {
     async fn set_backing_inner(&self, name: Option<String>, format: Option<String>) -> Result<()> {
         self.check_writable()?;
         let mut m = self.lock_meta().await;
-        m.flush(&self.file).await?;
+        m.flush(&self.storage).await?;
         m.hdr.backing_file = name;
         m.hdr.backing_format = format;
-        m.write_header(&self.file).await
+        m.write_header(&self.storage).await
     }
 
     /// Turns lazy refcounts on or off (v3 only).
@@ -37,14 +37,14 @@ impl Qcow2 {
         if on && m.hdr.version < 3 {
             return Err(fmt_err(self.path(), "lazy refcounts need compat=1.1"));
         }
-        m.flush(&self.file).await?;
+        m.flush(&self.storage).await?;
         if on {
             m.hdr.compatible |= COMPAT_LAZY_REFCOUNTS;
         } else {
             m.hdr.compatible &= !COMPAT_LAZY_REFCOUNTS;
             m.hdr.incompatible &= !INCOMPAT_DIRTY;
         }
-        m.write_header(&self.file).await
+        m.write_header(&self.storage).await
     }
 
     /// Changes the compat level: 2 (0.10) or 3 (1.1). Downgrading needs
@@ -64,9 +64,9 @@ impl Qcow2 {
         }
         if version == 3 {
             let mut m = self.lock_meta().await;
-            m.flush(&self.file).await?;
+            m.flush(&self.storage).await?;
             m.hdr.version = 3;
-            return m.write_header(&self.file).await;
+            return m.write_header(&self.storage).await;
         }
         {
             let m = self.lock_meta().await;
@@ -96,7 +96,7 @@ impl Qcow2 {
         {
             let mut m = self.lock_meta().await;
             for gc in 0..clusters {
-                let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+                let (raw, bmp) = m.get_l2(&self.storage, gc).await?;
                 let e = self.entry_at(gc * cs, raw, bmp)?;
                 if e.zero != 0 {
                     zero_clusters.push((gc, raw, e.host));
@@ -107,36 +107,36 @@ impl Qcow2 {
             let mut m = self.lock_meta().await;
             if self.backing.is_none() {
                 // Unallocated reads as zeroes without a backing file.
-                m.set_l2(&self.file, gc, 0, 0).await?;
-                m.release_entry(&self.file, raw).await?;
+                m.set_l2(&self.storage, gc, 0, 0).await?;
+                m.release_entry(&self.storage, raw).await?;
                 continue;
             }
             if host != 0 {
-                m.check_overlap(&self.file, host, cs, None)?;
+                m.check_overlap(&self.storage, host, cs, None)?;
                 drop(m);
                 fault::check(self.faults.as_deref(), fault::Kind::Data)
                     .map_err(crate::error::io_err(self.path(), "write failed"))?;
-                self.file
+                self.storage
                     .write_zeroes(host, cs, false)
                     .await
-                    .map_err(crate::error::io_err(self.path(), "write failed"))?;
+                    .map_err(doing("write failed"))?;
                 let mut m = self.lock_meta().await;
-                m.set_l2(&self.file, gc, raw & !ZERO, 0).await?;
+                m.set_l2(&self.storage, gc, raw & !ZERO, 0).await?;
             } else {
                 // Clear the flag first so the write allocates a fresh cluster.
-                m.set_l2(&self.file, gc, 0, 0).await?;
+                m.set_l2(&self.storage, gc, 0, 0).await?;
                 drop(m);
                 let z = crate::SgList::zeroed(cs.min(self.size() - gc * cs) as usize);
                 self.write(gc * cs, &z, false).await?;
             }
         }
         let mut m = self.lock_meta().await;
-        m.flush(&self.file).await?;
+        m.flush(&self.storage).await?;
         m.hdr.version = 2;
         m.hdr.incompatible = 0;
         m.hdr.compatible = 0;
         m.hdr.autoclear = 0;
-        m.write_header(&self.file).await
+        m.write_header(&self.storage).await
     }
 
     /// Drops every cluster of the active L1 so the whole disk reads from the
@@ -153,13 +153,13 @@ impl Qcow2 {
         let mut m = self.lock_meta().await;
         self.mark_dirty(&mut m).await?;
         for gc in 0..self.size().div_ceil(cs) {
-            let (raw, _) = m.get_l2(&self.file, gc).await?;
+            let (raw, _) = m.get_l2(&self.storage, gc).await?;
             if raw != 0 {
-                m.set_l2(&self.file, gc, 0, 0).await?;
-                m.release_entry(&self.file, raw).await?;
+                m.set_l2(&self.storage, gc, 0, 0).await?;
+                m.release_entry(&self.storage, raw).await?;
             }
         }
-        m.flush(&self.file).await
+        m.flush(&self.storage).await
     }
 
     /// Consistency check and repair (see [`check::check`]).

@@ -4,7 +4,7 @@ use super::entry::{L1_RESERVED, L2_RESERVED};
 use super::meta::{COMPRESSED, COPIED, OFFSET_MASK};
 use super::snapshot;
 use super::{compressed_extent, Qcow2};
-use crate::error::{io_err, Result};
+use crate::error::{doing, Result};
 use std::collections::HashMap;
 
 /// Most snapshot L1 bytes a check reads (a hostile table could name the
@@ -51,13 +51,13 @@ pub struct CheckReport {
 
 /// Checks (and with `mode`, repairs) the image's refcounts and flags.
 pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
-    let f = &q.file;
+    let f = &q.storage;
     let mut r = CheckReport::default();
     let cs = q.cluster_size();
     let mut m = q.lock_meta().await;
     m.flush(f).await.ok();
     // After the flush: it may have written tables past the old end.
-    let file_len = f.len().map_err(io_err(q.path(), "cannot get size"))?;
+    let file_len = f.len().map_err(doing("cannot get size"))?;
     let mut refs: HashMap<u64, u64> = HashMap::new();
     // Counts one reference to every cluster of [off, off+len). References
     // past the end of the file are corruption, not counted, so a hostile
@@ -117,7 +117,7 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
         let mut buf = vec![0u8; want as usize];
         f.read_at(hdr.snapshots_offset, &mut buf)
             .await
-            .map_err(io_err(q.path(), "snapshot table read failed"))?;
+            .map_err(doing("snapshot table read failed"))?;
         match snapshot::parse_table(&buf, hdr.nb_snapshots) {
             Ok((snaps, len)) => {
                 inc(&mut refs, hdr.snapshots_offset, len);
@@ -158,7 +158,7 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
                     let mut b = vec![0u8; s.l1_size as usize * 8];
                     f.read_at(s.l1_table_offset, &mut b)
                         .await
-                        .map_err(io_err(q.path(), "snapshot L1 read failed"))?;
+                        .map_err(doing("snapshot L1 read failed"))?;
                     let l1: Vec<u64> = b
                         .chunks_exact(8)
                         .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
@@ -208,9 +208,7 @@ pub async fn check(q: &Qcow2, mode: CheckMode) -> Result<CheckReport> {
             // through an L2 table that several L1s share.
             if let std::collections::hash_map::Entry::Vacant(v) = tables.entry(l2_off) {
                 let mut t = vec![0u8; cs as usize];
-                f.read_at(l2_off, &mut t)
-                    .await
-                    .map_err(io_err(q.path(), "L2 table read failed"))?;
+                f.read_at(l2_off, &mut t).await.map_err(doing("L2 table read failed"))?;
                 v.insert(t);
             }
             let t = &tables[&l2_off];

@@ -3,8 +3,9 @@
 use super::header::{Compression, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2};
 use super::meta::COPIED;
 use super::{Qcow2, Qcow2Options};
-use crate::error::{io_err, BlockError, Result};
+use crate::error::{doing, io_err, BlockError, Result};
 use crate::node::Node;
+use crate::storage::Storage;
 use spindle_io::{CacheMode, File, OpenOptions};
 use std::path::Path;
 
@@ -185,7 +186,7 @@ pub async fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             create: false,
         },
     )?;
-    let q = Qcow2::open(file, None, Qcow2Options::default())?;
+    let q = Qcow2::open(Storage::File(file), None, Qcow2Options::default())?;
     let node = Node::Qcow2(Box::new(q));
     node.resize(opts.size, false).await?;
     if opts.preallocation != Preallocation::Off {
@@ -208,34 +209,32 @@ async fn preallocate(q: &Qcow2, mode: Preallocation) -> Result<()> {
     while gc < clusters {
         // One L2 table's worth at a time: table first, then its data run.
         let n = ((1u64 << l2_bits) - (gc & ((1 << l2_bits) - 1))).min(clusters - gc);
-        m.set_l2(&q.file, gc, 0, 0).await?;
-        let base = m.alloc_clusters(&q.file, n).await?;
+        m.set_l2(&q.storage, gc, 0, 0).await?;
+        let base = m.alloc_clusters(&q.storage, n).await?;
         for i in 0..n {
-            m.set_l2(&q.file, gc + i, (base + i * cs) | COPIED, full).await?;
+            m.set_l2(&q.storage, gc + i, (base + i * cs) | COPIED, full).await?;
         }
         let end = base + n * cs;
         match mode {
             Preallocation::Falloc => q
-                .file
+                .storage
                 .allocate(base, n * cs)
                 .await
-                .map_err(io_err(q.path(), "fallocate failed"))?,
+                .map_err(doing("fallocate failed"))?,
             Preallocation::Full => {
-                q.file
+                q.storage
                     .write_zeroes(base, n * cs, false)
                     .await
-                    .map_err(io_err(q.path(), "preallocation failed"))?;
-                q.file
+                    .map_err(doing("preallocation failed"))?;
+                q.storage
                     .allocate(base, n * cs)
                     .await
-                    .map_err(io_err(q.path(), "fallocate failed"))?
+                    .map_err(doing("fallocate failed"))?
             }
             _ => {}
         }
-        if q.file.len().map_err(io_err(q.path(), "cannot get size"))? < end {
-            q.file.set_len(end).map_err(io_err(q.path(), "cannot extend"))?;
-        }
+        q.storage.grow_to(end).map_err(doing("cannot extend"))?;
         gc += n;
     }
-    m.flush(&q.file).await
+    m.flush(&q.storage).await
 }

@@ -23,38 +23,21 @@ mod tlb;
 mod vmstate;
 mod write;
 
-use crate::error::{fmt_err, io_err, BlockError, Result};
+use crate::error::{doing, fmt_err, BlockError, Result};
 use crate::fault;
-use crate::node::{ImageInfo, Node};
+use crate::info::ImageInfo;
+use crate::node::Node;
+use crate::storage::Storage;
 use futures::lock::Mutex;
 use header::{Compression, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use meta::Meta;
-use spindle_io::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use crate::info::Qcow2Info;
 pub use check::{check, CheckMode, CheckReport};
 pub use create::{create, CreateOptions, Preallocation};
 pub use vmstate::VmStateOptions;
-
-/// qcow2-specific facts for `info`.
-#[derive(Debug, Clone)]
-pub struct Qcow2Info {
-    /// "0.10" (v2) or "1.1" (v3).
-    pub compat: &'static str,
-    /// Lazy refcounts enabled.
-    pub lazy_refcounts: bool,
-    /// Refcount width.
-    pub refcount_bits: u32,
-    /// Corrupt bit set.
-    pub corrupt: bool,
-    /// Extended L2 entries.
-    pub extended_l2: bool,
-    /// "zlib" or "zstd".
-    pub compression_type: &'static str,
-    /// Internal snapshots.
-    pub snapshots: u32,
-}
 
 /// Tunables of an open image.
 #[derive(Debug, Clone, Copy, Default)]
@@ -82,7 +65,7 @@ enum Piece {
 
 /// An open qcow2 image.
 pub struct Qcow2 {
-    file: File,
+    storage: Storage,
     cluster_bits: u32,
     /// Granularity of mapping: cluster, or subcluster with extended L2.
     sub_bits: u32,
@@ -127,20 +110,15 @@ pub(crate) fn compressed_extent(raw: u64, cluster_bits: u32) -> (u64, u64) {
 }
 
 /// Reads the snapshot table at open (setup time), within QEMU's caps.
-fn read_snapshot_table(
-    f: &std::fs::File,
-    hdr: &Header,
-    file_len: u64,
-    path: &Path,
-) -> Result<(Vec<snapshot::Snapshot>, u64)> {
-    use std::os::unix::fs::FileExt;
+fn read_snapshot_table(s: &Storage, hdr: &Header, file_len: u64) -> Result<(Vec<snapshot::Snapshot>, u64)> {
     if hdr.nb_snapshots == 0 {
         return Ok((Vec::new(), 0));
     }
+    let path = s.path();
     let len = snapshot::MAX_TABLE_BYTES.min(file_len.saturating_sub(hdr.snapshots_offset)) as usize;
     let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, hdr.snapshots_offset)
-        .map_err(io_err(path, "cannot read the snapshot table"))?;
+    s.read_exact_blocking(hdr.snapshots_offset, &mut buf)
+        .map_err(doing("cannot read the snapshot table"))?;
     let (snaps, len) = snapshot::parse_table(&buf, hdr.nb_snapshots).map_err(|m| fmt_err(path, m))?;
     // As QEMU: an oversized L1 table fails the open; a bad offset fails
     // only operations on that snapshot (check_snapshot_l1).
@@ -162,7 +140,7 @@ const MAX_INDEXED_SNAPSHOT_L1: u64 = 64 << 20;
 /// Reads the snapshots' L1 tables into the overlap check's index of their
 /// L2 tables. A table that cannot be read is left out: only operations on
 /// that snapshot fail (`check_snapshot_l1`), as in QEMU.
-fn index_snapshot_l2(m: &mut Meta, f: &std::fs::File, snaps: &[snapshot::Snapshot], file_len: u64) {
+fn index_snapshot_l2(m: &mut Meta, s: &Storage, snaps: &[snapshot::Snapshot], file_len: u64) {
     let cs = m.hdr.cluster_size();
     let mut budget = MAX_INDEXED_SNAPSHOT_L1;
     for sn in snaps {
@@ -174,17 +152,22 @@ fn index_snapshot_l2(m: &mut Meta, f: &std::fs::File, snaps: &[snapshot::Snapsho
             continue;
         }
         budget -= bytes;
-        if let Ok(l1) = read_table(f, sn.l1_table_offset, sn.l1_size as usize, Path::new(""), "") {
+        if let Ok(l1) = read_table(s, sn.l1_table_offset, sn.l1_size as usize, "") {
             m.inactive_l2.insert(sn.l1_table_offset, &l1, m.hdr.cluster_bits);
         }
     }
 }
 
-fn read_table(f: &std::fs::File, off: u64, entries: usize, path: &Path, what: &str) -> Result<Vec<u64>> {
-    use std::os::unix::fs::FileExt;
+/// Reads a table of big-endian entries at open (setup time).
+fn read_table(s: &Storage, off: u64, entries: usize, what: &str) -> Result<Vec<u64>> {
     let mut buf = vec![0u8; entries * 8];
-    f.read_exact_at(&mut buf, off)
-        .map_err(|e| fmt_err(path, format!("cannot read the {what} at 0x{off:x}: {e}")))?;
+    s.read_exact_blocking(off, &mut buf).map_err(|e| {
+        let why = match e {
+            BlockError::Io { source, .. } => source.to_string(),
+            e => e.to_string(),
+        };
+        fmt_err(s.path(), format!("cannot read the {what} at 0x{off:x}: {why}"))
+    })?;
     Ok(buf
         .chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
@@ -192,19 +175,17 @@ fn read_table(f: &std::fs::File, off: u64, entries: usize, path: &Path, what: &s
 }
 
 impl Qcow2 {
-    /// Opens a qcow2 image on an already opened file. Setup-time: reads the
-    /// header and tables synchronously through a second descriptor.
-    pub fn open(file: File, backing: Option<Box<Node>>, opts: Qcow2Options) -> Result<Qcow2> {
-        let path = file.path().to_path_buf();
-        let plain = std::fs::File::open(&path).map_err(io_err(&path, "cannot open"))?;
-        let file_len = file.len().map_err(io_err(&path, "cannot get size"))?;
+    /// Opens a qcow2 image on an opened storage. Setup-time: reads the
+    /// header and tables with the storage's blocking reads.
+    pub fn open(storage: Storage, backing: Option<Box<Node>>, opts: Qcow2Options) -> Result<Qcow2> {
+        let path = storage.path().to_path_buf();
+        let file_len = storage.len()?;
         let mut first = vec![0u8; (2u64 << 20).min(file_len) as usize];
-        use std::os::unix::fs::FileExt;
-        plain
-            .read_exact_at(&mut first, 0)
-            .map_err(io_err(&path, "cannot read header"))?;
+        storage
+            .read_exact_blocking(0, &mut first)
+            .map_err(doing("cannot read header"))?;
         let hdr = Header::parse(&first, file_len).map_err(|m| fmt_err(&path, m))?;
-        let read_only = file.is_read_only();
+        let read_only = storage.is_read_only();
         // A corrupt image opens read-only (unless this open is the repair).
         let corrupt = hdr.incompatible & INCOMPAT_CORRUPT != 0;
         let ro_reason = if corrupt && !opts.repair {
@@ -219,10 +200,10 @@ impl Qcow2 {
             String::new()
         };
         let read_only = read_only || (corrupt && !opts.repair);
-        let l1 = read_table(&plain, hdr.l1_table_offset, hdr.l1_size as usize, &path, "L1 table")?;
+        let l1 = read_table(&storage, hdr.l1_table_offset, hdr.l1_size as usize, "L1 table")?;
         let rct_entries = (hdr.refcount_table_clusters as u64 * hdr.cluster_size() / 8) as usize;
-        let rct = read_table(&plain, hdr.refcount_table_offset, rct_entries, &path, "refcount table")?;
-        let (snapshots, snapshot_table_len) = read_snapshot_table(&plain, &hdr, file_len, &path)?;
+        let rct = read_table(&storage, hdr.refcount_table_offset, rct_entries, "refcount table")?;
+        let (snapshots, snapshot_table_len) = read_snapshot_table(&storage, &hdr, file_len)?;
         let cs = hdr.cluster_size();
         let slice = opts
             .l2_cache_entry_size
@@ -262,11 +243,11 @@ impl Qcow2 {
                     m.hdr.autoclear = 0;
                     m.header_pending = true;
                 }
-                index_snapshot_l2(&mut m, &plain, &snapshots, file_len);
+                index_snapshot_l2(&mut m, &storage, &snapshots, file_len);
                 m.snapshots = snapshots;
                 m
             }),
-            file,
+            storage,
             backing,
             read_only,
         };
@@ -287,7 +268,7 @@ impl Qcow2 {
     }
     /// Image path.
     pub fn path(&self) -> &Path {
-        self.file.path()
+        self.storage.path()
     }
     /// The backing node.
     pub fn backing(&self) -> Option<&Node> {
@@ -297,9 +278,9 @@ impl Qcow2 {
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }
-    /// The image file.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The storage the image is in.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
@@ -394,7 +375,7 @@ impl Qcow2 {
                 if !self.read_only {
                     let mut m = self.meta.lock().await;
                     m.hdr.incompatible |= INCOMPAT_CORRUPT;
-                    if let Err(e) = m.write_header(&self.file).await {
+                    if let Err(e) = m.write_header(&self.storage).await {
                         tracing::error!("{}: cannot set the corrupt bit: {e}", path.display());
                     }
                 }

@@ -3,8 +3,8 @@
 use super::entry::Entry;
 use super::meta::Meta;
 use super::{compress, compressed_extent, tlb, Piece, Qcow2};
-use crate::error::{corrupt, fmt_err, io_err, Result};
-use crate::node::BlockStatus;
+use crate::error::{corrupt, doing, fmt_err, Result};
+use crate::status::BlockStatus;
 use futures::future::try_join_all;
 use spindle_io::SgList;
 use std::sync::atomic::Ordering;
@@ -22,7 +22,7 @@ impl Qcow2 {
     /// How the range starting at `off` (at most `len`) is stored: one piece
     /// and its length, within one cluster.
     pub(super) async fn map_piece(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Piece, u64)> {
-        let (raw, bmp) = m.get_l2(&self.file, off >> self.cluster_bits).await?;
+        let (raw, bmp) = m.get_l2(&self.storage, off >> self.cluster_bits).await?;
         self.piece_of(raw, bmp, off, len)
     }
 
@@ -101,7 +101,7 @@ impl Qcow2 {
         let mut pos = off;
         while pos < off + len {
             let gc = pos >> self.cluster_bits;
-            let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+            let (raw, bmp) = m.get_l2(&self.storage, gc).await?;
             let (p, n) = self.piece_of(raw, bmp, pos, off + len - pos)?;
             tlb::put(self.tlb_id, gen, gc, (raw, bmp));
             push_piece(&mut out, pos, n, p);
@@ -123,11 +123,7 @@ impl Qcow2 {
 
     pub(super) async fn read_piece(&self, pos: u64, p: Piece, part: &SgList) -> Result<()> {
         match p {
-            Piece::Data(host) => self
-                .file
-                .read_sg(host, part)
-                .await
-                .map_err(io_err(self.path(), "read failed")),
+            Piece::Data(host) => self.storage.read(host, part).await.map_err(doing("read failed")),
             Piece::Zero => {
                 part.fill_zero();
                 Ok(())
@@ -166,10 +162,10 @@ impl Qcow2 {
         // end of the file read as zeroes (no fstat on the I/O thread).
         let (off, len) = compressed_extent(raw, self.cluster_bits);
         let mut cbuf = vec![0u8; len as usize];
-        self.file
+        self.storage
             .read_at(off, &mut cbuf)
             .await
-            .map_err(io_err(self.path(), "compressed cluster read failed"))?;
+            .map_err(doing("compressed cluster read failed"))?;
         compress::decompress(self.compression, &cbuf, 1 << self.cluster_bits)
             .map_err(|e| fmt_err(self.path(), format!("compressed cluster at 0x{off:x}: {e}")))
     }

@@ -82,7 +82,7 @@ impl Qcow2 {
             ));
         }
         self.repair_if_dirty().await?;
-        let f = &self.file;
+        let f = &self.storage;
         let mut m = self.lock_meta_clear_of(0, u64::MAX).await;
         if m.snapshots.len() >= MAX_SNAPSHOTS as usize {
             return Err(fmt_err(
@@ -183,7 +183,7 @@ impl Qcow2 {
 
     async fn snapshot_apply_inner(&self, id_or_name: &str) -> Result<()> {
         let (mut m, i) = self.begin(id_or_name).await?;
-        let f = &self.file;
+        let f = &self.storage;
         let sn = m.snapshots[i].clone();
         let mut sw = m.begin_switch(f).await?;
         let sn_l1 = m.read_l1(f, sn.l1_table_offset, sn.l1_size).await?;
@@ -218,7 +218,7 @@ impl Qcow2 {
         let i = Self::find(&m.snapshots, id_or_name).ok_or_else(|| self.not_found(id_or_name))?;
         let sn = m.snapshots[i].clone();
         self.check_snapshot_l1(&sn)?;
-        let l1 = m.read_l1(&self.file, sn.l1_table_offset, sn.l1_size).await?;
+        let l1 = m.read_l1(&self.storage, sn.l1_table_offset, sn.l1_size).await?;
         m.replace_l1(l1);
         let size = sn.disk_size.unwrap_or(m.hdr.size);
         m.hdr.size = size;
@@ -234,7 +234,7 @@ impl Qcow2 {
 
     async fn snapshot_delete_inner(&self, id_or_name: &str) -> Result<()> {
         let (mut m, i) = self.begin(id_or_name).await?;
-        let f = &self.file;
+        let f = &self.storage;
         let mut sw = m.begin_switch(f).await?;
         let mut snaps = m.snapshots.clone();
         let sn = snaps.remove(i);

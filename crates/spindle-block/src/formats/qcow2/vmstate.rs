@@ -11,7 +11,7 @@
 use super::meta::OFFSET_MASK;
 use super::snapshot::Snapshot;
 use super::{Piece, Qcow2};
-use crate::error::{fmt_err, io_err, BlockError, Result};
+use crate::error::{doing, fmt_err, io_err, BlockError, Result};
 use crate::SgList;
 use futures::channel::mpsc;
 use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
@@ -226,7 +226,7 @@ impl Qcow2 {
         if need > m.l1().len() {
             // Headroom so a long stream does not rewrite the L1 table per chunk.
             let want = need.max(m.l1().len() + m.l1().len() / 2).max(need + 4);
-            m.resize_l1(&self.file, want).await?;
+            m.resize_l1(&self.storage, want).await?;
         }
         Ok(())
     }
@@ -242,10 +242,10 @@ impl Qcow2 {
             }
             let first = (l1i as u64) << m.hdr.l2_bits();
             for gc in first..first + (1u64 << m.hdr.l2_bits()) {
-                let (raw, _) = m.get_l2(&self.file, gc).await?;
+                let (raw, _) = m.get_l2(&self.storage, gc).await?;
                 if raw != 0 {
-                    m.set_l2(&self.file, gc, 0, 0).await?;
-                    m.release_entry(&self.file, raw).await?;
+                    m.set_l2(&self.storage, gc, 0, 0).await?;
+                    m.release_entry(&self.storage, raw).await?;
                 }
             }
         }
@@ -282,7 +282,7 @@ impl Qcow2 {
             .meta
             .lock()
             .await
-            .read_l1(&self.file, sn.l1_table_offset, sn.l1_size)
+            .read_l1(&self.storage, sn.l1_table_offset, sn.l1_size)
             .await?;
         let cs = self.cluster_size() as usize;
         let chunk = opts.chunk.max(cs).div_ceil(cs) * cs;
@@ -365,7 +365,7 @@ impl Qcow2 {
                 let (raw, bmp) = if l1e == 0 {
                     (0, 0)
                 } else {
-                    m.get_l2_for(&self.file, l1e, gc).await?
+                    m.get_l2_for(&self.storage, l1e, gc).await?
                 };
                 let (piece, n) = self.piece_of(raw, bmp, g, out.len() as u64 - pos)?;
                 plan.push((pos, n, piece));
@@ -393,12 +393,7 @@ impl Qcow2 {
         }
         let jobs = reads.into_iter().map(|(pos, n, host)| {
             let part = out.slice(pos as usize, n as usize);
-            async move {
-                self.file
-                    .read_sg(host, &part)
-                    .await
-                    .map_err(io_err(self.path(), "read failed"))
-            }
+            async move { self.storage.read(host, &part).await.map_err(doing("read failed")) }
         });
         futures::future::try_join_all(jobs).await?;
         Ok(())

@@ -4,7 +4,7 @@
 use super::header::{Header, INCOMPAT_DIRTY};
 use super::meta::{Inflight, Meta, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::{check, compress, fmt_err, Qcow2};
-use crate::error::{io_err, Result};
+use crate::error::{doing, io_err, Result};
 use crate::fault;
 use futures::future::try_join_all;
 use futures::lock::Mutex;
@@ -44,7 +44,7 @@ impl Qcow2 {
         let mut in_place: Vec<(u64, u64, u64)> = Vec::new(); // (guest pos, host, len)
         let mut allocs: Vec<(u64, u64)> = Vec::new(); // (guest cluster, old raw entry)
         for gc in first..=last {
-            let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+            let (raw, bmp) = m.get_l2(&self.storage, gc).await?;
             if only_unallocated && (raw != 0 || bmp != 0) {
                 return Ok(false);
             }
@@ -71,7 +71,7 @@ impl Qcow2 {
             }
         }
         for &(_, host, n) in &in_place {
-            m.check_overlap(&self.file, host, n, None)?;
+            m.check_overlap(&self.storage, host, n, None)?;
         }
         if allocs.is_empty() {
             drop(m);
@@ -85,12 +85,12 @@ impl Qcow2 {
         // L2 tables first (as QEMU does), so data runs stay contiguous; then
         // one contiguous run for the new clusters.
         for &(gc, _) in &allocs {
-            m.prepare_l2(&self.file, gc).await?;
+            m.prepare_l2(&self.storage, gc).await?;
         }
-        let base = m.alloc_clusters(&self.file, allocs.len() as u64).await?;
+        let base = m.alloc_clusters(&self.storage, allocs.len() as u64).await?;
         // Newly allocated clusters that hold metadata: the refcounts are
         // corrupt. Nothing is written and nothing is given back.
-        m.check_overlap(&self.file, base, allocs.len() as u64 * cs, None)?;
+        m.check_overlap(&self.storage, base, allocs.len() as u64 * cs, None)?;
         let lock = Arc::new(Mutex::new(()));
         let guard = lock.clone().lock_owned().await;
         m.inflight.push(Inflight {
@@ -108,14 +108,14 @@ impl Qcow2 {
         if installed.is_err() {
             // Give the clusters back; the write failed before the mapping changed.
             for i in 0..allocs.len() as u64 {
-                let _ = m.update_refcount(&self.file, base / cs + i, -1).await;
+                let _ = m.update_refcount(&self.storage, base / cs + i, -1).await;
             }
         }
         m.inflight.retain(|i| i.start != first || i.end != last + 1);
         drop(guard);
         installed?;
-        if fua || self.file.cache().write_through() {
-            m.flush(&self.file).await?;
+        if fua || self.storage.write_through() {
+            m.flush(&self.storage).await?;
         }
         Ok(true)
     }
@@ -138,10 +138,7 @@ impl Qcow2 {
 
     pub(super) async fn write_host(&self, host: u64, part: &SgList, fua: bool) -> Result<()> {
         fault::check(self.faults.as_deref(), fault::Kind::Data).map_err(io_err(self.path(), "write failed"))?;
-        self.file
-            .write_sg(host, part, fua)
-            .await
-            .map_err(io_err(self.path(), "write failed"))
+        self.storage.write(host, part, fua).await.map_err(doing("write failed"))
     }
 
     /// Data phase of an allocating write: new clusters get the request's bytes
@@ -194,7 +191,7 @@ impl Qcow2 {
         part: SgList,
         fua: bool,
     ) -> Result<()> {
-        let mem = self.file.alignment().mem.max(512);
+        let mem = self.storage.mem_align().max(512);
         let head = SgList::owned(AlignedBuf::new((a - gstart) as usize, mem));
         let tail = SgList::owned(AlignedBuf::new((gend - b) as usize, mem));
         if !head.is_empty() {
@@ -205,10 +202,7 @@ impl Qcow2 {
         }
         let run = SgList::concat(&[&head, &part, &tail]);
         fault::check(self.faults.as_deref(), fault::Kind::Data).map_err(io_err(self.path(), "write failed"))?;
-        self.file
-            .write_sg(host, &run, fua)
-            .await
-            .map_err(io_err(self.path(), "write failed"))
+        self.storage.write(host, &run, fua).await.map_err(doing("write failed"))
     }
 
     /// Reads what the guest currently sees at `[pos, pos+len)`, clamped to the
@@ -227,8 +221,9 @@ impl Qcow2 {
         let cs = 1u64 << self.cluster_bits;
         let full = if self.ext_l2 { u32::MAX as u64 } else { 0 };
         for (i, &(gc, old)) in allocs.iter().enumerate() {
-            m.set_l2(&self.file, gc, (base + i as u64 * cs) | COPIED, full).await?;
-            m.release_entry(&self.file, old).await?;
+            m.set_l2(&self.storage, gc, (base + i as u64 * cs) | COPIED, full)
+                .await?;
+            m.release_entry(&self.storage, old).await?;
         }
         Ok(())
     }
@@ -262,9 +257,9 @@ impl Qcow2 {
     pub(super) async fn mark_dirty(&self, m: &mut Meta) -> Result<()> {
         if self.lazy && m.hdr.incompatible & INCOMPAT_DIRTY == 0 {
             m.hdr.incompatible |= INCOMPAT_DIRTY;
-            m.write_header(&self.file).await?;
+            m.write_header(&self.storage).await?;
         } else if m.header_pending {
-            m.write_header(&self.file).await?;
+            m.write_header(&self.storage).await?;
         }
         Ok(())
     }
@@ -274,7 +269,7 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        self.lock_meta().await.flush(&self.file).await
+        self.lock_meta().await.flush(&self.storage).await
     }
 
     /// Flushes and clears the dirty bit.
@@ -287,10 +282,10 @@ impl Qcow2 {
             return self.check_usable();
         }
         let mut m = self.lock_meta().await;
-        m.flush(&self.file).await?;
+        m.flush(&self.storage).await?;
         if m.hdr.incompatible & INCOMPAT_DIRTY != 0 {
             m.hdr.incompatible &= !INCOMPAT_DIRTY;
-            m.write_header(&self.file).await?;
+            m.write_header(&self.storage).await?;
         }
         Ok(())
     }
@@ -341,14 +336,14 @@ impl Qcow2 {
         let zero_needed = !discard || self.backing.is_some();
         const ALL_ZERO: u64 = 0xffff_ffff << 32; // extended L2: every subcluster reads as zero
         for gc in g0..g1 {
-            let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+            let (raw, bmp) = m.get_l2(&self.storage, gc).await?;
             let e = self.entry_at(gc * cs, raw, bmp)?;
             // Write-zeroes without may-unmap keeps an owned cluster allocated
             // (QEMU's "zero cluster with a host offset"): only the flag changes.
             let owned = e.copied && e.compressed.is_none() && e.host != 0;
             if !discard && !may_unmap && owned && (self.v3 || self.ext_l2) {
                 let (keep, bmp) = if self.ext_l2 { (raw, ALL_ZERO) } else { (raw | ZERO, 0) };
-                m.set_l2(&self.file, gc, keep, bmp).await?;
+                m.set_l2(&self.storage, gc, keep, bmp).await?;
                 continue;
             }
             let (new_raw, new_bmp) = if self.ext_l2 {
@@ -361,11 +356,11 @@ impl Qcow2 {
             if raw == new_raw && !self.ext_l2 {
                 continue;
             }
-            m.set_l2(&self.file, gc, new_raw, new_bmp).await?;
-            m.release_entry(&self.file, raw).await?;
+            m.set_l2(&self.storage, gc, new_raw, new_bmp).await?;
+            m.release_entry(&self.storage, raw).await?;
         }
-        if self.file.cache().write_through() {
-            m.flush(&self.file).await?;
+        if self.storage.write_through() {
+            m.flush(&self.storage).await?;
         }
         Ok(())
     }
@@ -414,13 +409,13 @@ impl Qcow2 {
             }
             if new_size < old {
                 self.free_past(&mut m, new_size.div_ceil(cs), old.div_ceil(cs)).await?;
-                m.flush(&self.file).await?;
+                m.flush(&self.storage).await?;
             }
             m.hdr.size = new_size;
             let res = if need as usize > m.l1().len() {
-                m.resize_l1(&self.file, need as usize).await
+                m.resize_l1(&self.storage, need as usize).await
             } else {
-                m.write_header(&self.file).await
+                m.write_header(&self.storage).await
             };
             if let Err(e) = res {
                 m.hdr.size = old;
@@ -463,10 +458,10 @@ impl Qcow2 {
                 gc = ((l1i as u64) + 1) << l2_bits;
                 continue;
             }
-            let (raw, bmp) = m.get_l2(&self.file, gc).await?;
+            let (raw, bmp) = m.get_l2(&self.storage, gc).await?;
             if raw != 0 || bmp != 0 {
-                m.set_l2(&self.file, gc, 0, 0).await?;
-                m.release_entry(&self.file, raw).await?;
+                m.set_l2(&self.storage, gc, 0, 0).await?;
+                m.release_entry(&self.storage, raw).await?;
             }
             gc += 1;
         }
@@ -494,19 +489,19 @@ impl Qcow2 {
         }
         let mut m = self.lock_meta().await;
         self.mark_dirty(&mut m).await?;
-        let off = m.alloc_bytes(&self.file, packed.len() as u64).await?;
-        m.check_overlap(&self.file, off, packed.len() as u64, None)?;
+        let off = m.alloc_bytes(&self.storage, packed.len() as u64).await?;
+        m.check_overlap(&self.storage, off, packed.len() as u64, None)?;
         fault::check(self.faults.as_deref(), fault::Kind::Data).map_err(io_err(self.path(), "write failed"))?;
-        self.file
+        self.storage
             .write_at(off, &packed, false)
             .await
-            .map_err(io_err(self.path(), "write failed"))?;
+            .map_err(doing("write failed"))?;
         let x = 62 - (self.cluster_bits - 8);
         let extra_sectors = ((off + packed.len() as u64 - 1) >> 9) - (off >> 9);
         let raw = COMPRESSED | (extra_sectors << x) | off;
-        let (old, _) = m.get_l2(&self.file, gc).await?;
-        m.set_l2(&self.file, gc, raw, 0).await?;
-        m.release_entry(&self.file, old).await?;
+        let (old, _) = m.get_l2(&self.storage, gc).await?;
+        m.set_l2(&self.storage, gc, raw, 0).await?;
+        m.release_entry(&self.storage, old).await?;
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use futures::lock::Mutex;
 use spindle_io::net::Socket;
 use spindle_io::SgList;
 use std::cell::{Cell, RefCell};
-use std::io::Write;
+use std::io::{Read, Write};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -37,12 +37,49 @@ pub enum Sink<'a> {
     Status(&'a Cell<Option<(u32, u64)>>),
 }
 
-/// A connection, registered with this thread's runtime.
+/// How a connection's bytes move.
+enum Wire {
+    /// On this thread's runtime.
+    Socket(Socket),
+    /// Setup-time: the handshake's blocking stream, with its timeouts;
+    /// none once it went back (`Conn::into_stream`).
+    Blocking(RefCell<Option<Stream>>),
+}
+
+impl Wire {
+    async fn send_all(&self, sg: &SgList) -> std::io::Result<()> {
+        match self {
+            Wire::Socket(s) => s.send_all(sg).await,
+            Wire::Blocking(s) => Self::stream(s)?.write_all(&sg.to_vec()),
+        }
+    }
+
+    async fn recv_exact(&self, sg: &SgList) -> std::io::Result<()> {
+        match self {
+            Wire::Socket(s) => s.recv_exact(sg).await,
+            Wire::Blocking(s) => {
+                let mut v = vec![0; sg.len()];
+                Self::stream(s)?.read_exact(&mut v)?;
+                sg.copy_from(&v);
+                Ok(())
+            }
+        }
+    }
+
+    fn stream(s: &RefCell<Option<Stream>>) -> std::io::Result<std::cell::RefMut<'_, Stream>> {
+        std::cell::RefMut::filter_map(s.borrow_mut(), Option::as_mut)
+            .map_err(|_| std::io::ErrorKind::NotConnected.into())
+    }
+}
+
+/// A connection, registered with this thread's runtime (or, at setup, a
+/// blocking one).
 pub struct Conn {
-    sock: Socket,
+    sock: Wire,
     /// The same descriptor (non-blocking once `sock` has it), to send
-    /// `NBD_CMD_DISC` when the connection is dropped.
-    raw: RefCell<Stream>,
+    /// `NBD_CMD_DISC` when the connection is dropped; none for a blocking
+    /// connection, whose stream goes back to its owner.
+    raw: RefCell<Option<Stream>>,
     turn: Mutex<()>,
     state: Cell<State>,
     cookie: Cell<u64>,
@@ -61,7 +98,18 @@ impl Conn {
         stream.set_timeouts(None).map_err(io)?;
         let raw = stream.try_clone().map_err(io)?;
         let sock = Socket::new(stream.into_fd()).map_err(io)?;
-        Ok(Conn {
+        Ok(Conn::with(Wire::Socket(sock), Some(raw), uri, export))
+    }
+
+    /// A blocking connection on a stream that finished its handshake, for
+    /// setup reads outside any runtime; [`Conn::into_stream`] gives the
+    /// stream back.
+    pub fn blocking(stream: Stream, uri: &str, export: Export) -> Conn {
+        Conn::with(Wire::Blocking(RefCell::new(Some(stream))), None, uri, export)
+    }
+
+    fn with(sock: Wire, raw: Option<Stream>, uri: &str, export: Export) -> Conn {
+        Conn {
             sock,
             raw: RefCell::new(raw),
             turn: Mutex::new(()),
@@ -69,7 +117,16 @@ impl Conn {
             cookie: Cell::new(1),
             uri: uri.to_string(),
             export,
-        })
+        }
+    }
+
+    /// The stream of a blocking connection, still in step with the
+    /// server (between requests).
+    pub fn into_stream(self) -> Option<Stream> {
+        match &self.sock {
+            Wire::Blocking(s) if self.state.get() == State::Idle => s.borrow_mut().take(),
+            _ => None,
+        }
     }
 
     fn remote(&self, msg: impl Into<String>, errno: i32) -> BlockError {
@@ -275,8 +332,10 @@ impl Conn {
             }
             .encode();
             // Non-blocking (the descriptor is): 28 bytes fit an idle socket.
-            let _ = self.raw.borrow_mut().write(&head);
-            self.state.set(State::Disconnected);
+            if let Some(raw) = self.raw.borrow_mut().as_mut() {
+                let _ = raw.write(&head);
+                self.state.set(State::Disconnected);
+            }
         }
     }
 }

@@ -27,7 +27,7 @@ pub use handshake::Export;
 pub use uri::{is_nbd_spec, Address, NbdUri};
 
 use crate::error::{BlockError, Result};
-use crate::node::{BlockStatus, Extent};
+use crate::status::Allocation;
 use conn::{Conn, Sink};
 use spindle_io::SgList;
 use std::cell::Cell;
@@ -109,7 +109,8 @@ impl Nbd {
         self.spec.display().to_string()
     }
 
-    fn check_writable(&self) -> Result<()> {
+    /// Refuses writes to a read-only export, saying why.
+    pub fn check_writable(&self) -> Result<()> {
         match self.read_only {
             Some(reason) => Err(BlockError::ReadOnly {
                 path: self.spec.clone(),
@@ -154,15 +155,43 @@ impl Nbd {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset` (in range: the node checked).
+    /// Reads `buf.len()` bytes at `offset` (in range: the caller checked).
     pub async fn read(&self, offset: u64, buf: &SgList) -> Result<()> {
         let c = self.conn().await?;
+        self.read_on(&c, offset, buf).await
+    }
+
+    /// Setup-time read (opening a format on the export): the open-time
+    /// connection's blocking socket carries it, before any thread takes
+    /// that connection for its I/O. `buf` is in range (the caller checked).
+    pub fn read_blocking(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let stream = spare.take().ok_or_else(|| {
+            handshake::refused(
+                &self.spec_str(),
+                "a setup read after the export's connection went to an I/O thread",
+            )
+        })?;
+        let c = Conn::blocking(stream, &self.spec_str(), self.export);
+        let sg = SgList::zeroed(buf.len());
+        let r = futures::executor::block_on(self.read_on(&c, offset, &sg));
+        // Back for the first I/O thread, unless the read broke it.
+        *spare = c.into_stream();
+        r?;
+        sg.copy_to(buf);
+        Ok(())
+    }
+
+    async fn read_on(&self, c: &Conn, offset: u64, buf: &SgList) -> Result<()> {
         let (a0, a1) = self.align_out(offset, buf.len() as u64);
         if (a0, a1) == (offset, offset + buf.len() as u64) {
-            return self.read_aligned(&c, offset, buf).await;
+            return self.read_aligned(c, offset, buf).await;
         }
         let bounce = SgList::zeroed((a1 - a0) as usize);
-        self.read_aligned(&c, a0, &bounce).await?;
+        self.read_aligned(c, a0, &bounce).await?;
         buf.copy_from(&bounce.slice((offset - a0) as usize, buf.len()).to_vec());
         Ok(())
     }
@@ -300,42 +329,15 @@ impl Nbd {
         }
     }
 
-    /// Status of a range, for the node's `block_status`.
-    pub async fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
-        if len == 0 {
-            return Ok((BlockStatus::Zero, 0));
-        }
+    /// Whether the range at `offset` (at most `len` long, `len` > 0) holds
+    /// data (not a hole) and reads as zeroes, and how far that holds.
+    pub async fn allocation(&self, offset: u64, len: u64) -> Result<(Allocation, u64)> {
         let (flags, n) = self.status(offset, len).await?;
-        Ok(if flags & state::ZERO != 0 {
-            (BlockStatus::Zero, n)
-        } else {
-            (
-                BlockStatus::Data {
-                    offset: Some(offset),
-                    compressed: false,
-                },
-                n,
-            )
-        })
-    }
-
-    /// A range as `qemu-img map` shows an NBD export: present, data unless
-    /// a hole, zero when the server says so, mapped at its own offset.
-    pub async fn map_extent(&self, offset: u64, len: u64) -> Result<Extent> {
-        let (flags, n) = if len == 0 {
-            (0, 0)
-        } else {
-            self.status(offset, len).await?
-        };
-        Ok(Extent {
-            len: n,
+        let a = Allocation {
             data: flags & state::HOLE == 0,
             zero: flags & state::ZERO != 0,
-            present: true,
-            depth: 0,
-            offset: Some(offset),
-            compressed: false,
-        })
+        };
+        Ok((a, n))
     }
 
     /// Flushes, then disconnects this thread's connection (`NBD_CMD_DISC`).

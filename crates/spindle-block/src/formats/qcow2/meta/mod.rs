@@ -9,9 +9,10 @@
 use super::cache::{get_be64, put_be64, TableCache};
 use super::entry::Layout;
 use super::header::Header;
-use crate::error::{corrupt, io_err, BlockError, Result};
+use crate::error::{corrupt, doing, io_err, BlockError, Result};
 use crate::fault::{self, Injector, Kind};
-use spindle_io::{AlignedBuf, File, SgList};
+use crate::storage::Storage;
+use spindle_io::{AlignedBuf, SgList};
 use std::sync::Arc;
 
 pub mod overlap;
@@ -169,7 +170,7 @@ impl Meta {
 
     /// Refuses a write of `[off, off + len)` that would land on metadata
     /// other than `except`, as a corruption (the write is not issued).
-    pub fn check_overlap(&self, f: &File, off: u64, len: u64, except: Option<Area>) -> Result<()> {
+    pub fn check_overlap(&self, f: &Storage, off: u64, len: u64, except: Option<Area>) -> Result<()> {
         match self.overlap(off, len, except) {
             None => Ok(()),
             Some(area) => Err(corrupt(
@@ -190,7 +191,7 @@ impl Meta {
     /// Writes metadata of `area` at `off`, after the overlap check.
     pub(super) async fn write_meta(
         &self,
-        f: &File,
+        f: &Storage,
         area: Area,
         off: u64,
         buf: &SgList,
@@ -206,13 +207,13 @@ impl Meta {
             Area::SnapshotTable => Kind::SnapshotTable,
         };
         fault::check(self.faults(), kind).map_err(io_err(f.path(), what))?;
-        f.write_sg(off, buf, false).await.map_err(io_err(f.path(), what))
+        f.write(off, buf, false).await.map_err(doing(what))
     }
 
     /// Makes everything written so far durable.
-    pub async fn sync(&self, f: &File) -> Result<()> {
+    pub async fn sync(&self, f: &Storage) -> Result<()> {
         fault::check(self.faults(), Kind::Flush).map_err(io_err(f.path(), "flush failed"))?;
-        f.flush().await.map_err(io_err(f.path(), "flush failed"))
+        f.flush().await.map_err(doing("flush failed"))
     }
     fn entry_words(&self) -> usize {
         if self.hdr.extended_l2() {
@@ -245,13 +246,11 @@ impl Meta {
         &self.rc_table
     }
 
-    async fn read_buf(&self, f: &File, off: u64, len: usize) -> Result<AlignedBuf> {
-        f.read_buf(off, len)
-            .await
-            .map_err(io_err(f.path(), "metadata read failed"))
+    async fn read_buf(&self, f: &Storage, off: u64, len: usize) -> Result<AlignedBuf> {
+        f.read_buf(off, len).await.map_err(doing("metadata read failed"))
     }
 
-    fn check_table_offset(&self, f: &File, off: u64, what: &str) -> Result<()> {
+    fn check_table_offset(&self, f: &Storage, off: u64, what: &str) -> Result<()> {
         if !off.is_multiple_of(self.cs()) || off == 0 {
             return Err(corrupt(
                 f.path(),
@@ -264,7 +263,7 @@ impl Meta {
     // ---------------------------------------------------------------- L2
 
     /// The L2 entry (and extended bitmap) of guest cluster `gc`.
-    pub async fn get_l2(&mut self, f: &File, gc: u64) -> Result<(u64, u64)> {
+    pub async fn get_l2(&mut self, f: &Storage, gc: u64) -> Result<(u64, u64)> {
         let l1i = (gc >> self.hdr.l2_bits()) as usize;
         let Some(&l1e) = self.l1.get(l1i) else {
             return Ok((0, 0));
@@ -274,7 +273,7 @@ impl Meta {
 
     /// The L2 entry of guest cluster `gc` under the L1 entry `l1e` (of any
     /// L1 table: the active one or a snapshot's).
-    pub async fn get_l2_for(&mut self, f: &File, l1e: u64, gc: u64) -> Result<(u64, u64)> {
+    pub async fn get_l2_for(&mut self, f: &Storage, l1e: u64, gc: u64) -> Result<(u64, u64)> {
         let l2_bits = self.hdr.l2_bits();
         let l2_off = l1e & OFFSET_MASK;
         if l2_off == 0 {
@@ -295,7 +294,7 @@ impl Meta {
         (l2_off + (l2i / per * self.l2.piece_size()) as u64, l2i % per)
     }
 
-    async fn l2_slice(&mut self, f: &File, off: u64) -> Result<&mut super::cache::Entry> {
+    async fn l2_slice(&mut self, f: &Storage, off: u64) -> Result<&mut super::cache::Entry> {
         if self.l2.get(off).is_none() {
             if self.l2.full() {
                 if let Some((victim, dirty)) = self.l2.victim() {
@@ -312,7 +311,7 @@ impl Meta {
         Ok(self.l2.get(off).expect("slice cached above"))
     }
 
-    async fn write_l2_slice(&mut self, f: &File, off: u64) -> Result<()> {
+    async fn write_l2_slice(&mut self, f: &Storage, off: u64) -> Result<()> {
         let Some(e) = self.l2.get(off) else { return Ok(()) };
         // Written from the cache's own buffer, lent for the write.
         let sg = SgList::owned(std::mem::replace(&mut e.buf, AlignedBuf::new(0, 1)));
@@ -327,7 +326,7 @@ impl Meta {
 
     /// Sets the L2 entry of guest cluster `gc`, allocating or un-sharing the
     /// L2 table first when needed.
-    pub async fn set_l2(&mut self, f: &File, gc: u64, raw: u64, bmp: u64) -> Result<()> {
+    pub async fn set_l2(&mut self, f: &Storage, gc: u64, raw: u64, bmp: u64) -> Result<()> {
         let l2_bits = self.hdr.l2_bits();
         let l1i = (gc >> l2_bits) as usize;
         self.prepare_l2(f, gc).await?;
@@ -345,7 +344,7 @@ impl Meta {
 
     /// Makes sure guest cluster `gc` has an L2 table the active L1 owns
     /// (allocating one, or un-sharing one from a snapshot).
-    pub async fn prepare_l2(&mut self, f: &File, gc: u64) -> Result<()> {
+    pub async fn prepare_l2(&mut self, f: &Storage, gc: u64) -> Result<()> {
         let l1i = (gc >> self.hdr.l2_bits()) as usize;
         let Some(&l1e) = self.l1.get(l1i) else {
             return Err(BlockError::Invalid(format!(
@@ -361,15 +360,15 @@ impl Meta {
 
     /// Allocates a new L2 table for L1 index `l1i`, copying `old` (a table
     /// shared with a snapshot) or zero-filled.
-    async fn new_l2_table(&mut self, f: &File, l1i: usize, old: u64) -> Result<()> {
+    async fn new_l2_table(&mut self, f: &Storage, l1i: usize, old: u64) -> Result<()> {
         let cs = self.cs() as usize;
-        let mut table = AlignedBuf::new(cs, f.alignment().mem.max(512));
+        let mut table = AlignedBuf::new(cs, f.mem_align().max(512));
         if old != 0 {
             // Flush cached slices of the old table so the copy is current.
             self.flush_l2_range(f, old, old + cs as u64).await?;
             f.read_at(old, &mut table)
                 .await
-                .map_err(io_err(f.path(), "L2 table read failed"))?;
+                .map_err(doing("L2 table read failed"))?;
         }
         let new = self.alloc_clusters(f, 1).await?;
         self.write_meta(f, Area::ActiveL2, new, &SgList::owned(table), "L2 table write failed")
@@ -390,7 +389,7 @@ impl Meta {
         Ok(())
     }
 
-    async fn flush_l2_range(&mut self, f: &File, start: u64, end: u64) -> Result<()> {
+    async fn flush_l2_range(&mut self, f: &Storage, start: u64, end: u64) -> Result<()> {
         let dirty: Vec<u64> = self.l2.dirty().into_iter().filter(|&o| o >= start && o < end).collect();
         if !dirty.is_empty() {
             self.flush_refcounts(f).await?;
@@ -406,7 +405,7 @@ impl Meta {
     /// L2 tables, then the decrements their changes allow (QEMU orders its
     /// caches the same way): a crash never leaves a refcount below the
     /// references on disk, only above (a leak).
-    pub async fn flush(&mut self, f: &File) -> Result<()> {
+    pub async fn flush(&mut self, f: &Storage) -> Result<()> {
         self.flush_refcounts(f).await?;
         for o in self.l2.dirty() {
             self.write_l2_slice(f, o).await?;

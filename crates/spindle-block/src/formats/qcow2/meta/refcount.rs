@@ -4,13 +4,14 @@ use super::super::cache::{get_refcount, put_be64, set_refcount};
 use super::super::header::MAX_REFTABLE_BYTES;
 use super::{Area, Meta};
 use crate::error::{corrupt, fmt_err, Result};
+use crate::storage::Storage;
 use futures::future::{try_join_all, LocalBoxFuture};
 use futures::FutureExt;
-use spindle_io::{AlignedBuf, File, SgList};
+use spindle_io::{AlignedBuf, SgList};
 
 impl Meta {
     /// Refcount of host cluster `c` (0 beyond the table).
-    pub async fn refcount(&mut self, f: &File, c: u64) -> Result<u64> {
+    pub async fn refcount(&mut self, f: &Storage, c: u64) -> Result<u64> {
         let bi = (c >> self.rb_bits()) as usize;
         let rb = self.block_at(f, bi)?;
         if rb == 0 {
@@ -26,7 +27,7 @@ impl Meta {
     /// corruption when it is not cluster aligned or lay past the end of the
     /// file when the image was opened: using it would read zeroes and then
     /// write a block far past the end.
-    pub(super) fn block_at(&self, f: &File, bi: usize) -> Result<u64> {
+    pub(super) fn block_at(&self, f: &Storage, bi: usize) -> Result<u64> {
         let rb = self.rc_table.get(bi).map_or(0, |e| e & !0x1ff);
         if rb == 0 {
             return Ok(0);
@@ -48,7 +49,7 @@ impl Meta {
 
     /// Makes room in the refcount cache, writing the victim back if dirty.
     /// (Refcount blocks have no ordering dependency of their own.)
-    pub(super) async fn evict_rc_if_full(&mut self, f: &File) -> Result<()> {
+    pub(super) async fn evict_rc_if_full(&mut self, f: &Storage) -> Result<()> {
         if !self.rc.full() {
             return Ok(());
         }
@@ -68,7 +69,7 @@ impl Meta {
         Ok(())
     }
 
-    pub(super) async fn rc_block(&mut self, f: &File, off: u64) -> Result<&mut super::super::cache::Entry> {
+    pub(super) async fn rc_block(&mut self, f: &Storage, off: u64) -> Result<&mut super::super::cache::Entry> {
         if self.rc.get(off).is_none() {
             self.evict_rc_if_full(f).await?;
             let buf = self.read_buf(f, off, self.cs() as usize).await?;
@@ -79,7 +80,7 @@ impl Meta {
 
     /// A refcount that would pass the maximum of its width: not a
     /// corruption, the operation fails alone (QEMU's ERANGE).
-    pub(super) fn overflow(&self, f: &File, c: u64) -> crate::error::BlockError {
+    pub(super) fn overflow(&self, f: &Storage, c: u64) -> crate::error::BlockError {
         fmt_err(
             f.path(),
             format!(
@@ -91,7 +92,7 @@ impl Meta {
     }
 
     /// Adds `delta` to the refcount of host cluster `c`.
-    pub fn update_refcount<'a>(&'a mut self, f: &'a File, c: u64, delta: i64) -> LocalBoxFuture<'a, Result<()>> {
+    pub fn update_refcount<'a>(&'a mut self, f: &'a Storage, c: u64, delta: i64) -> LocalBoxFuture<'a, Result<()>> {
         async move {
             let cur = self.refcount(f, c).await?;
             let new = cur as i128 + delta as i128;
@@ -117,7 +118,7 @@ impl Meta {
 
     /// Sets the refcount of host cluster `c`, creating refcount blocks and
     /// growing the refcount table as needed.
-    pub fn set_refcount<'a>(&'a mut self, f: &'a File, c: u64, v: u64) -> LocalBoxFuture<'a, Result<()>> {
+    pub fn set_refcount<'a>(&'a mut self, f: &'a Storage, c: u64, v: u64) -> LocalBoxFuture<'a, Result<()>> {
         async move {
             let bi = (c >> self.rb_bits()) as usize;
             if bi >= self.rc_table.len() {
@@ -131,7 +132,7 @@ impl Meta {
                 let cs = self.cs();
                 self.evict_rc_if_full(f).await?;
                 self.rc
-                    .insert(x * cs, AlignedBuf::new(cs as usize, f.alignment().mem.max(512)), true);
+                    .insert(x * cs, AlignedBuf::new(cs as usize, f.mem_align().max(512)), true);
                 self.rc_table[bi] = x * cs;
                 self.overlaps.set_block(0, x * cs, self.hdr.cluster_bits);
                 self.rc_table_dirty = true;
@@ -151,7 +152,7 @@ impl Meta {
         .boxed_local()
     }
 
-    pub(super) async fn grow_refcount_table(&mut self, f: &File, min_entries: usize) -> Result<()> {
+    pub(super) async fn grow_refcount_table(&mut self, f: &Storage, min_entries: usize) -> Result<()> {
         let cs = self.cs();
         let per_cluster = (cs / 8) as usize;
         let want = min_entries.max(self.rc_table.len() * 3 / 2) + per_cluster;
@@ -173,7 +174,7 @@ impl Meta {
         // New blocks durable, then the new table, then the header switch.
         self.write_dirty_refblocks(f).await?;
         self.sync(f).await?;
-        let mut buf = AlignedBuf::new((clusters * cs) as usize, f.alignment().mem.max(512));
+        let mut buf = AlignedBuf::new((clusters * cs) as usize, f.mem_align().max(512));
         for (i, &e) in self.rc_table.iter().enumerate() {
             put_be64(&mut buf, i, e);
         }
@@ -201,7 +202,7 @@ impl Meta {
         Ok(())
     }
 
-    pub(super) async fn write_dirty_refblocks(&mut self, f: &File) -> Result<()> {
+    pub(super) async fn write_dirty_refblocks(&mut self, f: &Storage) -> Result<()> {
         let dirty = self.rc.dirty();
         let mut writes = Vec::new();
         for &o in &dirty {
@@ -224,7 +225,7 @@ impl Meta {
     }
 
     /// Writes back refcount blocks and table entries and makes them durable.
-    pub async fn flush_refcounts(&mut self, f: &File) -> Result<()> {
+    pub async fn flush_refcounts(&mut self, f: &Storage) -> Result<()> {
         if !self.rc.any_dirty() && !self.rc_table_dirty {
             return Ok(());
         }
@@ -232,7 +233,7 @@ impl Meta {
         self.sync(f).await?;
         if self.rc_table_dirty {
             let cs = self.cs() as usize;
-            let mut buf = AlignedBuf::new(self.rc_table.len() * 8, f.alignment().mem.max(512));
+            let mut buf = AlignedBuf::new(self.rc_table.len() * 8, f.mem_align().max(512));
             for (i, &e) in self.rc_table.iter().enumerate() {
                 put_be64(&mut buf, i, e);
             }
@@ -253,7 +254,7 @@ impl Meta {
     }
 
     /// Allocates `n` contiguous free clusters (refcount 1). Returns the host offset.
-    pub async fn alloc_clusters(&mut self, f: &File, n: u64) -> Result<u64> {
+    pub async fn alloc_clusters(&mut self, f: &Storage, n: u64) -> Result<u64> {
         // First run of n clusters with refcount 0; clusters past the end are free.
         let mut start = self.free_hint;
         let mut c = start;
@@ -280,7 +281,7 @@ impl Meta {
 
     /// Allocates `len` bytes for a compressed cluster, packing several into a
     /// host cluster as QEMU does. Returns the byte offset.
-    pub async fn alloc_bytes(&mut self, f: &File, len: u64) -> Result<u64> {
+    pub async fn alloc_bytes(&mut self, f: &Storage, len: u64) -> Result<u64> {
         let cs = self.cs();
         let next = self.compressed_next;
         if next != 0 && !next.is_multiple_of(cs) && next % cs + len <= cs {
@@ -297,7 +298,7 @@ impl Meta {
     /// entry that does not decode (a corrupt offset) frees nothing, as
     /// QEMU does: freeing the cluster it happens to point into could free
     /// metadata.
-    pub async fn release_entry(&mut self, f: &File, raw: u64) -> Result<()> {
+    pub async fn release_entry(&mut self, f: &Storage, raw: u64) -> Result<()> {
         let cs = self.cs();
         let e = match self.layout().decode(raw, 0) {
             Ok(e) => e,
@@ -326,7 +327,7 @@ impl Meta {
     /// Applies the deferred decrements to the cached refcount blocks. One
     /// that would go below zero is a corruption of the refcounts: it is
     /// reported and skipped, the others still apply.
-    pub(super) async fn apply_decrefs(&mut self, f: &File) -> Result<()> {
+    pub(super) async fn apply_decrefs(&mut self, f: &Storage) -> Result<()> {
         // Guest writes reach here: one line per flush, however many fail.
         let (mut failed, mut first) = (0u64, None);
         for c in std::mem::take(&mut self.pending_decrefs) {

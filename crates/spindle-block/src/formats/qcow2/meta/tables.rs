@@ -3,11 +3,12 @@
 use super::super::cache::{get_be64, put_be64};
 use super::{Area, Meta};
 use crate::error::{fmt_err, Result};
-use spindle_io::{AlignedBuf, File, SgList};
+use crate::storage::Storage;
+use spindle_io::{AlignedBuf, SgList};
 
 impl Meta {
     /// Writes the header cluster and makes it durable.
-    pub async fn write_header(&mut self, f: &File) -> Result<()> {
+    pub async fn write_header(&mut self, f: &Storage) -> Result<()> {
         let b = self.hdr.serialize().map_err(|m| fmt_err(f.path(), m))?;
         self.write_meta(f, Area::MainHeader, 0, &SgList::copy_of(&b), "header write failed")
             .await?;
@@ -17,7 +18,7 @@ impl Meta {
     }
 
     /// Writes L1 entry `i` to disk.
-    pub async fn write_l1_entry(&mut self, f: &File, i: usize) -> Result<()> {
+    pub async fn write_l1_entry(&mut self, f: &Storage, i: usize) -> Result<()> {
         let off = self.hdr.l1_table_offset + i as u64 * 8;
         self.write_meta(
             f,
@@ -30,7 +31,7 @@ impl Meta {
     }
 
     /// Reads an L1 table (a snapshot's) from disk.
-    pub async fn read_l1(&self, f: &File, off: u64, entries: u32) -> Result<Vec<u64>> {
+    pub async fn read_l1(&self, f: &Storage, off: u64, entries: u32) -> Result<Vec<u64>> {
         let cs = self.cs() as usize;
         let bytes = (entries as usize * 8).div_ceil(cs).max(1) * cs;
         let buf = self.read_buf(f, off, bytes).await?;
@@ -38,7 +39,7 @@ impl Meta {
     }
 
     /// Replaces the L1 table with one of `entries` entries (resize).
-    pub async fn resize_l1(&mut self, f: &File, entries: usize) -> Result<()> {
+    pub async fn resize_l1(&mut self, f: &Storage, entries: usize) -> Result<()> {
         let cs = self.cs();
         if entries as u64 * 8 > super::super::header::MAX_L1_BYTES {
             return Err(fmt_err(
@@ -53,7 +54,7 @@ impl Meta {
         let new_off = self.alloc_clusters(f, clusters).await?;
         let mut l1 = self.l1.clone();
         l1.resize(entries, 0);
-        let mut buf = AlignedBuf::new((clusters * cs) as usize, f.alignment().mem.max(512));
+        let mut buf = AlignedBuf::new((clusters * cs) as usize, f.mem_align().max(512));
         for (i, &e) in l1.iter().enumerate() {
             put_be64(&mut buf, i, e);
         }

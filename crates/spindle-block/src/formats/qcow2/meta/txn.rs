@@ -30,7 +30,8 @@ use super::super::header::MAX_REFTABLE_BYTES;
 use super::super::snapshot::{self, Snapshot};
 use super::{Area, Meta, COPIED, OFFSET_MASK};
 use crate::error::{corrupt, fmt_err, Result};
-use spindle_io::{AlignedBuf, File, SgList};
+use crate::storage::Storage;
+use spindle_io::{AlignedBuf, SgList};
 use std::collections::BTreeMap;
 
 /// Refcount blocks as they will be after the switch, copied on first touch.
@@ -63,7 +64,7 @@ pub struct Switch {
 impl Meta {
     /// Starts an operation: everything cached is written back first, so the
     /// disk and the caches agree, and the new area starts past the end.
-    pub async fn begin_switch(&mut self, f: &File) -> Result<Switch> {
+    pub async fn begin_switch(&mut self, f: &Storage) -> Result<Switch> {
         self.flush(f).await?;
         Ok(Switch {
             shadow: Shadow::default(),
@@ -75,10 +76,10 @@ impl Meta {
         })
     }
 
-    async fn shadow_block<'s>(&mut self, f: &File, sh: &'s mut Shadow, idx: u64) -> Result<&'s mut AlignedBuf> {
+    async fn shadow_block<'s>(&mut self, f: &Storage, sh: &'s mut Shadow, idx: u64) -> Result<&'s mut AlignedBuf> {
         if let std::collections::btree_map::Entry::Vacant(v) = sh.blocks.entry(idx) {
             let cs = self.cs() as usize;
-            let mut b = AlignedBuf::new(cs, f.alignment().mem.max(512));
+            let mut b = AlignedBuf::new(cs, f.mem_align().max(512));
             let old = self.block_at(f, idx as usize)?;
             if old != 0 {
                 b.copy_from_slice(&self.rc_block(f, old).await?.buf);
@@ -89,7 +90,7 @@ impl Meta {
     }
 
     /// Refcount of cluster `c` after the switch.
-    pub async fn sh_get(&mut self, f: &File, sh: &Shadow, c: u64) -> Result<u64> {
+    pub async fn sh_get(&mut self, f: &Storage, sh: &Shadow, c: u64) -> Result<u64> {
         let bits = self.rb_bits();
         match sh.blocks.get(&(c >> bits)) {
             Some(b) => Ok(get_refcount(
@@ -101,7 +102,7 @@ impl Meta {
         }
     }
 
-    async fn sh_set(&mut self, f: &File, sh: &mut Shadow, c: u64, v: u64) -> Result<()> {
+    async fn sh_set(&mut self, f: &Storage, sh: &mut Shadow, c: u64, v: u64) -> Result<()> {
         let bits = self.rb_bits();
         let order = self.hdr.refcount_order;
         let b = self.shadow_block(f, sh, c >> bits).await?;
@@ -113,7 +114,7 @@ impl Meta {
     }
 
     /// Adds `delta` to the refcount of cluster `c` after the switch.
-    pub async fn sh_add(&mut self, f: &File, sh: &mut Shadow, c: u64, delta: i64) -> Result<u64> {
+    pub async fn sh_add(&mut self, f: &Storage, sh: &mut Shadow, c: u64, delta: i64) -> Result<u64> {
         let cur = self.sh_get(f, sh, c).await?;
         let new = cur as i128 + delta as i128;
         if new < 0 {
@@ -132,7 +133,7 @@ impl Meta {
     }
 
     /// Adds `delta` to every cluster of `[off, off + bytes)`.
-    pub async fn sh_add_range(&mut self, f: &File, sh: &mut Shadow, off: u64, bytes: u64, delta: i64) -> Result<()> {
+    pub async fn sh_add_range(&mut self, f: &Storage, sh: &mut Shadow, off: u64, bytes: u64, delta: i64) -> Result<()> {
         let cs = self.cs();
         for c in off / cs..(off + bytes).div_ceil(cs) {
             self.sh_add(f, sh, c, delta).await?;
@@ -141,7 +142,7 @@ impl Meta {
     }
 
     /// Reads the whole L2 table at `off` (validated as an L1 entry's target).
-    pub async fn read_l2_table(&self, f: &File, off: u64) -> Result<AlignedBuf> {
+    pub async fn read_l2_table(&self, f: &Storage, off: u64) -> Result<AlignedBuf> {
         self.check_table_offset(f, off, "L2 table")?;
         self.read_buf(f, off, self.cs() as usize).await
     }
@@ -149,7 +150,7 @@ impl Meta {
     /// A reference from a table to cluster `c`, which must lie inside
     /// the image: a hostile offset cannot make the switch create refcount
     /// blocks far past the end.
-    fn referenced(&self, f: &File, c: u64, what: &str) -> Result<u64> {
+    fn referenced(&self, f: &Storage, c: u64, what: &str) -> Result<u64> {
         if c >= self.end {
             return Err(corrupt(
                 f.path(),
@@ -161,7 +162,7 @@ impl Meta {
 
     /// Every entry of the L2 table `table` (read from `l2`), decoded:
     /// (index, raw entry, what it means).
-    fn table_entries(&self, f: &File, l2: u64, table: &[u8]) -> Result<Vec<(usize, u64, Entry)>> {
+    fn table_entries(&self, f: &Storage, l2: u64, table: &[u8]) -> Result<Vec<(usize, u64, Entry)>> {
         let (w, layout) = (self.entry_words(), self.layout());
         (0..table.len() / (8 * w))
             .map(|j| {
@@ -177,7 +178,7 @@ impl Meta {
 
     /// Adds `delta` to the refcount of the L2 table `l2` and of every
     /// cluster it maps: one L1 table's reference, gained or lost.
-    pub async fn sh_reference(&mut self, f: &File, sh: &mut Shadow, l2: u64, delta: i64) -> Result<()> {
+    pub async fn sh_reference(&mut self, f: &Storage, sh: &mut Shadow, l2: u64, delta: i64) -> Result<()> {
         let c = self.referenced(f, l2 / self.cs(), "an L2 table")?;
         let table = self.read_l2_table(f, l2).await?;
         self.sh_add(f, sh, c, delta).await?;
@@ -196,7 +197,7 @@ impl Meta {
     }
 
     /// Adds `delta` for every table `l1` reaches: an L1 table's references.
-    pub async fn sh_reference_l1(&mut self, f: &File, sh: &mut Shadow, l1: &[u64], delta: i64) -> Result<()> {
+    pub async fn sh_reference_l1(&mut self, f: &Storage, sh: &mut Shadow, l1: &[u64], delta: i64) -> Result<()> {
         for &e in l1 {
             if e & OFFSET_MASK != 0 {
                 self.sh_reference(f, sh, e & OFFSET_MASK, delta).await?;
@@ -211,7 +212,7 @@ impl Meta {
     /// active L1 reaches it); otherwise a copy with the right flags is
     /// written into the new area and the active L1 drops its reference to
     /// the original. `l2` must already count the active reference.
-    pub async fn sh_activate(&mut self, f: &File, sw: &mut Switch, i: usize, l2: u64) -> Result<()> {
+    pub async fn sh_activate(&mut self, f: &Storage, sw: &mut Switch, i: usize, l2: u64) -> Result<()> {
         let mut table = self.read_l2_table(f, l2).await?;
         let (w, cs) = (self.entry_words(), self.cs());
         let mut changed = false;
@@ -242,7 +243,7 @@ impl Meta {
     /// except after a failed header write, when the on-disk state is
     /// unknown: then the metadata is marked stale and nothing more may be
     /// written through it.
-    pub async fn commit_switch(&mut self, f: &File, mut sw: Switch, keep_l1: bool) -> Result<()> {
+    pub async fn commit_switch(&mut self, f: &Storage, mut sw: Switch, keep_l1: bool) -> Result<()> {
         let cs = self.cs();
         let sh = &mut sw.shadow;
         let h = self.hdr.clone();
@@ -301,7 +302,7 @@ impl Meta {
             (blocks, rt_clusters) = (nb, nt);
         }
         // Place everything and write it.
-        let align = f.alignment().mem.max(512);
+        let align = f.mem_align().max(512);
         let l1_at = sw.base + copies;
         let st_at = l1_at + l1_clusters;
         let blocks_at = st_at + st_clusters;

@@ -1,9 +1,10 @@
-//! `null:SIZE`: reads zeroes, accepts and drops writes. For benchmarks.
+//! The `null` storage (`null:SIZE`): reads zeroes, accepts and drops
+//! writes. For benchmarks.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The null device.
+/// The null storage.
 pub struct Null {
     size: AtomicU64,
     spec: PathBuf,
