@@ -92,18 +92,30 @@ pub fn counts(vm: &Vm, from: usize) -> Vec<u64> {
         .collect()
 }
 
+/// Waits for the next counter line from console line `from`: its line
+/// number and value. A line whose number was cut off by other console
+/// output (the echo of typed input lands mid-line) is passed over.
+fn next_count_at(vm: &Vm, mut from: usize) -> (usize, u64) {
+    loop {
+        let (i, line) = vm.wait_line(from, "COUNT ", MINUTE);
+        if let Some(n) = line.trim().strip_prefix("COUNT ").and_then(|v| v.trim().parse().ok()) {
+            return (i, n);
+        }
+        from = i + 1;
+    }
+}
+
 /// Waits for the next counter line from console line `from`; its value.
 pub fn next_count(vm: &Vm, from: usize) -> u64 {
-    let (i, _) = vm.wait_line(from, "COUNT ", MINUTE);
-    counts(vm, i)[0]
+    next_count_at(vm, from).1
 }
 
 /// Waits for the counter to reach `n`.
 pub fn wait_count(vm: &Vm, n: u64) {
     let mut from = 0;
     loop {
-        let (i, _) = vm.wait_line(from, "COUNT ", MINUTE);
-        if counts(vm, i)[0] >= n {
+        let (i, v) = next_count_at(vm, from);
+        if v >= n {
             return;
         }
         from = i + 1;
