@@ -25,6 +25,7 @@ pub mod lock;
 pub mod memfd;
 pub mod net;
 mod op;
+mod poll;
 mod range_lock;
 mod reactor;
 mod runtime;

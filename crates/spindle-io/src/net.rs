@@ -154,7 +154,15 @@ impl Socket {
                 r if r == -libc::EAGAIN => self.rt.reactor.clear(self.key, dir, ticks),
                 r if r == -libc::EINTR => {}
                 r if r < 0 => return Err(io::Error::from_raw_os_error(-r)),
-                r => return Ok(r as usize),
+                r => {
+                    // A stream socket that gave less than asked for has
+                    // nothing more queued: the next receive waits for the
+                    // next edge instead of a call that says `EAGAIN`.
+                    if dir == Dir::Read && r > 0 && (r as usize) < sg.len() {
+                        self.rt.reactor.clear(self.key, dir, ticks);
+                    }
+                    return Ok(r as usize);
+                }
             }
         }
     }
@@ -340,6 +348,44 @@ mod tests {
                 sg.to_vec()
             });
             assert!(got == want, "{kind}: the bytes arrive in order");
+        }
+    }
+
+    /// A short receive waits for the socket's next edge, except when the
+    /// peer's end came with the data: its edge is already reaped, and the
+    /// next receive must see the end of the stream, not wait for ever.
+    #[test]
+    fn a_short_read_before_the_end_of_the_stream_sees_the_end() {
+        for kind in KINDS {
+            let rt = runtime(kind);
+            let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let peer = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                b.write_all(b"0123456789").unwrap();
+                b.shutdown(std::net::Shutdown::Write).unwrap();
+                let _ = b.read_to_end(&mut Vec::new());
+            });
+            let got = rt.block_on(async {
+                let s = Socket::new(OwnedFd::from(a)).unwrap();
+                let sg = SgList::zeroed(64);
+                let mut got = Vec::new();
+                let all = async {
+                    loop {
+                        let n = s.recv(&sg).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&sg.slice(0, n).to_vec());
+                    }
+                };
+                let ended = crate::time::timeout(std::time::Duration::from_secs(10), all)
+                    .await
+                    .unwrap();
+                assert!(ended.is_some(), "{kind}: the end of the stream never came");
+                got
+            });
+            assert_eq!(got, b"0123456789", "{kind}");
+            peer.join().unwrap();
         }
     }
 

@@ -10,7 +10,7 @@
 //! wakes for sockets too.
 
 use slab::Slab;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::task::{Context, Poll, Waker};
@@ -40,6 +40,10 @@ struct Reg {
     /// came in since the call started (io_uring ops finish asynchronously,
     /// and the edge may be reaped in the same step as their `EAGAIN`).
     ticks: u64,
+    /// The peer's end (or an error) was seen: reading never waits again
+    /// (the stream's end is reported once, and a short read before it
+    /// must not wait for an edge that already came).
+    closed: bool,
     read: Option<Waker>,
     write: Option<Waker>,
 }
@@ -48,6 +52,8 @@ struct Reg {
 pub(crate) struct Reactor {
     epfd: OwnedFd,
     regs: RefCell<Slab<Reg>>,
+    /// Wakers held (tasks waiting for an edge).
+    waiting: Cell<usize>,
 }
 
 impl Reactor {
@@ -61,6 +67,7 @@ impl Reactor {
             // SAFETY: fd is a fresh descriptor that we own.
             epfd: unsafe { OwnedFd::from_raw_fd(fd) },
             regs: RefCell::new(Slab::new()),
+            waiting: Cell::new(0),
         })
     }
 
@@ -92,7 +99,17 @@ impl Reactor {
     pub(crate) fn deregister(&self, key: usize, fd: RawFd) {
         // SAFETY: removing a descriptor from our epoll set; no memory involved.
         unsafe { libc::epoll_ctl(self.fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
-        self.regs.borrow_mut().try_remove(key);
+        if let Some(r) = self.regs.borrow_mut().try_remove(key) {
+            let held = r.read.is_some() as usize + r.write.is_some() as usize;
+            self.waiting.set(self.waiting.get() - held);
+        }
+    }
+
+    /// Whether a task waits for an edge (otherwise reaping can wait: every
+    /// socket is either marked ready or has no task looking at it, and a
+    /// task that starts waiting leaves its waker here first).
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.waiting.get() > 0
     }
 
     /// Whether `dir` may be ready (no `EAGAIN` seen since the last edge).
@@ -109,7 +126,7 @@ impl Reactor {
     /// unless one came in meanwhile.
     pub(crate) fn clear(&self, key: usize, dir: Dir, ticks: u64) {
         if let Some(r) = self.regs.borrow_mut().get_mut(key) {
-            if r.ticks == ticks {
+            if r.ticks == ticks && !(dir == Dir::Read && r.closed) {
                 r.ready &= !dir.bit();
             }
         }
@@ -128,7 +145,9 @@ impl Reactor {
             Dir::Read => &mut r.read,
             Dir::Write => &mut r.write,
         };
-        *slot = Some(cx.waker().clone());
+        if slot.replace(cx.waker().clone()).is_none() {
+            self.waiting.set(self.waiting.get() + 1);
+        }
         Poll::Pending
     }
 
@@ -157,6 +176,9 @@ impl Reactor {
                     let bits = ev.events as i32;
                     r.ticks += 1;
                     let err = libc::EPOLLERR | libc::EPOLLHUP;
+                    if bits & (libc::EPOLLRDHUP | err) != 0 {
+                        r.closed = true;
+                    }
                     if bits & (libc::EPOLLIN | libc::EPOLLRDHUP | err) != 0 {
                         r.ready |= Dir::Read.bit();
                         wake.extend(r.read.take());
@@ -167,6 +189,7 @@ impl Reactor {
                     }
                 }
             }
+            self.waiting.set(self.waiting.get() - wake.len());
             // Woken outside the borrow: a waker may poll at once.
             wake.into_iter().for_each(Waker::wake);
             total += n as usize;
@@ -174,5 +197,43 @@ impl Reactor {
                 return total;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::task::Waker;
+
+    /// The loop reaps the epoll descriptor only while a task waits for an
+    /// edge: the count of held wakers must follow waits, wakes and
+    /// deregistrations exactly.
+    #[test]
+    fn waiters_are_counted_through_wait_wake_and_deregister() {
+        let r = Reactor::new().unwrap();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (c, _d) = std::os::unix::net::UnixStream::pair().unwrap();
+        let ka = r.register(a.as_raw_fd()).unwrap();
+        let kc = r.register(c.as_raw_fd()).unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(r.poll_ready(ka, Dir::Read, &mut cx).is_ready(), "registered ready");
+        assert!(!r.has_waiters());
+        r.clear(ka, Dir::Read, r.ticks(ka));
+        r.clear(kc, Dir::Read, r.ticks(kc));
+        assert!(r.poll_ready(ka, Dir::Read, &mut cx).is_pending());
+        assert!(
+            r.poll_ready(ka, Dir::Read, &mut cx).is_pending(),
+            "a second poll replaces the waker"
+        );
+        assert!(r.poll_ready(kc, Dir::Read, &mut cx).is_pending());
+        assert!(r.has_waiters());
+        b.write_all(b"x").unwrap();
+        assert!(r.reap() >= 1);
+        assert!(r.is_ready(ka, Dir::Read));
+        assert!(r.has_waiters(), "c still waits");
+        r.deregister(kc, c.as_raw_fd());
+        assert!(!r.has_waiters());
     }
 }

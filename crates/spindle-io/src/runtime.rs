@@ -119,6 +119,10 @@ pub(crate) struct Inner {
     reaped: RefCell<Vec<(u64, i32)>>,
     /// Socket readiness (crate::net).
     pub(crate) reactor: crate::reactor::Reactor,
+    /// How long the loop polls for work before it sleeps (0: never).
+    poll_window: Cell<std::time::Duration>,
+    /// What the loop saw since it last decided whether to poll.
+    hint: crate::poll::PollHint,
 }
 
 thread_local! {
@@ -153,6 +157,8 @@ impl Runtime {
                     None
                 }),
                 slots: RefCell::new(Slab::with_capacity(cfg.depth as usize)),
+                poll_window: Cell::new(std::time::Duration::ZERO),
+                hint: Default::default(),
                 runq: Arc::new(RunQueue {
                     tasks: Mutex::new(VecDeque::new()),
                     main_woken: AtomicBool::new(true),
@@ -270,15 +276,30 @@ impl Runtime {
                 r.run();
                 ran += 1;
             }
+            // Busy: sockets are looked at only when a task waits for one.
             if inner.runq.has_work() {
-                inner.submit_and_reap();
+                inner.submit_and_reap_with(inner.reactor.has_waiters());
+                inner.hint.saw(inner.in_flight());
                 continue;
             }
-            if inner.submit_and_reap() > 0 || inner.runq.has_work() {
+            // About to sleep: socket edges wake the poll(2) below, so the
+            // epoll descriptor is reaped only when it has some.
+            if inner.submit_and_reap_with(false) > 0 || inner.runq.has_work() || inner.poll_for_work() {
                 continue;
             }
-            inner.wait();
+            inner.hint.sleeps_with(inner.in_flight());
+            if inner.wait() {
+                inner.reactor.reap();
+            }
         }
+    }
+
+    /// Polls for work this long before sleeping, when the loop runs out
+    /// of it (0, the default: sleep at once). Polling spends the CPU a
+    /// peer's next request would otherwise wait for: the kernel's wake-up
+    /// of a sleeping thread. When it pays is [`crate::poll`]'s rule.
+    pub fn set_poll_window(&self, window: std::time::Duration) {
+        self.inner.poll_window.set(window);
     }
 }
 
@@ -317,6 +338,12 @@ impl Inner {
     /// Hands queued ops to the kernel and records finished ones. Returns how
     /// many completions were reaped.
     fn submit_and_reap(&self) -> usize {
+        self.submit_and_reap_with(true)
+    }
+
+    /// [`Inner::submit_and_reap`]; with `sockets` false, socket edges are
+    /// left in the epoll descriptor (for the loop's `poll(2)` to see).
+    fn submit_and_reap_with(&self, sockets: bool) -> usize {
         self.submit();
         let mut reaped = self.reaped.borrow_mut();
         self.engine.borrow_mut().reap(&mut reaped);
@@ -325,7 +352,7 @@ impl Inner {
         }
         let n = reaped.len();
         let mut slots = self.slots.borrow_mut();
-        let n = n + self.reactor.reap();
+        let n = n + if sockets { self.reactor.reap() } else { 0 };
         for (token, res) in reaped.drain(..) {
             let Some(slot) = slots.get_mut(token as usize) else {
                 continue;
@@ -336,6 +363,28 @@ impl Inner {
             }
         }
         n
+    }
+
+    /// Polls the engine, the sockets and the run queue for the poll
+    /// window; true as soon as one has work.
+    fn poll_for_work(&self) -> bool {
+        let window = self.poll_window.get();
+        if window.is_zero() {
+            return false;
+        }
+        if !self.hint.decide(self.in_flight()) {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + window;
+        loop {
+            if self.submit_and_reap() > 0 || self.runq.has_work() || self.runq.main_woken.load(Ordering::Acquire) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Ops queued or in flight on the engine and the helper pool.
@@ -369,7 +418,9 @@ impl Inner {
         }
     }
 
-    fn wait(&self) {
+    /// Sleeps until an eventfd or a socket fires; true if a socket did
+    /// (its edges are still to be reaped).
+    fn wait(&self) -> bool {
         let mut fds: Vec<libc::pollfd> = self
             .event_fds()
             .into_iter()
@@ -382,13 +433,20 @@ impl Inner {
         // SAFETY: fds is a valid array of pollfd for its length.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         let epfd = self.reactor.fd();
+        let mut sockets = false;
         for pfd in &fds {
-            if pfd.revents & libc::POLLIN != 0 && pfd.fd != epfd {
+            if pfd.revents & libc::POLLIN == 0 {
+                continue;
+            }
+            if pfd.fd == epfd {
+                sockets = true;
+            } else {
                 let mut v: u64 = 0;
                 // SAFETY: reads 8 bytes into a valid u64 from a non-blocking eventfd.
                 unsafe { libc::read(pfd.fd, (&mut v as *mut u64).cast(), 8) };
             }
         }
+        sockets
     }
 
     /// Queues `op` on the engine, or on the helper pool if the engine cannot.

@@ -29,5 +29,5 @@ pub mod transmission;
 pub use error::{NbdError, Result};
 pub use export::{Catalog, DetectZeroes, Export, Settings};
 pub use handshake::ExportInfo;
-pub use server::{Server, ServerConfig, StopHandle};
+pub use server::{Server, ServerConfig, StopHandle, POLL};
 pub use tls::TlsConfig;

@@ -39,7 +39,13 @@ pub struct ServerConfig {
     /// A client that has not finished its handshake within this time is
     /// disconnected (qemu-nbd's `--handshake-limit`).
     pub handshake_limit: std::time::Duration,
+    /// How long an I/O thread polls for its clients' next requests and
+    /// its completions before it sleeps ([`Runtime::set_poll_window`]).
+    pub poll: std::time::Duration,
 }
+
+/// The default poll window (as `spindle serve --poll-us`).
+pub const POLL: std::time::Duration = std::time::Duration::from_micros(64);
 
 /// The default handshake limit (qemu-nbd's: 10 s).
 pub const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -114,10 +120,10 @@ impl Server {
                 lane: i,
                 handshake_limit: cfg.handshake_limit,
             };
-            let (ended, rcfg) = (tx.clone(), cfg.runtime);
+            let (ended, rcfg, poll) = (tx.clone(), cfg.runtime, cfg.poll);
             let t = std::thread::Builder::new()
                 .name(format!("spindle-nbd-{i}"))
-                .spawn(move || io_thread(rcfg, trx, setup, ended))
+                .spawn(move || io_thread(rcfg, poll, trx, setup, ended))
                 .map_err(|e| NbdError::Setup(format!("cannot start an I/O thread: {e}")))?;
             threads.push(t);
             senders.push(ttx);
@@ -178,6 +184,7 @@ impl Server {
 /// One I/O thread: takes connections and serves each as a task.
 fn io_thread(
     cfg: RuntimeConfig,
+    poll: std::time::Duration,
     mut rx: UnboundedReceiver<ToThread>,
     setup: connection::Setup,
     ended: UnboundedSender<Event>,
@@ -189,6 +196,7 @@ fn io_thread(
             return;
         }
     };
+    rt.set_poll_window(poll);
     let live: Rc<RefCell<Vec<Weak<Socket>>>> = Rc::default();
     rt.block_on(async {
         let mut tasks = Vec::new();

@@ -81,6 +81,12 @@ pub struct Args {
     #[arg(long = "handshake-limit", value_name = "SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_limit: u64,
+    /// Microseconds an I/O thread polls for the clients' next requests
+    /// and its completions before it sleeps (0: off). Polling saves the
+    /// kernel's wake-up of a sleeping thread on every round trip.
+    #[arg(long = "poll-us", value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub poll_us: u64,
     /// TLS credentials in qemu-nbd's layout: DIR/server-cert.pem,
     /// DIR/server-key.pem (and DIR/ca-cert.pem for --tls-verify-clients).
     /// With them every client must start TLS first.
@@ -276,6 +282,7 @@ pub fn run(a: Args) -> CliResult<u8> {
             persistent: a.persistent,
             tls,
             handshake_limit: Duration::from_secs(a.handshake_limit),
+            poll: Duration::from_micros(a.poll_us),
         },
     );
     let stop = server.stop_handle();

@@ -135,6 +135,8 @@ struct Config<'a> {
     nbd_tls_creds: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
     nbd_iothreads: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nbd_poll_us: Option<u64>,
     #[serde(rename = "export")]
     exports: Vec<&'a ExportSpec>,
 }
@@ -405,6 +407,7 @@ fn prepare(
         nbd: nbd.map(|o| o.addr.spelling()),
         nbd_tls_creds: nbd.and_then(|o| o.tls_creds.as_deref()),
         nbd_iothreads: nbd.map(|o| o.iothreads),
+        nbd_poll_us: nbd.map(|o| o.poll_us),
         exports: exports.iter().map(|(s, _)| s).collect(),
     };
     let text = toml::to_string(&config).map_err(|e| format!("writing the configuration: {e}"))?;
@@ -598,6 +601,7 @@ mod tests {
             nbd: Some("unix:/run/nbd.sock".into()),
             nbd_tls_creds: None,
             nbd_iothreads: Some(2),
+            nbd_poll_us: Some(7),
             exports: vec![&spec, &spec],
         })
         .unwrap();
@@ -607,8 +611,8 @@ mod tests {
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(back.control.as_deref(), Some(Path::new("/run/ctl")));
         assert_eq!(
-            (back.nbd.as_deref(), back.nbd_iothreads),
-            (Some("unix:/run/nbd.sock"), Some(2))
+            (back.nbd.as_deref(), back.nbd_iothreads, back.nbd_poll_us),
+            (Some("unix:/run/nbd.sock"), Some(2), Some(7))
         );
         assert_eq!(back.exports.len(), 2);
         let b = &back.exports[1];

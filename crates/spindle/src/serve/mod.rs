@@ -97,6 +97,10 @@ pub struct Args {
     /// I/O threads of the NBD server.
     #[arg(long = "nbd-iothreads", value_name = "N")]
     nbd_iothreads: Option<usize>,
+    /// How long an NBD I/O thread polls for its clients' next requests
+    /// before it sleeps, in microseconds (default 64; 0: off).
+    #[arg(long = "nbd-poll-us", value_name = "N", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    nbd_poll_us: Option<u64>,
     /// Test only: make every Nth request wait before it starts, so requests
     /// complete out of order (`OPS:N:MS`, see docs/hardening.md).
     #[arg(long = "x-delay-io", hide = true, value_name = "PLAN")]
@@ -212,6 +216,7 @@ pub fn run(a: Args) -> CliResult<u8> {
     }
     let mut nbd_tls = a.nbd_tls_creds.clone();
     let mut nbd_threads = a.nbd_iothreads;
+    let mut nbd_poll = a.nbd_poll_us;
     let (mut specs, control, nbd_addr): (Vec<ExportSpec>, _, _) = match &a.config {
         Some(path) => {
             let cfg = ConfigFile::load(path)?;
@@ -219,6 +224,7 @@ pub fn run(a: Args) -> CliResult<u8> {
             let nbd = a.nbd.clone().or(cfg.nbd);
             nbd_tls = nbd_tls.or(cfg.nbd_tls_creds);
             nbd_threads = nbd_threads.or(cfg.nbd_iothreads);
+            nbd_poll = nbd_poll.or(cfg.nbd_poll_us);
             (
                 cfg.exports.into_iter().map(|s| a.export.fill(s)).collect(),
                 control,
@@ -258,6 +264,7 @@ pub fn run(a: Args) -> CliResult<u8> {
             addr,
             tls_creds: nbd_tls,
             iothreads: nbd_threads.unwrap_or(1),
+            poll_us: nbd_poll.unwrap_or(spec::DEFAULT_POLL_US),
         })?;
         server.set_nbd(Arc::new(front));
     }

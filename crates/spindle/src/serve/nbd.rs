@@ -29,6 +29,8 @@ pub struct NbdOptions {
     pub tls_creds: Option<std::path::PathBuf>,
     /// I/O threads of the NBD server.
     pub iothreads: usize,
+    /// How long its I/O threads poll before they sleep, in microseconds.
+    pub poll_us: u64,
 }
 
 /// The daemon's NBD server.
@@ -79,6 +81,7 @@ impl NbdFront {
                 persistent: true,
                 tls: tls.clone(),
                 handshake_limit: spindle_nbd::server::HANDSHAKE_LIMIT,
+                poll: std::time::Duration::from_micros(o.poll_us.min(1_000_000)),
             },
         );
         let stop = server.stop_handle();

@@ -155,6 +155,7 @@ fn exports_are_offered_over_nbd_unless_they_say_no_and_not_once_it_stopped() {
             addr: crate::nbd_addr::Addr::Unix(sock.clone()),
             tls_creds: None,
             iothreads: 1,
+            poll_us: 64,
         })
         .unwrap(),
     );

@@ -340,6 +340,8 @@ pub struct ConfigFile {
     pub nbd_tls_creds: Option<PathBuf>,
     /// I/O threads of the NBD server (as `--nbd-iothreads`).
     pub nbd_iothreads: Option<usize>,
+    /// How long the NBD I/O threads poll before they sleep (as `--nbd-poll-us`).
+    pub nbd_poll_us: Option<u64>,
     /// Exports.
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportSpec>,
