@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""NBD servers side by side: `spindle nbd` against qemu-nbd 7.2 (with
---cache=none --aio=io_uring, and with its defaults) and nbdkit 1.32 (file
-plugin on raw, memory plugin for the null rows).
+"""NBD servers side by side: `spindle nbd` against qemu-nbd 7.2, each with
+--cache=none --aio=io_uring and with its defaults (both: writeback
+cache; Spindle with multi-conn, qemu-nbd -e 1 without), and nbdkit 1.32
+(file plugin on raw, memory plugin for the null rows).
 
 One run, one machine. Clients: fio's nbd engine (one process, --iodepth)
 and nbdcopy of a whole image out of and into each server. For each row
 the servers run one after another in an order that rotates per repetition;
 the table shows each server's median of REPS and, for Spindle against
-qemu-nbd --cache=none, the mean of the per-repetition ratios with its 95%
-confidence interval (Student's t). Servers listen on a unix socket.
+qemu-nbd in each setting, the mean of the per-repetition ratios with its
+95% confidence interval (Student's t). Servers listen on a unix socket.
 
   bench/nbd.py [DIR]   env: REPS=5 RUNTIME=5 SIZE_MB=1024 SPINDLE=path ROWS=substring
 """
@@ -37,11 +38,13 @@ def server(kind, img, fmt):
     if os.path.exists(SOCK):
         os.remove(SOCK)
     null = img == "null"
-    if kind == "spindle":
+    if kind.startswith("spindle"):
         target = f"null:{SIZE_MB}M" if null else img
         args = [SP, "nbd", "-t", "-k", SOCK, target]
         if not null:
-            args += ["-f", fmt, "--cache", "none", "--aio", "io_uring"]
+            args += ["-f", fmt]
+            if kind == "spindle":
+                args += ["--cache", "none", "--aio", "io_uring"]
     elif kind.startswith("qemu-nbd"):
         # Tuned: as many clients as Spindle takes (and multi-conn for
         # them); defaults: qemu-nbd's -e 1, no multi-conn.
@@ -111,8 +114,8 @@ def images():
 
 def rows(raw, q):
     """(label, image, format, measure, unit, servers)."""
-    all3 = ["spindle", "qemu-nbd", "qemu-nbd-defaults", "nbdkit"]
-    qonly = ["spindle", "qemu-nbd", "qemu-nbd-defaults"]
+    all3 = ["spindle", "qemu-nbd", "spindle-defaults", "qemu-nbd-defaults", "nbdkit"]
+    qonly = ["spindle", "qemu-nbd", "spindle-defaults", "qemu-nbd-defaults"]
     f = lambda rw, bs, qd: (lambda: fio(rw, bs, qd))
     return [
         ("4k randread QD1, null", "null", "raw", f("randread", "4k", 1), "IOPS", all3),
@@ -133,12 +136,13 @@ def main():
     if "SPINDLE" not in os.environ:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "spindle"], cwd=ROOT, check=True)
     raw, q = images()
-    names = {"spindle": "Spindle", "qemu-nbd": "qemu-nbd none/io_uring",
-             "qemu-nbd-defaults": "qemu-nbd defaults", "nbdkit": "nbdkit"}
-    cols = ["spindle", "qemu-nbd", "qemu-nbd-defaults", "nbdkit"]
+    names = {"spindle": "Spindle none/io_uring", "qemu-nbd": "qemu-nbd none/io_uring",
+             "spindle-defaults": "Spindle defaults", "qemu-nbd-defaults": "qemu-nbd defaults",
+             "nbdkit": "nbdkit"}
+    cols = ["spindle", "qemu-nbd", "spindle-defaults", "qemu-nbd-defaults", "nbdkit"]
     print(f"| {SIZE_MB} MiB, {REPS} reps, median | " + " | ".join(names[c] for c in cols)
-          + " | Spindle / qemu-nbd none (mean ± 95% CI) |")
-    print("|---|" + "---|" * (len(cols) + 1))
+          + " | none/io_uring: Spindle / qemu-nbd (mean ± 95% CI) | defaults: Spindle / qemu-nbd |")
+    print("|---|" + "---|" * (len(cols) + 2))
     for label, img, fmt, measure, unit, servers in rows(raw, q):
         if ROWS and ROWS not in label:
             continue
@@ -152,10 +156,12 @@ def main():
                 finally:
                     stop(p)
         # Times: lower is better, so the ratio is qemu-nbd's over Spindle's.
-        if unit == "s":
-            ratios = [b / a for a, b in zip(got["spindle"], got["qemu-nbd"])]
-        else:
-            ratios = [a / b for a, b in zip(got["spindle"], got["qemu-nbd"])]
+        def paired(sp, q):
+            if unit == "s":
+                r = [b / a for a, b in zip(got[sp], got[q])]
+            else:
+                r = [a / b for a, b in zip(got[sp], got[q])]
+            return f"{statistics.mean(r):.2f}x ± {ci95(r):.2f}"
         cells = []
         for c in cols:
             if c not in got:
@@ -164,7 +170,8 @@ def main():
             m = statistics.median(got[c])
             cells.append(f"{m:.2f} s" if unit == "s" else f"{m:,.0f} {unit}")
         print(f"| {label} | " + " | ".join(cells)
-              + f" | {statistics.mean(ratios):.2f}x ± {ci95(ratios):.2f} |", flush=True)
+              + f" | {paired('spindle', 'qemu-nbd')} | {paired('spindle-defaults', 'qemu-nbd-defaults')} |",
+              flush=True)
 
 
 if __name__ == "__main__":
