@@ -187,27 +187,6 @@ def spindle_pair(n):
     return save, load, size
 
 
-def source_only(n):
-    """Seconds QEMU takes to produce the stopped guest's migration stream
-    into `cat > /dev/null`: the stream's own rate, the most any sink of
-    it (savevm's or Spindle's) can take it at."""
-    q = Qemu(f"m{n}", file_ram("off"), [], ["-S"])
-    q.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-    drop()
-    t = time.monotonic()
-    q.cmd("migrate", uri="exec:cat > /dev/null")
-    while True:
-        st = q.cmd("query-migrate").get("status")
-        if st == "completed":
-            break
-        if st in ("failed", "cancelled"):
-            sys.exit(f"migration to /dev/null: {st}")
-        time.sleep(0.005)
-    took = time.monotonic() - t
-    q.quit()
-    return took
-
-
 def live_pause(n):
     """The pause of a live snapshot of the running (idle) guest, in s."""
     s = Serve(n)
@@ -359,7 +338,6 @@ def main():
         print(f"pair {n + 1}: savevm {res['qs'][-1]:.2f} s, loadvm {res['ql'][-1]:.2f} s, "
               f"vm snapshot {res['ss'][-1]:.2f} s, vm restore {res['sl'][-1]:.2f} s", file=sys.stderr)
     pauses = [live_pause(100 + n) for n in range(REPS)]
-    sources = [source_only(200 + n) for n in range(REPS)]
 
     mib = lambda size, t: size / t / (1 << 20)
     mean = statistics.mean
@@ -382,8 +360,6 @@ def main():
         t = mean(res[key])
         pair = ratio("qs", "ss") if key == "ss" else ratio("ql", "sl") if key == "sl" else ""
         print(f"| {label} | {t:.2f} | {mib(size, t):.0f} | {mib(size, t) / dev:.0%} | {pair} |")
-    t = mean(sources)
-    print(f"| QEMU's stream alone, into `cat > /dev/null` ({ss >> 20} MiB) | {t:.2f} | {mib(ss, t):.0f} | | |")
     print(f"| `spindle vm snapshot --live`, guest pause (idle guest) | {mean(pauses):.3f} ± {ci95(pauses):.3f} | | | |")
     if os.environ.get("BOOTED", "1") != "0":
         booted_table()
