@@ -377,7 +377,10 @@ impl Inner {
         }
         let deadline = std::time::Instant::now() + window;
         loop {
-            if self.submit_and_reap() > 0 || self.runq.has_work() || self.runq.main_woken.load(Ordering::Acquire) {
+            if self.submit_and_reap_with(self.reactor.has_waiters()) > 0
+                || self.runq.has_work()
+                || self.runq.main_woken.load(Ordering::Acquire)
+            {
                 return true;
             }
             if std::time::Instant::now() >= deadline {

@@ -65,6 +65,12 @@ impl NbdFront {
                 spindle_export::device::LANES
             )));
         }
+        if o.poll_us > 1_000_000 {
+            return Err(invalid(format!(
+                "nbd_poll_us {} must be at most 1000000 (1 s)",
+                o.poll_us
+            )));
+        }
         let tls = match &o.tls_creds {
             Some(dir) => Some(TlsConfig::from_dir(dir, false).map_err(|e| invalid(format!("--nbd-tls-creds: {e}")))?),
             None => None,
@@ -81,7 +87,7 @@ impl NbdFront {
                 persistent: true,
                 tls: tls.clone(),
                 handshake_limit: spindle_nbd::server::HANDSHAKE_LIMIT,
-                poll: std::time::Duration::from_micros(o.poll_us.min(1_000_000)),
+                poll: std::time::Duration::from_micros(o.poll_us),
             },
         );
         let stop = server.stop_handle();

@@ -178,3 +178,19 @@ fn exports_are_offered_over_nbd_unless_they_say_no_and_not_once_it_stopped() {
     assert!(add_err(&server, must).contains("serves no NBD"));
     server.remove_all().unwrap();
 }
+
+#[test]
+fn an_nbd_poll_window_over_a_second_is_refused_by_name() {
+    use crate::serve::nbd::{NbdFront, NbdOptions};
+    let d = tempfile::tempdir().unwrap();
+    let e = NbdFront::start(&NbdOptions {
+        addr: crate::nbd_addr::Addr::Unix(d.path().join("nbd.sock")),
+        tls_creds: None,
+        iothreads: 1,
+        poll_us: 2_000_000,
+    })
+    .err()
+    .expect("a 2 s poll window is refused");
+    assert!(e.to_string().contains("nbd_poll_us 2000000"), "{e}");
+    assert!(!d.path().join("nbd.sock").exists(), "refused before binding");
+}
