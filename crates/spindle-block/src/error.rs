@@ -98,6 +98,17 @@ pub(crate) fn io_err<'a>(
     }
 }
 
+/// Helper: refuses writes to a storage opened read-only for `reason`.
+pub(crate) fn writable(path: &std::path::Path, read_only: Option<&str>) -> Result<()> {
+    match read_only {
+        Some(reason) => Err(BlockError::ReadOnly {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Helper: names what was being done when storage I/O failed (the
 /// storage names the image and the error; other errors pass unchanged).
 pub(crate) fn doing(context: &'static str) -> impl FnOnce(BlockError) -> BlockError {

@@ -3,7 +3,7 @@
 use crate::error::{fmt_err, io_err, BlockError, Result};
 use crate::formats::{qcow2, raw::Raw};
 use crate::node::Node;
-use crate::protocols::nbd;
+use crate::protocols::{nbd, rbd};
 use crate::storage::{null::Null, Storage};
 use spindle_io::{CacheMode, File, Locking, OpenOptions, Perms};
 use std::path::{Path, PathBuf};
@@ -190,13 +190,30 @@ pub fn probe_storage(s: &Storage) -> Result<Format> {
     })
 }
 
-/// Opens `spec` (a path, `null:SIZE`, or an NBD URI) and its backing chain.
+/// Opens `spec` (a path, `null:SIZE`, an NBD URI or an `rbd:` spec) and
+/// its backing chain.
 pub fn open_image(spec: &str, cfg: &OpenConfig) -> Result<Node> {
     if let Some(size) = parse_null_spec(spec) {
         return Ok(Node::Raw(Raw::new(Storage::Null(Null::new(size?)), false)?));
     }
     if nbd::is_nbd_spec(spec) {
-        return open_nbd(spec, cfg);
+        let storage = Storage::Nbd(Box::new(nbd::Nbd::open(spec, cfg.read_only)?));
+        return open_remote(spec, storage, cfg.format, cfg);
+    }
+    if rbd::is_rbd_spec(spec) {
+        let opts = rbd::RbdOpenOptions {
+            read_only: cfg.read_only,
+            cache: Some(cfg.cache),
+            connect_timeout: None,
+        };
+        let storage = Storage::Rbd(Box::new(rbd::Rbd::open(spec, &opts)?));
+        // A look (info) may probe: what it says cannot turn a guest's raw
+        // disk into another format for a guest.
+        let format = match cfg.format {
+            None if cfg.metadata_only => Some(probe_storage(&storage)?),
+            f => f,
+        };
+        return open_remote(spec, storage, format, cfg);
     }
     if cfg.format == Some(Format::Null) {
         return Err(BlockError::Invalid(format!(
@@ -283,13 +300,13 @@ fn open_path(
     }
 }
 
-/// Opens an NBD export: raw data unless a format is stated (no probing:
-/// a guest's disk exported elsewhere must not turn into an image format
-/// by what the guest wrote), or qcow2 on the export when stated, as
-/// QEMU's qcow2 over its `nbd` driver.
-fn open_nbd(spec: &str, cfg: &OpenConfig) -> Result<Node> {
-    let storage = Storage::Nbd(Box::new(nbd::Nbd::open(spec, cfg.read_only)?));
-    match cfg.format {
+/// Opens a format on an NBD export or an RBD image: raw data unless a
+/// format is stated (no probing: a guest's disk exported elsewhere must
+/// not turn into an image format by what the guest wrote), or qcow2 on it
+/// when stated, as QEMU's qcow2 over its `nbd` and `rbd` drivers.
+fn open_remote(spec: &str, storage: Storage, format: Option<Format>, cfg: &OpenConfig) -> Result<Node> {
+    let what = storage.driver();
+    match format {
         None | Some(Format::Raw) => Ok(Node::Raw(Raw::new(storage, false)?)),
         Some(Format::Null) => Err(BlockError::Invalid(format!(
             "'{spec}': the null format takes a spec like null:1G"
@@ -300,8 +317,9 @@ fn open_nbd(spec: &str, cfg: &OpenConfig) -> Result<Node> {
                 return Err(fmt_err(
                     Path::new(spec),
                     format!(
-                        "the qcow2 image on this NBD export has a backing file '{name}'; \
-                         Spindle opens backing files only of local images"
+                        "the qcow2 image on this {} has a backing file '{name}'; \
+                         Spindle opens backing files only of local images",
+                        if what == "rbd" { "RBD image" } else { "NBD export" }
                     ),
                 ));
             }

@@ -213,6 +213,14 @@ impl SgList {
             .collect()
     }
 
+    /// The segments as iovecs, and what keeps their memory valid: for I/O
+    /// that another library does (librbd's vectored calls), which must be
+    /// done with the memory before the keep-alives are dropped. Holding
+    /// them is what the caller's `unsafe` submission relies on.
+    pub fn foreign_io_parts(&self) -> (Vec<libc::iovec>, Vec<KeepAlive>) {
+        (self.iovecs(), self.keep.iter().cloned().collect())
+    }
+
     /// The keep-alives, for an op.
     pub(crate) fn keep_alives(&self) -> SmallVec<[KeepAlive; 2]> {
         self.keep.clone()

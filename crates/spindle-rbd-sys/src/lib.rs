@@ -168,6 +168,9 @@ extern "C" {
     pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
     /// Flushes written data (synchronous).
     pub fn rbd_flush(image: rbd_image_t) -> c_int;
+    /// Reads `len` bytes at `ofs` into `buf` (synchronous): the bytes
+    /// read, or a negative errno.
+    pub fn rbd_read(image: rbd_image_t, ofs: u64, len: size_t, buf: *mut c_char) -> ssize_t;
 
     /// Lists snapshots into `snaps`, `*max_snaps` entries long: returns the
     /// count, or -ERANGE with `*max_snaps` set to the entries needed (the

@@ -1,17 +1,26 @@
-//! Asynchronous image I/O, reaped on the caller's thread through an
+//! Asynchronous image I/O, reaped on the submitting thread through an
 //! eventfd.
 //!
-//! [`EventQueue`] owns an [`Image`] and an eventfd it hands to
-//! `rbd_set_image_notification`: librbd then queues each finished request
-//! and signals the eventfd, and the owner (an I/O thread whose epoll
-//! watches [`EventQueue::fd`]) takes the finished ones with
-//! [`EventQueue::reap`] (`rbd_poll_io_events`). The completion callbacks
-//! librbd runs on its own threads do nothing: no locks, no wakeups of our
-//! own, no thread per request.
+//! An [`EventQueue`] belongs to one thread and shares its [`Image`] (an
+//! `Arc`) with the queues of other threads and with metadata calls. Its
+//! completion callback, which librbd runs on its own threads, takes the
+//! request's return value, releases the completion, appends `(request,
+//! result)` to the queue's inbox (a mutex held for a push) and signals the
+//! queue's eventfd; nothing else. The owner (an I/O thread whose epoll
+//! watches [`EventQueue::fd`]) takes the finished requests with
+//! [`EventQueue::reap`]. So completions come back to the thread that
+//! submitted them, whichever thread librbd finished them on, and several
+//! I/O threads can serve one image without sharing any state of their
+//! requests. No thread per request.
+//!
+//! (`rbd_set_image_notification` with `rbd_poll_io_events` would do the
+//! same with one eventfd per image, but then every thread serving the
+//! image would wake for every completion and hand other threads'
+//! requests over to them.)
 
-use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libc::{c_int, c_void, iovec};
@@ -76,22 +85,55 @@ struct Op {
     buffer: Option<Vec<u8>>,
 }
 
-/// The completion callback: nothing to do; the completion is queued for
-/// `rbd_poll_io_events` and the eventfd signalled by librbd itself.
-extern "C" fn on_complete(_c: sys::rbd_completion_t, _arg: *mut c_void) {}
+/// Where a queue's finished requests wait for its thread: shared with
+/// the completion callbacks.
+struct Inbox {
+    /// `(op key, return value)` of each finished request.
+    done: Mutex<Vec<(usize, i64)>>,
+    /// Signalled after each push.
+    eventfd: OwnedFd,
+}
 
-/// Completions taken per `rbd_poll_io_events` call.
-const POLL_BATCH: usize = 32;
+/// What a request's completion callback gets: its queue's inbox and the
+/// op's key.
+struct CallbackArg {
+    inbox: Arc<Inbox>,
+    key: usize,
+}
 
-/// Asynchronous I/O on one image, completed through an eventfd (see the
-/// module docs). Dropping it waits for the requests in flight, then closes
-/// the image.
+/// The completion callback (on a librbd thread): result into the inbox,
+/// completion released, eventfd signalled.
+extern "C" fn on_complete(c: sys::rbd_completion_t, arg: *mut c_void) {
+    // SAFETY: `arg` is the `Box<CallbackArg>` that `submit` leaked for
+    // this completion, which librbd completes (and so calls this) once.
+    let arg = unsafe { Box::from_raw(arg.cast::<CallbackArg>()) };
+    // SAFETY: `c` is the finished completion this callback is for; its
+    // value is read before it is released, once (librbd holds its own
+    // reference for as long as it still touches it, as QEMU relies on).
+    let ret = unsafe {
+        let ret = sys::rbd_aio_get_return_value(c);
+        sys::rbd_aio_release(c);
+        ret
+    };
+    // A poisoned lock cannot happen (nothing panics under it); the push is
+    // made regardless so the request is never lost.
+    let mut done = arg.inbox.done.lock().unwrap_or_else(|p| p.into_inner());
+    done.push((arg.key, ret as i64));
+    drop(done);
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a valid u64 to the inbox's eventfd, open
+    // as long as `arg.inbox` lives.
+    unsafe { libc::write(arg.inbox.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// Asynchronous I/O on an image from one thread, completed through an
+/// eventfd (see the module docs). Dropping it waits for the requests in
+/// flight; the image closes with its last `Arc`.
 pub struct EventQueue {
-    image: ManuallyDrop<Image>,
-    /// Closed after `image`: librbd writes to it until then (and never, if
-    /// the image has to be leaked).
-    eventfd: ManuallyDrop<OwnedFd>,
+    image: Arc<Image>,
+    inbox: Arc<Inbox>,
     ops: Slab<Op>,
+    taken: Vec<(usize, i64)>,
 }
 
 // SAFETY: the raw pointers in `ops` (iovecs) point into buffers that are
@@ -110,9 +152,10 @@ impl std::fmt::Debug for EventQueue {
 }
 
 impl EventQueue {
-    /// Takes the image and points its completion notifications at a new
-    /// eventfd.
-    pub fn new(image: Image) -> Result<EventQueue> {
+    /// A queue of this thread's requests to `image` (an image alone, or
+    /// one shared with other queues), with an eventfd of its own.
+    pub fn new(image: impl Into<Arc<Image>>) -> Result<EventQueue> {
+        let image = image.into();
         // SAFETY: plain syscall; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -121,17 +164,14 @@ impl EventQueue {
         }
         // SAFETY: `fd` is a new descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: open image with no request in flight (an Image has no
-        // other way to submit); the eventfd stays open until after the
-        // image is closed (field order and Drop).
-        let r = unsafe { sys::rbd_set_image_notification(image.raw(), fd, sys::EVENT_TYPE_EVENTFD) };
-        if r < 0 {
-            return Err(image.error("set image notification", i64::from(r)));
-        }
         Ok(EventQueue {
-            image: ManuallyDrop::new(image),
-            eventfd: ManuallyDrop::new(eventfd),
+            image,
+            inbox: Arc::new(Inbox {
+                done: Mutex::new(Vec::new()),
+                eventfd,
+            }),
             ops: Slab::new(),
+            taken: Vec::new(),
         })
     }
 
@@ -140,9 +180,14 @@ impl EventQueue {
         &self.image
     }
 
+    /// The image, shared (for metadata calls on another thread).
+    pub fn shared_image(&self) -> Arc<Image> {
+        self.image.clone()
+    }
+
     /// The eventfd to watch for readability; then call [`EventQueue::reap`].
     pub fn fd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+        self.inbox.eventfd.as_raw_fd()
     }
 
     /// Requests submitted and not yet reaped.
@@ -162,12 +207,17 @@ impl EventQueue {
         let kind = op.kind;
         let entry = self.ops.vacant_entry();
         let key = entry.key();
+        let arg = Box::into_raw(Box::new(CallbackArg {
+            inbox: self.inbox.clone(),
+            key,
+        }));
         let mut c: sys::rbd_completion_t = ptr::null_mut();
-        // SAFETY: valid out-pointer; the argument is an opaque integer (the
-        // op's slab key) given back by rbd_aio_get_arg; the callback is a
-        // no-op that is valid for the process' life.
-        let r = unsafe { sys::rbd_aio_create_completion(key as *mut c_void, Some(on_complete), &mut c) };
+        // SAFETY: valid out-pointer; the argument is the leaked box that
+        // the callback (valid for the process' life) takes back once.
+        let r = unsafe { sys::rbd_aio_create_completion(arg.cast(), Some(on_complete), &mut c) };
         if r < 0 {
+            // SAFETY: no completion took the box; freed once, here.
+            drop(unsafe { Box::from_raw(arg) });
             return Err(self.image.error(kind.name(), i64::from(r)));
         }
         // The op (and its iovec array, whose heap storage does not move) is
@@ -176,9 +226,13 @@ impl EventQueue {
         let iov = op.iov.as_ptr();
         let r = submit(self.image.raw(), iov, iovcnt, c);
         if r < 0 {
-            // SAFETY: librbd did not take the request; the completion is
-            // ours alone and released once.
-            unsafe { sys::rbd_aio_release(c) };
+            // SAFETY: librbd did not take the request, so the callback will
+            // not run: the completion and the box are ours alone and freed
+            // once.
+            unsafe {
+                sys::rbd_aio_release(c);
+                drop(Box::from_raw(arg));
+            }
             self.ops.remove(key);
             return Err(self.image.error(kind.name(), i64::from(r)));
         }
@@ -295,8 +349,10 @@ impl EventQueue {
         })
     }
 
-    /// Writes zeroes to `length` bytes at `offset`.
-    pub fn write_zeroes(&mut self, token: u64, offset: u64, length: u64) -> Result<()> {
+    /// Writes zeroes to `length` bytes at `offset`; `thick` keeps the
+    /// range allocated (`RBD_WRITE_ZEROES_FLAG_THICK_PROVISION`), else
+    /// librbd may deallocate it.
+    pub fn write_zeroes(&mut self, token: u64, offset: u64, length: u64, thick: bool) -> Result<()> {
         let len = usize::try_from(length).map_err(|_| self.image.error("write zeroes", -22))?;
         let op = Op {
             token,
@@ -306,9 +362,8 @@ impl EventQueue {
             buffer: None,
         };
         self.submit(op, |image, _, _, c| {
-            // SAFETY: open image, fresh completion; no memory involved;
-            // flags 0.
-            unsafe { sys::rbd_aio_write_zeroes(image, offset, len, c, 0, 0) }
+            // SAFETY: open image, fresh completion; no memory involved.
+            unsafe { sys::rbd_aio_write_zeroes(image, offset, len, c, c_int::from(thick), 0) }
         })
     }
 
@@ -332,47 +387,37 @@ impl EventQueue {
     pub fn reap(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
         let mut counter = 0u64;
         // SAFETY: reads 8 bytes into `counter` from our non-blocking
-        // eventfd; EAGAIN (nothing signalled) is fine: the queue is polled
-        // regardless, so a completion queued before its signal is not lost.
-        let _ = unsafe { libc::read(self.eventfd.as_raw_fd(), (&mut counter as *mut u64).cast(), 8) };
-        let before = out.len();
-        loop {
-            let mut comps: [sys::rbd_completion_t; POLL_BATCH] = [ptr::null_mut(); POLL_BATCH];
-            // SAFETY: open image; `comps` has room for POLL_BATCH entries.
-            let n = unsafe { sys::rbd_poll_io_events(self.image.raw(), comps.as_mut_ptr(), POLL_BATCH as c_int) };
-            if n < 0 {
-                return Err(self.image.error("poll io events", i64::from(n)));
-            }
-            for &c in &comps[..n as usize] {
-                // SAFETY: `c` is a finished completion librbd handed back;
-                // its argument and return value are read before it is
-                // released, once (librbd holds its own reference for as
-                // long as it still touches it).
-                let (key, ret) = unsafe {
-                    let key = sys::rbd_aio_get_arg(c) as usize;
-                    let ret = sys::rbd_aio_get_return_value(c);
-                    sys::rbd_aio_release(c);
-                    (key, ret)
-                };
-                let Some(op) = self.ops.try_remove(key) else {
-                    continue; // Not ours: cannot happen, the image is.
-                };
-                let result = match op.kind {
-                    _ if ret < 0 => Err(self.op_error(&op, ret as i64)),
-                    OpKind::Write => Ok(op.iov.iter().map(|v| v.iov_len).sum()),
-                    _ => Ok(ret as usize),
-                };
-                out.push(Completion {
-                    token: op.token,
-                    kind: op.kind,
-                    result,
-                    buffer: op.buffer,
-                });
-            }
-            if (n as usize) < POLL_BATCH {
-                return Ok(out.len() - before);
-            }
+        // eventfd; EAGAIN (nothing signalled) is fine: the inbox is looked
+        // at regardless, and a push comes before its signal.
+        let _ = unsafe { libc::read(self.fd(), (&mut counter as *mut u64).cast(), 8) };
+        Ok(self.take(out))
+    }
+
+    /// [`EventQueue::reap`] without resetting the eventfd (no system
+    /// call): for a caller that polls, and whose event loop resets it.
+    pub fn take(&mut self, out: &mut Vec<Completion>) -> usize {
+        {
+            let mut done = self.inbox.done.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::swap(&mut *done, &mut self.taken);
         }
+        let before = out.len();
+        for (key, ret) in std::mem::take(&mut self.taken).drain(..) {
+            let Some(op) = self.ops.try_remove(key) else {
+                continue; // Not ours: cannot happen, the inbox is.
+            };
+            let result = match op.kind {
+                _ if ret < 0 => Err(self.op_error(&op, ret)),
+                OpKind::Write => Ok(op.iov.iter().map(|v| v.iov_len).sum()),
+                _ => Ok(ret as usize),
+            };
+            out.push(Completion {
+                token: op.token,
+                kind: op.kind,
+                result,
+                buffer: op.buffer,
+            });
+        }
+        out.len() - before
     }
 
     fn op_error(&self, op: &Op, r: i64) -> Error {
@@ -408,7 +453,7 @@ impl EventQueue {
                 }
             };
             let mut pfd = libc::pollfd {
-                fd: self.eventfd.as_raw_fd(),
+                fd: self.fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
@@ -425,7 +470,7 @@ impl EventQueue {
 
 impl AsFd for EventQueue {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.eventfd.as_fd()
+        self.inbox.eventfd.as_fd()
     }
 }
 
@@ -435,18 +480,13 @@ impl Drop for EventQueue {
         // iovec arrays: wait for every request before freeing anything.
         while !self.ops.is_empty() {
             if self.wait(None).is_err() {
-                // Cannot learn when they finish: leak the buffers, the
-                // image and the eventfd rather than free memory (or a
-                // descriptor number) librbd may still use.
+                // Cannot learn when they finish: leak the buffers rather
+                // than free memory librbd may still use (the inbox and
+                // image stay alive through the callbacks' Arcs and ours).
                 std::mem::forget(std::mem::take(&mut self.ops));
+                std::mem::forget(self.image.clone());
                 return;
             }
-        }
-        // SAFETY: each dropped once, here, the image first (it stops using
-        // the eventfd when closed); nothing is in flight.
-        unsafe {
-            ManuallyDrop::drop(&mut self.image);
-            ManuallyDrop::drop(&mut self.eventfd);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! An open RBD image: its metadata, snapshots, allocation and exclusive
-//! lock. Data I/O goes through [`crate::EventQueue`].
+//! lock. Data I/O goes through [`crate::EventQueue`]s, one per thread,
+//! which share the image.
 
 use std::ffi::CStr;
 use std::ptr;
@@ -77,12 +78,18 @@ impl std::fmt::Debug for Image {
 // them (librbd runs their I/O on its own threads); the handle is closed
 // once, in Drop.
 unsafe impl Send for Image {}
+// SAFETY: librbd's C API may be called on one image from several threads
+// at once: every call goes through the image context's own locks (its
+// owner, image and snapshot locks; the asynchronous calls queue under
+// them), which is how QEMU's rbd driver submits from several iothreads.
+// The handle itself is never changed after open.
+unsafe impl Sync for Image {}
 
 impl Drop for Image {
     fn drop(&mut self) {
         // SAFETY: opened by rbd_open*, closed once; no request is in flight
-        // (requests only go through an EventQueue, which owns its Image and
-        // drains before dropping it).
+        // (requests only go through EventQueues, each of which holds an
+        // Arc of the image and drains before dropping it).
         unsafe { sys::rbd_close(self.handle) };
     }
 }
@@ -191,6 +198,27 @@ impl Image {
     pub fn flush(&self) -> Result<()> {
         // SAFETY: open handle.
         self.check("flush", unsafe { sys::rbd_flush(self.handle) }).map(drop)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (blocking: for setup, e.g.
+    /// probing a format; I/O threads use [`crate::EventQueue`]). Returns
+    /// the bytes read, fewer only past the end.
+    pub fn read_blocking(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: open handle; `rest` is valid for writes of its length
+            // for the whole synchronous call.
+            let r = unsafe { sys::rbd_read(self.handle, offset + done as u64, rest.len(), rest.as_mut_ptr().cast()) };
+            if r < 0 {
+                return Err(self.error(&format!("read at {}", offset + done as u64), r as i64));
+            }
+            if r == 0 {
+                break;
+            }
+            done += r as usize;
+        }
+        Ok(done)
     }
 
     /// The image's snapshots, oldest first.

@@ -257,7 +257,7 @@ fn diff_iterate_reports_only_written_extents() {
 
     // Discard and write-zeroes: the ranges read as zeroes after.
     q.discard(4, 20 * MIB, MIB).unwrap();
-    q.write_zeroes(5, 8192, 4096).unwrap();
+    q.write_zeroes(5, 8192, 4096, false).unwrap();
     let done = wait_for(&mut q, 2);
     assert_eq!((done[&4].kind, done[&5].kind), (OpKind::Discard, OpKind::WriteZeroes));
     done.values().for_each(|c| assert_eq!(ok(c), 0));

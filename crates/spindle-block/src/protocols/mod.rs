@@ -1,4 +1,5 @@
 //! Network protocol clients, the storage backends reached over the
-//! network ([`crate::Storage::Nbd`]).
+//! network ([`crate::Storage::Nbd`], [`crate::Storage::Rbd`]).
 
 pub mod nbd;
+pub mod rbd;

@@ -82,6 +82,9 @@ pub async fn create_image(
     pairs: &[(String, String)],
     base: CreateOptions,
 ) -> CliResult<()> {
+    if spindle_block::protocols::rbd::is_rbd_spec(path) {
+        return create_on_rbd(path, format, pairs, base).await;
+    }
     match format {
         Format::Qcow2 => {
             let mut o = base;
@@ -106,6 +109,51 @@ pub async fn create_image(
                 return Err(BlockError::Invalid("raw images cannot have a backing file".into()));
             }
             create_raw(path, size, prealloc).await
+        }
+        Format::Null => Err(BlockError::Invalid(
+            "null devices are not created; use null:SIZE directly".into(),
+        )),
+    }
+}
+
+/// Creates an RBD image: raw, of the size; or qcow2 on an empty image
+/// that grows as the qcow2 image does. An image that exists is refused
+/// (librbd's own rule), so nothing in use is ever overwritten.
+async fn create_on_rbd(spec: &str, format: Format, pairs: &[(String, String)], base: CreateOptions) -> CliResult<()> {
+    use spindle_block::protocols::rbd;
+    match format {
+        Format::Raw => {
+            let mut size = base.size;
+            for (k, v) in pairs {
+                match k.as_str() {
+                    "size" => size = size_arg(v)?,
+                    "preallocation" if v == "off" => {}
+                    "preallocation" => {
+                        return Err(BlockError::Invalid(format!(
+                            "{spec}: RBD images are thin; preallocation={v} is not supported (off only)"
+                        )))
+                    }
+                    _ => return Err(BlockError::Invalid(format!("unknown raw option '{k}'"))),
+                }
+            }
+            if base.backing_file.is_some() {
+                return Err(BlockError::Invalid("raw images cannot have a backing file".into()));
+            }
+            rbd::create(spec, size)
+        }
+        Format::Qcow2 => {
+            let mut o = base;
+            qcow2_options(pairs, &mut o)?;
+            o.validate().map_err(|m| BlockError::Invalid(format!("{spec}: {m}")))?;
+            if o.backing_file.is_some() {
+                return Err(BlockError::Invalid(format!(
+                    "{spec}: a qcow2 image on RBD cannot have a backing file (Spindle opens backing files only of local images)"
+                )));
+            }
+            rbd::create(spec, 0)?;
+            let opts = rbd::RbdOpenOptions::default();
+            let storage = spindle_block::Storage::Rbd(Box::new(rbd::Rbd::open(spec, &opts)?));
+            qcow2::create_on(storage, &o).await
         }
         Format::Null => Err(BlockError::Invalid(
             "null devices are not created; use null:SIZE directly".into(),

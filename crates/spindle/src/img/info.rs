@@ -36,6 +36,66 @@ async fn snapshots(node: &Node) -> Vec<spindle_block::formats::qcow2::snapshot::
     }
 }
 
+/// What an RBD image's storage adds: object size, features, its own
+/// snapshots (of the RBD image, under any format).
+struct RbdFacts {
+    name: String,
+    object_size: u64,
+    features: Vec<&'static str>,
+    snapshots: Vec<spindle_rbd::Snapshot>,
+}
+
+fn rbd_facts(node: &Node) -> CliResult<Option<RbdFacts>> {
+    let spindle_block::Storage::Rbd(r) = node.storage() else {
+        return Ok(None);
+    };
+    let (stat, bits) = r.stat()?;
+    use spindle_rbd::features as f;
+    let names = [
+        (f::LAYERING, "layering"),
+        (f::STRIPINGV2, "striping"),
+        (f::EXCLUSIVE_LOCK, "exclusive-lock"),
+        (f::OBJECT_MAP, "object-map"),
+        (f::FAST_DIFF, "fast-diff"),
+        (f::DEEP_FLATTEN, "deep-flatten"),
+        (f::JOURNALING, "journaling"),
+        (f::DATA_POOL, "data-pool"),
+    ];
+    Ok(Some(RbdFacts {
+        name: r.name().to_owned(),
+        object_size: stat.object_size,
+        features: names.iter().filter(|(b, _)| bits & b != 0).map(|&(_, n)| n).collect(),
+        snapshots: r.snapshots()?,
+    }))
+}
+
+fn rbd_json(f: &RbdFacts) -> Value {
+    json!({
+        "image": f.name, "object-size": f.object_size, "features": f.features,
+        "snapshots": f.snapshots.iter().map(|s| json!({"id": s.id, "name": s.name, "size": s.size})).collect::<Vec<_>>(),
+    })
+}
+
+fn rbd_human(f: &RbdFacts) -> String {
+    let mut s = format!(
+        "RBD image: {}
+    object size: {}
+    features: {}
+",
+        f.name,
+        human_size(f.object_size),
+        f.features.join(", ")
+    );
+    if !f.snapshots.is_empty() {
+        s += "    snapshots:
+";
+        for snap in &f.snapshots {
+            s += &format!("        {} (id {}, {})\n", snap.name, snap.id, human_size(snap.size));
+        }
+    }
+    s
+}
+
 fn snapshots_json(snaps: &[spindle_block::formats::qcow2::snapshot::Snapshot]) -> Value {
     Value::Array(
         snaps
@@ -100,7 +160,13 @@ fn human(node: &Node, info: &ImageInfo) -> String {
     match actual_size(node) {
         Some(a) => s += &format!("disk size: {}\n", human_size(a)),
         // qemu-img's words for an export it cannot see the storage of.
-        None if matches!(node.storage(), spindle_block::Storage::Nbd(_)) => s += "disk size: unavailable\n",
+        None if matches!(
+            node.storage(),
+            spindle_block::Storage::Nbd(_) | spindle_block::Storage::Rbd(_)
+        ) =>
+        {
+            s += "disk size: unavailable\n"
+        }
         None => {}
     }
     if let Some(cs) = info.cluster_size {
@@ -137,6 +203,9 @@ pub async fn run(a: Args) -> CliResult<()> {
             let mut v: Vec<Value> = Vec::new();
             for n in &chain {
                 let mut j = to_json(n, &n.info());
+                if let Some(f) = rbd_facts(n)? {
+                    j["rbd"] = rbd_json(&f);
+                }
                 let snaps = snapshots(n).await;
                 if !snaps.is_empty() {
                     j["snapshots"] = snapshots_json(&snaps);
@@ -159,6 +228,9 @@ pub async fn run(a: Args) -> CliResult<()> {
                     // qemu-img puts the list after the backing file lines.
                     let at = h.find("Format specific information:").unwrap_or(h.len());
                     h.insert_str(at, &super::snapshot::list(&snaps));
+                }
+                if let Some(f) = rbd_facts(n)? {
+                    h += &rbd_human(&f);
                 }
                 parts.push(h);
             }

@@ -116,6 +116,9 @@ fn default_socket(image: &str) -> PathBuf {
     if image.starts_with("null:") {
         return PathBuf::from("spindle-null.sock");
     }
+    if let Ok(r) = spindle_block::protocols::rbd::RbdSpec::parse(image) {
+        return PathBuf::from(format!("spindle-{}.sock", r.image));
+    }
     Path::new(image).with_extension("sock")
 }
 
@@ -129,6 +132,7 @@ impl ExportArgs {
         ExportSpec {
             socket: absolute(&self.vhost_user.clone().unwrap_or_else(|| default_socket(&image))),
             image,
+            rbd: None,
             name: self.name.clone(),
             format: self.format.clone(),
             cache: self.cache.clone(),

@@ -23,8 +23,8 @@ pub enum Request {
     List {},
     /// Start serving another export.
     Add {
-        /// What to serve.
-        export: ExportSpec,
+        /// What to serve (boxed: it is much larger than the others).
+        export: Box<ExportSpec>,
     },
     /// Stop serving an export.
     Remove {
@@ -123,7 +123,7 @@ pub fn execute(server: &Server, req: Request) -> Result<Value, BlockError> {
     Ok(match req {
         Request::List {} => json!({"ok": true, "pid": std::process::id(), "exports": server.list()}),
         Request::Add { export } => {
-            let e = server.add(export)?;
+            let e = server.add(*export)?;
             json!({"ok": true, "name": e.dev.cfg.name, "socket": e.socket.display().to_string(), "size": e.dev.capacity()})
         }
         Request::Remove { name } => {

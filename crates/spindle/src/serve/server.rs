@@ -220,6 +220,7 @@ impl Server {
 
     /// Opens and starts serving `spec`.
     pub fn add(&self, spec: ExportSpec) -> Result<Arc<Export>, BlockError> {
+        let spec = spec.resolved()?;
         if spec.nbd == Some(true) && self.nbd().is_none() {
             return Err(invalid(
                 "this daemon serves no NBD (start it with --nbd ADDR, or nbd = \"ADDR\" in its config file)".into(),

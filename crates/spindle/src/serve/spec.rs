@@ -18,12 +18,58 @@ pub const DEFAULT_POLL_US: u64 = 64;
 /// it sets up; QEMU refuses to start when it wants more than offered.
 pub const DEFAULT_NUM_QUEUES: u16 = 16;
 
-/// One export. Every field but `image` and `socket` has a default.
+/// An RBD image named by keys (`[export.rbd]` in a config file, `rbd`
+/// in the control socket's `add`), as an `rbd:` spec spells them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdKeys {
+    /// The pool.
+    pub pool: String,
+    /// The image.
+    pub image: String,
+    /// A namespace of the pool.
+    pub namespace: Option<String>,
+    /// A snapshot, served read-only.
+    pub snapshot: Option<String>,
+    /// A ceph.conf.
+    pub conf: Option<PathBuf>,
+    /// The client id, without `client.`.
+    pub user: Option<String>,
+    /// A keyring file.
+    pub keyring: Option<PathBuf>,
+    /// Monitor addresses, overriding the conf's.
+    pub mon_host: Option<String>,
+}
+
+impl RbdKeys {
+    /// The `rbd:` spec these keys stand for.
+    pub fn to_spec(&self) -> String {
+        spindle_block::protocols::rbd::RbdSpec {
+            pool: self.pool.clone(),
+            namespace: self.namespace.clone().filter(|n| !n.is_empty()),
+            image: self.image.clone(),
+            snapshot: self.snapshot.clone(),
+            conf: self.conf.clone(),
+            user: self.user.clone(),
+            keyring: self.keyring.clone(),
+            mon_host: self.mon_host.clone(),
+            options: Vec::new(),
+        }
+        .to_spec()
+    }
+}
+
+/// One export. Every field but the image (`image`, or `rbd`) and
+/// `socket` has a default.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSpec {
-    /// Image path, or `null:SIZE`.
+    /// Image path, `null:SIZE`, an NBD URI or an `rbd:` spec.
+    #[serde(default)]
     pub image: String,
+    /// An RBD image by keys, instead of `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdKeys>,
     /// vhost-user socket path.
     pub socket: PathBuf,
     /// Name for `spindle ctl` (default: the image's file stem).
@@ -71,11 +117,36 @@ fn invalid(msg: String) -> BlockError {
 }
 
 impl ExportSpec {
+    /// The spec with its `rbd` keys turned into `image` (exactly one of
+    /// the two is given).
+    pub fn resolved(mut self) -> Result<ExportSpec, BlockError> {
+        match (self.rbd.take(), self.image.is_empty()) {
+            (Some(_), false) => Err(invalid(format!(
+                "export '{}': give either image or rbd keys, not both",
+                self.image
+            ))),
+            (Some(k), true) => {
+                let spec = k.to_spec();
+                // Checked now, so the error names the keys' problem.
+                spindle_block::protocols::rbd::RbdSpec::parse(&spec)?;
+                self.image = spec;
+                Ok(self)
+            }
+            (None, true) => Err(invalid(
+                "an export needs an image (a path, null:SIZE, an NBD URI or rbd:POOL/IMAGE) or rbd keys".into(),
+            )),
+            (None, false) => Ok(self),
+        }
+    }
+
     /// The export's name.
     pub fn name(&self) -> String {
         self.name.clone().unwrap_or_else(|| {
             if self.image.starts_with("null:") {
                 return "null".to_string();
+            }
+            if let Ok(r) = spindle_block::protocols::rbd::RbdSpec::parse(&self.image) {
+                return r.image;
             }
             let p = Path::new(&self.image);
             p.file_stem()

@@ -83,7 +83,8 @@ impl Default for CreateOptions {
 }
 
 impl CreateOptions {
-    fn validate(&self) -> std::result::Result<(), String> {
+    /// Checks the options against each other, as qemu-img does.
+    pub fn validate(&self) -> std::result::Result<(), String> {
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
             return Err(format!("cluster size {cs} must be a power of two between 512 and 2M"));
@@ -110,8 +111,9 @@ impl CreateOptions {
     }
 }
 
-/// Creates a qcow2 image at `path`. Runs on the current runtime.
-pub async fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+/// The first three clusters of a new image: header, a one-cluster
+/// refcount table, and one refcount block that records them.
+fn initial_clusters(path: &Path, opts: &CreateOptions) -> Result<(Vec<u8>, u64)> {
     opts.validate()
         .map_err(|m| BlockError::Invalid(format!("{}: {m}", path.display())))?;
     let cs = opts.cluster_size;
@@ -143,8 +145,6 @@ pub async fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         other_extensions: Vec::new(),
         feature_names: Vec::new(),
     };
-    // Header, a one-cluster refcount table, and one refcount block that
-    // records the first three clusters.
     let mut img = hdr
         .serialize()
         .map_err(|m| BlockError::Invalid(format!("{}: {m}", path.display())))?;
@@ -154,6 +154,12 @@ pub async fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     for i in 0..3 {
         super::cache::set_refcount(rb, hdr.refcount_order, i, 1);
     }
+    Ok((img, cs))
+}
+
+/// Creates a qcow2 image at `path`. Runs on the current runtime.
+pub async fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    let (img, cs) = initial_clusters(path, opts)?;
     // Created (and truncated) only once the creator's lock is held, so an
     // image in use elsewhere is refused before anything changes.
     {
@@ -186,7 +192,34 @@ pub async fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             create: false,
         },
     )?;
-    let q = Qcow2::open(Storage::File(file), None, Qcow2Options::default())?;
+    finish(Storage::File(file), opts).await
+}
+
+/// Creates a qcow2 image in a storage that exists (an RBD image, as
+/// QEMU's qcow2 on its `rbd` driver): it grows as the image does.
+pub async fn create_on(storage: Storage, opts: &CreateOptions) -> Result<()> {
+    if opts.backing_file.is_some() {
+        return Err(BlockError::Invalid(format!(
+            "{}: a qcow2 image on {} storage cannot have a backing file (Spindle opens backing files only of local images)",
+            storage.path().display(),
+            storage.driver()
+        )));
+    }
+    let path = storage.path().to_path_buf();
+    let (img, cs) = initial_clusters(&path, opts)?;
+    storage.grow_to(3 * cs)?;
+    // As in `create`: the refcount structures first, the header last.
+    let (head, rest) = img.split_at(cs as usize);
+    for (off, part) in [(cs, rest), (0, head)] {
+        storage.write_at(off, part, false).await?;
+        storage.flush().await?;
+    }
+    finish(storage, opts).await
+}
+
+/// Opens the new image, sizes it and preallocates what was asked.
+async fn finish(storage: Storage, opts: &CreateOptions) -> Result<()> {
+    let q = Qcow2::open(storage, None, Qcow2Options::default())?;
     let node = Node::Qcow2(Box::new(q));
     node.resize(opts.size, false).await?;
     if opts.preallocation != Preallocation::Off {

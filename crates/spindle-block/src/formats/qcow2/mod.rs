@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use crate::info::Qcow2Info;
 pub use check::{check, CheckMode, CheckReport};
-pub use create::{create, CreateOptions, Preallocation};
+pub use create::{create, create_on, CreateOptions, Preallocation};
 pub use vmstate::VmStateOptions;
 
 /// Tunables of an open image.

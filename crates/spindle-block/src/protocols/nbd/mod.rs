@@ -26,7 +26,7 @@ pub mod wire;
 pub use handshake::Export;
 pub use uri::{is_nbd_spec, Address, NbdUri};
 
-use crate::error::{BlockError, Result};
+use crate::error::Result;
 use crate::status::Allocation;
 use conn::{Conn, Sink};
 use spindle_io::SgList;
@@ -111,13 +111,7 @@ impl Nbd {
 
     /// Refuses writes to a read-only export, saying why.
     pub fn check_writable(&self) -> Result<()> {
-        match self.read_only {
-            Some(reason) => Err(BlockError::ReadOnly {
-                path: self.spec.clone(),
-                reason: reason.into(),
-            }),
-            None => Ok(()),
-        }
+        crate::error::writable(&self.spec, self.read_only)
     }
 
     /// The aligned range around `[offset, offset + len)`.
