@@ -124,6 +124,11 @@ impl TestCluster {
         Cluster::connect(&self.options()).expect("connect to the test cluster")
     }
 
+    /// The `rbd:` spec of `image` in pool `rbd` of this cluster.
+    pub fn spec(&self, image: &str) -> String {
+        format!("rbd:rbd/{image}:conf={}", self.conf.display())
+    }
+
     /// Runs `rbd -c CONF ARGS…`; panics with its stderr on failure.
     pub fn rbd(&self, args: &[&str]) -> Output {
         self.tool("rbd", args)

@@ -1,6 +1,9 @@
 //! Helpers for tests that drive the real `spindle` binary and QEMU's tools.
 #![allow(dead_code)]
 
+/// The Ceph test cluster, shared with spindle-rbd's tests.
+#[path = "../../../spindle-rbd/tests/common/mod.rs"]
+pub mod ceph;
 pub mod gio;
 pub mod handover;
 pub mod jobs;
