@@ -382,3 +382,46 @@ fn a_guest_runs_on_an_rbd_disk() {
         "{out}"
     );
 }
+
+/// Two daemons (two hosts) never write one image: the second writable
+/// open waits a little for the exclusive lock, then fails naming the
+/// image and that it is in use; read-only opens are let in. The second
+/// daemon's export comes from `[export.rbd]` config keys; once the first
+/// daemon is gone it serves.
+#[test]
+fn the_exclusive_lock_keeps_a_second_writer_out() {
+    let tc = cluster();
+    let d = scratch();
+    let dir = d.path();
+    let name = unique("lock");
+    tc.rbd(&["create", &format!("rbd/{name}"), "--size", "32M"]);
+    let a_sock = dir.join("a.sock");
+    let a = Serve::start(dir, &[&tc.spec(&name), "--vhost-user", p(&a_sock)], &[&a_sock]);
+    let b_sock = dir.join("b.sock");
+    let cfg = format!(
+        "[[export]]\nsocket = \"{}\"\n[export.rbd]\npool = \"rbd\"\nimage = \"{name}\"\nconf = \"{}\"\n",
+        b_sock.display(),
+        tc.conf.display()
+    );
+    std::fs::write(dir.join("b.toml"), &cfg).unwrap();
+    let t = std::time::Instant::now();
+    let o = run("spindle", &["serve", "--config", p(&dir.join("b.toml"))]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains(&format!("image rbd/{name} is in use")) && e.contains("exclusive lock"),
+        "{e}"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    let e = spindle_err(&["img", "convert", "-n", "-O", "raw", "null:1M", &tc.spec(&name)]);
+    assert!(e.contains("is in use"), "{e}");
+    // Readers are fine.
+    ok("spindle", &["img", "compare", "null:32M", &tc.spec(&name)]);
+    assert!(a.stop().success());
+    let b = Serve::start(dir, &["--config", "b.toml"], &[&b_sock]);
+    assert!(b.stop().success());
+}
