@@ -3,6 +3,7 @@
 //! that asks for it and stopped when the binary exits
 //! (an `atexit` handler; the script's `--owner` watcher stops it too if the
 //! binary is killed).
+#![allow(dead_code)] // Each test binary that includes it uses its own part.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
