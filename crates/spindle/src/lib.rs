@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod ctl;
+pub mod doctor;
 pub mod img;
 pub mod nbd;
 pub mod nbd_addr;

@@ -1,6 +1,6 @@
 //! `spindle`: the command-line entry point.
 
-use spindle::{bench, ctl, img, nbd, serve, vm};
+use spindle::{bench, ctl, doctor, img, nbd, serve, vm};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -27,6 +27,8 @@ enum Cmd {
     Ctl(ctl::Args),
     /// Snapshots of a running VM whose disks `spindle serve` serves (through its QMP socket).
     Vm(vm::Args),
+    /// Check the host and images for slow or unsafe settings, with the fix for each.
+    Doctor(doctor::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => exit(bench::run(a)),
         Cmd::Ctl(a) => exit(ctl::run(a)),
         Cmd::Vm(a) => exit(vm::run(a)),
+        Cmd::Doctor(a) => exit(doctor::run(a)),
     }
 }
 
