@@ -52,6 +52,17 @@ pub enum Op {
         /// Length.
         len: u64,
     },
+    /// Discards a range of a block device: `BLOCK_URING_CMD_DISCARD` under
+    /// io_uring, the `BLKDISCARD` ioctl on a worker thread otherwise. The
+    /// range is whole logical blocks.
+    Discard {
+        /// Block device descriptor.
+        fd: RawFd,
+        /// Start, in bytes.
+        offset: u64,
+        /// Length, in bytes.
+        len: u64,
+    },
     /// `recvmsg(fd, msg, flags)` on a socket. The net layer passes
     /// `MSG_DONTWAIT`, so the op never parks in the kernel.
     RecvMsg {
@@ -73,6 +84,11 @@ pub enum Op {
         flags: i32,
     },
 }
+
+/// `_IO(0x12, 119)`: discard a byte range of a block device.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+/// `_IO(0x12, 0)`: the io_uring command that does the same (Linux 6.12+).
+pub(crate) const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
 
 impl Op {
     /// Runs the op synchronously on the calling thread. Used by the thread-pool
@@ -116,6 +132,12 @@ impl Op {
             Op::Fallocate { fd, mode, offset, len } => {
                 // SAFETY: plain syscall on a descriptor, no memory involved.
                 unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) as i64 }
+            }
+            Op::Discard { fd, offset, len } => {
+                let range: [u64; 2] = [offset, len];
+                // SAFETY: BLKDISCARD reads two u64s (start, length) from a
+                // valid array; no other memory is involved.
+                unsafe { libc::ioctl(fd, BLKDISCARD, range.as_ptr()) as i64 }
             }
             Op::RecvMsg { fd, msg, flags } => {
                 // SAFETY: the caller guarantees msg and its iovecs are valid.

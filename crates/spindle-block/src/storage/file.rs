@@ -13,11 +13,11 @@ pub(super) fn len(f: &File) -> Result<u64> {
     f.len().map_err(err(f, "cannot get size"))
 }
 
-/// Punches a hole; advisory on a block device, where nothing is done
-/// (BLKDISCARD can come with device passthrough).
+/// Punches a hole in a file; on a block device, the device's own discard
+/// (thin LVM volumes and SSDs get the space back), without blocking.
 pub(super) async fn discard(f: &File, offset: u64, len: u64) -> Result<()> {
     if f.is_block_device() {
-        return Ok(());
+        return f.discard_device(offset, len).await.map_err(err(f, "discard failed"));
     }
     f.punch_hole(offset, len).await.map_err(err(f, "discard failed"))
 }

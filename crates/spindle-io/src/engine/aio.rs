@@ -131,8 +131,8 @@ impl AioEngine {
                 flags,
             } => (fd, IOCB_CMD_PWRITEV, iov as u64, iovcnt as u64, offset, flags),
             Op::Fsync { fd, datasync } => (fd, if datasync { IOCB_CMD_FDSYNC } else { IOCB_CMD_FSYNC }, 0, 0, 0, 0),
-            Op::Fallocate { .. } | Op::RecvMsg { .. } | Op::SendMsg { .. } => {
-                unreachable!("push refuses fallocate and socket ops")
+            Op::Fallocate { .. } | Op::Discard { .. } | Op::RecvMsg { .. } | Op::SendMsg { .. } => {
+                unreachable!("push refuses fallocate, discard and socket ops")
             }
         };
         let slot = self.free.pop().unwrap_or_default();
@@ -165,7 +165,10 @@ impl AioEngine {
 
 impl Engine for AioEngine {
     unsafe fn push(&mut self, token: u64, op: Op) -> Result<(), Unsupported> {
-        if matches!(op, Op::Fallocate { .. } | Op::RecvMsg { .. } | Op::SendMsg { .. }) {
+        if matches!(
+            op,
+            Op::Fallocate { .. } | Op::Discard { .. } | Op::RecvMsg { .. } | Op::SendMsg { .. }
+        ) {
             return Err(Unsupported);
         }
         self.in_flight += 1;

@@ -63,6 +63,16 @@ impl UringEngine {
                 .offset(offset)
                 .mode(mode)
                 .build(),
+            Op::Discard { fd, offset, len } => {
+                // The block layer reads the start from `addr` and the length
+                // from `addr3`, the first 8 bytes of the command area.
+                let mut cmd = [0u8; 16];
+                cmd[..8].copy_from_slice(&len.to_le_bytes());
+                opcode::UringCmd16::new(types::Fd(fd), crate::op::BLOCK_URING_CMD_DISCARD)
+                    .addr(Some(offset))
+                    .cmd(cmd)
+                    .build()
+            }
             Op::RecvMsg { fd, msg, flags } => opcode::RecvMsg::new(types::Fd(fd), msg).flags(flags as u32).build(),
             Op::SendMsg { fd, msg, flags } => opcode::SendMsg::new(types::Fd(fd), msg).flags(flags as u32).build(),
         }
