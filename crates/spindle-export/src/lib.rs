@@ -8,7 +8,8 @@
 //! - [`quiesce::Gate`]: admission of every front end's requests, held
 //!   while the image is snapshotted or switched;
 //! - [`stats`]: lock-free per-queue (or per-lane) counters;
-//! - [`ratelimit`]: the limit on log lines a peer can trigger.
+//! - [`ratelimit`]: the limit on log lines a peer can trigger;
+//! - [`throttle`]: I/O limits (QEMU's), per export or shared by a group.
 //!
 //! Front ends (`spindle-vhost`, `spindle-nbd`) depend on this crate, never
 //! on each other.
@@ -20,6 +21,7 @@ pub mod quiesce;
 pub mod ratelimit;
 pub mod slot;
 pub mod stats;
+pub mod throttle;
 pub mod written;
 
 pub use activation::{Guard, Start, Waker};

@@ -947,7 +947,11 @@ mod tests {
                 .arg(&backing)
                 .output()
                 .expect("losetup (util-linux) is required");
-            assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "losetup: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let dev = String::from_utf8(out.stdout).unwrap().trim().to_owned();
             let rt = rt(kind);
             let res = rt.block_on(async {
