@@ -4,8 +4,9 @@
 use crate::quiesce::Gate;
 use crate::slot::NodeSlot;
 use crate::stats::{summarize, OpSummary, QueueStats};
+use crate::throttle::{Direction, Group, Limits, Membership};
 use crate::written::Written;
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use spindle_block::{BlockError, Node};
 use spindle_io::RuntimeConfig;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -100,6 +101,9 @@ pub struct Device {
     /// A job watches the guest's writes (`written` is set).
     tracking: AtomicBool,
     written: ArcSwapOption<Written>,
+    /// The throttle group this export's reads and writes pass (its own,
+    /// without limits, unless it joined another).
+    throttle: ArcSwap<Membership>,
 }
 
 impl Device {
@@ -151,6 +155,7 @@ impl Device {
             gate: Arc::default(),
             tracking: AtomicBool::new(false),
             written: ArcSwapOption::new(None),
+            throttle: ArcSwap::from_pointee(Group::new(cfg.name.clone(), Limits::default()).join()),
             slot,
             cfg,
         }
@@ -273,6 +278,34 @@ impl Device {
     fn drain_stream_requests(&self, timeout: Duration) -> Result<(), BlockError> {
         let _hold = self.gate.hold();
         self.wait_stream_requests(timeout).map_err(BlockError::Invalid)
+    }
+
+    /// Waits until the throttle lets a read or write of `bytes` go (at
+    /// once, and without a system call, when no limit is set); how long
+    /// it waited. While `escape` says so (a drain), a request whose turn
+    /// it is goes at once.
+    pub async fn throttle(&self, dir: Direction, bytes: u64, escape: &dyn Fn() -> bool) -> Duration {
+        if !self.throttle.load().group().is_enabled() {
+            return Duration::ZERO;
+        }
+        let m = self.throttle.load_full();
+        m.admit_unless(dir, bytes, escape).await
+    }
+
+    /// The throttle group this export is in.
+    pub fn throttle_group(&self) -> Arc<Group> {
+        self.throttle.load().group().clone()
+    }
+
+    /// Moves the export into `group` (its next requests pass that one).
+    pub fn join_throttle_group(&self, group: &Arc<Group>) {
+        self.throttle.store(Arc::new(group.join()));
+    }
+
+    /// Requests that waited for the throttle and their seconds waited.
+    pub fn throttled(&self) -> (u64, f64) {
+        let all: Vec<&QueueStats> = self.stats.iter().chain(self.lanes.iter()).collect();
+        crate::stats::throttled(&all)
     }
 
     /// The optimal I/O size (the qcow2 cluster size, 0 if none).

@@ -76,12 +76,18 @@ impl OpCounters {
 /// Counters of one virtqueue.
 pub struct QueueStats {
     ops: [OpCounters; OPS],
+    /// Requests that waited for the throttle, and how long in all (ns):
+    /// not part of their latency.
+    throttled: AtomicU64,
+    throttled_ns: AtomicU64,
 }
 
 impl Default for QueueStats {
     fn default() -> Self {
         QueueStats {
             ops: std::array::from_fn(|_| OpCounters::new()),
+            throttled: AtomicU64::new(0),
+            throttled_ns: AtomicU64::new(0),
         }
     }
 }
@@ -106,6 +112,23 @@ impl QueueStats {
         }
         bump(&c.hist[bucket(latency_ns)], 1);
     }
+}
+
+impl QueueStats {
+    /// Counts a request that waited `ns` for the throttle (the queue's own
+    /// I/O thread only, as [`QueueStats::record`]).
+    pub fn record_throttled(&self, ns: u64) {
+        bump(&self.throttled, 1);
+        bump(&self.throttled_ns, ns);
+    }
+}
+
+/// Requests that waited for the throttle, and the seconds they waited in
+/// all, over `queues`.
+pub fn throttled(queues: &[&QueueStats]) -> (u64, f64) {
+    let n = queues.iter().map(|q| q.throttled.load(Relaxed)).sum();
+    let ns: u64 = queues.iter().map(|q| q.throttled_ns.load(Relaxed)).sum();
+    (n, ns as f64 / 1e9)
 }
 
 /// Adds `n` to a counter that has a single writer.

@@ -15,6 +15,7 @@ use crate::proto::{errno, simple_reply, state};
 use crate::transmission::{self as tx, Command};
 use spindle_block::{BlockError, Extent, Node};
 use spindle_export::stats::Op;
+use spindle_export::throttle::Direction;
 use spindle_io::SgList;
 use std::rc::Rc;
 use std::time::Instant;
@@ -58,9 +59,26 @@ impl From<Vec<SgList>> for Reply {
 /// client that does not read its replies cannot hold a snapshot back.
 pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Option<Buf>) {
     let dev = conn.export.dev.clone();
+    let (op, bytes) = classify(&cmd);
+    // The throttle first, before the gate: a throttled request holds no
+    // pass a snapshot would wait for; while the gate is held (or the
+    // export goes) its turn comes at once.
+    let dir = match op {
+        Op::Read => Some(Direction::Read),
+        Op::Write | Op::Discard | Op::WriteZeroes => Some(Direction::Write),
+        _ => None,
+    };
+    if let Some(dir) = dir {
+        let export = conn.export.clone();
+        let waited = dev
+            .throttle(dir, bytes, &|| export.dev.gate().is_held() || export.is_closed())
+            .await;
+        if !waited.is_zero() {
+            dev.lane_stats(conn.lane).record_throttled(waited.as_nanos() as u64);
+        }
+    }
     let pass = dev.gate().pass().await;
     let start = Instant::now();
-    let (op, bytes) = classify(&cmd);
     let node = if conn.export.is_closed() {
         Err((
             errno::ESHUTDOWN,

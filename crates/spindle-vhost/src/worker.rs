@@ -35,6 +35,7 @@ use spindle_block::Node;
 use spindle_export::device::Device;
 use spindle_export::ratelimit::limited;
 use spindle_export::stats::Op;
+use spindle_export::throttle::Direction;
 use spindle_io::Runtime;
 use std::cell::RefCell;
 use std::io;
@@ -466,6 +467,24 @@ fn spawn_request(
     let written = written_span(&parsed);
     let sh = w.shared.clone();
     let task = w.rt.spawn_now(async move {
+        // Reads and writes (write-zeroes and discards count as writes of
+        // their length, as QEMU's throttle filter counts them) pass the
+        // export's throttle first; a drain (the gate held) lets them go.
+        let dir = match op {
+            Op::Read => Some(Direction::Read),
+            Op::Write | Op::Discard | Op::WriteZeroes => Some(Direction::Write),
+            _ => None,
+        };
+        let mut start = start;
+        if let Some(dir) = dir {
+            let gate = sh.dev.gate().clone();
+            let waited = sh.dev.throttle(dir, bytes, &|| gate.is_held()).await;
+            if !waited.is_zero() {
+                sh.dev.queue_stats(queue).record_throttled(waited.as_nanos() as u64);
+                // Latency is the device's: the throttled time is counted apart.
+                start += waited;
+            }
+        }
         let ident = sh.dev.ident();
         let c = complete(&node, &mem, &ident, &sh.log, parsed).await;
         // After the I/O, failed or not (a failed write may have landed in

@@ -41,6 +41,23 @@ enum Cmd {
         /// Export name.
         name: String,
     },
+    /// Set an export's I/O limits (QEMU's names: iops-total=1000,bps-write=50M,…; `none` clears
+    /// them); they apply from its next request (docs/operations.md).
+    Throttle {
+        /// Export name.
+        name: String,
+        /// The limits.
+        limits: String,
+    },
+    /// Set (or make) a named throttle group's limits; exports join it with --throttle-group.
+    ThrottleGroup {
+        /// Group name.
+        name: String,
+        /// The limits.
+        limits: String,
+    },
+    /// List the named throttle groups.
+    ThrottleGroups,
     /// Change an export's size.
     Resize {
         /// Export name.
@@ -121,6 +138,9 @@ pub fn run(a: Args) -> CliResult<u8> {
         }
         Cmd::Remove { name } => json!({"cmd": "remove", "name": name}),
         Cmd::Stats { name } => json!({"cmd": "stats", "name": name}),
+        Cmd::Throttle { name, limits } => json!({"cmd": "throttle", "name": name, "limits": limits}),
+        Cmd::ThrottleGroup { name, limits } => json!({"cmd": "throttle_group", "name": name, "limits": limits}),
+        Cmd::ThrottleGroups => json!({"cmd": "throttle_groups"}),
         Cmd::Resize { name, size, shrink } => json!({"cmd": "resize", "name": name, "size": size, "shrink": shrink}),
         Cmd::Overlay { name, image } => json!({"cmd": "overlay", "name": name, "image": abs(image)}),
         Cmd::Commit {

@@ -49,6 +49,9 @@ struct Inner {
 pub struct Group {
     name: String,
     epoch: Instant,
+    /// Whether any limit is set: read without the lock, so an export
+    /// without limits pays nothing per request.
+    enabled: std::sync::atomic::AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -71,6 +74,7 @@ impl Group {
         Arc::new(Group {
             name: name.into(),
             epoch: Instant::now(),
+            enabled: std::sync::atomic::AtomicBool::new(limits.is_enabled()),
             inner: Mutex::new(Inner {
                 state: State::new(limits, 0),
                 members: Slab::new(),
@@ -98,6 +102,11 @@ impl Group {
         *self.lock().state.limits()
     }
 
+    /// Whether any limit is set.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Members now.
     pub fn members(&self) -> usize {
         self.lock().members.len()
@@ -109,6 +118,8 @@ impl Group {
         let wake = {
             let mut g = self.lock();
             g.state.configure(limits, now);
+            self.enabled
+                .store(limits.is_enabled(), std::sync::atomic::Ordering::Release);
             let mut w = Vec::new();
             for d in [Direction::Read, Direction::Write] {
                 if let Some(t) = g.token[d as usize] {
@@ -147,6 +158,9 @@ fn next_with_waiters(g: &Inner, from: usize, d: Direction) -> Option<usize> {
         .find(|&k| !g.members[k].queues[d as usize].is_empty())
 }
 
+/// How often a sleeping head looks at its escape condition.
+pub const ESCAPE_CHECK: Duration = Duration::from_millis(20);
+
 /// What a waiting request does next.
 enum Next {
     Go,
@@ -164,8 +178,19 @@ impl Membership {
     /// Returns how long it waited. Cancel-safe: a dropped wait leaves the
     /// queue, handing the turn on.
     pub async fn admit(&self, dir: Direction, bytes: u64) -> Duration {
+        self.admit_unless(dir, bytes, &|| false).await
+    }
+
+    /// [`Membership::admit`], except that a request whose turn it is goes
+    /// at once while `escape` says so (a drain for a snapshot or a stop
+    /// must not wait for the limits, as QEMU's drain restarts throttled
+    /// requests); it is looked at least every [`ESCAPE_CHECK`].
+    pub async fn admit_unless(&self, dir: Direction, bytes: u64, escape: &dyn Fn() -> bool) -> Duration {
         let g = &self.group;
         let d = dir as usize;
+        if !g.is_enabled() {
+            return Duration::ZERO;
+        }
         let ticket = {
             let mut inner = g.lock();
             if !inner.state.limits().is_enabled() {
@@ -197,7 +222,7 @@ impl Membership {
             done: false,
         };
         loop {
-            match queued.next(bytes) {
+            match queued.next(bytes, escape()) {
                 Next::Go => {
                     queued.done = true;
                     return start.elapsed();
@@ -205,7 +230,7 @@ impl Membership {
                 // The timer is this thread's; a change of limits or a
                 // cancelled head wakes it early.
                 Next::Sleep(w) => {
-                    let _ = spindle_io::time::timeout(w, queued.notified()).await;
+                    let _ = spindle_io::time::timeout(w.min(ESCAPE_CHECK), queued.notified()).await;
                 }
                 Next::Park => queued.notified().await,
             }
@@ -222,7 +247,7 @@ struct Queued<'a> {
 }
 
 impl Queued<'_> {
-    fn next(&mut self, bytes: u64) -> Next {
+    fn next(&mut self, bytes: u64, escape: bool) -> Next {
         let g = &self.m.group;
         let d = self.dir as usize;
         let now = g.now();
@@ -237,7 +262,7 @@ impl Queued<'_> {
                 return Next::Park;
             }
             let wait = inner.state.wait(self.dir, now);
-            if wait > 0 {
+            if wait > 0 && !escape {
                 return Next::Sleep(Duration::from_nanos(wait));
             }
             inner.state.account(self.dir, bytes);

@@ -9,6 +9,7 @@ pub mod request;
 pub mod restart;
 pub mod server;
 pub mod spec;
+pub mod throttle;
 pub mod vm;
 pub mod vm_jobs;
 pub mod vm_live;
@@ -74,6 +75,13 @@ pub struct ExportArgs {
     /// serves it already, share its open image) until the frontend starts the device.
     #[arg(long)]
     pub incoming: bool,
+    /// I/O limits, QEMU's names (or libvirt's): iops-total=1000,bps-write=50M,iops-total-max=2000,…
+    /// (docs/operations.md).
+    #[arg(long, value_name = "LIMITS")]
+    pub throttle: Option<String>,
+    /// Share the limits of a named throttle group with the other exports in it.
+    #[arg(long, value_name = "NAME")]
+    pub throttle_group: Option<String>,
 }
 
 #[derive(ClapArgs)]
@@ -147,6 +155,8 @@ impl ExportArgs {
             incoming: self.incoming,
             inactive: false,
             nbd: None,
+            throttle: self.throttle.clone(),
+            throttle_group: self.throttle_group.clone(),
         }
     }
 
@@ -162,6 +172,8 @@ impl ExportArgs {
         s.poll_us = s.poll_us.or(self.poll_us);
         s.readonly |= self.readonly;
         s.incoming |= self.incoming;
+        s.throttle = s.throttle.or(self.throttle.clone());
+        s.throttle_group = s.throttle_group.or(self.throttle_group.clone());
         s
     }
 }
@@ -221,9 +233,16 @@ pub fn run(a: Args) -> CliResult<u8> {
     let mut nbd_tls = a.nbd_tls_creds.clone();
     let mut nbd_threads = a.nbd_iothreads;
     let mut nbd_poll = a.nbd_poll_us;
+    let mut groups = std::collections::BTreeMap::new();
     let (mut specs, control, nbd_addr): (Vec<ExportSpec>, _, _) = match &a.config {
         Some(path) => {
             let cfg = ConfigFile::load(path)?;
+            for (name, limits) in &cfg.throttle_group {
+                groups.insert(
+                    name.clone(),
+                    throttle::parse(&format!("throttle group '{name}'"), limits)?,
+                );
+            }
             let control = a.control.clone().or(cfg.control);
             let nbd = a.nbd.clone().or(cfg.nbd);
             nbd_tls = nbd_tls.or(cfg.nbd_tls_creds);
@@ -263,6 +282,9 @@ pub fn run(a: Args) -> CliResult<u8> {
     // migration's other side) shares the image opened for serving.
     specs.sort_by_key(|s| s.state() != spindle_export::device::Migration::Active);
     let server = Arc::new(Server::default());
+    for (name, limits) in groups {
+        server.throttles().define(&name, limits)?;
+    }
     if let Some(addr) = nbd_addr {
         let front = nbd::NbdFront::start(&nbd::NbdOptions {
             addr,

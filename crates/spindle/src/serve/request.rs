@@ -12,7 +12,7 @@ pub const MAX_LINE: usize = 64 * 1024;
 
 /// The commands, for error messages.
 const COMMANDS: &str =
-    "list, add, remove, stats, resize, vm_disks, quiesce, resume, snapshot_create, snapshot_delete, \
+    "list, add, remove, stats, resize, throttle, throttle_group, throttle_groups, vm_disks, quiesce, resume, snapshot_create, snapshot_delete, \
      snapshot_list, overlay, commit, stream, jobs or job_cancel";
 
 /// A control request.
@@ -46,12 +46,37 @@ pub enum Request {
         #[serde(default)]
         shrink: bool,
     },
+    /// Set an export's I/O limits (of its throttle group).
+    Throttle {
+        /// Its name.
+        name: String,
+        /// QEMU's limits, `iops-total=1000,…` (`none`: none).
+        limits: String,
+    },
+    /// Set (or make) a named throttle group's limits.
+    ThrottleGroup {
+        /// The group.
+        name: String,
+        /// QEMU's limits.
+        limits: String,
+    },
+    /// List the named throttle groups.
+    ThrottleGroups {},
     /// A VM-snapshot request (`serve/vm.rs`).
     #[serde(skip)]
     Vm(super::vm::VmRequest),
     /// A live-snapshot or job request (`serve/jobs`).
     #[serde(skip)]
     Jobs(super::jobs::JobRequest),
+}
+
+/// `none` clears every limit.
+fn none_is_empty(limits: &str) -> &str {
+    if limits.trim() == "none" {
+        ""
+    } else {
+        limits
+    }
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -85,7 +110,18 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
     };
     match obj.get("cmd") {
         None => return Err(format!("missing field `cmd` (one of {COMMANDS})")),
-        Some(Value::String(c)) if ["list", "add", "remove", "stats", "resize"].contains(&c.as_str()) => {}
+        Some(Value::String(c))
+            if [
+                "list",
+                "add",
+                "remove",
+                "stats",
+                "resize",
+                "throttle",
+                "throttle_group",
+                "throttle_groups",
+            ]
+            .contains(&c.as_str()) => {}
         Some(Value::String(c)) if super::vm::COMMANDS.contains(&c.as_str()) => {
             return super::vm::VmRequest::deserialize(v)
                 .map(Request::Vm)
@@ -133,8 +169,18 @@ pub fn execute(server: &Server, req: Request) -> Result<Value, BlockError> {
         Request::Stats { name } => {
             let s = server.stats(&name)?;
             json!({"ok": true, "name": name, "stats": s.stats, "queue_requests": s.queue_requests,
-                   "nbd_requests": s.nbd_requests, "nbd_connections": s.nbd_connections})
+                   "nbd_requests": s.nbd_requests, "nbd_connections": s.nbd_connections, "throttle": s.throttle})
         }
+        Request::Throttle { name, limits } => {
+            let t = server.set_throttle(&name, none_is_empty(&limits))?;
+            json!({"ok": true, "name": name, "throttle": t})
+        }
+        Request::ThrottleGroup { name, limits } => {
+            let l = super::throttle::parse(&format!("throttle group '{name}'"), none_is_empty(&limits))?;
+            let g = server.throttles().define(&name, l)?;
+            json!({"ok": true, "name": name, "limits": g.limits().to_string(), "members": g.members()})
+        }
+        Request::ThrottleGroups {} => json!({"ok": true, "groups": server.throttles().list()}),
         Request::Resize { name, size, shrink } => {
             let (n, told) = server.resize(&name, &size, shrink)?;
             json!({"ok": true, "name": name, "size": n, "guest_notified": told})

@@ -98,6 +98,8 @@ pub struct Server {
     stop_timeout: Duration,
     /// Only `null:` images, sockets inside this directory (fuzz harness).
     sandbox: Option<PathBuf>,
+    /// Named throttle groups.
+    throttles: super::throttle::Groups,
 }
 
 impl Default for Server {
@@ -107,6 +109,7 @@ impl Default for Server {
             nbd: OnceLock::new(),
             stop_timeout: STOP_TIMEOUT,
             sandbox: None,
+            throttles: Default::default(),
         }
     }
 }
@@ -146,6 +149,8 @@ pub struct ExportInfo {
     /// Live migration: `active`, `incoming` (a destination not started
     /// yet) or `inactive` (stopped for a migration, image handed over).
     pub migration: &'static str,
+    /// Its throttle group and limits.
+    pub throttle: serde_json::Value,
 }
 
 /// What `stats` reports of an export: every front end's requests.
@@ -159,6 +164,8 @@ pub struct Stats {
     pub nbd_requests: u64,
     /// NBD clients connected now.
     pub nbd_connections: usize,
+    /// The export's throttle group, limits and throttled requests.
+    pub throttle: serde_json::Value,
 }
 
 fn invalid(msg: String) -> BlockError {
@@ -213,6 +220,20 @@ impl Server {
         let _ = self.nbd.set(front);
     }
 
+    /// The named throttle groups.
+    pub fn throttles(&self) -> &super::throttle::Groups {
+        &self.throttles
+    }
+
+    /// Sets the limits of `name`'s throttle group (its own, or the named
+    /// group it is in); they apply from its next request.
+    pub fn set_throttle(&self, name: &str, limits: &str) -> Result<serde_json::Value, BlockError> {
+        let (e, _) = self.running(name)?;
+        let l = super::throttle::parse(&format!("export '{name}'"), limits)?;
+        e.dev.throttle_group().set_limits(l);
+        Ok(super::throttle::describe(&e.dev))
+    }
+
     /// The NBD front end, if the daemon has one that listens.
     pub fn nbd(&self) -> Option<&Arc<NbdFront>> {
         self.nbd.get().filter(|f| f.is_listening())
@@ -221,6 +242,7 @@ impl Server {
     /// Opens and starts serving `spec`.
     pub fn add(&self, spec: ExportSpec) -> Result<Arc<Export>, BlockError> {
         let spec = spec.resolved()?;
+        let limits = super::throttle::Groups::check(&spec)?;
         if spec.nbd == Some(true) && self.nbd().is_none() {
             return Err(invalid(
                 "this daemon serves no NBD (start it with --nbd ADDR, or nbd = \"ADDR\" in its config file)".into(),
@@ -260,6 +282,13 @@ impl Server {
                 return Err(e);
             }
         };
+        if let Err(e) = self.throttles.apply(&spec, limits, &export.dev) {
+            drop(st);
+            export.stop();
+            let _ = thread.join();
+            lock(&self.state).slots.remove(&name);
+            return Err(e);
+        }
         if let (Some(front), false) = (self.nbd(), spec.nbd == Some(false)) {
             if let Err(e) = front.offer(&export.dev, &spec.image) {
                 drop(st);
@@ -533,6 +562,7 @@ impl Server {
     pub fn stats(&self, name: &str) -> Result<Stats, BlockError> {
         let (e, _) = self.running(name)?;
         Ok(Stats {
+            throttle: super::throttle::describe(&e.dev),
             stats: e.dev.stats(),
             queue_requests: e.dev.queue_requests(),
             nbd_requests: e.dev.lane_requests(),
@@ -606,6 +636,7 @@ fn info(e: &Export, spec: &ExportSpec, state: &'static str, nbd: Option<&Arc<Nbd
         iothreads: d.cfg.iothreads,
         num_queues: d.cfg.num_queues,
         write_cache: d.writeback(),
+        throttle: super::throttle::describe(d),
     }
 }
 

@@ -110,6 +110,13 @@ pub struct ExportSpec {
     /// (`--nbd`); `true` requires one (`ctl add --nbd`); `false` never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<bool>,
+    /// I/O limits (QEMU's names): of the export's own group, or of its
+    /// `throttle_group` when it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<String>,
+    /// A named throttle group whose limits the export shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_group: Option<String>,
 }
 
 fn invalid(msg: String) -> BlockError {
@@ -413,6 +420,9 @@ pub struct ConfigFile {
     pub nbd_iothreads: Option<usize>,
     /// How long the NBD I/O threads poll before they sleep (as `--nbd-poll-us`).
     pub nbd_poll_us: Option<u64>,
+    /// Named throttle groups: `NAME = "LIMITS"` (QEMU's names).
+    #[serde(default)]
+    pub throttle_group: std::collections::BTreeMap<String, String>,
     /// Exports.
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportSpec>,
