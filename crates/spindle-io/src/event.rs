@@ -45,9 +45,19 @@ impl EventSource {
     /// returned (the first call returns at once), and takes that signal.
     /// Resetting the descriptor (reading the eventfd) is the caller's.
     pub async fn signalled(&self) {
-        poll_fn(|cx| self.rt.reactor.poll_ready(self.key, Dir::Read, cx)).await;
+        poll_fn(|cx| self.poll_signalled(cx)).await
+    }
+
+    /// [`EventSource::signalled`] as a poll: `Ready` (and the signal
+    /// taken) if it came, else `cx`'s waker is kept for it. One waker is
+    /// kept: the last task that polled is the one woken.
+    pub fn poll_signalled(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.rt.reactor.poll_ready(self.key, Dir::Read, cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
         let ticks = self.rt.reactor.ticks(self.key);
         self.rt.reactor.clear(self.key, Dir::Read, ticks);
+        std::task::Poll::Ready(())
     }
 }
 

@@ -41,5 +41,5 @@ pub use event::EventSource;
 pub use file::{Alignment, File, OpenOptions};
 pub use lock::{Locking, Perms};
 pub use op::Op;
-pub use runtime::{spawn, Runtime, RuntimeConfig, Task};
+pub use runtime::{current_key, spawn, ForeignOp, Runtime, RuntimeConfig, Task};
 pub use sg::{KeepAlive, SgList};

@@ -121,6 +121,9 @@ pub(crate) struct Inner {
     pub(crate) reactor: crate::reactor::Reactor,
     /// How long the loop polls for work before it sleeps (0: never).
     poll_window: Cell<std::time::Duration>,
+    /// Requests another library runs for this runtime's tasks (librbd's),
+    /// counted with the engine's as in flight ([`ForeignOp`]).
+    foreign: Cell<usize>,
     /// What the loop saw since it last decided whether to poll.
     hint: crate::poll::PollHint,
 }
@@ -158,6 +161,7 @@ impl Runtime {
                 }),
                 slots: RefCell::new(Slab::with_capacity(cfg.depth as usize)),
                 poll_window: Cell::new(std::time::Duration::ZERO),
+                foreign: Cell::new(0),
                 hint: Default::default(),
                 runq: Arc::new(RunQueue {
                     tasks: Mutex::new(VecDeque::new()),
@@ -392,7 +396,9 @@ impl Inner {
 
     /// Ops queued or in flight on the engine and the helper pool.
     fn in_flight(&self) -> usize {
-        self.engine.borrow().in_flight() + self.helper.borrow().as_ref().map_or(0, |h| h.in_flight())
+        self.engine.borrow().in_flight()
+            + self.helper.borrow().as_ref().map_or(0, |h| h.in_flight())
+            + self.foreign.get()
     }
 
     /// Every eventfd that signals work for this runtime.
@@ -496,6 +502,44 @@ impl Drop for Inner {
             }
         }
     }
+}
+
+/// A request that another library runs for a task of this runtime (an
+/// RBD request in librbd), counted as in flight while this lives, so the
+/// loop's polling rule (`crate::poll`) sees it as it sees the engine's:
+/// a lone request that waits on the network is slept through, not spun
+/// on. Made and dropped on the runtime's thread.
+pub struct ForeignOp {
+    rt: Rc<Inner>,
+}
+
+impl ForeignOp {
+    /// Counts one request on this thread's runtime (`None` outside one).
+    pub fn start() -> Option<ForeignOp> {
+        let rt = try_current()?;
+        rt.foreign.set(rt.foreign.get() + 1);
+        Some(ForeignOp { rt })
+    }
+}
+
+impl Drop for ForeignOp {
+    fn drop(&mut self) {
+        self.rt.foreign.set(self.rt.foreign.get().saturating_sub(1));
+    }
+}
+
+impl std::fmt::Debug for ForeignOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ForeignOp")
+    }
+}
+
+/// Which runtime this thread is running, if any: a number that no other
+/// live runtime has (for state kept per runtime, such as a storage
+/// backend's completion queue). A runtime's number is not reused while
+/// anything made on it (an [`crate::EventSource`], a socket) lives.
+pub fn current_key() -> Option<usize> {
+    CURRENT.with(|c| c.borrow().as_ref().map(|i| Arc::as_ptr(&i.runq) as usize))
 }
 
 /// The runtime of this thread, if inside one.

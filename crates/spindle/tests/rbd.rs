@@ -243,6 +243,39 @@ fn served_rbd_images_read_back_identically_everywhere() {
     assert_eq!(v["errors"], json!(0), "{v}");
     assert_eq!(v["verify"]["failures"], json!(0), "{v}");
     assert!(v["verify"]["checked"].as_u64().unwrap() > 1000, "{v}");
+    // Each disconnect stops the rings and flushes the image on the
+    // vhost-user thread, on a runtime of its own each time: a second
+    // connection and disconnect must not find the first one's queue.
+    for _ in 0..2 {
+        let again = run(
+            "spindle",
+            &[
+                "bench",
+                p(&sock),
+                "--rw",
+                "randrw",
+                "--verify",
+                "--iodepth",
+                "4",
+                "--size",
+                "16M",
+                "--number-ios",
+                "500",
+                "--runtime",
+                "60",
+                "--flush-every",
+                "16",
+                "--output",
+                "json",
+            ],
+        );
+        let v: Value = serde_json::from_slice(&again.stdout).unwrap_or_else(|e| panic!("{e}: {again:?}"));
+        assert_eq!(
+            (v["errors"].clone(), v["verify"]["failures"].clone()),
+            (json!(0), json!(0)),
+            "{v}"
+        );
+    }
     let st = s.ctl(&json!({"cmd": "stats", "name": name}));
     assert!(
         st["stats"]

@@ -142,7 +142,10 @@ fn qsd(dir: &Path, sock: &Path, limits: &[(&str, u64)]) -> Child {
     let child = Command::new("qemu-storage-daemon")
         .arg("--object")
         .arg(format!("throttle-group,id=tg0,{}", props.join(",")))
-        .args(["--blockdev", "driver=null-co,node-name=null0,size=1073741824,read-zeroes=on"])
+        .args([
+            "--blockdev",
+            "driver=null-co,node-name=null0,size=1073741824,read-zeroes=on",
+        ])
         .args([
             "--blockdev",
             "driver=throttle,node-name=thr0,throttle-group=tg0,file=null0",

@@ -1,9 +1,18 @@
-//! Each thread's queue of requests to an image: a
-//! `spindle_rbd::EventQueue` whose eventfd the thread's runtime watches
-//! (a `spindle_io::EventSource` that a detached reaper task waits on), and
-//! the thread's waiting requests. Made on the thread's first request;
-//! dropped when the image closes (its `Shared` says so and signals every
-//! queue) once the queue's last request is back, or with the thread.
+//! Each runtime's queue of requests to an image: a
+//! `spindle_rbd::EventQueue` whose eventfd the runtime watches (a
+//! `spindle_io::EventSource`), and the runtime's waiting requests. Made
+//! on the runtime's first request; kept per thread, by image and runtime,
+//! so a thread that runs one short-lived runtime after another (a control
+//! thread's flush) never reuses a queue whose eventfd a dead runtime
+//! watched. A queue goes once its image closed or its runtime ended and
+//! nothing of it is in flight (looked at on each lookup), or with its
+//! thread.
+//!
+//! No task of its own: the waiting requests take turns watching the
+//! eventfd. The last one polled keeps its waker with the runtime's
+//! reactor; when the eventfd fires it takes every finished request and
+//! wakes their futures; a request that finishes (or is dropped) wakes
+//! another waiting one, which then watches in its place.
 //!
 //! A request's memory is kept alive by its slot here, not by its future:
 //! a future that is dropped (a cancelled request) leaves its slot
@@ -16,36 +25,11 @@ use spindle_io::{EventSource, KeepAlive, SgList};
 use spindle_rbd::{Completion, EventQueue};
 use std::cell::RefCell;
 use std::future::Future;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::rc::Rc;
+use std::sync::Weak;
 use std::task::{Context, Poll, Waker};
-
-/// What every thread's queue of one image shares: whether the image
-/// closed, and the queues' eventfds to say so.
-#[derive(Default)]
-pub(super) struct Shared {
-    closed: AtomicBool,
-    eventfds: Mutex<Vec<OwnedFd>>,
-}
-
-impl Shared {
-    /// The image closed: every queue goes once it is idle.
-    pub(super) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        for fd in self.eventfds.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
-            signal(fd.as_raw_fd());
-        }
-    }
-}
-
-fn signal(fd: RawFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a valid u64 to an open eventfd.
-    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-}
 
 fn dup(fd: RawFd) -> std::io::Result<OwnedFd> {
     // SAFETY: duplicates an open descriptor; the result is checked.
@@ -57,42 +41,88 @@ fn dup(fd: RawFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(d) })
 }
 
+/// What an in-flight request holds: its memory's keep-alives, and its
+/// count in the runtime's in-flight figure.
+struct Held {
+    _keep: Vec<KeepAlive>,
+    _op: Option<spindle_io::ForeignOp>,
+}
+
 enum Wait {
     /// In flight; its future waits.
-    Pending {
-        waker: Option<Waker>,
-        _keep: Vec<KeepAlive>,
-    },
+    Pending { waker: Option<Waker>, held: Held },
     /// Back, not yet taken by its future.
     Done(spindle_rbd::Result<usize>),
     /// In flight; its future is gone.
-    Abandoned(#[allow(dead_code)] Vec<KeepAlive>),
+    Abandoned(#[allow(dead_code)] Held),
 }
 
-/// A thread's queue of requests to one image.
+/// A runtime's queue of requests to one image.
 pub(super) struct Local {
     queue: RefCell<EventQueue>,
     waits: RefCell<Slab<Wait>>,
     done: RefCell<Vec<Completion>>,
+    /// The queue's eventfd on the runtime that made it.
+    src: EventSource,
 }
 
 struct Entry {
     id: u64,
+    runtime: usize,
+    /// The image: the entry goes once it closed.
+    alive: Weak<()>,
     local: Rc<Local>,
 }
 
 thread_local! {
-    /// This thread's queues, by image.
+    /// This thread's queues, by image and runtime.
     static QUEUES: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Drops the entries of closed images and ended runtimes that have
+/// nothing in flight (finished requests are taken first).
+fn prune(current: usize) {
+    let stale: Vec<Entry> = QUEUES.with(|q| {
+        let mut q = q.borrow_mut();
+        let mut keep = Vec::new();
+        let mut gone = Vec::new();
+        for e in q.drain(..) {
+            let live = e.alive.strong_count() > 0 && e.runtime == current;
+            if !live {
+                e.local.reap(false);
+            }
+            if live || !e.local.waits.borrow().is_empty() {
+                keep.push(e);
+            } else {
+                gone.push(e);
+            }
+        }
+        *q = keep;
+        gone
+    });
+    // Dropped outside the borrow (an EventQueue's drop may wait).
+    drop(stale);
+}
+
 impl Rbd {
-    /// This thread's queue, made on first use.
+    /// This runtime's queue, made on first use.
     pub(super) fn local(&self) -> Result<Rc<Local>> {
-        let found = QUEUES.with(|q| q.borrow().iter().find(|e| e.id == self.id).map(|e| e.local.clone()));
+        let Some(runtime) = spindle_io::current_key() else {
+            return Err(BlockError::Invalid(format!(
+                "{}: RBD I/O outside an I/O thread's runtime (a bug)",
+                self.name
+            )));
+        };
+        let found = QUEUES.with(|q| {
+            q.borrow()
+                .iter()
+                .find(|e| e.id == self.id && e.runtime == runtime)
+                .map(|e| e.local.clone())
+        });
         if let Some(l) = found {
             return Ok(l);
         }
+        prune(runtime);
         let setup = |source| BlockError::Io {
             path: self.spec.clone(),
             context: "cannot set up this thread's RBD queue",
@@ -100,45 +130,27 @@ impl Rbd {
         };
         let queue = EventQueue::new(self.image.clone()).map_err(super::rbd_err(&self.spec))?;
         let src = EventSource::new(dup(queue.fd()).map_err(setup)?).map_err(setup)?;
-        self.shared
-            .eventfds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(dup(queue.fd()).map_err(setup)?);
         let local = Rc::new(Local {
             queue: RefCell::new(queue),
             waits: RefCell::new(Slab::new()),
             done: RefCell::new(Vec::new()),
+            src,
         });
         QUEUES.with(|q| {
             q.borrow_mut().push(Entry {
                 id: self.id,
+                runtime,
+                alive: std::sync::Arc::downgrade(&self.alive),
                 local: local.clone(),
             })
         });
-        spindle_io::spawn(reaper(self.id, Rc::downgrade(&local), src, self.shared.clone())).detach();
         Ok(local)
-    }
-}
-
-/// Takes the queue's completions whenever its eventfd fires; removes the
-/// queue once the image closed and nothing of it is in flight.
-async fn reaper(id: u64, local: Weak<Local>, src: EventSource, shared: Arc<Shared>) {
-    loop {
-        src.signalled().await;
-        let Some(l) = local.upgrade() else { return };
-        l.reap(true);
-        if shared.closed.load(Ordering::Acquire) && l.waits.borrow().is_empty() {
-            drop(l);
-            QUEUES.with(|q| q.borrow_mut().retain(|e| e.id != id));
-            return;
-        }
     }
 }
 
 impl Local {
     /// Hands finished requests to their slots and wakes their futures;
-    /// `reset` reads the eventfd (the reaper), else no system call.
+    /// `reset` reads the eventfd (after it fired), else no system call.
     fn reap(&self, reset: bool) {
         let mut done = self.done.borrow_mut();
         {
@@ -173,6 +185,21 @@ impl Local {
         wake.into_iter().for_each(Waker::wake);
     }
 
+    /// A request left (finished or dropped): another waiting one takes
+    /// over watching the eventfd.
+    fn hand_over(&self, except: usize) {
+        let w = {
+            let mut waits = self.waits.borrow_mut();
+            waits.iter_mut().find_map(|(k, w)| match w {
+                Wait::Pending { waker, .. } if k != except => waker.take(),
+                _ => None,
+            })
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
     /// Records a request and lets `submit` hand it to librbd under its
     /// slot's key.
     fn submit(
@@ -182,7 +209,10 @@ impl Local {
     ) -> Request<'_> {
         let key = self.waits.borrow_mut().insert(Wait::Pending {
             waker: None,
-            _keep: keep,
+            held: Held {
+                _keep: keep,
+                _op: spindle_io::ForeignOp::start(),
+            },
         });
         let r = submit(&mut self.queue.borrow_mut(), key as u64);
         if let Err(e) = r {
@@ -247,6 +277,23 @@ pub(super) struct Request<'a> {
     state: State,
 }
 
+impl Request<'_> {
+    /// Its result, if it is back (the slot freed).
+    fn take(&mut self) -> Option<spindle_rbd::Result<usize>> {
+        let mut waits = self.local.waits.borrow_mut();
+        if !matches!(waits.get(self.key), Some(Wait::Done(_))) {
+            return None;
+        }
+        let Wait::Done(r) = waits.remove(self.key) else {
+            unreachable!("matched above")
+        };
+        drop(waits);
+        self.state = State::Finished;
+        self.local.hand_over(self.key);
+        Some(r)
+    }
+}
+
 impl Future for Request<'_> {
     type Output = spindle_rbd::Result<usize>;
 
@@ -260,23 +307,21 @@ impl Future for Request<'_> {
             }
             State::Finished => panic!("an RBD request polled after it finished"),
         }
-        // Completions that came in since the reaper last ran.
+        // Completions that came in since the eventfd was last looked at.
         self.local.reap(false);
-        let mut waits = self.local.waits.borrow_mut();
-        match waits.get_mut(self.key) {
-            Some(Wait::Pending { waker, .. }) => {
+        loop {
+            if let Some(r) = self.take() {
+                return Poll::Ready(r);
+            }
+            if let Some(Wait::Pending { waker, .. }) = self.local.waits.borrow_mut().get_mut(self.key) {
                 *waker = Some(cx.waker().clone());
-                Poll::Pending
             }
-            Some(Wait::Done(_)) => {
-                let Wait::Done(r) = waits.remove(self.key) else {
-                    unreachable!("matched above")
-                };
-                drop(waits);
-                self.state = State::Finished;
-                Poll::Ready(r)
+            // Watch the eventfd for this runtime's requests; if it fired
+            // meanwhile, take what came and look again.
+            if self.local.src.poll_signalled(cx).is_pending() {
+                return Poll::Pending;
             }
-            Some(Wait::Abandoned(_)) | None => unreachable!("a waiting request's slot is its own"),
+            self.local.reap(true);
         }
     }
 }
@@ -286,17 +331,23 @@ impl Drop for Request<'_> {
         if !matches!(self.state, State::Waiting) {
             return;
         }
-        let mut waits = self.local.waits.borrow_mut();
-        let key = self.key;
-        match waits.get_mut(key) {
-            Some(Wait::Done(_)) => {
-                waits.remove(key);
+        {
+            let mut waits = self.local.waits.borrow_mut();
+            let key = self.key;
+            match waits.get_mut(key) {
+                Some(Wait::Done(_)) => {
+                    waits.remove(key);
+                }
+                Some(Wait::Pending { .. }) => {
+                    // The slot stays (its completion finds it), holding
+                    // the memory until librbd is done.
+                    if let Wait::Pending { held, .. } = std::mem::replace(&mut waits[key], Wait::Done(Ok(0))) {
+                        waits[key] = Wait::Abandoned(held);
+                    }
+                }
+                _ => {}
             }
-            Some(Wait::Pending { _keep, .. }) => {
-                let keep = std::mem::take(_keep);
-                waits[key] = Wait::Abandoned(keep);
-            }
-            _ => {}
         }
+        self.local.hand_over(self.key);
     }
 }

@@ -1,10 +1,10 @@
 //! The RBD client: a Ceph RBD image as a storage, opened from an `rbd:`
 //! spec ([`spec`]) through librbd (`spindle-rbd`).
 //!
-//! Data I/O is asynchronous on the I/O threads: each thread that uses
+//! Data I/O is asynchronous on the I/O threads: each runtime that uses
 //! the image gets its own `spindle_rbd::EventQueue` (made on first use,
-//! [`local`]), whose eventfd that thread's runtime watches, and whose
-//! completions come back to it; guest memory goes to librbd's vectored
+//! [`local`]), whose eventfd that runtime watches, and whose completions
+//! come back to it; guest memory goes to librbd's vectored
 //! calls as it is (zero-copy). Metadata work that librbd only does
 //! synchronously and that can be slow (allocation through
 //! `rbd_diff_iterate2`) runs on a helper thread, so no I/O thread waits
@@ -82,8 +82,8 @@ pub struct Rbd {
     /// used while it is unchanged.
     generation: AtomicU64,
     allocation: Mutex<Option<AllocationCache>>,
-    /// The threads' queues, told to go when the image closes.
-    shared: Arc<local::Shared>,
+    /// Held while open: the threads' queues of it go once it is gone.
+    alive: Arc<()>,
     _cluster: Cluster,
 }
 
@@ -178,7 +178,7 @@ impl Rbd {
             cache: opts.cache.unwrap_or(CacheMode::Writeback),
             generation: AtomicU64::new(0),
             allocation: Mutex::new(None),
-            shared: Arc::new(local::Shared::default()),
+            alive: Arc::new(()),
             _cluster: cluster,
         })
     }
@@ -443,8 +443,8 @@ fn take_lock(image: &Image, p: &Path) -> Result<()> {
 
 impl Drop for Rbd {
     fn drop(&mut self) {
-        // The threads' queues drain and let go of the image.
-        self.shared.close();
+        // The threads' queues let go of the image when they next look
+        // (or with their threads); the lock goes now.
         if self.locked {
             if let Err(e) = self.image.lock_release() {
                 tracing::warn!("{}: cannot release the exclusive lock: {e}", self.name);
