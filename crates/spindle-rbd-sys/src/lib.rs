@@ -6,10 +6,90 @@
 //!
 //! Nothing here is safe to call without reading the C contract: the safe
 //! layer is the `spindle-rbd` crate.
+//!
+//! The libraries are loaded at run time ([`load`], `dlopen` of
+//! `librados.so.2` and `librbd.so.1`), as QEMU loads its rbd driver as a
+//! module: Spindle builds without Ceph's development packages and runs
+//! without Ceph installed; only opening an RBD image needs the client
+//! libraries (Debian: `librbd1`, which `ceph-common` pulls in). Each
+//! function below calls the symbol of the same name and C signature;
+//! [`load`] must have succeeded first (the safe layer loads before it
+//! connects, and every other call needs a handle that only exists after).
 #![deny(missing_docs)]
 #![allow(non_camel_case_types)]
 
 use libc::{c_char, c_int, c_void, iovec, size_t, ssize_t};
+use std::sync::OnceLock;
+
+/// Declares a library's functions: a table of pointers resolved once by
+/// name, and an `unsafe fn` per function that calls through it.
+macro_rules! dynamic {
+    (
+        $(#[$ldoc:meta])*
+        $api:ident, $cell:ident, $file:literal, $package:literal;
+        $( $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?; )*
+    ) => {
+        $(#[$ldoc])*
+        #[allow(non_snake_case)]
+        struct $api {
+            $( $name: unsafe extern "C" fn($($ty),*) $(-> $ret)?, )*
+            /// Kept loaded for the process' life (the table is static).
+            _lib: libloading::Library,
+        }
+
+        static $cell: OnceLock<Result<$api, String>> = OnceLock::new();
+
+        impl $api {
+            fn open() -> Result<$api, String> {
+                let fail = |e: libloading::Error| {
+                    format!(concat!("cannot load ", $file, " (install Ceph's client library: apt-get install ", $package, "): {}"), e)
+                };
+                // SAFETY: loading a system library runs its initialisers,
+                // which Ceph's libraries are written to have run in any
+                // process that links them.
+                let lib = unsafe { libloading::Library::new($file) }.map_err(fail)?;
+                Ok($api {
+                    $(
+                        // SAFETY: the symbol is the C function of this
+                        // name, declared with the signature of Ceph 16.2's
+                        // headers; the library stays loaded in `_lib`.
+                        $name: *unsafe { lib.get::<unsafe extern "C" fn($($ty),*) $(-> $ret)?>(concat!(stringify!($name), "\0").as_bytes()) }.map_err(fail)?,
+                    )*
+                    _lib: lib,
+                })
+            }
+
+            fn get() -> &'static $api {
+                match $cell.get() {
+                    Some(Ok(api)) => api,
+                    _ => panic!(concat!("spindle-rbd-sys: ", $file, " is not loaded: load() first (a bug)")),
+                }
+            }
+        }
+
+        $(
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// The C function's contract (Ceph's headers); [`load`] must
+            /// have succeeded.
+            #[allow(clippy::too_many_arguments)] // The C signature's.
+            pub unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+                // SAFETY: the pointer was resolved for exactly this C
+                // signature; the caller keeps the C contract.
+                unsafe { ($api::get().$name)($($arg),*) }
+            }
+        )*
+    };
+}
+
+/// Loads librados and librbd (once; later calls return the first
+/// outcome). An error names the library and the package to install.
+pub fn load() -> Result<(), String> {
+    RADOS.get_or_init(Rados::open).as_ref().map_err(Clone::clone)?;
+    RBD.get_or_init(Rbd::open).as_ref().map_err(Clone::clone)?;
+    Ok(())
+}
 
 /// A librados cluster handle (`rados_t`).
 pub type rados_t = *mut c_void;
@@ -103,155 +183,116 @@ pub struct rbd_snap_info_t {
     pub name: *const c_char,
 }
 
-#[link(name = "rados")]
-extern "C" {
+dynamic! {
+    /// librados, `librados.so.2`.
+    Rados, RADOS, "librados.so.2", "librados2";
     /// Creates a cluster handle for `clustername` (usually "ceph") and the
     /// entity `name` ("client.ID"); `flags` must be 0.
-    pub fn rados_create2(pcluster: *mut rados_t, clustername: *const c_char, name: *const c_char, flags: u64) -> c_int;
+    fn rados_create2(pcluster: *mut rados_t, clustername: *const c_char, name: *const c_char, flags: u64) -> c_int;
     /// Reads a ceph.conf; `path` NULL searches the default places.
-    pub fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
+    fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
     /// Sets one configuration option (before `rados_connect` for most).
-    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
+    fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
     /// Connects to the monitors (bounded by `client_mount_timeout`).
-    pub fn rados_connect(cluster: rados_t) -> c_int;
+    fn rados_connect(cluster: rados_t) -> c_int;
     /// Disconnects and frees the handle (all I/O contexts must be gone).
-    pub fn rados_shutdown(cluster: rados_t);
+    fn rados_shutdown(cluster: rados_t);
     /// Opens an I/O context on the pool `pool_name`.
-    pub fn rados_ioctx_create(cluster: rados_t, pool_name: *const c_char, ioctx: *mut rados_ioctx_t) -> c_int;
+    fn rados_ioctx_create(cluster: rados_t, pool_name: *const c_char, ioctx: *mut rados_ioctx_t) -> c_int;
     /// Frees an I/O context.
-    pub fn rados_ioctx_destroy(io: rados_ioctx_t);
+    fn rados_ioctx_destroy(io: rados_ioctx_t);
     /// Sets the namespace for later operations (NULL or "" is the default).
-    pub fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
+    fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
 }
 
-#[link(name = "rbd")]
-extern "C" {
+dynamic! {
+    /// librbd, `librbd.so.1`.
+    Rbd, RBD, "librbd.so.1", "librbd1";
     /// librbd's version.
-    pub fn rbd_version(major: *mut c_int, minor: *mut c_int, extra: *mut c_int);
-
+    fn rbd_version(major: *mut c_int, minor: *mut c_int, extra: *mut c_int);
     /// Allocates an empty option set.
-    pub fn rbd_image_options_create(opts: *mut rbd_image_options_t);
+    fn rbd_image_options_create(opts: *mut rbd_image_options_t);
     /// Frees an option set.
-    pub fn rbd_image_options_destroy(opts: rbd_image_options_t);
+    fn rbd_image_options_destroy(opts: rbd_image_options_t);
     /// Sets a uint64 option (`RBD_IMAGE_OPTION_*`).
-    pub fn rbd_image_options_set_uint64(opts: rbd_image_options_t, optname: c_int, optval: u64) -> c_int;
-
+    fn rbd_image_options_set_uint64(opts: rbd_image_options_t, optname: c_int, optval: u64) -> c_int;
     /// Creates an image with the options (unset ones take the
     /// configuration's `rbd_default_*`).
-    pub fn rbd_create4(io: rados_ioctx_t, name: *const c_char, size: u64, opts: rbd_image_options_t) -> c_int;
+    fn rbd_create4(io: rados_ioctx_t, name: *const c_char, size: u64, opts: rbd_image_options_t) -> c_int;
     /// Removes an image (-EBUSY while it is open with watchers,
     /// -ENOTEMPTY with snapshots).
-    pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
-
+    fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
     /// Opens an image read-write, at the head or (read-only then) at
     /// `snap_name` (NULL for the head).
-    pub fn rbd_open(io: rados_ioctx_t, name: *const c_char, image: *mut rbd_image_t, snap_name: *const c_char)
-        -> c_int;
+    fn rbd_open(io: rados_ioctx_t, name: *const c_char, image: *mut rbd_image_t, snap_name: *const c_char) -> c_int;
     /// Opens an image read-only, at `snap_name` or the head (NULL).
-    pub fn rbd_open_read_only(
-        io: rados_ioctx_t,
-        name: *const c_char,
-        image: *mut rbd_image_t,
-        snap_name: *const c_char,
-    ) -> c_int;
+    fn rbd_open_read_only(io: rados_ioctx_t, name: *const c_char, image: *mut rbd_image_t, snap_name: *const c_char) -> c_int;
     /// Closes an image (flushes; all its requests must be complete).
-    pub fn rbd_close(image: rbd_image_t) -> c_int;
-
+    fn rbd_close(image: rbd_image_t) -> c_int;
     /// Resizes (growing or shrinking). (Not `rbd_resize2`: its C wrapper
     /// calls the progress callback without checking for NULL.)
-    pub fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
+    fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
     /// Fills `info` (`infosize` = its size).
-    pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: size_t) -> c_int;
+    fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: size_t) -> c_int;
     /// The image's size in bytes (of the snapshot, if opened at one).
-    pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     /// The image's `RBD_FEATURE_*` bits.
-    pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
+    fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
     /// Flushes written data (synchronous).
-    pub fn rbd_flush(image: rbd_image_t) -> c_int;
+    fn rbd_flush(image: rbd_image_t) -> c_int;
     /// Reads `len` bytes at `ofs` into `buf` (synchronous): the bytes
     /// read, or a negative errno.
-    pub fn rbd_read(image: rbd_image_t, ofs: u64, len: size_t, buf: *mut c_char) -> ssize_t;
-
+    fn rbd_read(image: rbd_image_t, ofs: u64, len: size_t, buf: *mut c_char) -> ssize_t;
     /// Lists snapshots into `snaps`, `*max_snaps` entries long: returns the
     /// count, or -ERANGE with `*max_snaps` set to the entries needed (the
     /// count plus one for the NULL-named end marker).
-    pub fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max_snaps: *mut c_int) -> c_int;
+    fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max_snaps: *mut c_int) -> c_int;
     /// Frees the names `rbd_snap_list` filled in.
-    pub fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
-
+    fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
     /// Calls `cb` for each extent of `[ofs, ofs+len)` that changed since
     /// `fromsnapname` (NULL: since creation, i.e. allocated extents);
     /// `whole_object` reports whole objects (faster with fast-diff).
-    pub fn rbd_diff_iterate2(
-        image: rbd_image_t,
-        fromsnapname: *const c_char,
-        ofs: u64,
-        len: u64,
-        include_parent: u8,
-        whole_object: u8,
-        cb: rbd_diff_cb_t,
-        arg: *mut c_void,
-    ) -> c_int;
-
+    fn rbd_diff_iterate2(image: rbd_image_t, fromsnapname: *const c_char, ofs: u64, len: u64, include_parent: u8, whole_object: u8, cb: rbd_diff_cb_t, arg: *mut c_void) -> c_int;
     /// Makes completions of later requests queue for `rbd_poll_io_events`
     /// and signal `fd` (`EVENT_TYPE_EVENTFD` or `EVENT_TYPE_PIPE`).
-    pub fn rbd_set_image_notification(image: rbd_image_t, fd: c_int, type_: c_int) -> c_int;
+    fn rbd_set_image_notification(image: rbd_image_t, fd: c_int, type_: c_int) -> c_int;
     /// Takes up to `numcomp` queued completions into `comps`; returns how
     /// many.
-    pub fn rbd_poll_io_events(image: rbd_image_t, comps: *mut rbd_completion_t, numcomp: c_int) -> c_int;
-
+    fn rbd_poll_io_events(image: rbd_image_t, comps: *mut rbd_completion_t, numcomp: c_int) -> c_int;
     /// Whether this handle owns the exclusive lock.
-    pub fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
+    fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
     /// Acquires the managed lock (`RBD_LOCK_MODE_EXCLUSIVE` needs the
     /// exclusive-lock feature) and stops handing it over on request.
-    pub fn rbd_lock_acquire(image: rbd_image_t, lock_mode: rbd_lock_mode_t) -> c_int;
+    fn rbd_lock_acquire(image: rbd_image_t, lock_mode: rbd_lock_mode_t) -> c_int;
     /// Releases the managed lock.
-    pub fn rbd_lock_release(image: rbd_image_t) -> c_int;
+    fn rbd_lock_release(image: rbd_image_t) -> c_int;
     /// Lists the lock's owners into `lock_owners` (`*max_lock_owners`
     /// long; -ERANGE with the count needed), -ENOENT if none.
-    pub fn rbd_lock_get_owners(
-        image: rbd_image_t,
-        lock_mode: *mut rbd_lock_mode_t,
-        lock_owners: *mut *mut c_char,
-        max_lock_owners: *mut size_t,
-    ) -> c_int;
+    fn rbd_lock_get_owners(image: rbd_image_t, lock_mode: *mut rbd_lock_mode_t, lock_owners: *mut *mut c_char, max_lock_owners: *mut size_t) -> c_int;
     /// Frees the strings `rbd_lock_get_owners` filled in.
-    pub fn rbd_lock_get_owners_cleanup(lock_owners: *mut *mut c_char, lock_owner_count: size_t);
-
+    fn rbd_lock_get_owners_cleanup(lock_owners: *mut *mut c_char, lock_owner_count: size_t);
     /// Creates a completion whose `complete_cb(c, cb_arg)` runs when the
     /// request it is given to finishes.
-    pub fn rbd_aio_create_completion(
-        cb_arg: *mut c_void,
-        complete_cb: rbd_callback_t,
-        c: *mut rbd_completion_t,
-    ) -> c_int;
+    fn rbd_aio_create_completion(cb_arg: *mut c_void, complete_cb: rbd_callback_t, c: *mut rbd_completion_t) -> c_int;
     /// The finished request's result: bytes for reads and writes, 0, or a
     /// negative errno.
-    pub fn rbd_aio_get_return_value(c: rbd_completion_t) -> ssize_t;
+    fn rbd_aio_get_return_value(c: rbd_completion_t) -> ssize_t;
     /// The `cb_arg` the completion was created with.
-    pub fn rbd_aio_get_arg(c: rbd_completion_t) -> *mut c_void;
+    fn rbd_aio_get_arg(c: rbd_completion_t) -> *mut c_void;
     /// Drops the caller's reference to a completion.
-    pub fn rbd_aio_release(c: rbd_completion_t);
+    fn rbd_aio_release(c: rbd_completion_t);
     /// Reads into the buffers of `iov` (the array and the buffers must
     /// stay valid until the completion).
-    pub fn rbd_aio_readv(image: rbd_image_t, iov: *const iovec, iovcnt: c_int, off: u64, c: rbd_completion_t) -> c_int;
+    fn rbd_aio_readv(image: rbd_image_t, iov: *const iovec, iovcnt: c_int, off: u64, c: rbd_completion_t) -> c_int;
     /// Writes the buffers of `iov` (zero-copy: the buffers must stay valid
     /// until the completion).
-    pub fn rbd_aio_writev(image: rbd_image_t, iov: *const iovec, iovcnt: c_int, off: u64, c: rbd_completion_t)
-        -> c_int;
+    fn rbd_aio_writev(image: rbd_image_t, iov: *const iovec, iovcnt: c_int, off: u64, c: rbd_completion_t) -> c_int;
     /// Discards a range.
-    pub fn rbd_aio_discard(image: rbd_image_t, off: u64, len: u64, c: rbd_completion_t) -> c_int;
+    fn rbd_aio_discard(image: rbd_image_t, off: u64, len: u64, c: rbd_completion_t) -> c_int;
     /// Writes zeroes to a range (`zero_flags`, `op_flags`: 0).
-    pub fn rbd_aio_write_zeroes(
-        image: rbd_image_t,
-        off: u64,
-        len: size_t,
-        c: rbd_completion_t,
-        zero_flags: c_int,
-        op_flags: c_int,
-    ) -> c_int;
+    fn rbd_aio_write_zeroes(image: rbd_image_t, off: u64, len: size_t, c: rbd_completion_t, zero_flags: c_int, op_flags: c_int) -> c_int;
     /// Flushes earlier writes.
-    pub fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> c_int;
+    fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> c_int;
 }
 
 #[cfg(test)]
@@ -269,7 +310,8 @@ mod tests {
     }
 
     #[test]
-    fn links_against_librbd_1_16_or_later() {
+    fn loads_librbd_1_16_or_later() {
+        load().unwrap();
         let (mut major, mut minor, mut extra) = (0, 0, 0);
         // SAFETY: rbd_version only writes the three ints it is given.
         unsafe { rbd_version(&mut major, &mut minor, &mut extra) };

@@ -84,6 +84,7 @@ impl Cluster {
     /// connects. A cluster that cannot be reached fails after
     /// `connect_timeout` with `ETIMEDOUT`.
     pub fn connect(opts: &ClusterOptions) -> Result<Cluster> {
+        sys::load().map_err(Error::Library)?;
         let name = match (&opts.mon_host, &opts.conf) {
             (Some(mon), _) => mon.clone(),
             (None, Some(conf)) => conf.display().to_string(),

@@ -18,6 +18,9 @@ pub enum Error {
         /// The positive errno.
         errno: i32,
     },
+    /// Ceph's client libraries cannot be loaded (not installed).
+    #[error("{0}")]
+    Library(String),
     /// The pool does not exist.
     #[error("pool {pool} not found on cluster {cluster}")]
     PoolNotFound {
@@ -80,6 +83,7 @@ impl Error {
             Error::Cluster { errno, .. } | Error::Pool { errno, .. } | Error::Image { errno, .. } => Some(*errno),
             Error::PoolNotFound { .. } | Error::ImageNotFound { .. } => Some(libc::ENOENT),
             Error::Nul { .. } => None,
+            Error::Library(_) => Some(libc::ENOSYS),
         }
     }
 }
