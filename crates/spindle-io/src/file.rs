@@ -529,6 +529,34 @@ impl File {
         check(unsafe { submit(op, Some(self.no_mem())) }.await)
     }
 
+    /// A block device's discard granularity and largest discard in bytes
+    /// (sysfs `queue/discard_granularity`, `queue/discard_max_bytes`, of
+    /// the disk for a partition); `None` for files or when unknown. Setup
+    /// and configuration only: it reads sysfs.
+    pub fn discard_limits(&self) -> Option<(u64, u64)> {
+        if !self.block_device {
+            return None;
+        }
+        let mut st: libc::stat = zeroed_stat();
+        // SAFETY: fstat fills `st`.
+        if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } < 0 {
+            return None;
+        }
+        let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+        let mut dev = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+        if dev.join("partition").exists() {
+            dev = dev.parent()?.to_path_buf();
+        }
+        let read = |f: &str| -> Option<u64> {
+            std::fs::read_to_string(dev.join("queue").join(f))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some((read("discard_granularity")?, read("discard_max_bytes")?))
+    }
+
     /// Discards a range of a block device, shrunk to whole logical
     /// blocks (a discard is advisory): the device's own discard, without
     /// blocking the thread (`BLOCK_URING_CMD_DISCARD` under io_uring,

@@ -26,12 +26,22 @@ impl VirtioDisk for Device {
     }
 
     fn geometry(&self) -> Geometry {
+        // A raw block device's own discard granularity and limit (a
+        // format on it discards by its own clusters).
+        let discard = self
+            .node()
+            .filter(|n| matches!(**n, spindle_block::Node::Raw(_)))
+            .and_then(|n| n.storage().discard_limits())
+            .filter(|&(_, max)| max > 0);
+        let sectors = |b: u64| (b / 512).clamp(1, u64::from(u32::MAX)) as u32;
         Geometry {
             limits: self.limits(),
             logical_block: 512,
             opt_io: self.opt_io(),
             num_queues: self.cfg.num_queues,
             writeback: self.writeback(),
+            discard_align_sectors: discard.map_or(1, |(g, _)| sectors(g)),
+            max_discard_sectors: discard.map_or(u32::MAX, |(_, m)| sectors(m)),
         }
     }
 

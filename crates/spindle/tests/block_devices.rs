@@ -119,23 +119,28 @@ fn discard_and_write_zeroes_reach_a_block_device_under_every_engine() {
 }
 
 const GUEST: &str = r#"
+echo "GRAN $(cat /sys/block/vda/queue/discard_granularity)"
 dd if=/dev/urandom of=/dev/vda bs=1M count=16 oflag=direct conv=fsync 2>/dev/null
 echo "WROTE"
 blkdiscard -o 0 -l 8388608 /dev/vda && echo "DISCARD-OK"
 dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | tr -d '\000' | wc -c | sed 's/^/NONZERO /'
 "#;
 
-/// A guest's `blkdiscard` on a vhost-user disk over a block device frees
-/// the device's space.
+/// A guest's `blkdiscard` on a vhost-user disk over a block device (4 KiB
+/// logical blocks) frees the device's space, and the guest sees the
+/// device's discard granularity.
 #[test]
 fn a_guest_discard_frees_a_block_devices_space() {
     let d = scratch();
-    let lo = Loop::new(d.path(), "64M", 512);
+    let lo = Loop::new(d.path(), "64M", 4096);
     let sock = d.path().join("g.sock");
     let s = Serve::start(d.path(), &[&lo.dev, "--vhost-user", p(&sock)], &[&sock]);
     let out = boot(d.path(), &[(&sock, 1)], GUEST);
     assert!(s.stop().success());
     assert!(out.contains("DISCARD-OK"), "{out}");
+    // The device's 4 KiB discard granularity reached the guest through
+    // the virtio-blk configuration.
+    assert!(out.contains("GRAN 4096"), "{out}");
     assert!(
         out.contains("NONZERO 0"),
         "discarded blocks of a loop device read as zeroes: {out}"

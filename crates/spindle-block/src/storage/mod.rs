@@ -112,6 +112,12 @@ impl Storage {
         }
     }
 
+    /// A block device's discard granularity and largest discard, in
+    /// bytes (for the virtio-blk configuration); `None` otherwise.
+    pub fn discard_limits(&self) -> Option<(u64, u64)> {
+        self.as_file().and_then(File::discard_limits)
+    }
+
     /// Memory alignment that buffers for it should have (O_DIRECT).
     pub fn mem_align(&self) -> usize {
         match self {

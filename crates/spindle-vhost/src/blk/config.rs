@@ -56,6 +56,12 @@ pub struct Geometry {
     pub num_queues: u16,
     /// The write cache is on.
     pub writeback: bool,
+    /// Discard alignment in 512-byte sectors (the device's granularity
+    /// for a raw block device; else the logical block).
+    pub discard_align_sectors: u32,
+    /// Largest discard segment in sectors (the device's limit, for a raw
+    /// block device).
+    pub max_discard_sectors: u32,
 }
 
 impl Geometry {
@@ -103,9 +109,11 @@ impl Geometry {
         put(WRITEBACK_OFFSET as usize, &[u8::from(self.writeback)]);
         put(34, &self.num_queues.to_le_bytes());
         let seg_sectors = l.max_segment_sectors.min(u32::MAX >> 9 << 9);
-        put(36, &seg_sectors.to_le_bytes()); // max_discard_sectors
+        let discard_sectors = seg_sectors.min(self.max_discard_sectors.max(1));
+        put(36, &discard_sectors.to_le_bytes()); // max_discard_sectors
         put(40, &l.max_discard_seg.to_le_bytes());
-        put(44, &(self.logical_block / 512).max(1).to_le_bytes()); // discard_sector_alignment
+        let align = self.discard_align_sectors.max((self.logical_block / 512).max(1));
+        put(44, &align.to_le_bytes()); // discard_sector_alignment
         put(48, &seg_sectors.to_le_bytes()); // max_write_zeroes_sectors
         put(52, &l.max_write_zeroes_seg.to_le_bytes());
         put(56, &[1]); // write_zeroes_may_unmap
@@ -156,6 +164,8 @@ mod tests {
             opt_io: 65536,
             num_queues: 2,
             writeback: true,
+            discard_align_sectors: 1,
+            max_discard_sectors: u32::MAX,
         }
     }
 
@@ -171,6 +181,15 @@ mod tests {
         assert_eq!(u16::from_le_bytes(b[34..36].try_into().unwrap()), 2);
         assert_eq!(u32::from_le_bytes(b[40..44].try_into().unwrap()), 32);
         assert_eq!(b[56], 1);
+        // A block device's discard granularity and limit reach the driver.
+        let dev = Geometry {
+            discard_align_sectors: 8,
+            max_discard_sectors: 8192,
+            ..geo()
+        };
+        let b = dev.bytes();
+        assert_eq!(u32::from_le_bytes(b[36..40].try_into().unwrap()), 8192);
+        assert_eq!(u32::from_le_bytes(b[44..48].try_into().unwrap()), 8);
     }
 
     #[test]
