@@ -30,6 +30,8 @@ use crate::activation::{self, Guard, Start, Waker};
 use arc_swap::ArcSwapOption;
 use spindle_block::{BlockError, Node};
 use spindle_io::{Runtime, RuntimeConfig};
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -283,9 +285,36 @@ impl NodeSlot {
     }
 }
 
-/// Flushes (or closes, with `close`) `node` on a runtime of its own.
+thread_local! {
+    /// This thread's runtimes for [`run`], one per configuration, kept for
+    /// the thread's life.
+    static RUNTIMES: RefCell<Vec<(RuntimeConfig, Rc<Runtime>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// This thread's runtime for `engine`, made on its first use.
+fn runtime(engine: RuntimeConfig) -> Result<Rc<Runtime>, BlockError> {
+    let key = |c: &RuntimeConfig| (c.engine, c.depth, c.threads);
+    RUNTIMES.with(|r| {
+        let mut r = r.borrow_mut();
+        if let Some((_, rt)) = r.iter().find(|(c, _)| key(c) == key(&engine)) {
+            return Ok(rt.clone());
+        }
+        let rt = Rc::new(Runtime::new(engine).map_err(BlockError::Setup)?);
+        r.push((engine, rt.clone()));
+        Ok(rt)
+    })
+}
+
+/// Flushes (or closes, with `close`) `node` on this thread's runtime for
+/// `engine`, the same one at every call. A storage may keep state per
+/// thread that belongs to the runtime it was made on: an NBD connection's
+/// socket is registered with that runtime's reactor, so a flush on a new
+/// runtime of a thread that flushed before waited for ever on the old one
+/// (a device stopped twice on one connection, a guest paused and resumed
+/// and then migrated, hung in `GET_VRING_BASE`); RBD keeps a queue per
+/// runtime, which one runtime per thread makes once.
 fn run(engine: RuntimeConfig, node: Arc<Node>, close: bool) -> Result<(), BlockError> {
-    let rt = Runtime::new(engine).map_err(BlockError::Setup)?;
+    let rt = runtime(engine)?;
     rt.block_on(async move {
         if close {
             node.close().await

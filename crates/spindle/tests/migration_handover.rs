@@ -555,3 +555,48 @@ fn a_handover_keeps_a_same_daemon_migration_as_it_is() {
     assert!(srv.stop(), "{}", srv.log_text());
     assert_clean(&img);
 }
+
+/// A device stopped again and again on one connection (a guest paused and
+/// resumed, then migrated), its image on an NBD server: every stop flushes
+/// the image from the connection's thread and must be answered. (Each
+/// stop's flush once ran on a runtime of its own; the connection to the
+/// NBD server that the first stop's made belonged to that runtime, so the
+/// second stop waited for ever. rbd_migration.rs has the RBD case.)
+#[test]
+fn every_stop_of_a_device_on_nbd_storage_is_answered() {
+    let d = scratch();
+    let img = at(&d, "nbd.raw");
+    std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    let nbd = common::nbd::NbdServer::start(&["-t", "-p", "0", "-x", "disk", "-f", "raw", p(&img)]);
+    let sock = at(&d, "disk.sock");
+    let srv = Serve::start(
+        d.path(),
+        &[&nbd.uri, "--format", "raw", "--vhost-user", p(&sock)],
+        &[&sock],
+    );
+    let mut fe = frontend(&sock);
+    let mut base = 0;
+    for round in 0..4u8 {
+        if round > 0 {
+            fe.resume_queue(0, base).expect("start the ring again");
+        }
+        let st = fe.write(0, u64::from(round) * 8, &pattern(round), T);
+        assert_eq!(st, Some(0), "round {round}: the write failed:\n{}", srv.log_text());
+        base = fe
+            .stop_queue(0)
+            .unwrap_or_else(|e| panic!("round {round}: GET_VRING_BASE: {e}\n{}", srv.log_text()));
+    }
+    drop(fe);
+    let st = srv.stop();
+    assert!(st.success(), "spindle serve exited with {st}");
+    assert!(nbd.stop(), "spindle nbd failed");
+    let data = std::fs::read(&img).unwrap();
+    for round in 0..4u8 {
+        let at = usize::from(round) * 4096;
+        assert_eq!(
+            data[at..at + 4096],
+            pattern(round),
+            "round {round}: its write is not on the image"
+        );
+    }
+}

@@ -295,7 +295,8 @@ pub fn run(a: Args) -> CliResult<u8> {
         server.set_nbd(Arc::new(front));
     }
     for spec in specs {
-        let image = spec.image.clone();
+        // As `add` resolves it: `[export.rbd]` keys become an `rbd:` spec.
+        let image = spec.clone().resolved().map_or_else(|_| spec.image.clone(), |s| s.image);
         let spec_incoming = spec.incoming;
         let export = match server.add(spec) {
             Ok(e) => e,
