@@ -359,7 +359,7 @@ pub fn run(a: Args) -> CliResult<u8> {
     let _metrics = match &metrics_addr {
         Some(m) => match metrics::http::listen(m, server.clone()) {
             Ok(l) => {
-                println!("spindle: metrics on {}/metrics", l.url());
+                println!("spindle: metrics on {}", l.describe());
                 Some(l)
             }
             Err(e) => {

@@ -110,12 +110,12 @@ pub struct Listening {
 }
 
 impl Listening {
-    /// Its URL's scheme and authority (`http://127.0.0.1:9100`; a unix
-    /// socket's path after `http+unix:`).
-    pub fn url(&self) -> String {
+    /// Where to scrape it: `http://127.0.0.1:9100/metrics`, or the unix
+    /// socket (`unix:/run/spindle/metrics.sock, GET /metrics`).
+    pub fn describe(&self) -> String {
         match &self.unix {
-            Some(p) => format!("http+unix:{}:", p.display()),
-            None => format!("http://{}", self.addr),
+            Some(_) => format!("{}, GET /metrics", self.addr),
+            None => format!("http://{}/metrics", self.addr),
         }
     }
 }
@@ -136,6 +136,8 @@ enum Listener {
 /// A connection, either kind.
 trait Conn: Read + Write + Send {
     fn timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()>;
+    /// Ends the sending side (the client reads to its end).
+    fn finish(&self);
 }
 
 impl Conn for TcpStream {
@@ -143,12 +145,43 @@ impl Conn for TcpStream {
         self.set_read_timeout(read)?;
         self.set_write_timeout(write)
     }
+    fn finish(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
 }
 
 impl Conn for UnixStream {
     fn timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(read)?;
         self.set_write_timeout(write)
+    }
+    fn finish(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// How long, and how much, a refused request's unread rest is read and
+/// dropped before the connection closes: closing with unread bytes makes
+/// the kernel reset the connection, and the client could lose the reply.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
+
+/// Ends `conn` after an error reply: sending side first, then its unread
+/// input (bounded) is drained.
+fn linger(conn: &mut dyn Conn) {
+    conn.finish();
+    let deadline = Instant::now() + LINGER;
+    let mut chunk = [0u8; 8192];
+    let mut seen = 0;
+    while seen < LINGER_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.timeouts(Some(left), None).is_err() {
+            return;
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => seen += n,
+        }
     }
 }
 
@@ -221,11 +254,14 @@ fn accept_loop(listener: Listener, server: Arc<Server>) {
         };
         if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::AcqRel);
+            // Answered here, without reading the request: the accept
+            // thread never waits on a client.
             let _ = conn.timeouts(None, Some(Duration::from_secs(1)));
             let _ = send(
                 &mut *conn,
                 &Reply::error(503, "Service Unavailable", "too many metrics connections at once\n"),
             );
+            conn.finish();
             continue;
         }
         let (server, slot) = (server.clone(), active.clone());
@@ -246,7 +282,9 @@ fn serve_conn(conn: &mut dyn Conn, server: &Server) {
         Err(None) => return,
     };
     let _ = conn.timeouts(None, Some(WRITE_TIMEOUT));
-    let _ = send(conn, &reply);
+    if send(conn, &reply).is_ok() && reply.status != 200 {
+        linger(conn);
+    }
 }
 
 /// Reads a request head (up to its blank line). `Err(None)`: the client
