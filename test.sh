@@ -26,6 +26,9 @@ apt-get install -y -qq mount util-linux >/dev/null
 # NBD peers: nbdinfo/nbdcopy/nbdsh, libnbd's Python module, nbdkit, fio;
 # openssl makes the TLS tests' certificates.
 apt-get install -y -qq libnbd-bin python3-libnbd nbdkit fio openssl >/dev/null
+# The metrics tests parse the endpoint's exposition with Prometheus's own
+# Python parsers (tests/metrics.rs).
+apt-get install -y -qq python3-prometheus-client >/dev/null
 # Ceph RBD (issue 14): the test cluster's monitor and OSD (tests/ceph/cluster.sh),
 # the ceph/rbd tools and the client libraries Spindle loads at run time
 # (librbd1, librados2: ceph-common pulls them in; named to be sure), and

@@ -26,6 +26,15 @@ fn range_check(offset: u64, len: u64, size: u64) -> Result<()> {
 }
 
 impl Node {
+    /// The metadata cache and allocator counters of a qcow2 image (of
+    /// this node, not of its backing files); `None` for raw.
+    pub fn qcow2_counters(&self) -> Option<crate::formats::qcow2::Qcow2Counters> {
+        match self {
+            Node::Raw(_) => None,
+            Node::Qcow2(q) => Some(q.counters()),
+        }
+    }
+
     /// Guest-visible size in bytes.
     pub fn size(&self) -> u64 {
         match self {

@@ -3,12 +3,12 @@
 
 use crate::quiesce::Gate;
 use crate::slot::NodeSlot;
-use crate::stats::{summarize, OpSummary, QueueStats};
+use crate::stats::{latencies, summarize, Latency, OpSummary, QueueSnapshot, QueueStats};
 use crate::throttle::{Direction, Group, Limits, Membership};
 use crate::written::Written;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use spindle_block::{BlockError, Node};
-use spindle_io::RuntimeConfig;
+use spindle_io::{RuntimeConfig, ThreadTimes};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,6 +97,9 @@ pub struct Device {
     stats: Box<[QueueStats]>,
     /// Counters of the stream front ends (NBD), one lane per I/O thread.
     lanes: Box<[QueueStats]>,
+    /// Where each vhost-user I/O thread's time goes (written by the
+    /// thread of that number of the connected frontend's daemon).
+    threads: Box<[ThreadTimes]>,
     gate: Arc<Gate>,
     /// A job watches the guest's writes (`written` is set).
     tracking: AtomicBool,
@@ -152,6 +155,7 @@ impl Device {
             opt_io,
             stats: (0..cfg.num_queues).map(|_| QueueStats::default()).collect(),
             lanes: (0..LANES).map(|_| QueueStats::default()).collect(),
+            threads: (0..cfg.iothreads).map(|_| ThreadTimes::default()).collect(),
             gate: Arc::default(),
             tracking: AtomicBool::new(false),
             written: ArcSwapOption::new(None),
@@ -358,6 +362,33 @@ impl Device {
     pub fn stats(&self) -> Vec<OpSummary> {
         let all: Vec<&QueueStats> = self.stats.iter().chain(self.lanes.iter()).collect();
         summarize(&all)
+    }
+
+    /// The counters of each vhost-user queue now.
+    pub fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        self.stats.iter().map(QueueStats::snapshot).collect()
+    }
+
+    /// The counters of the first `n` stream front-end (NBD) lanes now.
+    pub fn lane_snapshots(&self, n: usize) -> Vec<QueueSnapshot> {
+        self.lanes.iter().take(n).map(QueueStats::snapshot).collect()
+    }
+
+    /// Latency histograms per kind of request, over all queues and lanes.
+    pub fn latencies(&self) -> Vec<Latency> {
+        let all: Vec<&QueueStats> = self.stats.iter().chain(self.lanes.iter()).collect();
+        latencies(&all)
+    }
+
+    /// Where vhost-user I/O thread `t` spends its time (written only by
+    /// that thread).
+    pub fn thread_times(&self, t: usize) -> &ThreadTimes {
+        &self.threads[t.min(self.threads.len() - 1)]
+    }
+
+    /// Every vhost-user I/O thread's times, by thread number.
+    pub fn threads(&self) -> &[ThreadTimes] {
+        &self.threads
     }
 }
 

@@ -4,7 +4,9 @@
 //! serves the queue (relaxed atomics, no lock, no shared cache line between
 //! threads). A query sums the queues. Latency goes into a log-linear
 //! histogram: 8 sub-buckets per power of two of nanoseconds, so a
-//! percentile is within about 9% of the truth.
+//! percentile is within about 9% of the truth. The same counters feed
+//! `spindle ctl stats` and the Prometheus endpoint ([`QueueSnapshot`],
+//! [`Latency`]): one source for both.
 
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -26,8 +28,20 @@ pub enum Op {
     Other = 5,
 }
 
-const OPS: usize = 6;
-const NAMES: [&str; OPS] = ["read", "write", "flush", "discard", "write_zeroes", "other"];
+/// Kinds of request.
+pub const OPS: usize = 6;
+/// The name of each kind, by [`Op`] value.
+pub const NAMES: [&str; OPS] = ["read", "write", "flush", "discard", "write_zeroes", "other"];
+
+impl Op {
+    /// Every kind, in [`NAMES`]' order.
+    pub const ALL: [Op; OPS] = [Op::Read, Op::Write, Op::Flush, Op::Discard, Op::WriteZeroes, Op::Other];
+
+    /// Its name (`read`, `write_zeroes`, ...).
+    pub fn name(self) -> &'static str {
+        NAMES[self as usize]
+    }
+}
 const SUB: usize = 8;
 /// Buckets 0..8 hold 0..8 ns exactly; then 8 per power of two up to 2^63.
 const BUCKETS: usize = 62 * SUB;
@@ -59,6 +73,8 @@ struct OpCounters {
     requests: AtomicU64,
     errors: AtomicU64,
     bytes: AtomicU64,
+    /// Latencies of every request, summed (ns).
+    time_ns: AtomicU64,
     hist: Box<[AtomicU64]>,
 }
 
@@ -68,6 +84,7 @@ impl OpCounters {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            time_ns: AtomicU64::new(0),
             hist: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -80,7 +97,15 @@ pub struct QueueStats {
     /// not part of their latency.
     throttled: AtomicU64,
     throttled_ns: AtomicU64,
+    /// Requests accepted ([`QueueStats::start`]); those not yet recorded
+    /// are in flight. Its own line: the owning thread writes it on the
+    /// way in, the op counters on the way out.
+    started: Padded,
 }
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(AtomicU64);
 
 impl Default for QueueStats {
     fn default() -> Self {
@@ -88,6 +113,7 @@ impl Default for QueueStats {
             ops: std::array::from_fn(|_| OpCounters::new()),
             throttled: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
+            started: Padded::default(),
         }
     }
 }
@@ -110,8 +136,163 @@ impl QueueStats {
         } else {
             bump(&c.errors, 1);
         }
+        bump(&c.time_ns, latency_ns);
         bump(&c.hist[bucket(latency_ns)], 1);
     }
+
+    /// Counts a request accepted (the queue's own I/O thread only): it is
+    /// in flight until its [`QueueStats::record`].
+    pub fn start(&self) {
+        bump(&self.started.0, 1);
+    }
+
+    /// Requests accepted and not yet recorded.
+    pub fn in_flight(&self) -> u64 {
+        // Finished first: the writer bumps `started` before the request's
+        // counters, so this never reads more finished than started.
+        let finished = self.requests();
+        self.started.0.load(Relaxed).saturating_sub(finished)
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> QueueSnapshot {
+        let op = |o: Op| {
+            let c = &self.ops[o as usize];
+            OpCounts {
+                requests: c.requests.load(Relaxed),
+                errors: c.errors.load(Relaxed),
+                bytes: c.bytes.load(Relaxed),
+                time_ns: c.time_ns.load(Relaxed),
+            }
+        };
+        QueueSnapshot {
+            in_flight: self.in_flight(),
+            read: op(Op::Read),
+            write: op(Op::Write),
+            flush: op(Op::Flush),
+            discard: op(Op::Discard),
+            write_zeroes: op(Op::WriteZeroes),
+            other: op(Op::Other),
+            throttled_requests: self.throttled.load(Relaxed),
+            throttled_ns: self.throttled_ns.load(Relaxed),
+        }
+    }
+}
+
+/// One kind of request's counters on a queue.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct OpCounts {
+    /// Requests finished (failed ones too).
+    pub requests: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Bytes of the requests that succeeded.
+    pub bytes: u64,
+    /// Their latencies summed, in nanoseconds (throttled time excluded).
+    pub time_ns: u64,
+}
+
+/// A queue's (or a lane's) counters as read at one moment.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    /// Requests accepted and not finished.
+    pub in_flight: u64,
+    /// Reads.
+    pub read: OpCounts,
+    /// Writes.
+    pub write: OpCounts,
+    /// Flushes.
+    pub flush: OpCounts,
+    /// Discards.
+    pub discard: OpCounts,
+    /// Write-zeroes.
+    pub write_zeroes: OpCounts,
+    /// GET_ID, and requests refused before they reached the image.
+    pub other: OpCounts,
+    /// Requests that waited for the throttle.
+    pub throttled_requests: u64,
+    /// How long they waited in all (ns).
+    pub throttled_ns: u64,
+}
+
+impl QueueSnapshot {
+    /// The counters of `op`.
+    pub fn op(&self, op: Op) -> &OpCounts {
+        match op {
+            Op::Read => &self.read,
+            Op::Write => &self.write,
+            Op::Flush => &self.flush,
+            Op::Discard => &self.discard,
+            Op::WriteZeroes => &self.write_zeroes,
+            Op::Other => &self.other,
+        }
+    }
+}
+
+/// Upper bounds of the latency histogram the metrics endpoint exports, in
+/// nanoseconds: powers of two from 256 ns to 2^35 ns (34 s). Each is a
+/// bucket boundary of the log-linear histogram, so the exported counts
+/// are exact: a bound's count is the requests faster than it (a request
+/// of exactly a bound's nanoseconds counts in the next bucket).
+pub const LATENCY_BOUNDS_NS: [u64; 28] = {
+    let mut b = [0u64; 28];
+    let mut i = 0;
+    while i < 28 {
+        b[i] = 1 << (8 + i);
+        i += 1;
+    }
+    b
+};
+
+/// The latencies of one kind of request, summed over queues: a
+/// Prometheus histogram.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Latency {
+    /// Kind (`read`, `write`, ...).
+    pub op: &'static str,
+    /// Requests.
+    pub count: u64,
+    /// Their latencies summed (ns).
+    pub sum_ns: u64,
+    /// Cumulative counts below each of [`LATENCY_BOUNDS_NS`].
+    pub buckets: Vec<u64>,
+}
+
+/// The latency histogram of each kind of request over `queues`.
+pub fn latencies(queues: &[&QueueStats]) -> Vec<Latency> {
+    Op::ALL
+        .iter()
+        .map(|&op| {
+            let mut hist = vec![0u64; BUCKETS];
+            let mut sum_ns = 0;
+            for q in queues {
+                let c = &q.ops[op as usize];
+                sum_ns += c.time_ns.load(Relaxed);
+                for (h, a) in hist.iter_mut().zip(c.hist.iter()) {
+                    *h += a.load(Relaxed);
+                }
+            }
+            let mut buckets = Vec::with_capacity(LATENCY_BOUNDS_NS.len());
+            let (mut seen, mut b) = (0u64, 0usize);
+            for &bound in &LATENCY_BOUNDS_NS {
+                // Buckets wholly below the bound (their ends are bounds too).
+                while b < BUCKETS && bucket_floor(b + 1) <= bound {
+                    seen += hist[b];
+                    b += 1;
+                }
+                buckets.push(seen);
+            }
+            // The count is the buckets' own total, so +Inf matches them
+            // even while requests finish during the reading.
+            let count = hist.iter().sum();
+            Latency {
+                op: op.name(),
+                count,
+                sum_ns,
+                buckets,
+            }
+        })
+        .collect()
 }
 
 impl QueueStats {
@@ -276,5 +457,46 @@ mod tests {
         assert!((r.p50_us - 500.0).abs() / 500.0 < 0.1, "{}", r.p50_us);
         assert!((r.p99_us - 990.0).abs() / 990.0 < 0.1, "{}", r.p99_us);
         assert_eq!((s[1].op, s[1].errors, s[1].bytes), ("write", 1, 0));
+    }
+
+    #[test]
+    fn exported_buckets_are_exact_counts_below_each_bound() {
+        let q = QueueStats::default();
+        // One request per power of two from 1 ns to 2^40 ns, one just
+        // below each, and a failed one.
+        for k in 0..=40u32 {
+            q.start();
+            q.record(Op::Read, 512, true, 1 << k);
+            q.start();
+            q.record(Op::Read, 512, true, (1u64 << k).saturating_sub(1));
+        }
+        q.start();
+        q.start();
+        q.record(Op::Flush, 0, false, 3000);
+        let snap = q.snapshot();
+        assert_eq!(snap.in_flight, 1);
+        assert_eq!(snap.read.requests, 82);
+        assert_eq!(snap.read.bytes, 82 * 512);
+        assert_eq!(
+            (snap.flush.requests, snap.flush.errors, snap.flush.time_ns),
+            (1, 1, 3000)
+        );
+        let sum: u64 = (0..=40u32).map(|k| (1u64 << k) + (1u64 << k) - 1).sum();
+        assert_eq!(snap.read.time_ns, sum);
+        let l = latencies(&[&q]);
+        assert_eq!(l.len(), OPS);
+        let r = &l[Op::Read as usize];
+        assert_eq!((r.op, r.count, r.sum_ns), ("read", 82, sum));
+        for (i, &bound) in LATENCY_BOUNDS_NS.iter().enumerate() {
+            // Samples below 2^k: both of every smaller power, and 2^k - 1.
+            let k = bound.trailing_zeros() as u64;
+            assert_eq!(r.buckets[i], 2 * k + 1, "below {bound} ns");
+        }
+        let f = &l[Op::Flush as usize];
+        assert_eq!(
+            (f.count, f.buckets[3], f.buckets[4]),
+            (1, 0, 1),
+            "3000 ns lies in [2048, 4096)"
+        );
     }
 }

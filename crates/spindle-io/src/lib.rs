@@ -32,6 +32,7 @@ mod reactor;
 mod runtime;
 mod sg;
 pub mod time;
+pub mod times;
 
 pub use buf::AlignedBuf;
 pub use cache::CacheMode;
@@ -43,3 +44,4 @@ pub use lock::{Locking, Perms};
 pub use op::Op;
 pub use runtime::{current_key, spawn, ForeignOp, Runtime, RuntimeConfig, Task};
 pub use sg::{KeepAlive, SgList};
+pub use times::{ThreadTimes, ThreadTimesSnapshot};

@@ -9,6 +9,7 @@
 use crate::engine::{self, signal_eventfd, Engine, EngineKind, ThreadPoolEngine};
 use crate::error::Result;
 use crate::op::Op;
+use crate::times::{Clock, Phase, ThreadTimes};
 use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -126,6 +127,8 @@ pub(crate) struct Inner {
     foreign: Cell<usize>,
     /// What the loop saw since it last decided whether to poll.
     hint: crate::poll::PollHint,
+    /// Where `block_on`'s time goes (busy, idle, polling).
+    times: Arc<ThreadTimes>,
 }
 
 thread_local! {
@@ -141,6 +144,12 @@ pub struct Runtime {
 impl Runtime {
     /// Creates a runtime with its engine.
     pub fn new(cfg: RuntimeConfig) -> Result<Runtime> {
+        Runtime::with_times(cfg, Arc::default())
+    }
+
+    /// Creates a runtime whose [`Runtime::block_on`] counts where its time
+    /// goes in `times` (read from any thread).
+    pub fn with_times(cfg: RuntimeConfig, times: Arc<ThreadTimes>) -> Result<Runtime> {
         let engine = cfg.engine.create(cfg.depth, cfg.threads)?;
         let efd = engine::new_eventfd().map_err(|source| crate::Error::EngineSetup {
             engine: cfg.engine.name(),
@@ -163,6 +172,7 @@ impl Runtime {
                 poll_window: Cell::new(std::time::Duration::ZERO),
                 foreign: Cell::new(0),
                 hint: Default::default(),
+                times,
                 runq: Arc::new(RunQueue {
                     tasks: Mutex::new(VecDeque::new()),
                     main_woken: AtomicBool::new(true),
@@ -176,6 +186,11 @@ impl Runtime {
                 })?,
             }),
         })
+    }
+
+    /// Where this runtime's [`Runtime::block_on`] spent its time.
+    pub fn times(&self) -> &Arc<ThreadTimes> {
+        &self.inner.times
     }
 
     /// The engine this runtime uses.
@@ -268,9 +283,12 @@ impl Runtime {
         let mut cx = Context::from_waker(&waker);
         let mut fut = pin!(fut);
         inner.runq.main_woken.store(true, Ordering::Release);
+        // The clock is read only around sleeps and polling windows.
+        let mut clock = Clock::default();
         loop {
             if inner.runq.main_woken.swap(false, Ordering::AcqRel) {
                 if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                    clock.switch(&inner.times, Phase::Busy);
                     return v;
                 }
             }
@@ -288,11 +306,14 @@ impl Runtime {
             }
             // About to sleep: socket edges wake the poll(2) below, so the
             // epoll descriptor is reaped only when it has some.
-            if inner.submit_and_reap_with(false) > 0 || inner.runq.has_work() || inner.poll_for_work() {
+            if inner.submit_and_reap_with(false) > 0 || inner.runq.has_work() || inner.poll_for_work(&mut clock) {
                 continue;
             }
             inner.hint.sleeps_with(inner.in_flight());
-            if inner.wait() {
+            clock.switch(&inner.times, Phase::Busy);
+            let sockets = inner.wait();
+            clock.switch(&inner.times, Phase::Idle);
+            if sockets {
                 inner.reactor.reap();
             }
         }
@@ -370,8 +391,9 @@ impl Inner {
     }
 
     /// Polls the engine, the sockets and the run queue for the poll
-    /// window; true as soon as one has work.
-    fn poll_for_work(&self) -> bool {
+    /// window; true as soon as one has work. The window counts as
+    /// polling time on `clock`.
+    fn poll_for_work(&self, clock: &mut Clock) -> bool {
         let window = self.poll_window.get();
         if window.is_zero() {
             return false;
@@ -379,19 +401,21 @@ impl Inner {
         if !self.hint.decide(self.in_flight()) {
             return false;
         }
-        let deadline = std::time::Instant::now() + window;
-        loop {
+        let deadline = clock.switch(&self.times, Phase::Busy) + window;
+        let found = loop {
             if self.submit_and_reap_with(self.reactor.has_waiters()) > 0
                 || self.runq.has_work()
                 || self.runq.main_woken.load(Ordering::Acquire)
             {
-                return true;
+                break true;
             }
             if std::time::Instant::now() >= deadline {
-                return false;
+                break false;
             }
             std::hint::spin_loop();
-        }
+        };
+        clock.switch(&self.times, Phase::Polling);
+        found
     }
 
     /// Ops queued or in flight on the engine and the helper pool.
@@ -811,6 +835,34 @@ pub(crate) mod tests {
             assert_eq!(got.get(), 9, "{kind}");
             let _ = std::fs::remove_file(&path);
         }
+    }
+
+    /// `block_on` splits its time into busy, idle (asleep in poll(2)) and
+    /// polling (a poll window), and the three add up to its run.
+    #[test]
+    fn block_on_counts_busy_idle_and_polling_time() {
+        let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+        rt.set_poll_window(std::time::Duration::from_micros(200));
+        let t = std::time::Instant::now();
+        rt.block_on(async {
+            // Asleep on the timer.
+            let _ = crate::time::sleep(std::time::Duration::from_millis(30)).await;
+            // Busy without a wait.
+            let spin = std::time::Instant::now();
+            while spin.elapsed() < std::time::Duration::from_millis(10) {
+                std::hint::spin_loop();
+            }
+            // Two short sleeps: the loop polls its window before each.
+            for _ in 0..2 {
+                let _ = crate::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        });
+        let total = t.elapsed().as_nanos() as u64;
+        let s = rt.times().snapshot();
+        assert!(s.idle_ns >= 25_000_000, "{s:?}");
+        assert!(s.busy_ns >= 10_000_000, "{s:?}");
+        assert!(s.poll_ns > 0, "{s:?}");
+        assert!(s.busy_ns + s.idle_ns + s.poll_ns <= total, "{s:?} > {total}");
     }
 
     #[test]

@@ -60,6 +60,8 @@ impl From<Vec<SgList>> for Reply {
 pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Option<Buf>) {
     let dev = conn.export.dev.clone();
     let (op, bytes) = classify(&cmd);
+    // In flight from here until its `record` below.
+    dev.lane_stats(conn.lane).start();
     // The throttle first, before the gate: a throttled request holds no
     // pass a snapshot would wait for; while the gate is held (or the
     // export goes) its turn comes at once.
@@ -104,8 +106,9 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
     };
     drop(pass);
     let ns = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-    dev.lane_stats(conn.lane)
-        .record(if ok { op } else { Op::Other }, if ok { bytes } else { 0 }, ok, ns);
+    // A failed request counts under its kind, as vhost-user's do (its
+    // bytes only when it succeeded).
+    dev.lane_stats(conn.lane).record(op, bytes, ok, ns);
     let refs: Vec<&SgList> = reply.parts.iter().collect();
     conn.send(&refs).await
 }

@@ -16,7 +16,7 @@ use crate::export::Catalog;
 use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::StreamExt;
 use spindle_io::net::{Listener, Socket};
-use spindle_io::{Runtime, RuntimeConfig};
+use spindle_io::{Runtime, RuntimeConfig, ThreadTimes};
 use std::cell::RefCell;
 use std::os::fd::OwnedFd;
 use std::rc::{Rc, Weak};
@@ -77,6 +77,8 @@ pub struct Server {
     listener: OwnedFd,
     exports: Arc<Catalog>,
     cfg: ServerConfig,
+    /// Where each I/O thread's time goes.
+    times: Vec<Arc<ThreadTimes>>,
     tx: UnboundedSender<Event>,
     rx: UnboundedReceiver<Event>,
 }
@@ -86,13 +88,21 @@ impl Server {
     /// runs) on a bound, listening socket.
     pub fn new(listener: OwnedFd, exports: Arc<Catalog>, cfg: ServerConfig) -> Server {
         let (tx, rx) = unbounded();
+        let threads = cfg.threads.clamp(1, spindle_export::device::LANES);
         Server {
             listener,
             exports,
+            times: (0..threads).map(|_| Arc::default()).collect(),
             cfg,
             tx,
             rx,
         }
+    }
+
+    /// Where each I/O thread spends its time (busy, idle, polling), by
+    /// thread (the statistics lane of its requests).
+    pub fn thread_times(&self) -> Vec<Arc<ThreadTimes>> {
+        self.times.clone()
     }
 
     /// A handle that stops [`Server::run`].
@@ -107,12 +117,13 @@ impl Server {
             listener,
             exports,
             cfg,
+            times,
             tx,
             mut rx,
         } = self;
         let mut threads = Vec::new();
         let mut senders = Vec::new();
-        for i in 0..cfg.threads.clamp(1, spindle_export::device::LANES) {
+        for (i, times) in times.into_iter().enumerate() {
             let (ttx, trx) = unbounded::<ToThread>();
             let setup = connection::Setup {
                 catalog: exports.clone(),
@@ -123,7 +134,7 @@ impl Server {
             let (ended, rcfg, poll) = (tx.clone(), cfg.runtime, cfg.poll);
             let t = std::thread::Builder::new()
                 .name(format!("spindle-nbd-{i}"))
-                .spawn(move || io_thread(rcfg, poll, trx, setup, ended))
+                .spawn(move || io_thread((rcfg, times), poll, trx, setup, ended))
                 .map_err(|e| NbdError::Setup(format!("cannot start an I/O thread: {e}")))?;
             threads.push(t);
             senders.push(ttx);
@@ -183,13 +194,13 @@ impl Server {
 
 /// One I/O thread: takes connections and serves each as a task.
 fn io_thread(
-    cfg: RuntimeConfig,
+    (cfg, times): (RuntimeConfig, Arc<ThreadTimes>),
     poll: std::time::Duration,
     mut rx: UnboundedReceiver<ToThread>,
     setup: connection::Setup,
     ended: UnboundedSender<Event>,
 ) {
-    let rt = match Runtime::new(cfg) {
+    let rt = match Runtime::with_times(cfg, times) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("NBD I/O thread: {e}");

@@ -36,8 +36,9 @@ use spindle_export::device::Device;
 use spindle_export::ratelimit::limited;
 use spindle_export::stats::Op;
 use spindle_export::throttle::Direction;
+use spindle_io::times::Phase;
 use spindle_io::Runtime;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -85,6 +86,11 @@ struct Worker {
     /// Per queue (by index on this thread): its inflight tracking, when
     /// the frontend gave a buffer.
     track: RefCell<Vec<Option<QueueTrack>>>,
+    /// When the last event's handling ended: the time since then was
+    /// spent in epoll (idle).
+    left: Cell<Option<Instant>>,
+    /// Nanoseconds the current event spent polling with nothing to do.
+    polled: Cell<u64>,
 }
 
 /// What a request's task reaches through one `Rc`: no atomic operation
@@ -126,6 +132,8 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         polling: PollState::default(),
         checked: RefCell::new(vec![None; queues]),
         track: RefCell::new((0..queues).map(|_| None).collect()),
+        left: Cell::new(None),
+        polled: Cell::new(0),
     });
     WORKER.with(|slot| *slot.borrow_mut() = Some(w.clone()));
     Ok(w)
@@ -134,30 +142,51 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
 /// Entry point from `VhostUserBackend::handle_event`.
 pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], thread: usize) -> io::Result<()> {
     let w = worker(b, thread, vrings.len())?;
+    let entered = Instant::now();
+    let times = b.dev.thread_times(thread);
+    if let Some(left) = w.left.take() {
+        times.add(Phase::Idle, nanos(entered - left));
+    }
+    w.polled.set(0);
+    let r = handle(b, &w, event, vrings);
+    let left = Instant::now();
+    let polled = w.polled.get();
+    times.add(Phase::Busy, nanos(left - entered).saturating_sub(polled));
+    times.add(Phase::Polling, polled);
+    w.left.set(Some(left));
+    r
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+/// One event's work: pops, runs and signals, then polls or looks.
+fn handle(b: &BlkBackend, w: &Worker, event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
     // The runtime's eventfds are edge-triggered in this epoll: each signal
     // is one event, so they need not be read (two system calls saved per
     // wake-up). Their counters only grow; eventfds saturate, never fail.
     if (event as usize) < vrings.len() {
-        pop_queue(b, &w, event as usize, vrings, false);
+        pop_queue(b, w, event as usize, vrings, false);
     } else if u64::from(event) == wake_event(b.dev.cfg.num_queues) {
         // A ring that waited to start (or nothing: a wake-up may be
         // spurious) gets its round now, with no kick.
         for i in 0..vrings.len() {
-            pop_queue(b, &w, i, vrings, false);
+            pop_queue(b, w, i, vrings, false);
         }
     }
     let in_flight = w.rt.poll_ready();
     let poll_ns = b.dev.cfg.poll_ns;
     let in_flight = match w.polling.step(in_flight, poll_ns > 0) {
         Step::Signal => {
-            signal(b, &w, vrings);
+            signal(b, w, vrings);
             in_flight
         }
         Step::Poll => {
-            signal(b, &w, vrings);
-            poll(b, &w, vrings, poll_ns)
+            signal(b, w, vrings);
+            poll(b, w, vrings, poll_ns)
         }
-        Step::Look => signal_and_look(b, &w, vrings),
+        Step::Look => signal_and_look(b, w, vrings),
     };
     w.polling.sleeps_with(in_flight);
     Ok(())
@@ -214,6 +243,9 @@ fn is_live(st: &VringState<GuestMemoryAtomic<Memory>>) -> bool {
 fn poll(b: &BlkBackend, w: &Worker, vrings: &[VringRwLock], poll_ns: u64) -> usize {
     let window = Duration::from_nanos(poll_ns);
     let mut last_work = Instant::now();
+    // Rounds that found nothing count as polling time; one clock read
+    // per round, as before.
+    let (mut prev, mut idle) = (last_work, Duration::ZERO);
     loop {
         let mut popped = 0;
         for i in 0..vrings.len() {
@@ -224,13 +256,19 @@ fn poll(b: &BlkBackend, w: &Worker, vrings: &[VringRwLock], poll_ns: u64) -> usi
         // Completions go out every round: the driver reaps them while
         // this thread pops the next round.
         let work = popped + signal(b, w, vrings);
+        let now = Instant::now();
         if work > 0 {
-            last_work = Instant::now();
-        } else if in_flight > 0 || last_work.elapsed() >= window {
-            break;
+            last_work = now;
+        } else {
+            idle += now - prev;
+            if in_flight > 0 || now - last_work >= window {
+                break;
+            }
         }
+        prev = now;
         std::hint::spin_loop();
     }
+    w.polled.set(w.polled.get() + nanos(idle));
     for i in 0..vrings.len() {
         pop_queue(b, w, i, vrings, false);
     }
@@ -466,6 +504,8 @@ fn spawn_request(
     let (op, bytes) = classify(&parsed);
     let written = written_span(&parsed);
     let sh = w.shared.clone();
+    // In flight from here until its `record` below.
+    sh.dev.queue_stats(queue).start();
     let task = w.rt.spawn_now(async move {
         // Reads and writes (write-zeroes and discards count as writes of
         // their length, as QEMU's throttle filter counts them) pass the

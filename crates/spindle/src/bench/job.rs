@@ -55,6 +55,8 @@ pub struct QueueResult {
     pub ios: u64,
     /// Bytes moved in the timed phase.
     pub bytes: u64,
+    /// Of `ios`, the reads (the rest are writes).
+    pub reads: u64,
     /// Failed requests.
     pub errors: u64,
     /// Blocks whose contents were checked.
@@ -305,6 +307,7 @@ impl Job {
                 } else {
                     r.ios += 1;
                     r.bytes += self.bs;
+                    r.reads += u64::from(s.kind == Kind::Read);
                     r.hist.add((now - s.start).as_nanos() as u64);
                     if s.kind == Kind::Read && self.verify && s.gen > 0 {
                         r.checked += 1;

@@ -186,11 +186,13 @@ pub fn run(a: Args) -> CliResult<u8> {
         .max(start.elapsed().min(runtime));
     let mut hist = Histogram::default();
     let (mut ios, mut bytes, mut errors, mut checked, mut failures, mut flushes) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut reads = 0u64;
     let mut first_error = None;
     for r in &results {
         hist.merge(&r.hist);
         ios += r.ios;
         bytes += r.bytes;
+        reads += r.reads;
         errors += r.errors;
         checked += r.checked;
         failures += r.failures;
@@ -207,6 +209,7 @@ pub fn run(a: Args) -> CliResult<u8> {
             json!({
                 "target": t, "driver": driver, "rw": a.rw, "bs": bs, "iodepth": a.iodepth,
                 "queues": a.queues, "runtime_s": secs, "ios": ios, "iops": iops,
+                "reads": reads, "writes": ios - reads, "read_bytes": reads * bs, "written_bytes": bytes - reads * bs,
                 "bw_bytes": bw, "lat_us": {"p50": us(50.0), "p99": us(99.0), "p999": us(99.9)},
                 "errors": errors, "flushes": flushes, "first_error": first_error,
                 "verify": {"enabled": a.verify, "checked": checked, "failures": failures},

@@ -4,6 +4,7 @@ pub mod activation;
 pub mod control;
 pub mod handover;
 pub mod jobs;
+pub mod metrics;
 pub mod nbd;
 pub mod request;
 pub mod restart;
@@ -98,6 +99,10 @@ pub struct Args {
     /// unix:PATH or a socket path (see docs/nbd.md).
     #[arg(long, value_name = "ADDR")]
     nbd: Option<String>,
+    /// Serve Prometheus metrics on HTTP at /metrics: HOST:PORT, [IPV6]:PORT,
+    /// PORT (on 127.0.0.1), unix:PATH or a socket path (docs/operations.md).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// TLS for --nbd: a directory with server-cert.pem and server-key.pem
     /// (qemu-nbd's layout); every NBD client must then start TLS.
     #[arg(long = "nbd-tls-creds", value_name = "DIR")]
@@ -234,6 +239,7 @@ pub fn run(a: Args) -> CliResult<u8> {
     let mut nbd_threads = a.nbd_iothreads;
     let mut nbd_poll = a.nbd_poll_us;
     let mut groups = std::collections::BTreeMap::new();
+    let mut metrics_addr = a.metrics.clone();
     let (mut specs, control, nbd_addr): (Vec<ExportSpec>, _, _) = match &a.config {
         Some(path) => {
             let cfg = ConfigFile::load(path)?;
@@ -245,6 +251,7 @@ pub fn run(a: Args) -> CliResult<u8> {
             }
             let control = a.control.clone().or(cfg.control);
             let nbd = a.nbd.clone().or(cfg.nbd);
+            metrics_addr = metrics_addr.or(cfg.metrics);
             nbd_tls = nbd_tls.or(cfg.nbd_tls_creds);
             nbd_threads = nbd_threads.or(cfg.nbd_iothreads);
             nbd_poll = nbd_poll.or(cfg.nbd_poll_us);
@@ -267,6 +274,9 @@ pub fn run(a: Args) -> CliResult<u8> {
     };
     // Checked before anything is opened or handed over.
     let nbd_addr = nbd_addr.as_deref().map(crate::nbd_addr::Addr::parse).transpose()?;
+    if let Some(m) = &metrics_addr {
+        metrics::http::parse(m)?;
+    }
     if let Some(i) = &mut incoming {
         // The old process stops its exports only now, and says the state
         // each one stopped in (or to quit: then no image is touched).
@@ -346,6 +356,19 @@ pub fn run(a: Args) -> CliResult<u8> {
         }
         println!("spindle: control socket {}", path.display());
     }
+    let _metrics = match &metrics_addr {
+        Some(m) => match metrics::http::listen(m, server.clone()) {
+            Ok(l) => {
+                println!("spindle: metrics on {}", l.describe());
+                Some(l)
+            }
+            Err(e) => {
+                let _ = server.remove_all();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     for s in activation::unclaimed() {
         eprintln!("spindle: warning: socket {s} was passed in but matches no export's socket or name");
     }

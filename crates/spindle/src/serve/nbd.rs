@@ -45,6 +45,8 @@ pub struct NbdFront {
     /// Stopped (shutdown, or a handover that went ahead): it offers
     /// nothing any more.
     stopped: AtomicBool,
+    /// Where each I/O thread's time goes.
+    times: Vec<Arc<spindle_io::ThreadTimes>>,
 }
 
 /// Clients at once; more wait in the listen backlog (each connection is
@@ -91,6 +93,7 @@ impl NbdFront {
             },
         );
         let stop = server.stop_handle();
+        let times = server.thread_times();
         let thread = std::thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || {
@@ -110,7 +113,13 @@ impl NbdFront {
             stop,
             thread: Mutex::new(Some(thread)),
             stopped: AtomicBool::new(false),
+            times,
         })
+    }
+
+    /// Where each I/O thread spent its time, by thread.
+    pub fn thread_times(&self) -> Vec<spindle_io::ThreadTimesSnapshot> {
+        self.times.iter().map(|t| t.snapshot()).collect()
     }
 
     /// How it was started, with the port bound.

@@ -168,8 +168,13 @@ pub fn execute(server: &Server, req: Request) -> Result<Value, BlockError> {
         }
         Request::Stats { name } => {
             let s = server.stats(&name)?;
-            json!({"ok": true, "name": name, "stats": s.stats, "queue_requests": s.queue_requests,
-                   "nbd_requests": s.nbd_requests, "nbd_connections": s.nbd_connections, "throttle": s.throttle})
+            let mut v = json!({"ok": true, "name": name, "stats": s.stats, "queue_requests": s.queue_requests,
+                   "nbd_requests": s.nbd_requests, "nbd_connections": s.nbd_connections, "throttle": s.throttle});
+            // The figures the metrics endpoint exports, from the same counters.
+            if let Value::Object(o) = &mut v {
+                o.extend(super::metrics::stats_json(server, &name)?);
+            }
+            v
         }
         Request::Throttle { name, limits } => {
             let t = server.set_throttle(&name, none_is_empty(&limits))?;

@@ -414,6 +414,8 @@ pub struct ConfigFile {
     pub control: Option<PathBuf>,
     /// NBD listening address (as `--nbd`).
     pub nbd: Option<String>,
+    /// Metrics endpoint address (as `--metrics`).
+    pub metrics: Option<String>,
     /// TLS credentials directory for NBD (as `--nbd-tls-creds`).
     pub nbd_tls_creds: Option<PathBuf>,
     /// I/O threads of the NBD server (as `--nbd-iothreads`).

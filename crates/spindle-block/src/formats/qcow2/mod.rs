@@ -11,6 +11,7 @@ mod amend;
 mod cache;
 pub mod check;
 mod compress;
+mod counters;
 pub mod create;
 mod entry;
 pub mod header;
@@ -36,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use crate::info::Qcow2Info;
 pub use check::{check, CheckMode, CheckReport};
+pub use counters::Qcow2Counters;
 pub use create::{create, create_on, CreateOptions, Preallocation};
 pub use vmstate::VmStateOptions;
 
@@ -91,6 +93,8 @@ pub struct Qcow2 {
     health: std::sync::Arc<meta::Health>,
     /// Test-only fault injection, shared with the metadata.
     faults: Option<std::sync::Arc<fault::Injector>>,
+    /// Cache and allocator counters, shared with the metadata.
+    counters: std::sync::Arc<counters::Counters>,
 }
 
 impl Drop for Qcow2 {
@@ -219,7 +223,9 @@ impl Qcow2 {
         let dirty = hdr.incompatible & INCOMPAT_DIRTY != 0;
         let faults = opts.inject.map(|p| std::sync::Arc::new(fault::Injector::new(p)));
         let health = std::sync::Arc::new(meta::Health::default());
+        let counters = std::sync::Arc::new(counters::Counters::default());
         let q = Qcow2 {
+            counters: counters.clone(),
             health: health.clone(),
             faults: faults.clone(),
             repair_pending: std::sync::atomic::AtomicBool::new(dirty && !read_only),
@@ -235,7 +241,15 @@ impl Qcow2 {
             tlb_id: tlb::new_id(),
             map_gen: AtomicU64::new(0),
             meta: Mutex::new({
-                let mut m = Meta::new(hdr, l1, rct, file_len, (slice as usize, slices), faults, health);
+                let mut m = Meta::new(
+                    hdr,
+                    l1,
+                    rct,
+                    file_len,
+                    (slice as usize, slices),
+                    faults,
+                    (health, counters),
+                );
                 m.snapshots_table_len = snapshot_table_len;
                 // Spindle implements no autoclear feature: opened
                 // writable, they all go with the next header write.
@@ -285,6 +299,11 @@ impl Qcow2 {
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// What the metadata caches and the allocator did since the open.
+    pub fn counters(&self) -> Qcow2Counters {
+        self.counters.snapshot(1 << self.cluster_bits)
     }
 
     /// Format facts.

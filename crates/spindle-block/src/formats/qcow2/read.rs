@@ -82,6 +82,7 @@ impl Qcow2 {
         let gen = self.map_gen.load(Ordering::SeqCst);
         let mut out: Vec<(u64, u64, Piece)> = Vec::new();
         let mut pos = off;
+        let mut hits = 0;
         while pos < off + len {
             let Some((raw, bmp)) = tlb::get(self.tlb_id, gen, pos >> self.cluster_bits) else {
                 break;
@@ -89,8 +90,11 @@ impl Qcow2 {
             let (p, n) = self.piece_of(raw, bmp, pos, off + len - pos)?;
             push_piece(&mut out, pos, n, p);
             pos += n;
+            hits += 1;
         }
-        if pos == off + len {
+        let missed = pos != off + len;
+        self.counters.thread_lookup(hits, missed);
+        if !missed {
             return Ok(out);
         }
         out.clear();

@@ -67,6 +67,8 @@ pub struct Meta {
     faults: Option<Arc<Injector>>,
     /// Shared with the image.
     health: Arc<Health>,
+    /// Cache and allocator counters, shared with the image.
+    pub(super) counters: Arc<super::counters::Counters>,
     l2: TableCache,
     rc_table: Vec<u64>,
     rc_table_dirty: bool,
@@ -101,7 +103,7 @@ impl Meta {
         file_len: u64,
         l2_cache: (usize, usize),
         faults: Option<Arc<Injector>>,
-        health: Arc<Health>,
+        (health, counters): (Arc<Health>, Arc<super::counters::Counters>),
     ) -> Meta {
         let cs = hdr.cluster_size() as usize;
         let rc_cap = ((1usize << 20) / cs).max(8);
@@ -117,6 +119,7 @@ impl Meta {
             inactive_l2: overlap::Inactive::default(),
             faults,
             health,
+            counters,
             hdr,
             l1,
             l2: TableCache::new(l2_cache.0, l2_cache.1),
@@ -295,7 +298,9 @@ impl Meta {
     }
 
     async fn l2_slice(&mut self, f: &Storage, off: u64) -> Result<&mut super::cache::Entry> {
-        if self.l2.get(off).is_none() {
+        let hit = self.l2.get(off).is_some();
+        self.counters.l2(hit);
+        if !hit {
             if self.l2.full() {
                 if let Some((victim, dirty)) = self.l2.victim() {
                     if dirty {

@@ -70,7 +70,9 @@ impl Meta {
     }
 
     pub(super) async fn rc_block(&mut self, f: &Storage, off: u64) -> Result<&mut super::super::cache::Entry> {
-        if self.rc.get(off).is_none() {
+        let hit = self.rc.get(off).is_some();
+        self.counters.refcount(hit);
+        if !hit {
             self.evict_rc_if_full(f).await?;
             let buf = self.read_buf(f, off, self.cs() as usize).await?;
             self.rc.insert(off, buf, false);
@@ -276,6 +278,7 @@ impl Meta {
         for c in start..start + n {
             self.set_refcount(f, c, 1).await?;
         }
+        self.counters.allocated(n);
         Ok(start * self.cs())
     }
 
