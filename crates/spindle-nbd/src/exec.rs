@@ -16,7 +16,8 @@ use crate::transmission::{self as tx, Command};
 use spindle_block::{BlockError, Extent, Node};
 use spindle_export::stats::Op;
 use spindle_export::throttle::Direction;
-use spindle_io::SgList;
+use spindle_io::trace::{NBD_COMPLETE, NBD_SUBMIT};
+use spindle_io::{traced, SgList};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -60,6 +61,11 @@ impl From<Vec<SgList>> for Reply {
 pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Option<Buf>) {
     let dev = conn.export.dev.clone();
     let (op, bytes) = classify(&cmd);
+    if spindle_io::trace_on!(NBD_SUBMIT) {
+        let (name, offset, len) = describe(&cmd);
+        traced!(NBD_SUBMIT, export = %conn.export.settings.name, lane = conn.lane, cookie, op = name, offset, len, "request");
+    }
+    let arrived = spindle_io::trace_on!(NBD_COMPLETE).then(Instant::now);
     // The throttle first, before the gate: a throttled request holds no
     // pass a snapshot would wait for; while the gate is held (or the
     // export goes) its turn comes at once.
@@ -106,6 +112,13 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
     let ns = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
     dev.lane_stats(conn.lane)
         .record(if ok { op } else { Op::Other }, if ok { bytes } else { 0 }, ok, ns);
+    if let Some(arrived) = arrived {
+        let (name, offset, len) = describe(&cmd);
+        // `us` from the gate on, as the statistics count; `waited_us` from
+        // arrival (the throttle and the gate included).
+        traced!(NBD_COMPLETE, export = %conn.export.settings.name, lane = conn.lane, cookie, op = name, offset, len, ok,
+            us = ns / 1000, waited_us = arrived.elapsed().as_micros() as u64, "request done");
+    }
     let refs: Vec<&SgList> = reply.parts.iter().collect();
     conn.send(&refs).await
 }
@@ -128,6 +141,20 @@ fn classify(cmd: &Command) -> (Op, u64) {
         Command::Trim { len, .. } => (Op::Discard, len as u64),
         Command::WriteZeroes { len, .. } => (Op::WriteZeroes, len as u64),
         _ => (Op::Other, 0),
+    }
+}
+
+/// What a trace line calls a command, with its range.
+fn describe(cmd: &Command) -> (&'static str, u64, u32) {
+    match *cmd {
+        Command::Read { offset, len, .. } => ("read", offset, len),
+        Command::Write { offset, len, .. } => ("write", offset, len),
+        Command::Flush => ("flush", 0, 0),
+        Command::Trim { offset, len, .. } => ("trim", offset, len),
+        Command::Cache { offset, len } => ("cache", offset, len),
+        Command::WriteZeroes { offset, len, .. } => ("write_zeroes", offset, len),
+        Command::BlockStatus { offset, len, .. } => ("block_status", offset, len),
+        Command::Disconnect => ("disconnect", 0, 0),
     }
 }
 
