@@ -63,7 +63,7 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
     let (op, bytes) = classify(&cmd);
     if spindle_io::trace_on!(NBD_SUBMIT) {
         let (name, offset, len) = describe(&cmd);
-        traced!(NBD_SUBMIT, export = %conn.export.settings.name, lane = conn.lane, cookie, op = name, offset, len, "request");
+        traced!(NBD_SUBMIT, export = %conn.export.settings.name, lane = conn.lane, cookie, op = %name, offset, len, "request");
     }
     let arrived = spindle_io::trace_on!(NBD_COMPLETE).then(Instant::now);
     // The throttle first, before the gate: a throttled request holds no
@@ -116,7 +116,7 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
         let (name, offset, len) = describe(&cmd);
         // `us` from the gate on, as the statistics count; `waited_us` from
         // arrival (the throttle and the gate included).
-        traced!(NBD_COMPLETE, export = %conn.export.settings.name, lane = conn.lane, cookie, op = name, offset, len, ok,
+        traced!(NBD_COMPLETE, export = %conn.export.settings.name, lane = conn.lane, cookie, op = %name, offset, len, ok,
             us = ns / 1000, waited_us = arrived.elapsed().as_micros() as u64, "request done");
     }
     let refs: Vec<&SgList> = reply.parts.iter().collect();

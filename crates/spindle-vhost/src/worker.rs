@@ -499,7 +499,9 @@ fn spawn_request(
     let sh = w.shared.clone();
     if spindle_io::trace_on!(VHOST_SUBMIT) {
         let (name, offset, reason) = describe(&parsed);
-        traced!(VHOST_SUBMIT, export = %sh.dev.cfg.name, queue, head, op = name, offset, bytes, reason, "request");
+        // A refused or dropped request says why.
+        let reason = (!reason.is_empty()).then_some(reason);
+        traced!(VHOST_SUBMIT, export = %sh.dev.cfg.name, queue, head, op = %name, offset, bytes, reason, "request");
     }
     // Only what the completion line needs, and only while it is on.
     let traced = spindle_io::trace_on!(VHOST_COMPLETE).then(|| describe(&parsed));
@@ -533,8 +535,8 @@ fn spawn_request(
         let ns = start.elapsed().as_nanos() as u64;
         sh.dev.queue_stats(queue).record(op, bytes, ok, ns);
         if let Some((name, offset, _)) = traced {
-            traced!(VHOST_COMPLETE, export = %sh.dev.cfg.name, queue, head, op = name, offset, bytes,
-                status = status_name(c.status), us = ns / 1000, "request done");
+            traced!(VHOST_COMPLETE, export = %sh.dev.cfg.name, queue, head, op = %name, offset, bytes,
+                status = %status_name(c.status), us = ns / 1000, "request done");
         }
         sh.done.borrow_mut()[local].push((head, c.used_len));
     });

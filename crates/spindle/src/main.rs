@@ -32,21 +32,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    use tracing_subscriber::prelude::*;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SPINDLE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .without_time()
-        .finish()
-        // The rust-vmm crates' lines (a frontend can trigger them) get the
-        // same rate limit as the data plane's own.
-        .with(spindle_export::LibraryLogs::default())
-        .init();
+    spindle::logging::init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
