@@ -7,6 +7,7 @@ pub mod jobs;
 pub mod nbd;
 pub mod request;
 pub mod restart;
+pub mod sd_notify;
 pub mod server;
 pub mod spec;
 pub mod throttle;
@@ -325,10 +326,14 @@ pub fn run(a: Args) -> CliResult<u8> {
                 ""
             }
         );
-        println!("{}", attach_lines(&export));
-        // Offered over NBD (not `nbd = false`): how to reach it there.
-        if let Some(f) = server.nbd().filter(|f| f.connections(&d.cfg.name).is_some()) {
-            println!("{}", f.lines(&d.cfg.name));
+        // The multi-line hints are for a terminal, not the journal (one
+        // line per event there; `spindle libvirt` prints them on request).
+        if !crate::logging::stdout_is_journal() {
+            println!("{}", attach_lines(&export));
+            // Offered over NBD (not `nbd = false`): how to reach it there.
+            if let Some(f) = server.nbd().filter(|f| f.connections(&d.cfg.name).is_some()) {
+                println!("{}", f.lines(&d.cfg.name));
+            }
         }
     }
     if passed > 0 && incoming.is_none() {
@@ -349,9 +354,9 @@ pub fn run(a: Args) -> CliResult<u8> {
         eprintln!("spindle: warning: socket {s} was passed in but matches no export's socket or name");
     }
     use std::io::Write;
-    // Before `serving`, so that the service manager hears READY=1 before
-    // the old process's MAINPID= naming this one.
-    handover::notify("READY=1");
+    // Before `serving`: the old process exits once it hears that, and
+    // this one must be the main one by then.
+    sd_notify::ready(server.list().len(), incoming.is_some());
     if let Some(i) = incoming {
         println!("spindle: took over {passed} socket(s) from the previous process");
         i.serving();
@@ -364,19 +369,24 @@ pub fn run(a: Args) -> CliResult<u8> {
             break sig;
         }
         eprintln!("spindle: SIGUSR2: handing the sockets over to a new process");
+        sd_notify::reloading();
         match handover::hand_over(&server, a.delay_io.as_deref()) {
             Ok(pid) => {
-                handover::notify(&format!("MAINPID={pid}"));
+                sd_notify::handed_over(pid);
                 eprintln!("spindle: SIGUSR2: handed over to process {pid}; exiting");
                 return Ok(0);
             }
-            Err(e) => eprintln!("spindle: SIGUSR2: the handover failed, still serving: {e}"),
+            Err(e) => {
+                eprintln!("spindle: SIGUSR2: the handover failed, still serving: {e}");
+                sd_notify::handover_failed(server.list().len());
+            }
         }
     };
     eprintln!(
         "spindle: {}: finishing in-flight requests, flushing, exiting (again to exit at once)",
         name(sig)
     );
+    sd_notify::stopping(name(sig));
     // Stopping waits for the exports (at most server::STOP_TIMEOUT); a
     // second signal ends the wait.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -394,7 +404,7 @@ pub fn run(a: Args) -> CliResult<u8> {
             if let Some(sig) = signals.forever().next() {
                 eprintln!("spindle: {} again: exiting without waiting for the exports", name(sig));
                 if let Some(path) = &control_file {
-                    let _ = std::fs::remove_file(path);
+                    control::remove_socket_file(path);
                 }
                 std::process::exit(1);
             }
@@ -407,7 +417,7 @@ pub fn run(a: Args) -> CliResult<u8> {
         f.stop();
     }
     if let Some(path) = &control {
-        let _ = std::fs::remove_file(path);
+        control::remove_socket_file(path);
     }
     res.map(|_| 0)
 }
