@@ -1,6 +1,8 @@
 //! `spindle serve` under systemd's conventions, without a systemd: its
-//! sd_notify messages (a datagram socket stands in for systemd's) and its
-//! log as the journal would get it.
+//! sd_notify messages (a datagram socket stands in for systemd's), its log
+//! as the journal would get it, and the units shipped in contrib/systemd
+//! (checked by `systemd-analyze verify`, and their socket paths served
+//! through `systemd-socket-activate`).
 
 mod common;
 
@@ -211,4 +213,143 @@ fn under_the_journal_lines_carry_their_priority_and_stay_single() {
     signal(&child, libc::SIGTERM);
     assert!(wait(&mut child, Duration::from_secs(60)).success());
     assert!(!read(d, "stderr.log").contains("<6>") && !read(d, "stderr.log").contains("<4>"));
+}
+
+fn contrib() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/systemd")
+}
+
+const UNITS: [&str; 3] = ["spindle@.service", "spindle@.socket", "spindle-control@.socket"];
+
+/// `systemd-analyze verify` of `units` (templates, as instance `vm1`) in
+/// `dir`: its status and what it printed (it warns, exit status 0, about
+/// unknown keys and bad values: a clean unit prints nothing).
+fn verify(dir: &Path, units: &[&str]) -> (bool, String) {
+    let mut args = vec!["verify".to_string(), "--man=no".to_string()];
+    for u in units {
+        let inst = u.replacen("@.", "@vm1.", 1);
+        let link = dir.join(&inst);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(dir.join(u), &link).unwrap();
+        args.push(p(&link).to_string());
+    }
+    let out = Command::new("systemd-analyze")
+        .args(&args)
+        .output()
+        .expect("systemd-analyze is required: install it with `apt-get install -y systemd`");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_shipped_units_verify() {
+    let dir = scratch();
+    let d = dir.path();
+    // The service's binary must exist for `verify`: this build's, in
+    // place of /usr/local/bin/spindle (the only change).
+    for u in UNITS {
+        let text = std::fs::read_to_string(contrib().join(u)).unwrap();
+        assert!(
+            !u.ends_with(".service")
+                || text.contains("ExecStart=/usr/local/bin/spindle serve --config /etc/spindle/%i.toml"),
+            "{u}"
+        );
+        std::fs::write(
+            d.join(u),
+            text.replace("/usr/local/bin/spindle", env!("CARGO_BIN_EXE_spindle")),
+        )
+        .unwrap();
+    }
+    let (ok, text) = verify(d, &UNITS);
+    assert!(ok && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
+    // The check can fail: a unit with a key systemd does not know.
+    let bad = std::fs::read_to_string(d.join("spindle@.service"))
+        .unwrap()
+        .replace("Type=notify", "Type=notify\nProtectSystems=full");
+    std::fs::write(d.join("bad@.service"), bad).unwrap();
+    let (_, text) = verify(d, &["bad@.service"]);
+    assert!(text.contains("Unknown key"), "a bad unit passed:\n{text}");
+}
+
+/// `ListenStream=` of a shipped socket unit, instance `vm1`, under `run`
+/// instead of /run/spindle.
+fn listen(unit: &str, run: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(contrib().join(unit)).unwrap();
+    let l = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ListenStream="))
+        .unwrap_or_else(|| panic!("{unit} has no ListenStream="));
+    PathBuf::from(l.replace("%i", "vm1").replace("/run/spindle", p(run)))
+}
+
+/// The example config and the socket units agree: started with both
+/// units' sockets passed in (as systemd would pass them, names included),
+/// Spindle serves the export and the control socket on them and binds
+/// nothing of its own.
+#[test]
+fn the_example_config_serves_the_socket_units_sockets() {
+    common::need("systemd-socket-activate");
+    let dir = scratch();
+    let d = dir.path();
+    let run = d.join("run");
+    std::fs::create_dir_all(run.join("vm1")).unwrap();
+    let img = image(d);
+    let (disk, control) = (listen("spindle@.socket", &run), listen("spindle-control@.socket", &run));
+    let config = std::fs::read_to_string(contrib().join("vm1.toml"))
+        .unwrap()
+        .replace("/run/spindle", p(&run))
+        .replace("/var/lib/spindle/vm1.qcow2", p(&img));
+    assert!(config.contains(p(&disk)) && config.contains(p(&control)), "{config}");
+    let cfg = d.join("vm1.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let mut act = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&disk)
+        .arg("-l")
+        .arg(&control)
+        // systemd names a socket after its unit unless FileDescriptorName= says.
+        .arg("--fdname=spindle@vm1.socket:control")
+        .args([env!("CARGO_BIN_EXE_spindle"), "serve", "--config", p(&cfg)])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(d.join("stdout.log")).unwrap())
+        .stderr(std::fs::File::create(d.join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // The first connection starts it.
+    let start = Instant::now();
+    while !disk.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(UnixStream::connect(&disk).unwrap());
+    let start = Instant::now();
+    let list = loop {
+        if read(d, "stdout.log").contains("spindle: control socket") {
+            break common::serve::ctl_at(&control, &serde_json::json!({"cmd": "list"}));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}{}",
+            read(d, "stdout.log"),
+            read(d, "stderr.log")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(list["exports"][0]["name"], "vm1", "{list}");
+    assert_eq!(list["exports"][0]["socket"], p(&disk), "{list}");
+    bench_one(&disk);
+    signal(&act, libc::SIGTERM);
+    assert!(wait(&mut act, Duration::from_secs(60)).success());
+    let (out, err) = (read(d, "stdout.log"), read(d, "stderr.log"));
+    assert!(
+        out.contains("serving 2 socket(s) passed in by the service manager"),
+        "{out}{err}"
+    );
+    assert!(!err.contains("matches no export"), "{err}");
+    // Passed sockets are systemd's: left in place.
+    assert!(disk.exists() && control.exists());
 }
