@@ -1,6 +1,6 @@
 //! `spindle`: the command-line entry point.
 
-use spindle::{bench, ctl, doctor, img, nbd, serve, vm};
+use spindle::{bench, ctl, doctor, img, libvirt, nbd, serve, vm};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -29,6 +29,8 @@ enum Cmd {
     Vm(vm::Args),
     /// Check the host and images for slow or unsafe settings, with the fix for each.
     Doctor(doctor::Args),
+    /// Print the libvirt <disk> (and <memoryBacking>) elements of a running daemon's exports.
+    Libvirt(libvirt::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Cmd::Ctl(a) => exit(ctl::run(a)),
         Cmd::Vm(a) => exit(vm::run(a)),
         Cmd::Doctor(a) => exit(doctor::run(a)),
+        Cmd::Libvirt(a) => exit(libvirt::run(a)),
     }
 }
 

@@ -18,8 +18,33 @@ fn image(dir: &Path) -> PathBuf {
     img
 }
 
+/// A child process, killed if a failed assertion leaves it running.
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `spindle serve ARGS` with `env`, stdout and stderr in files of `dir`.
-fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let out = std::fs::File::create(dir.join("stdout.log")).unwrap();
     let err = std::fs::File::create(dir.join("stderr.log")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_spindle"))
@@ -31,6 +56,7 @@ fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
         .stdout(out)
         .stderr(err)
         .spawn()
+        .map(Proc)
         .expect("spawn spindle serve")
 }
 
@@ -166,6 +192,7 @@ fn under_the_journal_lines_carry_their_priority_and_stay_single() {
         .stdout(f.try_clone().unwrap())
         .stderr(f)
         .spawn()
+        .map(Proc)
         .unwrap();
     let start = Instant::now();
     while UnixStream::connect(&ctl).is_err() {
@@ -318,6 +345,7 @@ fn the_example_config_serves_the_socket_units_sockets() {
         .stdout(std::fs::File::create(d.join("stdout.log")).unwrap())
         .stderr(std::fs::File::create(d.join("stderr.log")).unwrap())
         .spawn()
+        .map(Proc)
         .unwrap();
     // The first connection starts it.
     let start = Instant::now();

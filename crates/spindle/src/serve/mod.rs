@@ -200,17 +200,33 @@ fn ensure_default_image() -> CliResult<()> {
     Ok(())
 }
 
-/// How to attach an export, for QEMU and for libvirt.
-pub fn attach_lines(e: &spindle_vhost::Export) -> String {
+/// How to attach an export serving `image`, for QEMU and for libvirt
+/// (the same element `spindle libvirt` prints).
+pub fn attach_lines(e: &spindle_vhost::Export, image: &str) -> String {
     let sock = e.socket.display();
-    let q = e.dev.cfg.iothreads;
+    let cfg = &e.dev.cfg;
+    let q = crate::libvirt::queues(cfg.iothreads, cfg.num_queues);
     let id = format!(
         "spindle-{}",
-        e.dev.cfg.name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        cfg.name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
     );
+    let disk = crate::libvirt::Disk {
+        name: cfg.name.clone(),
+        image: image.to_string(),
+        format: e.dev.slot.info().format.to_string(),
+        size: e.dev.capacity(),
+        socket: sock.to_string(),
+        queues: q,
+        serial: cfg.serial.clone(),
+        readonly: cfg.read_only,
+    };
+    let xml = crate::libvirt::vhostuser_disk(&disk, "vdb", &format!("ua-{id}"))
+        .unwrap_or_else(|why| format!("(no libvirt element: {why})"));
     format!(
         "QEMU (guest RAM must be shared):\n  qemu-system-x86_64 ... \\\n    -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem \\\n    -chardev socket,id={id},path={sock},reconnect=1 \\\n    -device vhost-user-blk-pci,chardev={id},num-queues={q}\n\
-libvirt (inside <domain>; needs <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>):\n  <disk type='vhostuser' device='disk'>\n    <driver name='qemu' type='raw' queues='{q}'/>\n    <source type='unix' path='{sock}'><reconnect enabled='yes' timeout='1'/></source>\n    <target dev='vdb' bus='virtio'/>\n  </disk>"
+libvirt (inside <domain>; needs <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>; \
+`spindle libvirt -c CTL` prints the elements):\n  {}",
+        xml.replace('\n', "\n  ")
     )
 }
 
@@ -329,7 +345,7 @@ pub fn run(a: Args) -> CliResult<u8> {
         // The multi-line hints are for a terminal, not the journal (one
         // line per event there; `spindle libvirt` prints them on request).
         if !crate::logging::stdout_is_journal() {
-            println!("{}", attach_lines(&export));
+            println!("{}", attach_lines(&export, &image));
             // Offered over NBD (not `nbd = false`): how to reach it there.
             if let Some(f) = server.nbd().filter(|f| f.connections(&d.cfg.name).is_some()) {
                 println!("{}", f.lines(&d.cfg.name));

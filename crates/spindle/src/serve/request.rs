@@ -165,7 +165,8 @@ fn one_line(s: &str) -> String {
 /// Carries out `req`; the reply when it worked.
 pub fn execute(server: &Server, req: Request) -> Result<Value, BlockError> {
     Ok(match req {
-        Request::List {} => json!({"ok": true, "pid": std::process::id(), "exports": server.list()}),
+        Request::List {} => json!({"ok": true, "pid": std::process::id(), "exports": server.list(),
+            "nbd": server.nbd().map(|f| f.describe())}),
         Request::Add { export } => {
             let e = server.add(*export)?;
             json!({"ok": true, "name": e.dev.cfg.name, "socket": e.socket.display().to_string(), "size": e.dev.capacity()})
