@@ -34,6 +34,13 @@ apt-get install -y -qq python3-prometheus-client >/dev/null
 # (librbd1, librados2: ceph-common pulls them in; named to be sure), and
 # qemu-img's rbd driver (qemu-block-extra; after qemu-utils, above).
 apt-get install -y -qq ceph-mon ceph-osd ceph-common librbd1 librados2 qemu-block-extra >/dev/null
+# libvirt (tests/libvirt.rs): virt-xml-validate (libvirt-clients; it runs
+# xmllint from libxml2-utils), virsh, and a private unprivileged libvirtd
+# with the QEMU driver (no system service is used or needed).
+apt-get install -y -qq --no-install-recommends libvirt-clients libxml2-utils libvirt-daemon libvirt-daemon-driver-qemu >/dev/null
+# systemd-analyze and systemd-socket-activate (the unit tests); in
+# Debian's base system, named to be sure.
+apt-get install -y -qq systemd >/dev/null
 qemu-img --version | head -1
 qemu-system-x86_64 --version | head -1
 

@@ -28,11 +28,13 @@ pub mod net;
 mod op;
 mod poll;
 mod range_lock;
+pub mod ratelimit;
 mod reactor;
 mod runtime;
 mod sg;
 pub mod time;
 pub mod times;
+pub mod trace;
 
 pub use buf::AlignedBuf;
 pub use cache::CacheMode;

@@ -16,7 +16,8 @@ use crate::transmission::{self as tx, Command};
 use spindle_block::{BlockError, Extent, Node};
 use spindle_export::stats::Op;
 use spindle_export::throttle::Direction;
-use spindle_io::SgList;
+use spindle_io::trace::{NBD_COMPLETE, NBD_SUBMIT};
+use spindle_io::{traced, SgList};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -62,6 +63,11 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
     let (op, bytes) = classify(&cmd);
     // In flight from here until its `record` below.
     dev.lane_stats(conn.lane).start();
+    if spindle_io::trace_on!(NBD_SUBMIT) {
+        let (name, offset, len) = describe(&cmd);
+        traced!(NBD_SUBMIT, export = %conn.export.settings.name, lane = conn.lane, cookie, op = %name, offset, len, "request");
+    }
+    let arrived = spindle_io::trace_on!(NBD_COMPLETE).then(Instant::now);
     // The throttle first, before the gate: a throttled request holds no
     // pass a snapshot would wait for; while the gate is held (or the
     // export goes) its turn comes at once.
@@ -109,6 +115,13 @@ pub(crate) async fn run(conn: Rc<Conn>, cookie: u64, cmd: Command, payload: Opti
     // A failed request counts under its kind, as vhost-user's do (its
     // bytes only when it succeeded).
     dev.lane_stats(conn.lane).record(op, bytes, ok, ns);
+    if let Some(arrived) = arrived {
+        let (name, offset, len) = describe(&cmd);
+        // `us` from the gate on, as the statistics count; `waited_us` from
+        // arrival (the throttle and the gate included).
+        traced!(NBD_COMPLETE, export = %conn.export.settings.name, lane = conn.lane, cookie, op = %name, offset, len, ok,
+            us = ns / 1000, waited_us = arrived.elapsed().as_micros() as u64, "request done");
+    }
     let refs: Vec<&SgList> = reply.parts.iter().collect();
     conn.send(&refs).await
 }
@@ -131,6 +144,20 @@ fn classify(cmd: &Command) -> (Op, u64) {
         Command::Trim { len, .. } => (Op::Discard, len as u64),
         Command::WriteZeroes { len, .. } => (Op::WriteZeroes, len as u64),
         _ => (Op::Other, 0),
+    }
+}
+
+/// What a trace line calls a command, with its range.
+fn describe(cmd: &Command) -> (&'static str, u64, u32) {
+    match *cmd {
+        Command::Read { offset, len, .. } => ("read", offset, len),
+        Command::Write { offset, len, .. } => ("write", offset, len),
+        Command::Flush => ("flush", 0, 0),
+        Command::Trim { offset, len, .. } => ("trim", offset, len),
+        Command::Cache { offset, len } => ("cache", offset, len),
+        Command::WriteZeroes { offset, len, .. } => ("write_zeroes", offset, len),
+        Command::BlockStatus { offset, len, .. } => ("block_status", offset, len),
+        Command::Disconnect => ("disconnect", 0, 0),
     }
 }
 

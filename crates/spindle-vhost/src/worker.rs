@@ -37,7 +37,8 @@ use spindle_export::ratelimit::limited;
 use spindle_export::stats::Op;
 use spindle_export::throttle::Direction;
 use spindle_io::times::Phase;
-use spindle_io::Runtime;
+use spindle_io::trace::{VHOST_COMPLETE, VHOST_SUBMIT};
+use spindle_io::{traced, Runtime};
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
@@ -469,6 +470,36 @@ fn classify(p: &Parsed) -> (Op, u64) {
     }
 }
 
+/// What a trace line calls a request, its first byte and its reason
+/// (a refused one's).
+fn describe(p: &Parsed) -> (&'static str, u64, &'static str) {
+    match p {
+        Parsed::Request(r) => {
+            let first = |v: &[crate::blk::request::Range]| v.first().map_or(0, |r| r.sector * 512);
+            match &r.kind {
+                RequestKind::Read => ("read", r.sector * 512, ""),
+                RequestKind::Write => ("write", r.sector * 512, ""),
+                RequestKind::Flush => ("flush", 0, ""),
+                RequestKind::GetId => ("get_id", 0, ""),
+                RequestKind::Discard(v) => ("discard", first(v), ""),
+                RequestKind::WriteZeroes(v) => ("write_zeroes", first(v), ""),
+            }
+        }
+        Parsed::Fail { reason, .. } => ("refused", 0, reason),
+        Parsed::Drop { reason } => ("dropped", 0, reason),
+    }
+}
+
+/// A virtio-blk status byte by name.
+fn status_name(status: Option<u8>) -> &'static str {
+    match status {
+        Some(VIRTIO_BLK_S_OK) => "ok",
+        Some(crate::blk::request::VIRTIO_BLK_S_IOERR) => "ioerr",
+        Some(_) => "unsupp",
+        None => "none",
+    }
+}
+
 /// The span of the device a request changes (writes, write-zeroes and
 /// discards; the span around all ranges of a multi-range one), in bytes.
 fn written_span(p: &Parsed) -> Option<(u64, u64)> {
@@ -506,6 +537,14 @@ fn spawn_request(
     let sh = w.shared.clone();
     // In flight from here until its `record` below.
     sh.dev.queue_stats(queue).start();
+    if spindle_io::trace_on!(VHOST_SUBMIT) {
+        let (name, offset, reason) = describe(&parsed);
+        // A refused or dropped request says why.
+        let reason = (!reason.is_empty()).then_some(reason);
+        traced!(VHOST_SUBMIT, export = %sh.dev.cfg.name, queue, head, op = %name, offset, bytes, reason, "request");
+    }
+    // Only what the completion line needs, and only while it is on.
+    let traced = spindle_io::trace_on!(VHOST_COMPLETE).then(|| describe(&parsed));
     let task = w.rt.spawn_now(async move {
         // Reads and writes (write-zeroes and discards count as writes of
         // their length, as QEMU's throttle filter counts them) pass the
@@ -533,9 +572,12 @@ fn spawn_request(
             sh.dev.wrote(off, len);
         }
         let ok = c.status == Some(VIRTIO_BLK_S_OK);
-        sh.dev
-            .queue_stats(queue)
-            .record(op, bytes, ok, start.elapsed().as_nanos() as u64);
+        let ns = start.elapsed().as_nanos() as u64;
+        sh.dev.queue_stats(queue).record(op, bytes, ok, ns);
+        if let Some((name, offset, _)) = traced {
+            traced!(VHOST_COMPLETE, export = %sh.dev.cfg.name, queue, head, op = %name, offset, bytes,
+                status = %status_name(c.status), us = ns / 1000, "request done");
+        }
         sh.done.borrow_mut()[local].push((head, c.used_len));
     });
     task.detach();

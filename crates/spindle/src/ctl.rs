@@ -58,6 +58,14 @@ enum Cmd {
     },
     /// List the named throttle groups.
     ThrottleGroups,
+    /// Switch named trace events on or off while the daemon runs: FILTER is added to the
+    /// start-up filter (SPINDLE_LOG), e.g. 'spindle::qcow2::alloc=debug' or 'spindle::vhost=debug';
+    /// `off` removes what was added; without FILTER, shows the filter and the named targets
+    /// (docs/operations.md, "Tracing a slow device").
+    Trace {
+        /// `EnvFilter` directives, comma-separated, or `off`.
+        filter: Option<String>,
+    },
     /// Change an export's size.
     Resize {
         /// Export name.
@@ -141,6 +149,10 @@ pub fn run(a: Args) -> CliResult<u8> {
         Cmd::Throttle { name, limits } => json!({"cmd": "throttle", "name": name, "limits": limits}),
         Cmd::ThrottleGroup { name, limits } => json!({"cmd": "throttle_group", "name": name, "limits": limits}),
         Cmd::ThrottleGroups => json!({"cmd": "throttle_groups"}),
+        Cmd::Trace { filter } => match filter {
+            Some(f) => json!({"cmd": "trace", "filter": f}),
+            None => json!({"cmd": "trace"}),
+        },
         Cmd::Resize { name, size, shrink } => json!({"cmd": "resize", "name": name, "size": size, "shrink": shrink}),
         Cmd::Overlay { name, image } => json!({"cmd": "overlay", "name": name, "image": abs(image)}),
         Cmd::Commit {

@@ -6,6 +6,8 @@ pub mod bench;
 pub mod ctl;
 pub mod doctor;
 pub mod img;
+pub mod libvirt;
+pub mod logging;
 pub mod nbd;
 pub mod nbd_addr;
 pub mod serve;

@@ -1,6 +1,6 @@
 //! `spindle`: the command-line entry point.
 
-use spindle::{bench, ctl, doctor, img, nbd, serve, vm};
+use spindle::{bench, ctl, doctor, img, libvirt, nbd, serve, vm};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -29,24 +29,12 @@ enum Cmd {
     Vm(vm::Args),
     /// Check the host and images for slow or unsafe settings, with the fix for each.
     Doctor(doctor::Args),
+    /// Print the libvirt <disk> (and <memoryBacking>) elements of a running daemon's exports.
+    Libvirt(libvirt::Args),
 }
 
 fn main() -> ExitCode {
-    use tracing_subscriber::prelude::*;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SPINDLE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .without_time()
-        .finish()
-        // The rust-vmm crates' lines (a frontend can trigger them) get the
-        // same rate limit as the data plane's own.
-        .with(spindle_export::LibraryLogs::default())
-        .init();
+    spindle::logging::init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -62,6 +50,7 @@ fn main() -> ExitCode {
         Cmd::Ctl(a) => exit(ctl::run(a)),
         Cmd::Vm(a) => exit(vm::run(a)),
         Cmd::Doctor(a) => exit(doctor::run(a)),
+        Cmd::Libvirt(a) => exit(libvirt::run(a)),
     }
 }
 

@@ -146,6 +146,19 @@ impl Drop for SlotGuard {
     }
 }
 
+/// The control socket's file was bound by this process (not passed in by
+/// systemd or a handover, whose files are left in place).
+static BOUND_HERE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Removes the control socket's file at exit, if this process bound it:
+/// one passed in (socket activation, a handover) is left to whoever
+/// holds it, as the exports' are; a later start replaces a stale one.
+pub fn remove_socket_file(path: &Path) {
+    if BOUND_HERE.load(std::sync::atomic::Ordering::Acquire) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Listens on `path` and serves requests until the process exits, each
 /// connection on a thread of its own, at most [`MAX_CONNECTIONS`] at once.
 /// A control socket passed in (a handover, socket activation) is served
@@ -161,7 +174,9 @@ pub fn listen(path: &Path, server: Arc<Server>) -> std::io::Result<()> {
                 ));
             }
             spindle_vhost::export::claim_socket_path(path)?;
-            UnixListener::bind(path)?
+            let l = UnixListener::bind(path)?;
+            BOUND_HERE.store(true, std::sync::atomic::Ordering::Release);
+            l
         }
     };
     super::handover::set_control(&listener, path)?;

@@ -39,7 +39,7 @@ use serde::Serialize;
 use spindle_export::device::Migration;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -101,27 +101,6 @@ pub fn set_control(listener: &UnixListener, path: &Path) -> std::io::Result<()> 
         *c = Some((fd, path.to_owned()));
     }
     Ok(())
-}
-
-/// Tells the service manager `state` (sd_notify) when `NOTIFY_SOCKET` is
-/// set; a failure is only logged.
-pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sent = UnixDatagram::unbound().and_then(|s| {
-        let bytes = path.as_encoded_bytes();
-        if let Some(name) = bytes.strip_prefix(b"@") {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            s.send_to_addr(state.as_bytes(), &addr)
-        } else {
-            s.send_to(state.as_bytes(), &path)
-        }
-    });
-    if let Err(e) = sent {
-        eprintln!("spindle: warning: cannot notify the service manager ({state}): {e}");
-    }
 }
 
 /// The config file handed to the new process.

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod request;
 pub mod restart;
+pub mod sd_notify;
 pub mod server;
 pub mod spec;
 pub mod throttle;
@@ -204,17 +205,33 @@ fn ensure_default_image() -> CliResult<()> {
     Ok(())
 }
 
-/// How to attach an export, for QEMU and for libvirt.
-pub fn attach_lines(e: &spindle_vhost::Export) -> String {
+/// How to attach an export serving `image`, for QEMU and for libvirt
+/// (the same element `spindle libvirt` prints).
+pub fn attach_lines(e: &spindle_vhost::Export, image: &str) -> String {
     let sock = e.socket.display();
-    let q = e.dev.cfg.iothreads;
+    let cfg = &e.dev.cfg;
+    let q = crate::libvirt::queues(cfg.iothreads, cfg.num_queues);
     let id = format!(
         "spindle-{}",
-        e.dev.cfg.name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        cfg.name.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
     );
+    let disk = crate::libvirt::Disk {
+        name: cfg.name.clone(),
+        image: image.to_string(),
+        format: e.dev.slot.info().format.to_string(),
+        size: e.dev.capacity(),
+        socket: sock.to_string(),
+        queues: q,
+        serial: cfg.serial.clone(),
+        readonly: cfg.read_only,
+    };
+    let xml = crate::libvirt::vhostuser_disk(&disk, "vdb", &format!("ua-{id}"))
+        .unwrap_or_else(|why| format!("(no libvirt element: {why})"));
     format!(
         "QEMU (guest RAM must be shared):\n  qemu-system-x86_64 ... \\\n    -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem \\\n    -chardev socket,id={id},path={sock},reconnect=1 \\\n    -device vhost-user-blk-pci,chardev={id},num-queues={q}\n\
-libvirt (inside <domain>; needs <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>):\n  <disk type='vhostuser' device='disk'>\n    <driver name='qemu' type='raw' queues='{q}'/>\n    <source type='unix' path='{sock}'><reconnect enabled='yes' timeout='1'/></source>\n    <target dev='vdb' bus='virtio'/>\n  </disk>"
+libvirt (inside <domain>; needs <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>; \
+`spindle libvirt -c CTL` prints the elements):\n  {}",
+        xml.replace('\n', "\n  ")
     )
 }
 
@@ -336,10 +353,14 @@ pub fn run(a: Args) -> CliResult<u8> {
                 ""
             }
         );
-        println!("{}", attach_lines(&export));
-        // Offered over NBD (not `nbd = false`): how to reach it there.
-        if let Some(f) = server.nbd().filter(|f| f.connections(&d.cfg.name).is_some()) {
-            println!("{}", f.lines(&d.cfg.name));
+        // The multi-line hints are for a terminal, not the journal (one
+        // line per event there; `spindle libvirt` prints them on request).
+        if !crate::logging::stdout_is_journal() {
+            println!("{}", attach_lines(&export, &image));
+            // Offered over NBD (not `nbd = false`): how to reach it there.
+            if let Some(f) = server.nbd().filter(|f| f.connections(&d.cfg.name).is_some()) {
+                println!("{}", f.lines(&d.cfg.name));
+            }
         }
     }
     if passed > 0 && incoming.is_none() {
@@ -373,9 +394,9 @@ pub fn run(a: Args) -> CliResult<u8> {
         eprintln!("spindle: warning: socket {s} was passed in but matches no export's socket or name");
     }
     use std::io::Write;
-    // Before `serving`, so that the service manager hears READY=1 before
-    // the old process's MAINPID= naming this one.
-    handover::notify("READY=1");
+    // Before `serving`: the old process exits once it hears that, and
+    // this one must be the main one by then.
+    sd_notify::ready(server.list().len(), incoming.is_some());
     if let Some(i) = incoming {
         println!("spindle: took over {passed} socket(s) from the previous process");
         i.serving();
@@ -388,19 +409,24 @@ pub fn run(a: Args) -> CliResult<u8> {
             break sig;
         }
         eprintln!("spindle: SIGUSR2: handing the sockets over to a new process");
+        sd_notify::reloading();
         match handover::hand_over(&server, a.delay_io.as_deref()) {
             Ok(pid) => {
-                handover::notify(&format!("MAINPID={pid}"));
+                sd_notify::handed_over(pid);
                 eprintln!("spindle: SIGUSR2: handed over to process {pid}; exiting");
                 return Ok(0);
             }
-            Err(e) => eprintln!("spindle: SIGUSR2: the handover failed, still serving: {e}"),
+            Err(e) => {
+                eprintln!("spindle: SIGUSR2: the handover failed, still serving: {e}");
+                sd_notify::handover_failed(server.list().len());
+            }
         }
     };
     eprintln!(
         "spindle: {}: finishing in-flight requests, flushing, exiting (again to exit at once)",
         name(sig)
     );
+    sd_notify::stopping(name(sig));
     // Stopping waits for the exports (at most server::STOP_TIMEOUT); a
     // second signal ends the wait.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -418,7 +444,7 @@ pub fn run(a: Args) -> CliResult<u8> {
             if let Some(sig) = signals.forever().next() {
                 eprintln!("spindle: {} again: exiting without waiting for the exports", name(sig));
                 if let Some(path) = &control_file {
-                    let _ = std::fs::remove_file(path);
+                    control::remove_socket_file(path);
                 }
                 std::process::exit(1);
             }
@@ -431,7 +457,7 @@ pub fn run(a: Args) -> CliResult<u8> {
         f.stop();
     }
     if let Some(path) = &control {
-        let _ = std::fs::remove_file(path);
+        control::remove_socket_file(path);
     }
     res.map(|_| 0)
 }

@@ -176,6 +176,17 @@ impl NbdFront {
         self.addr.uri(name, self.tls)
     }
 
+    /// Where clients connect, for `list` (`spindle libvirt` builds its
+    /// `<source protocol='nbd'>` from it): `{"transport":"unix","socket"}`
+    /// (absolute) or `{"transport":"tcp","host","port"}`, and `tls`.
+    pub fn describe(&self) -> serde_json::Value {
+        match &self.addr {
+            Addr::Unix(p) => serde_json::json!({"transport": "unix", "tls": self.tls,
+                "socket": std::path::absolute(p).unwrap_or_else(|_| p.clone())}),
+            Addr::Tcp(h, port) => serde_json::json!({"transport": "tcp", "tls": self.tls, "host": h, "port": port}),
+        }
+    }
+
     /// How to reach export `name`: its URI, and the qemu-img, nbdinfo and
     /// QEMU lines.
     pub fn lines(&self, name: &str) -> String {

@@ -12,7 +12,7 @@ pub const MAX_LINE: usize = 64 * 1024;
 
 /// The commands, for error messages.
 const COMMANDS: &str =
-    "list, add, remove, stats, resize, throttle, throttle_group, throttle_groups, vm_disks, quiesce, resume, snapshot_create, snapshot_delete, \
+    "list, add, remove, stats, resize, throttle, throttle_group, throttle_groups, trace, vm_disks, quiesce, resume, snapshot_create, snapshot_delete, \
      snapshot_list, overlay, commit, stream, jobs or job_cancel";
 
 /// A control request.
@@ -62,6 +62,13 @@ pub enum Request {
     },
     /// List the named throttle groups.
     ThrottleGroups {},
+    /// Show the log filter, or add trace directives to it (`off`: back
+    /// to the start-up filter).
+    Trace {
+        /// `EnvFilter` directives, e.g. `spindle::qcow2::alloc=debug`.
+        #[serde(default)]
+        filter: Option<String>,
+    },
     /// A VM-snapshot request (`serve/vm.rs`).
     #[serde(skip)]
     Vm(super::vm::VmRequest),
@@ -120,6 +127,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
                 "throttle",
                 "throttle_group",
                 "throttle_groups",
+                "trace",
             ]
             .contains(&c.as_str()) => {}
         Some(Value::String(c)) if super::vm::COMMANDS.contains(&c.as_str()) => {
@@ -157,7 +165,8 @@ fn one_line(s: &str) -> String {
 /// Carries out `req`; the reply when it worked.
 pub fn execute(server: &Server, req: Request) -> Result<Value, BlockError> {
     Ok(match req {
-        Request::List {} => json!({"ok": true, "pid": std::process::id(), "exports": server.list()}),
+        Request::List {} => json!({"ok": true, "pid": std::process::id(), "exports": server.list(),
+            "nbd": server.nbd().map(|f| f.describe())}),
         Request::Add { export } => {
             let e = server.add(*export)?;
             json!({"ok": true, "name": e.dev.cfg.name, "socket": e.socket.display().to_string(), "size": e.dev.capacity()})
@@ -186,6 +195,18 @@ pub fn execute(server: &Server, req: Request) -> Result<Value, BlockError> {
             json!({"ok": true, "name": name, "limits": g.limits().to_string(), "members": g.members()})
         }
         Request::ThrottleGroups {} => json!({"ok": true, "groups": server.throttles().list()}),
+        Request::Trace { filter } => {
+            let now = match filter {
+                Some(f) => crate::logging::set_trace(&f).map_err(BlockError::Invalid)?,
+                None => crate::logging::current()
+                    .ok_or_else(|| BlockError::Invalid("this process has no log filter of its own".into()))?,
+            };
+            let targets: Vec<Value> = spindle_io::trace::TARGETS
+                .iter()
+                .map(|(t, what)| json!({"target": t, "shows": what}))
+                .collect();
+            json!({"ok": true, "filter": now.filter, "base": now.base, "trace": now.trace, "targets": targets})
+        }
         Request::Resize { name, size, shrink } => {
             let (n, told) = server.resize(&name, &size, shrink)?;
             json!({"ok": true, "name": name, "size": n, "guest_notified": told})

@@ -135,6 +135,8 @@ pub struct ExportInfo {
     pub connections: u64,
     /// Writes refused.
     pub readonly: bool,
+    /// The serial the guest reads (virtio-blk GET_ID).
+    pub serial: String,
     /// I/O threads.
     pub iothreads: usize,
     /// Request queues offered.
@@ -633,6 +635,7 @@ fn info(e: &Export, spec: &ExportSpec, state: &'static str, nbd: Option<&Arc<Nbd
         connected: e.is_connected(),
         connections: e.connections(),
         readonly: d.cfg.read_only,
+        serial: d.cfg.serial.clone(),
         iothreads: d.cfg.iothreads,
         num_queues: d.cfg.num_queues,
         write_cache: d.writeback(),

@@ -91,6 +91,9 @@ impl Qcow2 {
         // Newly allocated clusters that hold metadata: the refcounts are
         // corrupt. Nothing is written and nothing is given back.
         m.check_overlap(&self.storage, base, allocs.len() as u64 * cs, None)?;
+        spindle_io::traced!(spindle_io::trace::QCOW2_ALLOC, image = %self.path().display(),
+            guest_offset = allocs[0].0 * cs, clusters = allocs.len(), host_offset = base,
+            cow = allocs.iter().filter(|a| a.1 != 0).count(), "data clusters allocated");
         let lock = Arc::new(Mutex::new(()));
         let guard = lock.clone().lock_owned().await;
         m.inflight.push(Inflight {

@@ -12,8 +12,10 @@ use super::header::Header;
 use crate::error::{corrupt, doing, io_err, BlockError, Result};
 use crate::fault::{self, Injector, Kind};
 use crate::storage::Storage;
+use spindle_io::trace::{QCOW2_ALLOC, QCOW2_FLUSH, QCOW2_L2_MISS};
 use spindle_io::{AlignedBuf, SgList};
 use std::sync::Arc;
+use std::time::Instant;
 
 pub mod overlap;
 mod refcount;
@@ -301,6 +303,8 @@ impl Meta {
         let hit = self.l2.get(off).is_some();
         self.counters.l2(hit);
         if !hit {
+            let t0 = spindle_io::trace_on!(QCOW2_L2_MISS).then(Instant::now);
+            let mut evicted = None;
             if self.l2.full() {
                 if let Some((victim, dirty)) = self.l2.victim() {
                     if dirty {
@@ -308,10 +312,16 @@ impl Meta {
                         self.write_l2_slice(f, victim).await?;
                     }
                     self.l2.remove(victim);
+                    evicted = Some((victim, dirty));
                 }
             }
             let buf = self.read_buf(f, off, self.l2.piece_size()).await?;
             self.l2.insert(off, buf, false);
+            if let Some(t0) = t0 {
+                spindle_io::traced!(QCOW2_L2_MISS, image = %f.path().display(), slice_offset = off,
+                    evicted = evicted.map_or(0, |e| e.0), written_back = evicted.is_some_and(|e| e.1),
+                    us = t0.elapsed().as_micros() as u64, "L2 slice read");
+            }
         }
         Ok(self.l2.get(off).expect("slice cached above"))
     }
@@ -376,6 +386,8 @@ impl Meta {
                 .map_err(doing("L2 table read failed"))?;
         }
         let new = self.alloc_clusters(f, 1).await?;
+        spindle_io::traced!(QCOW2_ALLOC, image = %f.path().display(), l1_index = l1i, host_offset = new,
+            copied_from = old, "L2 table allocated");
         self.write_meta(f, Area::ActiveL2, new, &SgList::owned(table), "L2 table write failed")
             .await?;
         // Refcounts (and the table's contents) durable before L1 points at it.
@@ -411,14 +423,22 @@ impl Meta {
     /// caches the same way): a crash never leaves a refcount below the
     /// references on disk, only above (a leak).
     pub async fn flush(&mut self, f: &Storage) -> Result<()> {
+        let traced = spindle_io::trace_on!(QCOW2_FLUSH).then(|| (Instant::now(), self.rc.dirty().len()));
         self.flush_refcounts(f).await?;
-        for o in self.l2.dirty() {
+        let l2 = self.l2.dirty();
+        let slices = l2.len();
+        for o in l2 {
             self.write_l2_slice(f, o).await?;
         }
         self.sync(f).await?;
-        if !self.pending_decrefs.is_empty() {
+        let decrefs = self.pending_decrefs.len();
+        if decrefs > 0 {
             self.apply_decrefs(f).await?;
             self.flush_refcounts(f).await?;
+        }
+        if let Some((t0, blocks)) = traced {
+            spindle_io::traced!(QCOW2_FLUSH, image = %f.path().display(), refcount_blocks = blocks, l2_slices = slices,
+                decrefs, us = t0.elapsed().as_micros() as u64, "metadata flushed");
         }
         Ok(())
     }
