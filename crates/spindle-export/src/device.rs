@@ -380,8 +380,8 @@ impl Device {
         latencies(&all)
     }
 
-    /// Where vhost-user I/O thread `t` spends its time (written only by
-    /// that thread).
+    /// Where vhost-user I/O thread `t` spends its time (attached by the
+    /// thread of that number of the connected frontend's daemon).
     pub fn thread_times(&self, t: usize) -> &ThreadTimes {
         &self.threads[t.min(self.threads.len() - 1)]
     }

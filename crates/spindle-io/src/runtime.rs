@@ -9,7 +9,7 @@
 use crate::engine::{self, signal_eventfd, Engine, EngineKind, ThreadPoolEngine};
 use crate::error::Result;
 use crate::op::Op;
-use crate::times::{Clock, Phase, ThreadTimes};
+use crate::times::ThreadTimes;
 use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -127,8 +127,10 @@ pub(crate) struct Inner {
     foreign: Cell<usize>,
     /// What the loop saw since it last decided whether to poll.
     hint: crate::poll::PollHint,
-    /// Where `block_on`'s time goes (busy, idle, polling).
+    /// Where `block_on`'s thread's time goes (busy, idle, polling).
     times: Arc<ThreadTimes>,
+    /// `block_on` attaches its thread to `times` (made by `with_times`).
+    track: bool,
 }
 
 thread_local! {
@@ -144,12 +146,17 @@ pub struct Runtime {
 impl Runtime {
     /// Creates a runtime with its engine.
     pub fn new(cfg: RuntimeConfig) -> Result<Runtime> {
-        Runtime::with_times(cfg, Arc::default())
+        Runtime::build(cfg, Arc::default(), false)
     }
 
-    /// Creates a runtime whose [`Runtime::block_on`] counts where its time
-    /// goes in `times` (read from any thread).
+    /// Creates a runtime whose [`Runtime::block_on`] counts where its
+    /// thread's time goes in `times` (read from any thread): for a thread
+    /// that runs one `block_on` for its life (an NBD I/O thread).
     pub fn with_times(cfg: RuntimeConfig, times: Arc<ThreadTimes>) -> Result<Runtime> {
+        Runtime::build(cfg, times, true)
+    }
+
+    fn build(cfg: RuntimeConfig, times: Arc<ThreadTimes>, track: bool) -> Result<Runtime> {
         let engine = cfg.engine.create(cfg.depth, cfg.threads)?;
         let efd = engine::new_eventfd().map_err(|source| crate::Error::EngineSetup {
             engine: cfg.engine.name(),
@@ -173,6 +180,7 @@ impl Runtime {
                 foreign: Cell::new(0),
                 hint: Default::default(),
                 times,
+                track,
                 runq: Arc::new(RunQueue {
                     tasks: Mutex::new(VecDeque::new()),
                     main_woken: AtomicBool::new(true),
@@ -283,12 +291,10 @@ impl Runtime {
         let mut cx = Context::from_waker(&waker);
         let mut fut = pin!(fut);
         inner.runq.main_woken.store(true, Ordering::Release);
-        // The clock is read only around sleeps and polling windows.
-        let mut clock = Clock::default();
+        let _attached = inner.track.then(|| Attached::new(&inner.times));
         loop {
             if inner.runq.main_woken.swap(false, Ordering::AcqRel) {
                 if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-                    clock.switch(&inner.times, Phase::Busy);
                     return v;
                 }
             }
@@ -306,14 +312,11 @@ impl Runtime {
             }
             // About to sleep: socket edges wake the poll(2) below, so the
             // epoll descriptor is reaped only when it has some.
-            if inner.submit_and_reap_with(false) > 0 || inner.runq.has_work() || inner.poll_for_work(&mut clock) {
+            if inner.submit_and_reap_with(false) > 0 || inner.runq.has_work() || inner.poll_for_work() {
                 continue;
             }
             inner.hint.sleeps_with(inner.in_flight());
-            clock.switch(&inner.times, Phase::Busy);
-            let sockets = inner.wait();
-            clock.switch(&inner.times, Phase::Idle);
-            if sockets {
+            if inner.wait() {
                 inner.reactor.reap();
             }
         }
@@ -325,6 +328,22 @@ impl Runtime {
     /// of a sleeping thread. When it pays is [`crate::poll`]'s rule.
     pub fn set_poll_window(&self, window: std::time::Duration) {
         self.inner.poll_window.set(window);
+    }
+}
+
+/// Counts the thread's time in a [`ThreadTimes`] while it lives.
+struct Attached<'a>(&'a ThreadTimes);
+
+impl<'a> Attached<'a> {
+    fn new(t: &'a ThreadTimes) -> Attached<'a> {
+        t.attach();
+        Attached(t)
+    }
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        self.0.detach();
     }
 }
 
@@ -392,8 +411,8 @@ impl Inner {
 
     /// Polls the engine, the sockets and the run queue for the poll
     /// window; true as soon as one has work. The window counts as
-    /// polling time on `clock`.
-    fn poll_for_work(&self, clock: &mut Clock) -> bool {
+    /// polling time.
+    fn poll_for_work(&self) -> bool {
         let window = self.poll_window.get();
         if window.is_zero() {
             return false;
@@ -401,7 +420,8 @@ impl Inner {
         if !self.hint.decide(self.in_flight()) {
             return false;
         }
-        let deadline = clock.switch(&self.times, Phase::Busy) + window;
+        let start = std::time::Instant::now();
+        let deadline = start + window;
         let found = loop {
             if self.submit_and_reap_with(self.reactor.has_waiters()) > 0
                 || self.runq.has_work()
@@ -414,7 +434,8 @@ impl Inner {
             }
             std::hint::spin_loop();
         };
-        clock.switch(&self.times, Phase::Polling);
+        self.times
+            .add_polling(start.elapsed().as_nanos().min(u64::MAX as u128) as u64);
         found
     }
 
@@ -841,17 +862,14 @@ pub(crate) mod tests {
     /// polling (a poll window), and the three add up to its run.
     #[test]
     fn block_on_counts_busy_idle_and_polling_time() {
-        let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+        let rt = Runtime::with_times(RuntimeConfig::default(), Arc::default()).unwrap();
         rt.set_poll_window(std::time::Duration::from_micros(200));
         let t = std::time::Instant::now();
         rt.block_on(async {
             // Asleep on the timer.
             let _ = crate::time::sleep(std::time::Duration::from_millis(30)).await;
             // Busy without a wait.
-            let spin = std::time::Instant::now();
-            while spin.elapsed() < std::time::Duration::from_millis(10) {
-                std::hint::spin_loop();
-            }
+            crate::times::tests::spin(std::time::Duration::from_millis(10));
             // Two short sleeps: the loop polls its window before each.
             for _ in 0..2 {
                 let _ = crate::time::sleep(std::time::Duration::from_millis(2)).await;

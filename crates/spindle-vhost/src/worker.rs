@@ -36,10 +36,9 @@ use spindle_export::device::Device;
 use spindle_export::ratelimit::limited;
 use spindle_export::stats::Op;
 use spindle_export::throttle::Direction;
-use spindle_io::times::Phase;
 use spindle_io::trace::{VHOST_COMPLETE, VHOST_SUBMIT};
 use spindle_io::{traced, Runtime};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -87,11 +86,14 @@ struct Worker {
     /// Per queue (by index on this thread): its inflight tracking, when
     /// the frontend gave a buffer.
     track: RefCell<Vec<Option<QueueTrack>>>,
-    /// When the last event's handling ended: the time since then was
-    /// spent in epoll (idle).
-    left: Cell<Option<Instant>>,
-    /// Nanoseconds the current event spent polling with nothing to do.
-    polled: Cell<u64>,
+}
+
+impl Drop for Worker {
+    /// The thread ends (its connection went): its time goes to the
+    /// device's totals for this thread number.
+    fn drop(&mut self) {
+        self.shared.dev.thread_times(self.thread).detach();
+    }
 }
 
 /// What a request's task reaches through one `Rc`: no atomic operation
@@ -133,9 +135,10 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
         polling: PollState::default(),
         checked: RefCell::new(vec![None; queues]),
         track: RefCell::new((0..queues).map(|_| None).collect()),
-        left: Cell::new(None),
-        polled: Cell::new(0),
     });
+    // This thread's time counts for its number from now on (read from
+    // the kernel when asked: nothing per event).
+    b.dev.thread_times(thread).attach();
     WORKER.with(|slot| *slot.borrow_mut() = Some(w.clone()));
     Ok(w)
 }
@@ -143,27 +146,7 @@ fn worker(b: &BlkBackend, thread: usize, queues: usize) -> io::Result<Rc<Worker>
 /// Entry point from `VhostUserBackend::handle_event`.
 pub(crate) fn handle_event(b: &BlkBackend, event: u16, vrings: &[VringRwLock], thread: usize) -> io::Result<()> {
     let w = worker(b, thread, vrings.len())?;
-    let entered = Instant::now();
-    let times = b.dev.thread_times(thread);
-    if let Some(left) = w.left.take() {
-        times.add(Phase::Idle, nanos(entered - left));
-    }
-    w.polled.set(0);
-    let r = handle(b, &w, event, vrings);
-    let left = Instant::now();
-    let polled = w.polled.get();
-    times.add(Phase::Busy, nanos(left - entered).saturating_sub(polled));
-    times.add(Phase::Polling, polled);
-    w.left.set(Some(left));
-    r
-}
-
-fn nanos(d: Duration) -> u64 {
-    d.as_nanos().min(u64::MAX as u128) as u64
-}
-
-/// One event's work: pops, runs and signals, then polls or looks.
-fn handle(b: &BlkBackend, w: &Worker, event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
+    let w = &*w;
     // The runtime's eventfds are edge-triggered in this epoll: each signal
     // is one event, so they need not be read (two system calls saved per
     // wake-up). Their counters only grow; eventfds saturate, never fail.
@@ -191,6 +174,10 @@ fn handle(b: &BlkBackend, w: &Worker, event: u16, vrings: &[VringRwLock]) -> io:
     };
     w.polling.sleeps_with(in_flight);
     Ok(())
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
 }
 
 /// Signals the completions of a thread with nothing in flight that will
@@ -269,7 +256,7 @@ fn poll(b: &BlkBackend, w: &Worker, vrings: &[VringRwLock], poll_ns: u64) -> usi
         prev = now;
         std::hint::spin_loop();
     }
-    w.polled.set(w.polled.get() + nanos(idle));
+    w.shared.dev.thread_times(w.thread).add_polling(nanos(idle));
     for i in 0..vrings.len() {
         pop_queue(b, w, i, vrings, false);
     }

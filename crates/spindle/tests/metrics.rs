@@ -247,6 +247,7 @@ fn scrapes_during_a_bench_count_exactly_what_the_clients_did() {
     };
     let mut files = Vec::new();
     let mut connected_seen = false;
+    let mut busy_live = false;
     let mut last_reads = 0.0;
     let mut i = 0;
     while !(disk.is_finished() && zero.is_finished()) {
@@ -262,6 +263,12 @@ fn scrapes_during_a_bench_count_exactly_what_the_clients_did() {
             .sum();
         assert!(reads >= last_reads, "reads went back from {last_reads} to {reads}");
         last_reads = reads;
+        // A connected frontend's I/O thread: its time so far, read live.
+        busy_live |= text
+            .lines()
+            .filter(|l| l.starts_with(r#"spindle_iothread_busy_seconds_total{export="zero""#))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .any(|v| v > 0.0);
         connected_seen |= text
             .lines()
             .any(|l| l == r#"spindle_frontends_connected{export="zero",image="null:1G",frontend="vhost-user"} 1"#);
@@ -271,6 +278,10 @@ fn scrapes_during_a_bench_count_exactly_what_the_clients_did() {
     }
     assert!(i >= 5, "only {i} scrapes while the benches ran");
     assert!(connected_seen, "no scrape saw the null export's frontend connected");
+    assert!(
+        busy_live,
+        "no scrape saw the null export's I/O thread busy while it ran"
+    );
     let (disk, zero) = (disk.join().unwrap(), zero.join().unwrap());
     println!("disk bench: {disk}\nnull bench: {zero}");
 
