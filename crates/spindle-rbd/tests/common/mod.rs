@@ -71,23 +71,38 @@ extern "C" fn stop_at_exit() {
 pub fn cluster() -> &'static TestCluster {
     CLUSTER.get_or_init(|| {
         require_tools();
-        let dir = tempfile::Builder::new()
-            .prefix("spindle-ceph.")
-            .tempdir()
-            .expect("temp dir")
-            .keep();
-        let t = Instant::now();
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(&dir)
-            .arg("--cephx")
-            .arg("--owner")
-            .arg(std::process::id().to_string())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run tests/ceph/cluster.sh");
-        let started_in = t.elapsed();
+        // Up to three tries: the monitor's two ports are picked free and
+        // bound a moment later, so another cluster starting on this host
+        // at the same time (another test run) can take one in between.
+        let mut tries = 0;
+        let (dir, out, started_in) = loop {
+            tries += 1;
+            let dir = tempfile::Builder::new()
+                .prefix("spindle-ceph.")
+                .tempdir()
+                .expect("temp dir")
+                .keep();
+            let t = Instant::now();
+            let out = Command::new("bash")
+                .arg(script())
+                .arg("start")
+                .arg(&dir)
+                .arg("--cephx")
+                .arg("--owner")
+                .arg(std::process::id().to_string())
+                .stdin(Stdio::null())
+                .output()
+                .expect("run tests/ceph/cluster.sh");
+            if out.status.success() || tries == 3 {
+                break (dir, out, t.elapsed());
+            }
+            eprintln!(
+                "tests/ceph/cluster.sh start {} failed (try {tries} of 3): {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let _ = Command::new("bash").arg(script()).arg("stop").arg(&dir).status();
+        };
         assert!(
             out.status.success(),
             "tests/ceph/cluster.sh start {} failed: {}",
