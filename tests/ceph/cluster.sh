@@ -119,6 +119,9 @@ mon max pg per osd = 1000
 mon warn on pool no redundancy = false
 mon warn on insecure global id reclaim allowed = false
 mon data avail warn = 1
+# A test cluster on a nearly full disk must still start (Ceph refuses
+# below 5% free by default).
+mon data avail crit = 0
 
 [client]
 # Many clients at once (each test's connections, the rbd tool): no admin
