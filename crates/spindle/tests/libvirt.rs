@@ -263,7 +263,8 @@ struct Libvirtd {
 const NOBODY: &str = "65534";
 
 impl Libvirtd {
-    fn start(dir: &Path) -> Libvirtd {
+    /// Starts it with `qemu_conf` lines added to its qemu.conf.
+    fn start(dir: &Path, qemu_conf: &str) -> Libvirtd {
         need("/usr/sbin/libvirtd", "libvirt-daemon libvirt-daemon-driver-qemu");
         need(
             "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so",
@@ -277,7 +278,11 @@ impl Libvirtd {
             std::fs::create_dir_all(home.join(sub)).unwrap();
         }
         // QEMU's output into files (no virtlogd to start and stop).
-        std::fs::write(home.join("config/libvirt/qemu.conf"), "stdio_handler = \"file\"\n").unwrap();
+        std::fs::write(
+            home.join("config/libvirt/qemu.conf"),
+            format!("stdio_handler = \"file\"\n{qemu_conf}"),
+        )
+        .unwrap();
         ok("chown", &["-R", "65534:65534", p(&home)]);
         ok("chmod", &["700", p(&home.join("run"))]);
         let log = std::fs::File::create(dir.join("libvirtd.log")).unwrap();
@@ -343,7 +348,7 @@ impl Libvirtd {
 impl Drop for Libvirtd {
     fn drop(&mut self) {
         // Its QEMUs first (a failed assertion may leave one running).
-        for dom in ["spindle-vhost", "spindle-nbd"] {
+        for dom in ["spindle-vhost", "spindle-nbd", "spindle-tls"] {
             let _ = self.virsh(&["destroy", dom]);
         }
         if let Some(mut c) = self.child.take() {
@@ -390,7 +395,7 @@ fn qemu_driver(d: &Path, s: &Daemon, vhost: &Path, nbd: &Path, no_mem: &Path) {
     // libvirtd and its QEMUs run as nobody: they must reach their home
     // and the sockets.
     ok("chmod", &["755", p(d)]);
-    let lv = Libvirtd::start(d);
+    let lv = Libvirtd::start(d, "");
     for sock in s.socks.iter().chain([&d.join("nbd.sock")]) {
         ok("chmod", &["666", p(sock)]);
     }
@@ -463,4 +468,71 @@ fn qemu_driver(d: &Path, s: &Daemon, vhost: &Path, nbd: &Path, no_mem: &Path) {
     for dom in ["spindle-vhost", "spindle-nbd"] {
         lv.virsh_ok(&["undefine", dom]);
     }
+}
+
+/// An NBD disk on a daemon that listens on TCP and requires TLS: the
+/// element names the host, the port bound and `tls='yes'`, validates, and
+/// a QEMU that libvirt gives client certificates (qemu.conf's
+/// `nbd_tls_x509_cert_dir`) opens the export through it.
+#[test]
+fn an_nbd_disk_over_tcp_with_tls_starts_under_libvirt() {
+    need_tools();
+    common::need("qemu-system-x86_64");
+    let dir = scratch();
+    let d = dir.path();
+    let (_, server, client) = common::tls::pki(d, "lv");
+    let img = d.join("t.raw");
+    std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    let (sock, ctl) = (d.join("t.sock"), d.join("ctl.sock"));
+    let s = Serve::start(
+        d,
+        &[
+            p(&img),
+            "--vhost-user",
+            p(&sock),
+            "--control",
+            p(&ctl),
+            "--nbd",
+            "127.0.0.1:0",
+            "--nbd-tls-creds",
+            p(&server),
+        ],
+        &[&sock],
+    );
+    let v = libvirt_json(&ctl, &["--nbd"]);
+    let xml = v["disks"][0]["xml"].as_str().unwrap();
+    let port = ctl_at(&ctl, &serde_json::json!({"cmd": "list"}))["nbd"]["port"]
+        .as_u64()
+        .unwrap();
+    assert!(port > 0);
+    assert!(xml.contains("<source protocol='nbd' name='t' tls='yes'>"), "{xml}");
+    assert!(
+        xml.contains(&format!("<host name='127.0.0.1' port='{port}'/>")),
+        "{xml}"
+    );
+    let file = d.join("tls.xml");
+    std::fs::write(&file, domain("spindle-tls", &v)).unwrap();
+    let o = validate(&file);
+    assert!(o.status.success(), "virt-xml-validate:\n{}", output_text(&o));
+    let o = test_define(&file);
+    assert!(o.status.success(), "virsh define:\n{}", output_text(&o));
+
+    ok("chmod", &["755", p(d)]);
+    let certs = d.join("libvirt-certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::copy(client.join(f), certs.join(f)).unwrap();
+    }
+    ok("chown", &["-R", "65534:65534", p(&certs)]);
+    let lv = Libvirtd::start(d, &format!("nbd_tls_x509_cert_dir = \"{}\"\n", p(&certs)));
+    let f = lv.file("tls.xml", &std::fs::read_to_string(&file).unwrap());
+    lv.virsh_ok(&["define", &f]);
+    lv.virsh_ok(&["start", "spindle-tls"]);
+    wait_list(&ctl, "QEMU did not connect over NBD with TLS", |l| {
+        l["exports"][0]["nbd_connections"].as_u64() >= Some(1)
+    });
+    lv.virsh_ok(&["destroy", "spindle-tls"]);
+    lv.virsh_ok(&["undefine", "spindle-tls"]);
+    drop(lv);
+    assert!(s.stop().success());
 }

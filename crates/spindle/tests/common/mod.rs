@@ -12,6 +12,7 @@ pub mod nbd;
 pub mod qcow2;
 pub mod qemu;
 pub mod serve;
+pub mod tls;
 pub mod vm;
 pub mod vmsnap;
 
