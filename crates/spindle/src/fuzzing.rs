@@ -1,8 +1,8 @@
 //! Harnesses shared by the fuzz targets in `fuzz/` and the test suite
 //! (docs/fuzzing.md). Each panics when an invariant breaks.
 
+use crate::protocol::MAX_LINE;
 use crate::serve::control::serve_stream;
-use crate::serve::request::MAX_LINE;
 use crate::serve::server::Server;
 use serde_json::Value;
 use std::path::Path;

@@ -5,11 +5,13 @@
 pub mod bench;
 pub mod ctl;
 pub mod doctor;
+pub mod error;
 pub mod img;
 pub mod libvirt;
 pub mod logging;
 pub mod nbd;
 pub mod nbd_addr;
+pub mod protocol;
 pub mod serve;
 pub mod vm;
 

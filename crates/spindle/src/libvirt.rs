@@ -20,10 +20,10 @@
 //!   apply; `tls='yes'` when the daemon requires TLS (QEMU's client
 //!   certificates are libvirt's `nbd_tls_x509_cert_dir`, qemu.conf).
 
-use crate::img::{human_size, CliResult};
+use crate::error::{CliResult, Error};
+use crate::img::human_size;
 use clap::Args as ClapArgs;
 use serde_json::{json, Value};
-use spindle_block::BlockError;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -46,8 +46,8 @@ pub struct Args {
     output: String,
 }
 
-fn invalid(msg: String) -> BlockError {
-    BlockError::Invalid(msg)
+fn invalid(msg: String) -> Error {
+    Error::Usage(msg)
 }
 
 /// What an export's element is built from.
@@ -398,7 +398,7 @@ pub fn run(a: Args) -> CliResult<u8> {
         return Err(invalid(format!("--output {}: want xml or json", a.output)));
     }
     nth_target(&a.target, 0).map_err(invalid)?;
-    let v = crate::ctl::request(&a.control, &json!({"cmd": "list"}))?;
+    let v = crate::ctl::request(&a.control, &crate::protocol::ExportRequest::List {}.into())?;
     if v["ok"] != json!(true) {
         return Err(invalid(format!(
             "control socket {}: {}",

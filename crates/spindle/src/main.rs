@@ -1,5 +1,6 @@
 //! `spindle`: the command-line entry point.
 
+use spindle::error::CliResult;
 use spindle::{bench, ctl, doctor, img, libvirt, nbd, serve, vm};
 
 use clap::{Parser, Subcommand};
@@ -23,7 +24,7 @@ enum Cmd {
     Nbd(nbd::Args),
     /// Load generator for vhost-user sockets, files and devices.
     Bench(bench::Args),
-    /// Talk to a running `spindle serve --control` (add, remove, list, stats, resize).
+    /// Send a control request to a running `spindle serve --control` (docs/control.md).
     Ctl(ctl::Args),
     /// Snapshots of a running VM whose disks `spindle serve` serves (through its QMP socket).
     Vm(vm::Args),
@@ -54,7 +55,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn exit(r: img::CliResult<u8>) -> ExitCode {
+fn exit(r: CliResult<u8>) -> ExitCode {
     match r {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -5,9 +5,9 @@
 //! this host takes an explicit `-b`. The image is locked as `spindle serve`
 //! locks it (a write lock unless `-r`). See docs/nbd.md.
 
-use crate::img::CliResult;
+use crate::error::{CliResult, Error};
 use crate::nbd_addr::Addr;
-use spindle_block::{open_image, BlockError, Node, OpenConfig, Sharing};
+use spindle_block::{open_image, Node, OpenConfig, Sharing};
 use spindle_export::{Device, DeviceConfig};
 use spindle_io::{CacheMode, EngineKind, RuntimeConfig};
 use spindle_nbd::{Catalog, DetectZeroes, Export, Server, ServerConfig, TlsConfig};
@@ -97,8 +97,8 @@ pub struct Args {
     pub tls_verify_clients: bool,
 }
 
-fn invalid(msg: impl Into<String>) -> BlockError {
-    BlockError::Invalid(msg.into())
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::Usage(msg.into())
 }
 
 struct Settings {
@@ -189,7 +189,7 @@ fn daemonize() -> CliResult<()> {
     // child is a full copy with nothing half-locked.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(invalid(format!("--fork: {}", std::io::Error::last_os_error())));
+        return Err(Error::system("--fork")(std::io::Error::last_os_error()));
     }
     if pid > 0 {
         // SAFETY: the parent leaves without running destructors: the
@@ -287,7 +287,7 @@ pub fn run(a: Args) -> CliResult<u8> {
     );
     let stop = server.stop_handle();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-        .map_err(|e| invalid(format!("cannot install signal handlers: {e}")))?;
+        .map_err(Error::system("cannot install signal handlers"))?;
     let sig_handle = signals.handle();
     let sig_thread = std::thread::spawn(move || {
         if signals.forever().next().is_some() {

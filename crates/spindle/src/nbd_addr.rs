@@ -1,13 +1,12 @@
 //! Where an NBD server listens (`spindle nbd -k/-b/-p`, `spindle serve
 //! --nbd`), and the URIs and QEMU options that reach it.
 
-use crate::img::CliResult;
-use spindle_block::BlockError;
+use crate::error::{CliResult, Error};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-fn invalid(msg: String) -> BlockError {
-    BlockError::Invalid(msg)
+fn invalid(msg: String) -> Error {
+    Error::Usage(msg)
 }
 
 /// Where NBD clients connect.
@@ -91,12 +90,12 @@ impl Addr {
                     std::fs::remove_file(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
                 }
                 let l = std::os::unix::net::UnixListener::bind(path)
-                    .map_err(|e| invalid(format!("cannot listen on {}: {e}", path.display())))?;
+                    .map_err(Error::system(format!("cannot listen on {}", path.display())))?;
                 Ok((l.into(), self.clone()))
             }
             Addr::Tcp(host, port) => {
                 let l = std::net::TcpListener::bind((host.as_str(), *port))
-                    .map_err(|e| invalid(format!("cannot listen on {host}:{port}: {e}")))?;
+                    .map_err(Error::system(format!("cannot listen on {host}:{port}")))?;
                 let bound = l.local_addr().map(|s| s.port()).unwrap_or(*port);
                 Ok((l.into(), Addr::Tcp(host.clone(), bound)))
             }

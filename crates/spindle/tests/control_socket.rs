@@ -466,3 +466,66 @@ fn concurrent_resizes_and_a_racing_remove_of_a_qcow2_export_are_safe() {
     );
     assert!(s.stop().success());
 }
+
+/// Runs `spindle ctl -c CTL ARGS`; its exit status and stdout (the reply).
+fn ctl_cli(dir: &Path, args: &[&str]) -> (bool, Value, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .args(["ctl", "-c", p(&dir.join("ctl.sock"))])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let reply = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (
+        o.status.success(),
+        reply,
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn spindle_ctl_sends_each_family_of_request_the_daemon_takes() {
+    let d = scratch();
+    let dir = d.path();
+    let img = dir.join("q.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "64M"]);
+    let sock = dir.join("q.sock");
+    let s = Serve::start(
+        dir,
+        &[
+            p(&img),
+            "--vhost-user",
+            p(&sock),
+            "--name",
+            "q",
+            "--control",
+            "ctl.sock",
+        ],
+        &[&sock],
+    );
+    // Exports, VM snapshots and jobs: one request of each family.
+    let (good, r, err) = ctl_cli(dir, &["throttle", "q", "iops-total=1000"]);
+    assert!(good && r["ok"] == json!(true), "{r} {err}");
+    let (good, r, err) = ctl_cli(dir, &["snapshot-create", "q", "before"]);
+    assert!(good && r["snapshot"]["name"] == json!("before"), "{r} {err}");
+    let (good, r, err) = ctl_cli(dir, &["quiesce", "q", "--lease", "30"]);
+    assert!(good && r["lease_s"] == json!(30), "{r} {err}");
+    let (good, r, err) = ctl_cli(dir, &["resume", "q"]);
+    assert!(good && r["was_quiesced"] == json!(true), "{r} {err}");
+    let (good, r, err) = ctl_cli(dir, &["jobs"]);
+    assert!(good && r["jobs"].is_array(), "{r} {err}");
+    // A refusal: the reply is printed, the error named, the exit 1.
+    let (good, r, err) = ctl_cli(dir, &["snapshot-list", "nope"]);
+    assert!(!good && r["ok"] == json!(false), "{r}");
+    assert!(err.contains("no export named 'nope'"), "{err}");
+    // A command line that makes no request is refused before sending.
+    let (good, _, err) = ctl_cli(dir, &["add", "x.raw"]);
+    assert!(!good && err.contains("--vhost-user <SOCKET>"), "{err}");
+    let (good, _, err) = ctl_cli(dir, &["stream", "q", "--speed", "fast"]);
+    assert!(!good && err.contains("invalid rate 'fast'"), "{err}");
+    assert!(s.stop().success());
+    let list = ok("qemu-img", &["snapshot", "-l", p(&img)]);
+    assert!(list.contains("before"), "{list}");
+    assert_clean(&img);
+}

@@ -8,12 +8,12 @@
 mod job;
 mod pattern;
 
-use crate::img::{size_arg, CliResult};
+use crate::error::{CliResult, Error};
+use crate::img::size_arg;
 use blkio::Blkio;
 use clap::Args as ClapArgs;
 use job::{Job, QueueResult, Rw};
 use serde_json::json;
-use spindle_block::BlockError;
 use spindle_export::stats::Histogram;
 use std::os::unix::fs::FileTypeExt;
 use std::time::{Duration, Instant};
@@ -67,12 +67,12 @@ pub struct Args {
     output: String,
 }
 
-fn err(msg: String) -> BlockError {
-    BlockError::Invalid(msg)
+fn err(msg: String) -> Error {
+    Error::Usage(msg)
 }
 
-fn blkio_err(what: &str, target: &str, e: blkio::Error) -> BlockError {
-    err(format!("{target}: {what}: {}", e.message()))
+fn blkio_err(what: &str, target: &str, e: blkio::Error) -> Error {
+    Error::peer(target, format!("{what}: {}", e.message()))
 }
 
 /// Runs the benchmark; exit code 1 when a request failed or data did not verify.

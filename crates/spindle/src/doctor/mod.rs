@@ -15,9 +15,8 @@
 mod host;
 mod image;
 
-use crate::img::CliResult;
+use crate::error::{CliResult, Error};
 use serde::Serialize;
-use spindle_block::BlockError;
 use std::path::PathBuf;
 
 /// `spindle doctor` arguments.
@@ -133,7 +132,7 @@ fn targets(a: &Args) -> CliResult<Vec<Target>> {
 /// Runs every check; returns the exit status.
 pub fn run(a: Args) -> CliResult<u8> {
     if !matches!(a.output.as_str(), "human" | "json") {
-        return Err(BlockError::Invalid(format!(
+        return Err(Error::Usage(format!(
             "--output must be human or json, not '{}'",
             a.output
         )));

@@ -1,7 +1,8 @@
 //! `spindle img amend`: change qcow2 options in place.
 
-use super::{format_arg, parse_opts, CliResult};
-use spindle_block::{BlockError, Node};
+use super::{format_arg, parse_opts};
+use crate::error::{CliResult, Error};
+use spindle_block::Node;
 use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
@@ -27,7 +28,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         super::Access::Write,
     )?;
     let Node::Qcow2(q) = &node else {
-        return Err(BlockError::Invalid(format!(
+        return Err(Error::Usage(format!(
             "{}: amend supports qcow2 images only",
             a.filename
         )));
@@ -39,11 +40,11 @@ pub async fn run(a: Args) -> CliResult<()> {
             ("lazy_refcounts", "on" | "true") => q.set_lazy_refcounts(true).await?,
             ("lazy_refcounts", "off" | "false") => q.set_lazy_refcounts(false).await?,
             _ => {
-                return Err(BlockError::Invalid(format!(
+                return Err(Error::Usage(format!(
                     "amend cannot change '{k}={v}' (supported: compat=0.10|1.1, lazy_refcounts=on|off)"
                 )))
             }
         }
     }
-    node.close().await
+    Ok(node.close().await?)
 }

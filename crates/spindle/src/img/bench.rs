@@ -1,6 +1,7 @@
 //! `spindle img bench`: like qemu-img bench.
 
-use super::{cache_arg, format_arg, size_arg, CliResult};
+use super::{cache_arg, format_arg, size_arg};
+use crate::error::{CliResult, Error};
 use spindle_block::{BlockError, SgList};
 use spindle_io::{spawn, AlignedBuf, CacheMode, EngineKind};
 use std::cell::Cell;
@@ -72,13 +73,13 @@ async fn bench(a: Args) -> CliResult<()> {
     };
     let start = size_arg(&a.offset)?;
     if bs == 0 || bs > 64 << 20 || start + bs > node.size() {
-        return Err(BlockError::Invalid(format!(
+        return Err(Error::Usage(format!(
             "request size {bs} at offset {start} does not fit the {}-byte image",
             node.size()
         )));
     }
     if a.depth == 0 || a.depth > 4096 {
-        return Err(BlockError::Invalid("-d takes a queue depth from 1 to 4096".into()));
+        return Err(Error::Usage("-d takes a queue depth from 1 to 4096".into()));
     }
     println!(
         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",

@@ -1,10 +1,11 @@
 //! `spindle img check`: qemu-img's output and exit codes (0 clean, 1 check
 //! failed, 2 corruptions, 3 leaks only).
 
-use super::{format_arg, CliResult};
+use super::format_arg;
+use crate::error::{CliResult, Error};
 use serde_json::json;
 use spindle_block::formats::qcow2::{check, CheckMode, Qcow2Options};
-use spindle_block::{BlockError, Node, OpenConfig};
+use spindle_block::{Node, OpenConfig};
 use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
@@ -34,7 +35,7 @@ pub async fn run(a: Args) -> CliResult<u8> {
         None => CheckMode::Report,
         Some("leaks") => CheckMode::Leaks,
         Some("all") => CheckMode::All,
-        Some(r) => return Err(BlockError::Invalid(format!("-r takes 'leaks' or 'all', not '{r}'"))),
+        Some(r) => return Err(Error::Usage(format!("-r takes 'leaks' or 'all', not '{r}'"))),
     };
     let access = super::Access::of(mode == CheckMode::Report, a.force_share, &a.filename)?;
     let cfg = OpenConfig {

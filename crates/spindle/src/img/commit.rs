@@ -1,7 +1,8 @@
 //! `spindle img commit`: write an image's data into its backing file.
 
-use super::{format_arg, Access, CliResult};
-use spindle_block::{BlockError, BlockStatus, Node, SgList};
+use super::{format_arg, Access};
+use crate::error::{CliResult, Error};
+use spindle_block::{BlockStatus, Node, SgList};
 use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
@@ -31,17 +32,14 @@ pub async fn run(a: Args) -> CliResult<()> {
     };
     let top = super::open_with(&a.filename, &cfg, Access::Write)?;
     let Node::Qcow2(q) = &top else {
-        return Err(BlockError::Invalid(format!(
+        return Err(Error::Usage(format!(
             "{}: only qcow2 images have a backing file to commit to",
             a.filename
         )));
     };
     let info = top.info();
     let Some(backing) = &info.backing_file else {
-        return Err(BlockError::Invalid(format!(
-            "{}: image has no backing file",
-            a.filename
-        )));
+        return Err(Error::Usage(format!("{}: image has no backing file", a.filename)));
     };
     let fmt = format_arg(&info.backing_format)?;
     let bpath = spindle_block::backing_path(std::path::Path::new(&a.filename), backing)?;

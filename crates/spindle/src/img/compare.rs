@@ -1,6 +1,7 @@
 //! `spindle img compare`: exit 0 identical, 1 different, 2 error.
 
-use super::{cache_arg, format_arg, CliResult};
+use super::{cache_arg, format_arg};
+use crate::error::CliResult;
 use spindle_block::Node;
 use spindle_io::CacheMode;
 
@@ -39,7 +40,7 @@ async fn read(n: &Node, off: u64, buf: &mut [u8]) -> CliResult<()> {
         buf.fill(0);
         return Ok(());
     }
-    n.read_into(off, buf).await
+    Ok(n.read_into(off, buf).await?)
 }
 
 /// First offset where one image has the range allocated in its chain and the
@@ -104,7 +105,7 @@ pub async fn run(a: Args) -> CliResult<u8> {
                     read(node, off, &mut buf[..inside]).await?;
                 }
             }
-            Ok::<(), spindle_block::BlockError>(())
+            Ok::<(), crate::error::Error>(())
         }
         .await;
         if let Err(e) = r {

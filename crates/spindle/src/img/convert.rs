@@ -1,9 +1,10 @@
 //! `spindle img convert`: parallel, allocation-aware copy between images.
 
 use super::progress::Progress;
-use super::{cache_arg, format_arg, parse_opts, size_arg, CliResult};
+use super::{cache_arg, format_arg, parse_opts, size_arg};
+use crate::error::{CliResult, Error};
 use spindle_block::formats::qcow2::CreateOptions;
-use spindle_block::{BlockError, Format, Node, SgList};
+use spindle_block::{Format, Node, SgList};
 use spindle_io::{spawn, AlignedBuf, CacheMode};
 use std::cell::Cell;
 use std::rc::Rc;
@@ -94,13 +95,13 @@ pub async fn run(a: Args) -> CliResult<()> {
     let size = src.size();
     let pairs = parse_opts(&a.options)?;
     if a.compress && out_fmt != Format::Qcow2 {
-        return Err(BlockError::Invalid(format!(
+        return Err(Error::Usage(format!(
             "-c needs an output format that supports compression (qcow2), not {}",
             out_fmt.name()
         )));
     }
     if a.parallel == 0 || a.parallel > 1024 {
-        return Err(BlockError::Invalid(
+        return Err(Error::Usage(
             "-m takes a number of parallel requests from 1 to 1024".into(),
         ));
     }
@@ -109,7 +110,7 @@ pub async fn run(a: Args) -> CliResult<()> {
     // qemu-img's convert to an NBD URI), and holds raw data.
     let nbd_target = spindle_block::protocols::nbd::is_nbd_spec(&a.target);
     if nbd_target && (out_fmt != Format::Raw || a.backing.is_some()) {
-        return Err(BlockError::Invalid(format!(
+        return Err(Error::Usage(format!(
             "{}: an NBD target takes raw data (-O raw) and no backing file (-B)",
             a.target
         )));
@@ -136,7 +137,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         None => super::open_direct_if_possible(&a.target, Some(out_fmt), super::Access::Write)?,
     };
     if dst.size() < size {
-        return Err(BlockError::Invalid(format!(
+        return Err(Error::Usage(format!(
             "{}: output image is smaller than the source",
             a.target
         )));
@@ -168,7 +169,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         b.finish();
     }
     result?;
-    job.dst.close().await
+    Ok(job.dst.close().await?)
 }
 
 async fn worker(job: Rc<Job>) -> CliResult<()> {
@@ -187,7 +188,7 @@ async fn worker(job: Rc<Job>) -> CliResult<()> {
         drop(chunk);
         let buf = sg
             .into_buf()
-            .map_err(|_| BlockError::Invalid("convert buffer still in use".into()))?;
+            .map_err(|_| Error::Usage("convert buffer still in use".into()))?;
         // Classify and compress from the bytes; no I/O uses them now.
         let regions = classify(&job, &buf[..len as usize], &regions);
         sg = SgList::owned(buf);

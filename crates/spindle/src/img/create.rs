@@ -1,6 +1,7 @@
 //! `spindle img create`.
 
-use super::{format_arg, parse_opts, size_arg, CliResult};
+use super::{format_arg, parse_opts, size_arg};
+use crate::error::{CliResult, Error};
 use spindle_block::formats::qcow2::{self, header::Compression, CreateOptions, Preallocation};
 use spindle_block::{BlockError, Format};
 use spindle_io::{File, Locking, OpenOptions};
@@ -34,15 +35,13 @@ fn bool_opt(k: &str, v: &str) -> CliResult<bool> {
     match v {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
-        _ => Err(BlockError::Invalid(format!(
-            "invalid value '{v}' for option {k} (on/off)"
-        ))),
+        _ => Err(Error::Usage(format!("invalid value '{v}' for option {k} (on/off)"))),
     }
 }
 
 /// Builds qcow2 create options from `-o` pairs.
 pub fn qcow2_options(pairs: &[(String, String)], o: &mut CreateOptions) -> CliResult<Preallocation> {
-    let invalid = |m: String| BlockError::Invalid(m);
+    let invalid = |m: String| Error::Usage(m);
     for (k, v) in pairs {
         match k.as_str() {
             "cluster_size" => o.cluster_size = size_arg(v)?,
@@ -93,24 +92,24 @@ pub async fn create_image(
                 // qemu-img sets compat 1.1 by default; zstd is valid there.
             }
             refuse_if_in_use(path)?;
-            qcow2::create(Path::new(path), &o).await
+            Ok(qcow2::create(Path::new(path), &o).await?)
         }
         Format::Raw => {
             let mut prealloc = Preallocation::Off;
             let mut size = base.size;
             for (k, v) in pairs {
                 match k.as_str() {
-                    "preallocation" => prealloc = v.parse().map_err(BlockError::Invalid)?,
+                    "preallocation" => prealloc = v.parse().map_err(Error::Usage)?,
                     "size" => size = size_arg(v)?,
-                    _ => return Err(BlockError::Invalid(format!("unknown raw option '{k}'"))),
+                    _ => return Err(Error::Usage(format!("unknown raw option '{k}'"))),
                 }
             }
             if base.backing_file.is_some() {
-                return Err(BlockError::Invalid("raw images cannot have a backing file".into()));
+                return Err(Error::Usage("raw images cannot have a backing file".into()));
             }
             create_raw(path, size, prealloc).await
         }
-        Format::Null => Err(BlockError::Invalid(
+        Format::Null => Err(Error::Usage(
             "null devices are not created; use null:SIZE directly".into(),
         )),
     }
@@ -129,33 +128,33 @@ async fn create_on_rbd(spec: &str, format: Format, pairs: &[(String, String)], b
                     "size" => size = size_arg(v)?,
                     "preallocation" if v == "off" => {}
                     "preallocation" => {
-                        return Err(BlockError::Invalid(format!(
+                        return Err(Error::Usage(format!(
                             "{spec}: RBD images are thin; preallocation={v} is not supported (off only)"
                         )))
                     }
-                    _ => return Err(BlockError::Invalid(format!("unknown raw option '{k}'"))),
+                    _ => return Err(Error::Usage(format!("unknown raw option '{k}'"))),
                 }
             }
             if base.backing_file.is_some() {
-                return Err(BlockError::Invalid("raw images cannot have a backing file".into()));
+                return Err(Error::Usage("raw images cannot have a backing file".into()));
             }
-            rbd::create(spec, size)
+            Ok(rbd::create(spec, size)?)
         }
         Format::Qcow2 => {
             let mut o = base;
             qcow2_options(pairs, &mut o)?;
-            o.validate().map_err(|m| BlockError::Invalid(format!("{spec}: {m}")))?;
+            o.validate().map_err(|m| Error::Usage(format!("{spec}: {m}")))?;
             if o.backing_file.is_some() {
-                return Err(BlockError::Invalid(format!(
+                return Err(Error::Usage(format!(
                     "{spec}: a qcow2 image on RBD cannot have a backing file (Spindle opens backing files only of local images)"
                 )));
             }
             rbd::create(spec, 0)?;
             let opts = rbd::RbdOpenOptions::default();
             let storage = spindle_block::Storage::Rbd(Box::new(rbd::Rbd::open(spec, &opts)?));
-            qcow2::create_on(storage, &o).await
+            Ok(qcow2::create_on(storage, &o).await?)
         }
-        Format::Null => Err(BlockError::Invalid(
+        Format::Null => Err(Error::Usage(
             "null devices are not created; use null:SIZE directly".into(),
         )),
     }
@@ -195,7 +194,7 @@ async fn create_raw(path: &str, size: u64, prealloc: Preallocation) -> CliResult
         return Ok(());
     }
     if prealloc == Preallocation::Metadata {
-        return Err(BlockError::Invalid(
+        return Err(Error::Usage(
             "raw images support preallocation off, falloc and full".into(),
         ));
     }
@@ -204,7 +203,7 @@ async fn create_raw(path: &str, size: u64, prealloc: Preallocation) -> CliResult
     if prealloc == Preallocation::Full {
         file.write_zeroes(0, size, false).await.map_err(err)?;
     }
-    file.flush().await.map_err(err)
+    Ok(file.flush().await.map_err(err)?)
 }
 
 pub async fn run(a: Args) -> CliResult<()> {
@@ -234,12 +233,7 @@ pub async fn run(a: Args) -> CliResult<()> {
                 )?;
                 node.size()
             }
-            None => {
-                return Err(BlockError::Invalid(format!(
-                    "{}: an image size is required",
-                    a.filename
-                )))
-            }
+            None => return Err(Error::Usage(format!("{}: an image size is required", a.filename))),
         },
     };
     if base.backing_file.is_some() && base.backing_format.is_none() {

@@ -1,8 +1,9 @@
 //! `spindle img dd`: dd-style copy with qemu-img's operands.
 
-use super::{format_arg, size_arg, CliResult};
+use super::{format_arg, size_arg};
+use crate::error::{CliResult, Error};
 use spindle_block::formats::qcow2::CreateOptions;
-use spindle_block::{BlockError, Format, SgList};
+use spindle_block::{Format, SgList};
 use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
@@ -26,7 +27,7 @@ pub async fn run(a: Args) -> CliResult<()> {
     for op in &a.operands {
         let (k, v) = op
             .split_once('=')
-            .ok_or_else(|| BlockError::Invalid(format!("dd operand '{op}' is not KEY=VALUE")))?;
+            .ok_or_else(|| Error::Usage(format!("dd operand '{op}' is not KEY=VALUE")))?;
         match k {
             "if" => input = Some(v.to_string()),
             "of" => output = Some(v.to_string()),
@@ -34,26 +35,26 @@ pub async fn run(a: Args) -> CliResult<()> {
             "count" => {
                 count = Some(
                     v.parse::<u64>()
-                        .map_err(|_| BlockError::Invalid(format!("invalid count '{v}'")))?,
+                        .map_err(|_| Error::Usage(format!("invalid count '{v}'")))?,
                 )
             }
             "skip" => {
                 skip = v
                     .parse::<u64>()
-                    .map_err(|_| BlockError::Invalid(format!("invalid skip '{v}'")))?
+                    .map_err(|_| Error::Usage(format!("invalid skip '{v}'")))?
             }
             _ => {
-                return Err(BlockError::Invalid(format!(
+                return Err(Error::Usage(format!(
                     "unknown dd operand '{k}' (if, of, bs, count, skip)"
                 )))
             }
         }
     }
     let (Some(input), Some(output)) = (input, output) else {
-        return Err(BlockError::Invalid("dd needs if=INPUT and of=OUTPUT".into()));
+        return Err(Error::Usage("dd needs if=INPUT and of=OUTPUT".into()));
     };
     if bs == 0 || bs > 64 << 20 {
-        return Err(BlockError::Invalid("bs must be between 1 byte and 64 MiB".into()));
+        return Err(Error::Usage("bs must be between 1 byte and 64 MiB".into()));
     }
     let access = super::Access::Look {
         force_share: a.force_share,
@@ -62,7 +63,7 @@ pub async fn run(a: Args) -> CliResult<()> {
     let start = skip
         .checked_mul(bs)
         .filter(|&s| s <= src.size())
-        .ok_or_else(|| BlockError::Invalid(format!("skip={skip} blocks of {bs} bytes is past the end of {input}")))?;
+        .ok_or_else(|| Error::Usage(format!("skip={skip} blocks of {bs} bytes is past the end of {input}")))?;
     let mut len = src.size() - start;
     if let Some(c) = count {
         len = len.min(c.saturating_mul(bs));
@@ -90,5 +91,5 @@ pub async fn run(a: Args) -> CliResult<()> {
         }
         pos += n as u64;
     }
-    dst.close().await
+    Ok(dst.close().await?)
 }

@@ -1,6 +1,7 @@
 //! `spindle img info`.
 
-use super::{format_arg, human_size, CliResult};
+use super::{format_arg, human_size};
+use crate::error::{CliResult, Error};
 use serde_json::{json, Map, Value};
 use spindle_block::{ImageInfo, Node};
 use spindle_io::CacheMode;
@@ -236,11 +237,7 @@ pub async fn run(a: Args) -> CliResult<()> {
             }
             print!("{}", parts.join("\n"));
         }
-        o => {
-            return Err(spindle_block::BlockError::Invalid(format!(
-                "--output must be human or json, not '{o}'"
-            )))
-        }
+        o => return Err(Error::Usage(format!("--output must be human or json, not '{o}'"))),
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `spindle img map`: the same ranges as qemu-img map.
 
-use super::{format_arg, CliResult};
+use super::format_arg;
+use crate::error::{CliResult, Error};
 use spindle_block::{Extent, Node};
 use spindle_io::CacheMode;
 
@@ -106,11 +107,7 @@ pub async fn run(a: Args) -> CliResult<()> {
                 }
             }
         }
-        o => {
-            return Err(spindle_block::BlockError::Invalid(format!(
-                "--output must be human or json, not '{o}'"
-            )))
-        }
+        o => return Err(Error::Usage(format!("--output must be human or json, not '{o}'"))),
     }
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! `spindle img measure`: file size needed for an image, like qemu-img measure.
 
-use super::{create::qcow2_options, format_arg, parse_opts, size_arg, CliResult};
+use super::{create::qcow2_options, format_arg, parse_opts, size_arg};
+use crate::error::{CliResult, Error};
 use serde_json::json;
 use spindle_block::formats::qcow2::{measure, CreateOptions};
-use spindle_block::{BlockError, Format, Node};
+use spindle_block::{Format, Node};
 use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
@@ -52,12 +53,8 @@ async fn allocated(node: &Node, granularity: u64) -> CliResult<u64> {
 pub async fn run(a: Args) -> CliResult<()> {
     let out: Format = a.out_format.parse()?;
     let input = match (&a.size, &a.filename) {
-        (Some(_), Some(_)) => {
-            return Err(BlockError::Invalid(
-                "give either --size or an input image, not both".into(),
-            ))
-        }
-        (None, None) => return Err(BlockError::Invalid("give --size SIZE or an input image".into())),
+        (Some(_), Some(_)) => return Err(Error::Usage("give either --size or an input image, not both".into())),
+        (None, None) => return Err(Error::Usage("give --size SIZE or an input image".into())),
         (None, Some(f)) => Some(super::open(
             f,
             format_arg(&a.format)?,
@@ -104,7 +101,7 @@ pub async fn run(a: Args) -> CliResult<()> {
             };
             (data, size, false)
         }
-        Format::Null => return Err(BlockError::Invalid("null devices take no space".into())),
+        Format::Null => return Err(Error::Usage("null devices take no space".into())),
     };
     if a.output == "json" {
         let mut v = json!({"required": required, "fully-allocated": fully});

@@ -16,13 +16,13 @@ mod rebase;
 mod resize;
 pub mod snapshot;
 
+use crate::error::{CliResult, Error};
 use clap::{Args, Subcommand};
 use spindle_block::formats::qcow2::Qcow2Options;
 use spindle_block::{open_image, BlockError, Format, Node, OpenConfig, Sharing};
 use spindle_io::{CacheMode, EngineKind, Runtime, RuntimeConfig};
 
 /// Errors of the CLI: one line each.
-pub type CliResult<T> = Result<T, BlockError>;
 
 #[derive(Args)]
 pub struct ImgArgs {
@@ -88,7 +88,7 @@ pub fn run(a: ImgArgs) -> CliResult<u8> {
     let entry = a.l2_cache_entry_size.as_deref().map(size_arg).transpose()?;
     if let Some(e) = entry {
         if !e.is_power_of_two() || !(512..=(2 << 20)).contains(&e) {
-            return Err(BlockError::Invalid(format!(
+            return Err(Error::Usage(format!(
                 "--l2-cache-entry-size {e} must be a power of two from 512 to 2M"
             )));
         }
@@ -102,10 +102,10 @@ pub fn run(a: ImgArgs) -> CliResult<u8> {
             .as_deref()
             .map(str::parse)
             .transpose()
-            .map_err(BlockError::Invalid)?,
+            .map_err(Error::Usage)?,
     });
     if !(1..=256).contains(&a.aio_threads) {
-        return Err(BlockError::Invalid(format!(
+        return Err(Error::Usage(format!(
             "--aio-threads {} must be from 1 to 256",
             a.aio_threads
         )));
@@ -135,7 +135,7 @@ pub fn run(a: ImgArgs) -> CliResult<u8> {
 
 /// Parses a `-f`/`-O` format name.
 pub fn format_arg(f: &Option<String>) -> CliResult<Option<Format>> {
-    f.as_deref().map(str::parse).transpose()
+    Ok(f.as_deref().map(str::parse).transpose()?)
 }
 
 /// Parses a `-t`/`-T` cache mode.
@@ -182,7 +182,7 @@ impl Access {
         match (read_only, force_share) {
             (true, _) => Ok(Access::Look { force_share }),
             (false, false) => Ok(Access::Write),
-            (false, true) => Err(BlockError::Invalid(format!(
+            (false, true) => Err(Error::Usage(format!(
                 "{image}: force-share (-U) can only be used with read-only images"
             ))),
         }
@@ -234,12 +234,12 @@ pub fn open_with(spec: &str, cfg: &OpenConfig, access: Access) -> CliResult<Node
 }
 
 /// An image in use by a writer can still be looked at with `-U`.
-fn suggest_force_share(e: BlockError, access: Access) -> BlockError {
+fn suggest_force_share(e: BlockError, access: Access) -> Error {
     match e {
         BlockError::Setup(spindle_io::Error::InUse { held: true, .. }) if access.force_share() == Some(false) => {
-            BlockError::Invalid(format!("{e}; use -U for a read-only look"))
+            Error::Usage(format!("{e}; use -U for a read-only look"))
         }
-        e => e,
+        e => e.into(),
     }
 }
 
@@ -262,7 +262,7 @@ fn warn_native_on_sparse(node: &Node) {
 
 /// Parses a size argument like `10G` or `+1G` (the sign is handled by callers).
 pub fn size_arg(s: &str) -> CliResult<u64> {
-    spindle_block::parse_size(s).ok_or_else(|| BlockError::Invalid(format!("invalid size '{s}' (e.g. 512, 64k, 10G)")))
+    spindle_block::parse_size(s).ok_or_else(|| Error::Usage(format!("invalid size '{s}' (e.g. 512, 64k, 10G)")))
 }
 
 /// qemu-img's human size: the unit keeps the value under 1000, then three
@@ -308,7 +308,7 @@ pub fn parse_opts(opts: &[String]) -> CliResult<Vec<(String, String)>> {
 /// O_DIRECT (tmpfs) or the spec is no file (null:).
 pub fn open_direct_if_possible(spec: &str, fmt: Option<Format>, access: Access) -> CliResult<Node> {
     match open(spec, fmt, CacheMode::None, access) {
-        Err(e) if direct_refused(&e) => open(spec, fmt, CacheMode::Writeback, access),
+        Err(e) if e.as_block().is_some_and(direct_refused) => open(spec, fmt, CacheMode::Writeback, access),
         other => other,
     }
 }

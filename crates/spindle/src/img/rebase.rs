@@ -1,8 +1,9 @@
 //! `spindle img rebase`: change an image's backing file, keeping what the
 //! guest sees (safe mode) or only the header (`-u`).
 
-use super::{format_arg, Access, CliResult};
-use spindle_block::{BlockError, BlockStatus, Format, Node};
+use super::{format_arg, Access};
+use crate::error::{CliResult, Error};
+use spindle_block::{BlockStatus, Format, Node};
 use spindle_io::CacheMode;
 use std::path::Path;
 
@@ -39,7 +40,7 @@ pub async fn run(a: Args) -> CliResult<()> {
     };
     let node = super::open_with(&a.filename, &cfg, Access::Write)?;
     let Node::Qcow2(q) = &node else {
-        return Err(BlockError::Invalid(format!(
+        return Err(Error::Usage(format!(
             "{}: only qcow2 images have a backing file",
             a.filename
         )));
@@ -70,7 +71,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         copy_differences(&node, new_node.as_ref()).await?;
     }
     q.set_backing(new_name, new_fmt).await?;
-    node.close().await
+    Ok(node.close().await?)
 }
 
 /// Where the image defers to its backing file, and the old and new backing

@@ -1,6 +1,7 @@
 //! `spindle img resize`.
 
-use super::{format_arg, size_arg, CliResult};
+use super::{format_arg, size_arg};
+use crate::error::{CliResult, Error};
 use spindle_io::CacheMode;
 
 #[derive(clap::Args)]
@@ -36,7 +37,7 @@ pub async fn run(a: Args) -> CliResult<()> {
     } else {
         Some(size_arg(&a.size)?)
     }
-    .ok_or_else(|| spindle_block::BlockError::Invalid(format!("new size {} is out of range", a.size)))?;
+    .ok_or_else(|| Error::Usage(format!("new size {} is out of range", a.size)))?;
     node.resize(new, a.shrink).await?;
     node.close().await?;
     if !a.quiet {

@@ -1,7 +1,8 @@
 //! `spindle img snapshot`: qemu-img's snapshot command, plus VM state in and
 //! out (`--vmstate`).
 
-use super::{format_arg, CliResult};
+use super::format_arg;
+use crate::error::{CliResult, Error};
 use spindle_block::formats::qcow2::{snapshot::Snapshot, VmStateOptions};
 use spindle_block::{BlockError, Node};
 use spindle_io::CacheMode;
@@ -178,16 +179,13 @@ pub async fn run(a: Args) -> CliResult<()> {
         None => super::open_direct_if_possible(&a.filename, fmt, access)?,
     };
     let Node::Qcow2(q) = &node else {
-        return Err(BlockError::Invalid(format!(
-            "{}: snapshots need a qcow2 image",
-            a.filename
-        )));
+        return Err(Error::Usage(format!("{}: snapshots need a qcow2 image", a.filename)));
     };
     if a.vmstate_chunk == 0 || a.vmstate_chunk > 64 << 20 {
-        return Err(BlockError::Invalid("--vmstate-chunk must be from 1 byte to 64M".into()));
+        return Err(Error::Usage("--vmstate-chunk must be from 1 byte to 64M".into()));
     }
     if !(1..=256).contains(&a.vmstate_depth) || !(1..=256).contains(&a.vmstate_read_ahead) {
-        return Err(BlockError::Invalid(
+        return Err(Error::Usage(
             "--vmstate-depth and --vmstate-read-ahead must be from 1 to 256".into(),
         ));
     }
@@ -197,7 +195,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         read_ahead: a.vmstate_read_ahead,
     };
     if a.vmstate.is_some() && a.create.is_none() && a.extract.is_none() {
-        return Err(BlockError::Invalid(
+        return Err(Error::Usage(
             "--vmstate goes with -c (source) or -x (destination)".into(),
         ));
     }
@@ -220,7 +218,7 @@ pub async fn run(a: Args) -> CliResult<()> {
         q.snapshot_delete(sn).await?;
     } else if let Some(sn) = &a.extract {
         let Some(dst) = &a.vmstate else {
-            return Err(BlockError::Invalid(
+            return Err(Error::Usage(
                 "-x needs --vmstate DST (a path, - for stdout, or unix:PATH)".into(),
             ));
         };
@@ -238,5 +236,5 @@ pub async fn run(a: Args) -> CliResult<()> {
         }
         return Ok(());
     }
-    node.close().await
+    Ok(node.close().await?)
 }

@@ -2,8 +2,9 @@
 //! object per line out, for every line. The protocol is documented in
 //! docs/control.md.
 
-use super::request::{self, MAX_LINE};
+use super::request;
 use super::server::Server;
+use crate::protocol::{self, MAX_LINE};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -83,7 +84,7 @@ impl<R: BufRead> Lines<R> {
 
 /// Answers one request line (without its newline).
 pub fn handle(server: &Server, line: &[u8]) -> Value {
-    let res = request::parse(line).and_then(|req| request::execute(server, req).map_err(|e| e.to_string()));
+    let res = protocol::parse(line).and_then(|req| request::execute(server, req).map_err(|e| e.to_string()));
     res.unwrap_or_else(|e| json!({"ok": false, "error": e}))
 }
 

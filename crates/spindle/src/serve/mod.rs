@@ -19,12 +19,12 @@ pub mod vm_record;
 pub mod vm_restore;
 pub mod vm_stream;
 
-use crate::img::{human_size, CliResult};
+use crate::error::{CliResult, Error};
+use crate::img::human_size;
 use clap::Args as ClapArgs;
 use server::Server;
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
 use spec::{ConfigFile, ExportSpec};
-use spindle_block::BlockError;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -241,16 +241,15 @@ pub fn run(a: Args) -> CliResult<u8> {
     handover::remember_exe();
     // Before any thread starts: a handover's channel, then the sockets
     // systemd (or the handing-over process) passed in, if any.
-    let mut incoming =
-        handover::Incoming::take_from_env().map_err(|e| BlockError::Invalid(format!("handover: {e}")))?;
-    let passed = activation::take_from_env().map_err(|e| BlockError::Invalid(format!("socket activation: {e}")))?;
+    let mut incoming = handover::Incoming::take_from_env().map_err(|e| Error::peer("handover", e))?;
+    let passed = activation::take_from_env().map_err(|e| Error::usage(format!("socket activation: {e}")))?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR2])
-        .map_err(|e| BlockError::Invalid(format!("cannot install signal handlers: {e}")))?;
+        .map_err(Error::system("cannot install signal handlers"))?;
     if a.dirty_log {
         spindle_vhost::dirty::force_logging();
     }
     if let Some(plan) = &a.delay_io {
-        spindle_block::fault::delay::set(plan.parse().map_err(BlockError::Invalid)?).map_err(BlockError::Invalid)?;
+        spindle_block::fault::delay::set(plan.parse().map_err(Error::Usage)?).map_err(Error::Usage)?;
     }
     let mut nbd_tls = a.nbd_tls_creds.clone();
     let mut nbd_threads = a.nbd_iothreads;
@@ -297,7 +296,7 @@ pub fn run(a: Args) -> CliResult<u8> {
     if let Some(i) = &mut incoming {
         // The old process stops its exports only now, and says the state
         // each one stopped in (or to quit: then no image is touched).
-        match i.ready_and_wait().map_err(|e| BlockError::Invalid(format!("handover: {e}")))? {
+        match i.ready_and_wait().map_err(|e| Error::peer("handover", e))? {
             Some(states) if states.len() == specs.len() => {
                 specs = specs.into_iter().zip(states).map(|(s, m)| s.in_state(m)).collect();
             }
@@ -334,7 +333,7 @@ pub fn run(a: Args) -> CliResult<u8> {
                 return Err(if msg.contains(&image) {
                     e
                 } else {
-                    BlockError::Invalid(format!("{image}: {msg}"))
+                    Error::Usage(format!("{image}: {msg}"))
                 });
             }
         };
@@ -370,10 +369,10 @@ pub fn run(a: Args) -> CliResult<u8> {
         let path = absolute(path);
         if let Err(e) = control::listen(&path, server.clone()) {
             let _ = server.remove_all();
-            return Err(BlockError::Invalid(format!(
-                "cannot listen on control socket {}: {e}",
+            return Err(Error::system(format!(
+                "cannot listen on control socket {}",
                 path.display()
-            )));
+            ))(e));
         }
         println!("spindle: control socket {}", path.display());
     }
@@ -437,7 +436,7 @@ pub fn run(a: Args) -> CliResult<u8> {
         .spawn(move || {
             let _ = tx.send(stopper.remove_all());
         })
-        .map_err(|e| BlockError::Invalid(format!("cannot start the shutdown thread: {e}")))?;
+        .map_err(Error::system("cannot start the shutdown thread"))?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -449,10 +448,8 @@ pub fn run(a: Args) -> CliResult<u8> {
                 std::process::exit(1);
             }
         })
-        .map_err(|e| BlockError::Invalid(format!("cannot start the signal thread: {e}")))?;
-    let res = rx
-        .recv()
-        .unwrap_or_else(|_| Err(BlockError::Invalid("shutdown failed".into())));
+        .map_err(Error::system("cannot start the signal thread"))?;
+    let res = rx.recv().unwrap_or_else(|_| Err(Error::refused("shutdown failed")));
     if let Some(f) = server.nbd() {
         f.stop();
     }

@@ -9,9 +9,8 @@
 //! export's device: its quiesce gate (so `spindle vm snapshot`, overlays
 //! and job pivots hold them too), its current image and its statistics.
 
-use crate::img::CliResult;
+use crate::error::{CliResult, Error};
 use crate::nbd_addr::Addr;
-use spindle_block::BlockError;
 use spindle_export::Device;
 use spindle_io::RuntimeConfig;
 use spindle_nbd::{Catalog, DetectZeroes, Export, Server, ServerConfig, Settings, StopHandle, TlsConfig};
@@ -53,8 +52,8 @@ pub struct NbdFront {
 /// a descriptor of this process, which the vhost-user side needs too).
 pub const MAX_CLIENTS: usize = 512;
 
-fn invalid(msg: String) -> BlockError {
-    BlockError::Invalid(msg)
+fn invalid(msg: String) -> Error {
+    Error::Usage(msg)
 }
 
 impl NbdFront {
@@ -101,7 +100,7 @@ impl NbdFront {
                     tracing::error!("NBD server: {e}");
                 }
             })
-            .map_err(|e| invalid(format!("cannot start the NBD server: {e}")))?;
+            .map_err(Error::system("cannot start the NBD server"))?;
         Ok(NbdFront {
             catalog,
             options: NbdOptions {
@@ -128,7 +127,7 @@ impl NbdFront {
     }
 
     /// Offers `dev` to NBD clients under its export name.
-    pub fn offer(&self, dev: &Arc<Device>, image: &str) -> Result<(), BlockError> {
+    pub fn offer(&self, dev: &Arc<Device>, image: &str) -> CliResult<()> {
         let settings = Settings {
             name: dev.cfg.name.clone(),
             description: spindle_block::printable(image).to_string(),

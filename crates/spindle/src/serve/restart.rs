@@ -8,6 +8,7 @@
 //! saying so once, before the conflict is reported.
 
 use super::spec::ExportSpec;
+use crate::error::{CliResult, Error};
 use spindle_block::BlockError;
 use spindle_export::Device;
 use std::time::{Duration, Instant};
@@ -16,24 +17,19 @@ use std::time::{Duration, Instant};
 pub const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Whether `e` is an image-lock conflict (the image is in use).
-fn in_use(e: &BlockError) -> bool {
-    matches!(e, BlockError::Setup(spindle_io::Error::InUse { .. }))
+fn in_use(e: &Error) -> bool {
+    matches!(e, Error::Block(BlockError::Setup(spindle_io::Error::InUse { .. })))
 }
 
 /// Opens `spec`'s device; an image in use is tried again for up to `wait`.
-pub fn open_waiting(spec: &ExportSpec, wait: Duration) -> Result<Device, BlockError> {
+pub fn open_waiting(spec: &ExportSpec, wait: Duration) -> CliResult<Device> {
     retry_in_use(&spec.image, wait, true, || spec.open())
 }
 
 /// Runs `open` until it succeeds or fails with something else than the
 /// image being in use, for up to `wait`; says once that it waits, when
 /// `say`.
-pub fn retry_in_use<T>(
-    image: &str,
-    wait: Duration,
-    say: bool,
-    open: impl Fn() -> Result<T, BlockError>,
-) -> Result<T, BlockError> {
+pub fn retry_in_use<T>(image: &str, wait: Duration, say: bool, open: impl Fn() -> CliResult<T>) -> CliResult<T> {
     let start = Instant::now();
     let mut said = false;
     loop {

@@ -9,9 +9,9 @@
 
 use super::nbd::NbdFront;
 use super::spec::ExportSpec;
+use crate::error::{CliResult, Error};
 use crate::img::{human_size, size_arg};
 use serde::Serialize;
-use spindle_block::BlockError;
 use spindle_export::device::Migration;
 use spindle_export::stats::OpSummary;
 use spindle_io::{Runtime, RuntimeConfig};
@@ -78,10 +78,10 @@ struct State {
 
 impl State {
     /// Why no export can be added now, if none can.
-    fn refusal(&self) -> Option<BlockError> {
+    fn refusal(&self) -> Option<Error> {
         match (self.handover, self.closing) {
-            (true, _) => Some(invalid(HANDOVER_RUNS.into())),
-            (false, true) => Some(invalid("the server is shutting down".into())),
+            (true, _) => Some(refused(HANDOVER_RUNS.into())),
+            (false, true) => Some(refused("the server is shutting down".into())),
             (false, false) => None,
         }
     }
@@ -170,8 +170,8 @@ pub struct Stats {
     pub throttle: serde_json::Value,
 }
 
-fn invalid(msg: String) -> BlockError {
-    BlockError::Invalid(msg)
+fn refused(msg: String) -> Error {
+    Error::Refused(msg)
 }
 
 /// Locks `m`; a panic elsewhere never leaves these maps half-changed, so a
@@ -199,18 +199,18 @@ impl Server {
         }
     }
 
-    fn confine(&self, mut spec: ExportSpec) -> Result<ExportSpec, BlockError> {
+    fn confine(&self, mut spec: ExportSpec) -> CliResult<ExportSpec> {
         let Some(dir) = &self.sandbox else { return Ok(spec) };
         if !spec.image.starts_with("null:") {
-            return Err(invalid("sandbox: only null: images".into()));
+            return Err(refused("sandbox: only null: images".into()));
         }
         if !spec.socket.components().all(|c| matches!(c, Component::Normal(_))) {
-            return Err(invalid(
+            return Err(refused(
                 "sandbox: the socket must be a relative path without '..'".into(),
             ));
         }
         if lock(&self.state).slots.len() >= SANDBOX_EXPORTS {
-            return Err(invalid(format!("sandbox: at most {SANDBOX_EXPORTS} exports")));
+            return Err(refused(format!("sandbox: at most {SANDBOX_EXPORTS} exports")));
         }
         spec.socket = dir.join(&spec.socket);
         Ok(spec)
@@ -229,7 +229,7 @@ impl Server {
 
     /// Sets the limits of `name`'s throttle group (its own, or the named
     /// group it is in); they apply from its next request.
-    pub fn set_throttle(&self, name: &str, limits: &str) -> Result<serde_json::Value, BlockError> {
+    pub fn set_throttle(&self, name: &str, limits: &str) -> CliResult<serde_json::Value> {
         let (e, _) = self.running(name)?;
         let l = super::throttle::parse(&format!("export '{name}'"), limits)?;
         e.dev.throttle_group().set_limits(l);
@@ -242,11 +242,11 @@ impl Server {
     }
 
     /// Opens and starts serving `spec`.
-    pub fn add(&self, spec: ExportSpec) -> Result<Arc<Export>, BlockError> {
+    pub fn add(&self, spec: ExportSpec) -> CliResult<Arc<Export>> {
         let spec = spec.resolved()?;
         let limits = super::throttle::Groups::check(&spec)?;
         if spec.nbd == Some(true) && self.nbd().is_none() {
-            return Err(invalid(
+            return Err(refused(
                 "this daemon serves no NBD (start it with --nbd ADDR, or nbd = \"ADDR\" in its config file)".into(),
             ));
         }
@@ -258,7 +258,7 @@ impl Server {
         let sibling = self.serving(&spec.image);
         if let (Some(other), Migration::Active) = (&sibling, spec.state()) {
             lock(&self.state).slots.remove(&name);
-            return Err(invalid(format!(
+            return Err(refused(format!(
                 "{}: image is in use: it is already served by export '{}'; a second export of one image \
                  must be a live migration's destination (--incoming, or incoming = true)",
                 spec.image, other.dev.cfg.name
@@ -277,7 +277,7 @@ impl Server {
                 export.stop();
                 let _ = thread.join();
                 lock(&self.state).slots.remove(&name);
-                return Err(why.unwrap_or_else(|| invalid("the server is shutting down".into())));
+                return Err(why.unwrap_or_else(|| refused("the server is shutting down".into())));
             }
             Err(e) => {
                 st.slots.remove(&name);
@@ -325,23 +325,23 @@ impl Server {
     }
 
     /// Takes `name` and `socket` for an export being added.
-    fn reserve(&self, name: &str, socket: &Path) -> Result<(), BlockError> {
+    fn reserve(&self, name: &str, socket: &Path) -> CliResult<()> {
         let mut st = lock(&self.state);
         if let Some(e) = st.refusal() {
             return Err(e);
         }
         match st.slots.get(name) {
-            Some(Slot::Running(_)) => return Err(invalid(format!("an export named '{name}' already exists"))),
-            Some(Slot::Starting { .. }) => return Err(invalid(format!("an export named '{name}' is being added"))),
+            Some(Slot::Running(_)) => return Err(refused(format!("an export named '{name}' already exists"))),
+            Some(Slot::Starting { .. }) => return Err(refused(format!("an export named '{name}' is being added"))),
             Some(Slot::Stopping { .. }) => {
-                return Err(invalid(format!(
+                return Err(refused(format!(
                     "an export named '{name}' is still being removed; try again once it is gone"
                 )))
             }
             None => {}
         }
         if let Some((other, _)) = st.slots.iter().find(|(_, s)| s.socket() == socket) {
-            return Err(invalid(format!(
+            return Err(refused(format!(
                 "socket {} is already used by export '{other}'",
                 socket.display()
             )));
@@ -358,11 +358,11 @@ impl Server {
     /// Stops serving `name`: in-flight requests finish, the image is
     /// flushed and closed. Gives up waiting after the stop timeout; the
     /// export then stays listed as `stopping` until its thread ends.
-    pub fn remove(&self, name: &str) -> Result<(), BlockError> {
+    pub fn remove(&self, name: &str) -> CliResult<()> {
         let done = {
             let mut st = lock(&self.state);
             if st.handover {
-                return Err(invalid(HANDOVER_RUNS.into()));
+                return Err(refused(HANDOVER_RUNS.into()));
             }
             match st.slots.remove(name) {
                 Some(Slot::Running(r)) => self.begin_stop(&mut st, name, r),
@@ -375,13 +375,13 @@ impl Server {
                     if let Some(s) = other {
                         st.slots.insert(name.to_string(), s);
                     }
-                    return Err(invalid(msg));
+                    return Err(refused(msg));
                 }
             }
         };
         match done.recv_timeout(self.stop_timeout) {
             Ok(res) => res,
-            Err(_) => Err(invalid(format!(
+            Err(_) => Err(refused(format!(
                 "export '{name}' has not stopped after {} s; it stays listed as stopping until it does",
                 self.stop_timeout.as_secs()
             ))),
@@ -390,7 +390,7 @@ impl Server {
 
     /// Marks `r` stopping and stops it on a thread of its own, which ends
     /// by freeing the name. The receiver gets the result.
-    fn begin_stop(&self, st: &mut State, name: &str, r: Running) -> mpsc::Receiver<Result<(), BlockError>> {
+    fn begin_stop(&self, st: &mut State, name: &str, r: Running) -> mpsc::Receiver<CliResult<()>> {
         let (tx, rx) = mpsc::channel();
         let stopping = Slot::Stopping {
             export: r.export.clone(),
@@ -420,7 +420,7 @@ impl Server {
                     st.slots.insert(name.to_string(), Slot::Running(r));
                 }
                 let (tx, rx) = mpsc::channel();
-                let _ = tx.send(Err(invalid(format!("cannot start a thread to stop '{name}': {e}"))));
+                let _ = tx.send(Err(refused(format!("cannot start a thread to stop '{name}': {e}"))));
                 return rx;
             }
         }
@@ -430,7 +430,7 @@ impl Server {
     /// Stops every export (SIGINT, SIGTERM) and waits until they have
     /// stopped, at most the stop timeout. The error names every export
     /// that failed to stop cleanly or is still running then.
-    pub fn remove_all(&self) -> Result<(), BlockError> {
+    pub fn remove_all(&self) -> CliResult<()> {
         let deadline = Instant::now() + self.stop_timeout;
         let pending: Vec<_> = {
             let mut st = lock(&self.state);
@@ -475,7 +475,7 @@ impl Server {
         }
         match errors.is_empty() {
             true => Ok(()),
-            false => Err(invalid(errors.join("; "))),
+            false => Err(refused(errors.join("; "))),
         }
     }
 
@@ -537,12 +537,12 @@ impl Server {
 
     /// The running export `name` and its change gate (held by a resize, a
     /// snapshot and the removal).
-    pub(crate) fn running(&self, name: &str) -> Result<(Arc<Export>, Arc<Mutex<bool>>), BlockError> {
+    pub(crate) fn running(&self, name: &str) -> CliResult<(Arc<Export>, Arc<Mutex<bool>>)> {
         match lock(&self.state).slots.get(name) {
             Some(Slot::Running(r)) => Ok((r.export.clone(), r.gate.clone())),
-            Some(Slot::Starting { .. }) => Err(invalid(format!("export '{name}' is still being added"))),
-            Some(Slot::Stopping { .. }) => Err(invalid(format!("export '{name}' is being removed"))),
-            None => Err(invalid(format!("no export named '{name}'"))),
+            Some(Slot::Starting { .. }) => Err(refused(format!("export '{name}' is still being added"))),
+            Some(Slot::Stopping { .. }) => Err(refused(format!("export '{name}' is being removed"))),
+            None => Err(refused(format!("no export named '{name}'"))),
         }
     }
 
@@ -561,7 +561,7 @@ impl Server {
     }
 
     /// Request statistics of `name`.
-    pub fn stats(&self, name: &str) -> Result<Stats, BlockError> {
+    pub fn stats(&self, name: &str) -> CliResult<Stats> {
         let (e, _) = self.running(name)?;
         Ok(Stats {
             throttle: super::throttle::describe(&e.dev),
@@ -576,27 +576,27 @@ impl Server {
     /// new capacity in the configuration space and tells the connected
     /// frontend (returns whether one was told). One resize of an export
     /// runs at a time; a remove waits for it.
-    pub fn resize(&self, name: &str, size: &str, shrink: bool) -> Result<(u64, bool), BlockError> {
+    pub fn resize(&self, name: &str, size: &str, shrink: bool) -> CliResult<(u64, bool)> {
         let (export, gate) = self.running(name)?;
         let dev = &export.dev;
         if dev.cfg.read_only {
-            return Err(invalid(format!("export '{name}' is read-only")));
+            return Err(refused(format!("export '{name}' is read-only")));
         }
         let new = size_arg(size)?;
         if new == 0 || new % 512 != 0 {
-            return Err(invalid(format!("size {new} must be a positive multiple of 512")));
+            return Err(refused(format!("size {new} must be a positive multiple of 512")));
         }
         let Some(removed) = lock_within(&gate, BUSY_TIMEOUT) else {
-            return Err(invalid(format!(
+            return Err(refused(format!(
                 "export '{name}' is busy: another resize has not finished in {} s",
                 BUSY_TIMEOUT.as_secs()
             )));
         };
         if *removed {
-            return Err(invalid(format!("export '{name}' is being removed")));
+            return Err(refused(format!("export '{name}' is being removed")));
         }
         if new < dev.capacity() && !shrink {
-            return Err(invalid(format!(
+            return Err(refused(format!(
                 "shrinking '{name}' from {} to {} loses data; pass shrink to confirm",
                 human_size(dev.capacity()),
                 human_size(new)
@@ -610,7 +610,7 @@ impl Server {
         rt.block_on(async move { node.resize(new, shrink).await })?;
         dev.set_capacity(new);
         let notified = export.notify_config_change().map_err(|e| {
-            invalid(format!(
+            refused(format!(
                 "'{name}' is now {} but the frontend was not told: {e}",
                 human_size(new)
             ))
@@ -663,12 +663,12 @@ pub fn socket_in_use(path: &Path) -> bool {
 
 /// Opens the image (or shares the one `sibling` serves), binds the socket
 /// and starts the export's thread.
-fn start(name: &str, spec: &ExportSpec, sibling: Option<&Export>) -> Result<(Arc<Export>, ExportThread), BlockError> {
+fn start(name: &str, spec: &ExportSpec, sibling: Option<&Export>) -> CliResult<(Arc<Export>, ExportThread)> {
     // A socket the service manager passed in (socket activation) is served
     // as it is; any other is bound here.
     let passed = super::activation::claim(name, &spec.socket);
     if passed.is_none() && socket_in_use(&spec.socket) {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "socket {} is in use by another process",
             spec.socket.display()
         )));
@@ -678,14 +678,14 @@ fn start(name: &str, spec: &ExportSpec, sibling: Option<&Export>) -> Result<(Arc
         None => super::restart::open_waiting(spec, super::restart::LOCK_WAIT)?,
     });
     let export = match passed {
-        Some((listener, path)) => Export::adopt(dev, &path, listener).map_err(|e| invalid(e.to_string()))?,
-        None => Export::bind(dev, &spec.socket).map_err(|e| invalid(e.to_string()))?,
+        Some((listener, path)) => Export::adopt(dev, &path, listener).map_err(|e| refused(e.to_string()))?,
+        None => Export::bind(dev, &spec.socket).map_err(|e| refused(e.to_string()))?,
     };
     let runner = export.clone();
     let thread = std::thread::Builder::new()
         .name(format!("export-{name}"))
         .spawn(move || runner.run())
-        .map_err(|e| invalid(format!("cannot start a thread for export '{name}': {e}")))?;
+        .map_err(|e| refused(format!("cannot start a thread for export '{name}': {e}")))?;
     Ok((export, thread))
 }
 
@@ -706,14 +706,14 @@ pub(crate) fn lock_within<T>(m: &Mutex<T>, timeout: Duration) -> Option<MutexGua
 
 /// Waits for a resize of `r` to finish, marks it removed, stops it and
 /// joins its thread (which flushes and closes the image).
-fn stop(r: Running) -> Result<(), BlockError> {
+fn stop(r: Running) -> CliResult<()> {
     let mut removed = lock(&r.gate);
     *removed = true;
     r.export.stop();
     let name = r.export.dev.cfg.name.clone();
     let res = match r.thread.join() {
-        Ok(res) => res.map_err(|e| invalid(e.to_string())),
-        Err(_) => Err(invalid(format!("export '{name}': its thread panicked"))),
+        Ok(res) => res.map_err(|e| refused(e.to_string())),
+        Err(_) => Err(refused(format!("export '{name}': its thread panicked"))),
     };
     drop(removed);
     res

@@ -1,6 +1,7 @@
 //! What one export is made of, as the command line, a `--config` file and
 //! the control socket's `add` describe it; and turning that into a device.
 
+use crate::error::{CliResult, Error};
 use serde::{Deserialize, Serialize};
 use spindle_block::{open_image, BlockError, Format, Node, OpenConfig, Sharing};
 use spindle_export::device::opt_io;
@@ -119,14 +120,14 @@ pub struct ExportSpec {
     pub throttle_group: Option<String>,
 }
 
-fn invalid(msg: String) -> BlockError {
-    BlockError::Invalid(msg)
+fn invalid(msg: String) -> Error {
+    Error::Usage(msg)
 }
 
 impl ExportSpec {
     /// The spec with its `rbd` keys turned into `image` (exactly one of
     /// the two is given).
-    pub fn resolved(mut self) -> Result<ExportSpec, BlockError> {
+    pub fn resolved(mut self) -> CliResult<ExportSpec> {
         match (self.rbd.take(), self.image.is_empty()) {
             (Some(_), false) => Err(invalid(format!(
                 "export '{}': give either image or rbd keys, not both",
@@ -180,7 +181,7 @@ impl ExportSpec {
 
     /// Checks every setting and opens the image: for serving, or (when
     /// `incoming` or `inactive`) inactive, holding only a shared lock on it.
-    pub fn open(&self) -> Result<Device, BlockError> {
+    pub fn open(&self) -> CliResult<Device> {
         let (cfg, open_cfg) = self.settings()?;
         let engine = cfg.engine;
         let state = self.state();
@@ -200,7 +201,7 @@ impl ExportSpec {
     /// A second export of the image `other` serves in this daemon, as a
     /// live migration's destination (or a source that handed the image
     /// over): it shares `other`'s open image.
-    pub fn open_shared(&self, other: &Device) -> Result<Device, BlockError> {
+    pub fn open_shared(&self, other: &Device) -> CliResult<Device> {
         let (mut cfg, _) = self.settings()?;
         cfg.read_only |= other.cfg.read_only;
         let state = match self.state() {
@@ -220,7 +221,7 @@ impl ExportSpec {
     /// Opens the image as `cfg` says (writable, or with `look` a read-only
     /// look sharing everything), falling back to the page cache where
     /// O_DIRECT is refused; and how to open it again.
-    fn open_node(&self, mut cfg: OpenConfig, look: bool) -> Result<(Node, SpecReopen), BlockError> {
+    fn open_node(&self, mut cfg: OpenConfig, look: bool) -> CliResult<(Node, SpecReopen)> {
         check_file_type(&self.image)?;
         let first = if look { SpecReopen::look(&cfg) } else { cfg.clone() };
         let node = match open_image(&self.image, &first) {
@@ -262,7 +263,7 @@ impl ExportSpec {
     /// How this export opens images (its settings), with the format
     /// probed and `cache` as the open image's: for a new chain a live
     /// overlay or a job puts under the export (serve/jobs).
-    pub(crate) fn open_config(&self, cache: CacheMode) -> Result<OpenConfig, BlockError> {
+    pub(crate) fn open_config(&self, cache: CacheMode) -> CliResult<OpenConfig> {
         let (_, mut cfg) = self.settings()?;
         cfg.format = None;
         cfg.cache = cache;
@@ -283,7 +284,7 @@ impl ExportSpec {
     }
 
     /// Checks every setting: the device's and the image's.
-    fn settings(&self) -> Result<(DeviceConfig, OpenConfig), BlockError> {
+    fn settings(&self) -> CliResult<(DeviceConfig, OpenConfig)> {
         let name = self.name();
         if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c == '/') {
             return Err(invalid(format!(
@@ -381,7 +382,7 @@ impl Reopen for SpecReopen {
 /// Refuses what is neither a regular file nor a block device: opening a
 /// FIFO can block forever, and a character device (`/dev/null`,
 /// `/dev/zero`) is no disk.
-fn check_file_type(image: &str) -> Result<(), BlockError> {
+fn check_file_type(image: &str) -> CliResult<()> {
     use std::os::unix::fs::FileTypeExt;
     if image.starts_with("null:") {
         return Ok(());
@@ -432,7 +433,7 @@ pub struct ConfigFile {
 
 impl ConfigFile {
     /// Reads and parses `path`.
-    pub fn load(path: &Path) -> Result<ConfigFile, BlockError> {
+    pub fn load(path: &Path) -> CliResult<ConfigFile> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| invalid(format!("cannot read config file {}: {e}", path.display())))?;
         let cfg: ConfigFile = toml::from_str(&text)

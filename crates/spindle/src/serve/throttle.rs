@@ -4,8 +4,8 @@
 //! own group otherwise. Limits are QEMU's (docs/operations.md).
 
 use super::spec::ExportSpec;
+use crate::error::{CliResult, Error};
 use serde_json::{json, Value};
-use spindle_block::BlockError;
 use spindle_export::throttle::{Group, Limits};
 use spindle_export::Device;
 use std::collections::BTreeMap;
@@ -14,16 +14,16 @@ use std::sync::{Arc, Mutex};
 /// Longest group name.
 const MAX_NAME: usize = 64;
 
-fn invalid(msg: String) -> BlockError {
-    BlockError::Invalid(msg)
+fn invalid(msg: String) -> Error {
+    Error::Usage(msg)
 }
 
 /// Parses limits, naming what they were for in the error.
-pub fn parse(what: &str, s: &str) -> Result<Limits, BlockError> {
+pub fn parse(what: &str, s: &str) -> CliResult<Limits> {
     Limits::parse(s).map_err(|e| invalid(format!("{what}: {e}")))
 }
 
-fn check_name(name: &str) -> Result<(), BlockError> {
+fn check_name(name: &str) -> CliResult<()> {
     if name.is_empty() || name.len() > MAX_NAME || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
         return Err(invalid(format!(
@@ -46,7 +46,7 @@ impl Groups {
     }
 
     /// Sets a named group's limits, making the group if it is new.
-    pub fn define(&self, name: &str, limits: Limits) -> Result<Arc<Group>, BlockError> {
+    pub fn define(&self, name: &str, limits: Limits) -> CliResult<Arc<Group>> {
         check_name(name)?;
         let mut named = self.lock();
         let g = named
@@ -58,7 +58,7 @@ impl Groups {
     }
 
     /// The limits an export's spec asks for, checked before it starts.
-    pub fn check(spec: &ExportSpec) -> Result<Option<Limits>, BlockError> {
+    pub fn check(spec: &ExportSpec) -> CliResult<Option<Limits>> {
         if let Some(g) = &spec.throttle_group {
             check_name(g)?;
         }
@@ -72,7 +72,7 @@ impl Groups {
     /// `throttle` limits, if given, become the group's, as QEMU's
     /// per-drive limits with a group name do), or its own group with its
     /// limits.
-    pub fn apply(&self, spec: &ExportSpec, limits: Option<Limits>, dev: &Device) -> Result<(), BlockError> {
+    pub fn apply(&self, spec: &ExportSpec, limits: Option<Limits>, dev: &Device) -> CliResult<()> {
         match &spec.throttle_group {
             Some(name) => {
                 let g = match limits {

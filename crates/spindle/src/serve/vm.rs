@@ -5,11 +5,12 @@
 
 use super::server::Server;
 use super::vm_record;
-use serde::Deserialize;
+use crate::error::{CliResult, Error};
+pub use crate::protocol::VmRequest;
 use serde_json::{json, Value};
 use spindle_block::formats::qcow2::snapshot::Snapshot;
 use spindle_block::formats::qcow2::{Qcow2, VmStateOptions};
-use spindle_block::{BlockError, Node};
+use spindle_block::Node;
 use spindle_export::quiesce::Hold;
 use spindle_io::{Runtime, RuntimeConfig};
 use spindle_vhost::Export;
@@ -17,21 +18,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-
-/// The request names, for the parser.
-pub const COMMANDS: [&str; 11] = [
-    "vm_disks",
-    "quiesce",
-    "resume",
-    "snapshot_create",
-    "snapshot_delete",
-    "snapshot_list",
-    "snapshot_apply",
-    "vmstate_load",
-    "snapshot_record",
-    "vm_jobs",
-    "keep_image",
-];
 
 /// How long a quiesce waits for requests in flight.
 const DRAIN_WAIT: Duration = Duration::from_secs(30);
@@ -41,95 +27,6 @@ const DEFAULT_LEASE: u64 = 300;
 const ACCEPT_WAIT: Duration = Duration::from_secs(30);
 /// A VM-state stream that sends nothing for this long fails.
 const STREAM_IDLE: Duration = Duration::from_secs(60);
-
-/// A VM-snapshot control request.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum VmRequest {
-    /// The exports whose connected frontend is process `pid`.
-    VmDisks {
-        /// Process id (as `SO_PEERCRED` reports it).
-        pid: u32,
-    },
-    /// Hold an export's requests back until `resume` (or the lease ends).
-    Quiesce {
-        /// Export name.
-        name: String,
-        /// Seconds after which the export resumes by itself.
-        #[serde(default)]
-        lease_s: Option<u64>,
-    },
-    /// Admit the export's requests again.
-    Resume {
-        /// Export name.
-        name: String,
-    },
-    /// Take an internal snapshot of the export's qcow2 image.
-    SnapshotCreate {
-        /// Export name.
-        name: String,
-        /// Snapshot name.
-        snapshot: String,
-        /// Listen here for the VM state (QEMU's `migrate unix:PATH`).
-        #[serde(default)]
-        vmstate: Option<PathBuf>,
-        /// The guest runs while the VM state streams (`--live`): quiesce
-        /// only at the end, which the client does at the switch-over.
-        #[serde(default)]
-        live: bool,
-    },
-    /// Delete a snapshot of the export's image.
-    SnapshotDelete {
-        /// Export name.
-        name: String,
-        /// Snapshot id or name.
-        snapshot: String,
-    },
-    /// List the snapshots of the export's image.
-    SnapshotList {
-        /// Export name.
-        name: String,
-    },
-    /// Revert the export's image to a snapshot (its device unused).
-    SnapshotApply {
-        /// Export name.
-        name: String,
-        /// Snapshot id or name.
-        snapshot: String,
-    },
-    /// Stream a snapshot's VM state into the socket QEMU listens on
-    /// (`migrate-incoming unix:PATH`).
-    VmstateLoad {
-        /// Export name.
-        name: String,
-        /// Snapshot id or name.
-        snapshot: String,
-        /// The socket to connect to.
-        vmstate: PathBuf,
-    },
-    /// Record the guest's pause time for a snapshot (vm_record.rs).
-    SnapshotRecord {
-        /// Export name.
-        name: String,
-        /// Snapshot name.
-        snapshot: String,
-        /// How long the guest was paused, in milliseconds.
-        pause_ms: f64,
-    },
-    /// The VM-state streams running now, with their progress.
-    VmJobs {},
-    /// Keep the image here when the frontend stops the device for a
-    /// migration (one into a VM snapshot: `--live`).
-    KeepImage {
-        /// Export name.
-        name: String,
-        /// Set or clear.
-        keep: bool,
-        /// Seconds after which a set mark clears itself.
-        #[serde(default)]
-        lease_s: Option<u64>,
-    },
-}
 
 /// Quiesces taken by `quiesce` requests, until `resume` or their lease.
 struct Lease {
@@ -145,12 +42,12 @@ fn leases() -> std::sync::MutexGuard<'static, Vec<Lease>> {
     LEASES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub(super) fn invalid(msg: String) -> BlockError {
-    BlockError::Invalid(msg)
+pub(super) fn refused(msg: String) -> Error {
+    Error::Refused(msg)
 }
 
 /// Carries out `req`; the reply when it worked.
-pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
+pub fn execute(server: &Server, req: VmRequest) -> CliResult<Value> {
     match req {
         VmRequest::VmDisks { pid } => {
             let disks: Vec<Value> = server
@@ -168,7 +65,7 @@ pub fn execute(server: &Server, req: VmRequest) -> Result<Value, BlockError> {
         VmRequest::Quiesce { name, lease_s } => {
             let (export, _) = server.running(&name)?;
             let lease = lease_s.unwrap_or(DEFAULT_LEASE).clamp(1, 24 * 3600);
-            let hold = export.quiesce(DRAIN_WAIT).map_err(invalid)?;
+            let hold = export.quiesce(DRAIN_WAIT).map_err(refused)?;
             let id = NEXT_LEASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             leases().push(Lease {
                 export: Arc::downgrade(&export),
@@ -255,27 +152,27 @@ pub(super) fn snapshot_json(s: &Snapshot) -> Value {
 /// thread, holding the export's change gate (no resize or remove
 /// meanwhile). A raw image is refused by name; so is a read-only export
 /// when `write`.
-pub(super) fn with_qcow2<T, F, Fut>(server: &Server, name: &str, write: bool, f: F) -> Result<T, BlockError>
+pub(super) fn with_qcow2<T, F, Fut>(server: &Server, name: &str, write: bool, f: F) -> CliResult<T>
 where
     F: FnOnce(Arc<Node>) -> Fut,
-    Fut: std::future::Future<Output = Result<T, BlockError>>,
+    Fut: std::future::Future<Output = CliResult<T>>,
 {
     let (export, gate) = server.running(name)?;
     let dev = &export.dev;
     let format = dev.slot.info().format;
     if format != "qcow2" {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "export '{name}' serves a {format} image; internal snapshots need qcow2"
         )));
     }
     if write && dev.cfg.read_only {
-        return Err(invalid(format!("export '{name}' is read-only")));
+        return Err(refused(format!("export '{name}' is read-only")));
     }
     let Some(removed) = super::server::lock_within(&gate, super::server::BUSY_TIMEOUT) else {
-        return Err(invalid(format!("export '{name}' is busy (a resize or a snapshot)")));
+        return Err(refused(format!("export '{name}' is busy (a resize or a snapshot)")));
     };
     if *removed {
-        return Err(invalid(format!("export '{name}' is being removed")));
+        return Err(refused(format!("export '{name}' is being removed")));
     }
     let node = dev.open_node()?;
     let rt = Runtime::new(RuntimeConfig {
@@ -285,56 +182,50 @@ where
     rt.block_on(f(node))
 }
 
-pub(super) fn qcow2<'a>(node: &'a Node, name: &str) -> Result<&'a Qcow2, BlockError> {
+pub(super) fn qcow2<'a>(node: &'a Node, name: &str) -> CliResult<&'a Qcow2> {
     match node {
         Node::Qcow2(q) => Ok(q),
-        _ => Err(invalid(format!("export '{name}': its image is not qcow2"))),
+        _ => Err(refused(format!("export '{name}': its image is not qcow2"))),
     }
 }
 
 /// `snapshot_create`: quiesces the export for the snapshot's duration,
 /// then takes it, with the VM state read from one connection to
 /// `vmstate` when given.
-fn create(
-    server: &Server,
-    name: &str,
-    snapshot: &str,
-    vmstate: Option<&Path>,
-    live: bool,
-) -> Result<Value, BlockError> {
+fn create(server: &Server, name: &str, snapshot: &str, vmstate: Option<&Path>, live: bool) -> CliResult<Value> {
     if snapshot.is_empty() || snapshot.len() > 1024 || snapshot.chars().any(char::is_control) {
-        return Err(invalid(
+        return Err(refused(
             "a snapshot name is 1 to 1024 bytes without control characters".into(),
         ));
     }
     let (export, _) = server.running(name)?;
     let started = Instant::now();
     let listener = match vmstate {
-        Some(p) => Some(listen(p).map_err(|e| invalid(format!("VM state socket {}: {e}", p.display())))?),
+        Some(p) => Some(listen(p).map_err(|e| refused(format!("VM state socket {}: {e}", p.display())))?),
         None => None,
     };
     let listening = &listener;
     let res = (|| {
         if live && listening.is_none() {
-            return Err(invalid("a live snapshot needs vmstate".into()));
+            return Err(refused("a live snapshot needs vmstate".into()));
         }
         let _hold = if live {
             None
         } else {
-            Some(export.quiesce(DRAIN_WAIT).map_err(invalid)?)
+            Some(export.quiesce(DRAIN_WAIT).map_err(refused)?)
         };
         let export = &export;
         with_qcow2(server, name, true, |node| async move {
             let q = qcow2(&node, name)?;
             if q.snapshot_list().await.iter().any(|s| s.name == snapshot) {
-                return Err(invalid(format!(
+                return Err(refused(format!(
                     "export '{name}': a snapshot named '{snapshot}' already exists"
                 )));
             }
             match listening {
-                None => q.snapshot_create(snapshot, 0, 0).await,
+                None => Ok(q.snapshot_create(snapshot, 0, 0).await?),
                 Some((l, path)) => {
-                    let conn = accept(l).map_err(|e| invalid(format!("VM state socket {}: {e}", path.display())))?;
+                    let conn = accept(l).map_err(|e| refused(format!("VM state socket {}: {e}", path.display())))?;
                     let job = super::vm_jobs::Running::start(name, snapshot, "save", None);
                     // A stream that is not whole fails the save, which
                     // rolls the snapshot back (vm_stream).
@@ -344,7 +235,7 @@ fn create(
                     } else {
                         Box::new(stream)
                     };
-                    q.save_vmstate(snapshot, src, VmStateOptions::default()).await
+                    Ok(q.save_vmstate(snapshot, src, VmStateOptions::default()).await?)
                 }
             }
         })
@@ -408,24 +299,6 @@ fn accept(l: &UnixListener) -> std::io::Result<UnixStream> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::request::{parse, Request};
-
-    #[test]
-    fn vm_requests_parse_and_refuse_unknown_fields() {
-        assert!(matches!(
-            parse(br#"{"cmd":"snapshot_create","name":"a","snapshot":"s","vmstate":"/x.sock"}"#),
-            Ok(Request::Vm(super::VmRequest::SnapshotCreate { vmstate: Some(_), .. }))
-        ));
-        assert!(matches!(
-            parse(br#"{"cmd":"vm_disks","pid":7}"#),
-            Ok(Request::Vm(super::VmRequest::VmDisks { pid: 7 }))
-        ));
-        let e = parse(br#"{"cmd":"quiesce","name":"a","force":true}"#).unwrap_err();
-        assert!(e.contains("unknown field `force`"), "{e}");
-        let e = parse(br#"{"cmd":"snapshot_list"}"#).unwrap_err();
-        assert!(e.contains("missing field `name`"), "{e}");
-    }
-
     #[test]
     fn a_snapshot_of_an_unknown_export_names_it() {
         let server = super::Server::default();

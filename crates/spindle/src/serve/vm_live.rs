@@ -13,8 +13,8 @@
 //!   switch-over.
 
 use super::server::Server;
+use crate::error::CliResult;
 use serde_json::{json, Value};
-use spindle_block::BlockError;
 use spindle_export::quiesce::Gate;
 use spindle_vhost::Export;
 use std::io::Read;
@@ -34,7 +34,7 @@ fn keeps() -> std::sync::MutexGuard<'static, Vec<(Weak<Export>, u64)>> {
 
 /// `keep_image`: sets or clears export `name`'s keep-image mark; a set
 /// mark clears itself after `lease_s`.
-pub fn keep_image(server: &Server, name: &str, keep: bool, lease_s: Option<u64>) -> Result<Value, BlockError> {
+pub fn keep_image(server: &Server, name: &str, keep: bool, lease_s: Option<u64>) -> CliResult<Value> {
     let (export, _) = server.running(name)?;
     let mut k = keeps();
     k.retain(|(e, _)| e.upgrade().is_some_and(|e| !Arc::ptr_eq(&e, &export)));

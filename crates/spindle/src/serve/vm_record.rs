@@ -13,10 +13,10 @@
 //! write. The file is replaced whole (written beside it, synced, renamed).
 
 use super::server::Server;
-use super::vm::invalid;
+use super::vm::refused;
+use crate::error::CliResult;
 use serde_json::{json, Value};
 use spindle_block::formats::qcow2::snapshot::Snapshot;
-use spindle_block::BlockError;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -75,9 +75,9 @@ pub fn write(path: &Path, table: &[Snapshot], add: Option<Value>) -> std::io::Re
 
 /// `snapshot_record`: records the guest's pause time for snapshot
 /// `snapshot` of export `name`.
-pub fn record(server: &Server, name: &str, snapshot: &str, pause_ms: f64) -> Result<Value, BlockError> {
+pub fn record(server: &Server, name: &str, snapshot: &str, pause_ms: f64) -> CliResult<Value> {
     if !pause_ms.is_finite() || pause_ms < 0.0 {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "pause_ms must be a number of milliseconds, not {pause_ms}"
         )));
     }
@@ -88,22 +88,22 @@ pub fn record(server: &Server, name: &str, snapshot: &str, pause_ms: f64) -> Res
     let sn = table
         .iter()
         .find(|s| s.name == snapshot)
-        .ok_or_else(|| invalid(format!("export '{name}' has no snapshot named '{snapshot}'")))?;
+        .ok_or_else(|| refused(format!("export '{name}' has no snapshot named '{snapshot}'")))?;
     let rec = json!({"id": sn.id, "name": sn.name, "date_sec": sn.date_sec, "date_nsec": sn.date_nsec,
                      "pause_ms": pause_ms});
     let path = sidecar(&image);
-    write(&path, &table, Some(rec)).map_err(|e| invalid(format!("snapshot record {}: {e}", path.display())))?;
+    write(&path, &table, Some(rec)).map_err(|e| refused(format!("snapshot record {}: {e}", path.display())))?;
     Ok(json!({"ok": true, "name": name, "snapshot": snapshot, "pause_ms": pause_ms}))
 }
 
 /// The image path export `name` was added with.
-pub fn image_of(server: &Server, name: &str) -> Result<String, BlockError> {
+pub fn image_of(server: &Server, name: &str) -> CliResult<String> {
     server
         .exports()
         .into_iter()
         .find(|(_, e)| e.dev.cfg.name == name)
         .map(|(spec, _)| spec.image)
-        .ok_or_else(|| invalid(format!("no export named '{name}'")))
+        .ok_or_else(|| refused(format!("no export named '{name}'")))
 }
 
 #[cfg(test)]

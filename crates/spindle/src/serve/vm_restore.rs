@@ -3,10 +3,10 @@
 //! and streaming a snapshot's VM state into a QEMU that waits for it.
 
 use super::server::Server;
-use super::vm::{invalid, qcow2, snapshot_json, with_qcow2};
+use super::vm::{qcow2, refused, snapshot_json, with_qcow2};
+use crate::error::CliResult;
 use serde_json::{json, Value};
 use spindle_block::formats::qcow2::VmStateOptions;
-use spindle_block::BlockError;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,9 +18,9 @@ const STREAM_IDLE: Duration = Duration::from_secs(60);
 /// meanwhile. Only a disk no guest has used on its connection is reverted
 /// (no frontend, or one waiting for an incoming migration), and only to a
 /// snapshot of the export's current size (the frontend has read it).
-pub fn apply(server: &Server, name: &str, snapshot: &str) -> Result<Value, BlockError> {
+pub fn apply(server: &Server, name: &str, snapshot: &str) -> CliResult<Value> {
     let (export, _) = server.running(name)?;
-    let _hold = export.quiesce_unused().map_err(invalid)?;
+    let _hold = export.quiesce_unused().map_err(refused)?;
     let capacity = export.dev.capacity();
     let sn = with_qcow2(server, name, true, |node| async move {
         let q = qcow2(&node, name)?;
@@ -30,10 +30,10 @@ pub fn apply(server: &Server, name: &str, snapshot: &str) -> Result<Value, Block
             .find(|s| s.id == snapshot)
             .or_else(|| snaps.iter().find(|s| s.name == snapshot))
             .cloned()
-            .ok_or_else(|| invalid(format!("export '{name}' has no snapshot with id or name '{snapshot}'")))?;
+            .ok_or_else(|| refused(format!("export '{name}' has no snapshot with id or name '{snapshot}'")))?;
         let size = sn.disk_size.unwrap_or(capacity);
         if size != capacity {
-            return Err(invalid(format!(
+            return Err(refused(format!(
                 "export '{name}': snapshot '{snapshot}' is of a {size}-byte disk, the export serves {capacity} \
                  bytes; resize it first"
             )));
@@ -48,11 +48,11 @@ pub fn apply(server: &Server, name: &str, snapshot: &str) -> Result<Value, Block
 /// `vmstate_load`: connects to `path` (QEMU's `migrate-incoming
 /// unix:PATH`) and writes snapshot `snapshot`'s VM state into it, read
 /// ahead from the image.
-pub fn load(server: &Server, name: &str, snapshot: &str, path: &Path) -> Result<Value, BlockError> {
+pub fn load(server: &Server, name: &str, snapshot: &str, path: &Path) -> CliResult<Value> {
     let started = Instant::now();
     let conn = UnixStream::connect(path)
         .and_then(|c| c.set_write_timeout(Some(STREAM_IDLE)).map(|()| c))
-        .map_err(|e| invalid(format!("VM state socket {}: {e}", path.display())))?;
+        .map_err(|e| refused(format!("VM state socket {}: {e}", path.display())))?;
     let bytes = with_qcow2(server, name, false, |node| async move {
         let q = qcow2(&node, name)?;
         let sn = q
@@ -61,7 +61,7 @@ pub fn load(server: &Server, name: &str, snapshot: &str, path: &Path) -> Result<
             .into_iter()
             .find(|s| s.id == snapshot || s.name == snapshot);
         let Some(size) = sn.map(|s| s.vm_state_size).filter(|n| *n > 0) else {
-            return Err(invalid(format!(
+            return Err(refused(format!(
                 "export '{name}' has no snapshot '{snapshot}' with VM state"
             )));
         };

@@ -2,7 +2,8 @@
 //! of its Spindle disks.
 
 use super::{ctl, disks_of, Disk};
-use serde_json::{json, Value};
+use crate::protocol::VmRequest;
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -22,7 +23,7 @@ struct VmSnapshot {
 fn by_name(control: &Path, disks: &[Disk]) -> Result<BTreeMap<String, VmSnapshot>, String> {
     let mut all: BTreeMap<String, VmSnapshot> = BTreeMap::new();
     for d in disks {
-        let reply = ctl(control, json!({"cmd": "snapshot_list", "name": d.name}))?;
+        let reply = ctl(control, VmRequest::SnapshotList { name: d.name.clone() })?;
         for s in reply["snapshots"].as_array().into_iter().flatten() {
             let name = s["name"].as_str().unwrap_or("").to_string();
             let e = all.entry(name).or_default();
@@ -88,7 +89,13 @@ pub fn delete(qmp: &Path, control: &Path, name: &str) -> Result<(), String> {
     };
     let mut errors = Vec::new();
     for d in &s.disks {
-        let r: Result<Value, String> = ctl(control, json!({"cmd": "snapshot_delete", "name": d, "snapshot": name}));
+        let r: Result<Value, String> = ctl(
+            control,
+            VmRequest::SnapshotDelete {
+                name: d.clone(),
+                snapshot: name.to_string(),
+            },
+        );
         if let Err(e) = r {
             errors.push(format!("'{d}': {e}"));
         }

@@ -8,10 +8,10 @@ pub mod qmp;
 pub mod restore;
 pub mod snapshot;
 
-use crate::img::CliResult;
+use crate::error::{CliResult, Error};
+use crate::protocol::VmRequest;
 use clap::{Args as ClapArgs, Subcommand};
 use serde_json::Value;
-use spindle_block::BlockError;
 use std::path::{Path, PathBuf};
 
 /// `spindle vm …`.
@@ -93,12 +93,12 @@ pub fn run(a: Args) -> CliResult<u8> {
         Cmd::List => list::list(&a.qmp, &a.control),
         Cmd::Delete { name } => list::delete(&a.qmp, &a.control, &name),
     };
-    r.map(|()| 0).map_err(BlockError::Invalid)
+    r.map(|()| 0).map_err(Error::Vm)
 }
 
 /// One control request; the reply when it says `ok`, else its error.
-pub(crate) fn ctl(control: &Path, req: Value) -> Result<Value, String> {
-    let reply = crate::ctl::request(control, &req).map_err(|e| e.to_string())?;
+pub(crate) fn ctl(control: &Path, req: VmRequest) -> Result<Value, String> {
+    let reply = crate::ctl::request(control, &req.into()).map_err(|e| e.to_string())?;
     if reply["ok"] == Value::Bool(true) {
         Ok(reply)
     } else {
@@ -121,7 +121,7 @@ pub struct Disk {
 
 /// The QEMU process behind `qmp` and its Spindle disks, sorted by name.
 pub(crate) fn disks_of(control: &Path, pid: u32) -> Result<Vec<Disk>, String> {
-    let reply = ctl(control, serde_json::json!({"cmd": "vm_disks", "pid": pid}))?;
+    let reply = ctl(control, VmRequest::VmDisks { pid })?;
     let mut disks: Vec<Disk> = reply["disks"]
         .as_array()
         .map(|a| {

@@ -2,6 +2,7 @@
 //! `vm_jobs` polled from a thread of its own while the request runs.
 
 use super::ctl;
+use crate::protocol::VmRequest;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
@@ -39,7 +40,7 @@ impl Watch {
             let bar = ProgressBar::new_spinner();
             let mut sized = false;
             while !done.load(Ordering::Acquire) {
-                let jobs = ctl(&control, json!({"cmd": "vm_jobs"})).unwrap_or(Value::Null);
+                let jobs = ctl(&control, VmRequest::VmJobs {}).unwrap_or(Value::Null);
                 let job = jobs["jobs"].as_array().and_then(|a| {
                     a.iter()
                         .find(|j| j["export"] == json!(export) && j["snapshot"] == json!(snapshot) && j["kind"] == kind)

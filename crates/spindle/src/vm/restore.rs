@@ -13,6 +13,7 @@
 
 use super::qmp::Qmp;
 use super::{ctl, disks_of};
+use crate::protocol::VmRequest;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -36,7 +37,7 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, paused: bool) -> Result<
     let disks = disks_of(control, pid)?;
     let mut vm_disk = None;
     for d in &disks {
-        let snaps = ctl(control, json!({"cmd": "snapshot_list", "name": d.name}))?;
+        let snaps = ctl(control, VmRequest::SnapshotList { name: d.name.clone() })?;
         let sn: Option<&Value> = snaps["snapshots"]
             .as_array()
             .and_then(|a| a.iter().find(|s| s["name"] == json!(name)));
@@ -63,7 +64,10 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, paused: bool) -> Result<
     for d in &disks {
         ctl(
             control,
-            json!({"cmd": "snapshot_apply", "name": d.name, "snapshot": name}),
+            VmRequest::SnapshotApply {
+                name: d.name.clone(),
+                snapshot: name.to_string(),
+            },
         )
         .map_err(|e| format!("reverting '{}': {e}", d.name))?;
     }
@@ -92,7 +96,11 @@ fn stream(qmp: &mut Qmp, control: &Path, vm_disk: &str, name: &str, sock: &Path)
     let watch = super::progress::Watch::start(control, vm_disk, name, "load");
     let loaded = ctl(
         control,
-        json!({"cmd": "vmstate_load", "name": vm_disk, "snapshot": name, "vmstate": sock}),
+        VmRequest::VmstateLoad {
+            name: vm_disk.to_string(),
+            snapshot: name.to_string(),
+            vmstate: sock.to_owned(),
+        },
     );
     watch.finish();
     let deadline = Instant::now() + LOAD_WAIT;

@@ -29,6 +29,7 @@
 
 use super::qmp::Qmp;
 use super::{ctl, disks_of, Disk};
+use crate::protocol::VmRequest;
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -148,7 +149,13 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
     };
     if res.is_err() {
         for d in &undo.made {
-            if let Err(e) = ctl(control, json!({"cmd": "snapshot_delete", "name": d, "snapshot": name})) {
+            if let Err(e) = ctl(
+                control,
+                VmRequest::SnapshotDelete {
+                    name: d.clone(),
+                    snapshot: name.to_string(),
+                },
+            ) {
                 eprintln!("spindle: vm snapshot: cannot roll back '{name}' on '{d}': {e}");
             }
         }
@@ -158,7 +165,7 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
         tracing::debug!(ms = ms(t), "vm snapshot: resuming the disks");
     }
     for d in &undo.quiesced {
-        if let Err(e) = ctl(control, json!({"cmd": "resume", "name": d})) {
+        if let Err(e) = ctl(control, VmRequest::Resume { name: d.clone() }) {
             eprintln!("spindle: vm snapshot: cannot resume '{d}': {e}");
             resumed = false;
         }
@@ -185,7 +192,14 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
     // Once the guest runs again: what only the next migration or device
     // stop would look at.
     for d in &undo.kept {
-        if let Err(e) = ctl(control, json!({"cmd": "keep_image", "name": d, "keep": false})) {
+        if let Err(e) = ctl(
+            control,
+            VmRequest::KeepImage {
+                name: d.clone(),
+                keep: false,
+                lease_s: None,
+            },
+        ) {
             eprintln!("spindle: vm snapshot: cannot clear keep_image of '{d}': {e}");
         }
     }
@@ -202,7 +216,11 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, opts: &Options) -> Resul
     let pause_ms = pause.as_secs_f64() * 1e3;
     if let Err(e) = ctl(
         control,
-        json!({"cmd": "snapshot_record", "name": vm_disk.name, "snapshot": name, "pause_ms": pause_ms}),
+        VmRequest::SnapshotRecord {
+            name: vm_disk.name.clone(),
+            snapshot: name.to_string(),
+            pause_ms,
+        },
     ) {
         eprintln!("spindle: vm snapshot '{name}': the pause time is not recorded: {e}");
     }
@@ -297,7 +315,7 @@ fn check(control: &Path, disks: &[Disk], name: &str) -> Result<(), String> {
         if d.readonly {
             return Err(format!("disk '{}' ({}) is served read-only", d.name, d.image));
         }
-        let snaps = ctl(control, json!({"cmd": "snapshot_list", "name": d.name}))?;
+        let snaps = ctl(control, VmRequest::SnapshotList { name: d.name.clone() })?;
         let taken = snaps["snapshots"]
             .as_array()
             .is_some_and(|a| a.iter().any(|s| s["name"] == json!(name)));
@@ -318,13 +336,24 @@ fn quiesce_and_snapshot(
     undo: &mut Undo,
 ) -> Result<(), String> {
     for d in disks {
-        ctl(control, json!({"cmd": "quiesce", "name": d.name, "lease_s": LEASE_S}))?;
+        ctl(
+            control,
+            VmRequest::Quiesce {
+                name: d.name.clone(),
+                lease_s: Some(LEASE_S),
+            },
+        )?;
         undo.quiesced.push(d.name.clone());
     }
     for d in disks.iter().filter(|d| d.name != vm_disk.name) {
         ctl(
             control,
-            json!({"cmd": "snapshot_create", "name": d.name, "snapshot": name}),
+            VmRequest::SnapshotCreate {
+                name: d.name.clone(),
+                snapshot: name.to_string(),
+                vmstate: None,
+                live: false,
+            },
         )?;
         undo.made.push(d.name.clone());
     }
@@ -346,7 +375,11 @@ fn take(
         for d in disks {
             ctl(
                 control,
-                json!({"cmd": "keep_image", "name": d.name, "keep": true, "lease_s": LEASE_S}),
+                VmRequest::KeepImage {
+                    name: d.name.clone(),
+                    keep: true,
+                    lease_s: Some(LEASE_S),
+                },
             )?;
             undo.kept.push(d.name.clone());
         }
@@ -355,8 +388,12 @@ fn take(
         quiesce_and_snapshot(control, disks, vm_disk, name, undo)?;
     }
     let sock = super::socket_beside(control, "vmstate");
-    let req = json!({"cmd": "snapshot_create", "name": vm_disk.name, "snapshot": name, "vmstate": sock,
-                     "live": live});
+    let req = VmRequest::SnapshotCreate {
+        name: vm_disk.name.clone(),
+        snapshot: name.to_string(),
+        vmstate: Some(sock.clone()),
+        live,
+    };
     let ctl_path = control.to_owned();
     let saver = std::thread::spawn(move || ctl(&ctl_path, req));
     let started = Instant::now();

@@ -14,7 +14,8 @@
 
 use super::super::server::{lock_within, Server, BUSY_TIMEOUT};
 use super::super::spec::ExportSpec;
-use spindle_block::{open_image, BlockError, Node, OpenConfig, SgList};
+use crate::error::{CliResult, Error};
+use spindle_block::{open_image, Node, OpenConfig, SgList};
 use spindle_io::{CacheMode, Runtime, RuntimeConfig};
 use spindle_vhost::Export;
 use std::future::Future;
@@ -27,8 +28,8 @@ pub const PAUSE_DRAIN: Duration = Duration::from_secs(30);
 /// Bytes copied at a time.
 pub const CHUNK: u64 = 1 << 20;
 
-pub fn invalid(msg: String) -> BlockError {
-    BlockError::Invalid(msg)
+pub fn refused(msg: String) -> Error {
+    Error::Refused(msg)
 }
 
 /// Records the image (and format) an export serves after a switch.
@@ -46,16 +47,16 @@ pub struct Ctx {
 
 impl Ctx {
     /// The running, writable, active export `name`.
-    pub fn of(server: &Server, name: &str) -> Result<Ctx, BlockError> {
+    pub fn of(server: &Server, name: &str) -> CliResult<Ctx> {
         let (export, gate) = server.running(name)?;
         let spec = server
             .exports()
             .into_iter()
             .find(|(_, e)| Arc::ptr_eq(e, &export))
             .map(|(s, _)| s)
-            .ok_or_else(|| invalid(format!("no export named '{name}'")))?;
+            .ok_or_else(|| refused(format!("no export named '{name}'")))?;
         if export.dev.cfg.read_only {
-            return Err(invalid(format!("export '{name}' is read-only")));
+            return Err(refused(format!("export '{name}' is read-only")));
         }
         export.dev.open_node()?;
         Ok(Ctx {
@@ -69,10 +70,10 @@ impl Ctx {
 
     /// The open chain; fails once the export stopped or its chain was
     /// switched by someone else than `expected`.
-    pub fn node(&self, expected: Option<&Arc<Node>>) -> Result<Arc<Node>, BlockError> {
+    pub fn node(&self, expected: Option<&Arc<Node>>) -> CliResult<Arc<Node>> {
         let node = self.export.dev.open_node()?;
         match expected {
-            Some(e) if !Arc::ptr_eq(e, &node) => Err(invalid(format!(
+            Some(e) if !Arc::ptr_eq(e, &node) => Err(refused(format!(
                 "export '{}': its image changed under the job",
                 self.name
             ))),
@@ -82,21 +83,21 @@ impl Ctx {
 
     /// Holds the export's change gate (no resize, snapshot or removal
     /// meanwhile); refused once the export is being removed.
-    pub fn change_lock(&self) -> Result<MutexGuard<'_, bool>, BlockError> {
+    pub fn change_lock(&self) -> CliResult<MutexGuard<'_, bool>> {
         let Some(removed) = lock_within(&self.gate, BUSY_TIMEOUT) else {
-            return Err(invalid(format!(
+            return Err(refused(format!(
                 "export '{}' is busy (a resize or a snapshot)",
                 self.name
             )));
         };
         if *removed {
-            return Err(invalid(format!("export '{}' is being removed", self.name)));
+            return Err(refused(format!("export '{}' is being removed", self.name)));
         }
         Ok(removed)
     }
 
     /// A runtime of the export's engine, for this thread.
-    pub fn runtime(&self) -> Result<Runtime, BlockError> {
+    pub fn runtime(&self) -> CliResult<Runtime> {
         Ok(Runtime::new(RuntimeConfig {
             engine: self.export.dev.cfg.engine.engine,
             ..Default::default()
@@ -105,7 +106,7 @@ impl Ctx {
 
     /// How the export opens images, with `inherit` (canonical paths)
     /// taken over from the chain it serves now.
-    pub fn open_config(&self, node: &Node, inherit: Vec<PathBuf>) -> Result<OpenConfig, BlockError> {
+    pub fn open_config(&self, node: &Node, inherit: Vec<PathBuf>) -> CliResult<OpenConfig> {
         let cache = node.file().map_or(CacheMode::Writeback, |f| f.cache());
         Ok(OpenConfig {
             inherit_locks: inherit,
@@ -120,15 +121,15 @@ impl Ctx {
         &self,
         rt: &Runtime,
         before: B,
-        open: impl FnOnce() -> Result<Node, BlockError>,
+        open: impl FnOnce() -> CliResult<Node>,
         image: &str,
         cfg: &OpenConfig,
-    ) -> Result<(), BlockError>
+    ) -> CliResult<()>
     where
         B: FnOnce(Arc<Node>) -> F,
-        F: Future<Output = Result<(), BlockError>>,
+        F: Future<Output = CliResult<()>>,
     {
-        let pause = self.export.pause(PAUSE_DRAIN).map_err(invalid)?;
+        let pause = self.export.pause(PAUSE_DRAIN).map_err(refused)?;
         let old = self.export.dev.open_node()?;
         rt.block_on(before(old.clone()))?;
         // Everything on disk: the new chain reads its metadata afresh.
@@ -136,7 +137,7 @@ impl Ctx {
         rt.block_on(async move { closing.close().await })?;
         let new = open()?;
         if new.size() != old.size() {
-            return Err(invalid(format!(
+            return Err(refused(format!(
                 "{image}: the new chain is {} bytes, the export {}",
                 new.size(),
                 old.size()
@@ -157,11 +158,11 @@ impl Ctx {
 }
 
 /// Opens `image` with `cfg`: the new chain of a switch.
-pub fn open_chain(image: &Path, cfg: &OpenConfig) -> Result<Node, BlockError> {
+pub fn open_chain(image: &Path, cfg: &OpenConfig) -> CliResult<Node> {
     let spec = image
         .to_str()
-        .ok_or_else(|| invalid(format!("{}: not a UTF-8 path", image.display())))?;
-    open_image(spec, cfg)
+        .ok_or_else(|| refused(format!("{}: not a UTF-8 path", image.display())))?;
+    Ok(open_image(spec, cfg)?)
 }
 
 /// The images of `node`'s chain, top first.
@@ -177,13 +178,13 @@ pub fn canonical(path: &Path) -> PathBuf {
 }
 
 /// The depth of `path` in `node`'s chain (0: the top).
-pub fn depth_of(node: &Node, path: &Path, name: &str) -> Result<usize, BlockError> {
+pub fn depth_of(node: &Node, path: &Path, name: &str) -> CliResult<usize> {
     let want = canonical(path);
     layers(node)
         .iter()
         .position(|l| canonical(l.path()) == want)
         .ok_or_else(|| {
-            invalid(format!(
+            refused(format!(
                 "export '{name}': {} is not in its backing chain",
                 path.display()
             ))
@@ -192,14 +193,14 @@ pub fn depth_of(node: &Node, path: &Path, name: &str) -> Result<usize, BlockErro
 
 /// How far the range at `pos` (at most `len` long) is defined in a layer
 /// of `node`'s chain above depth `limit`: `(defined, run length)`.
-pub async fn defined_above(node: &Node, pos: u64, len: u64, limit: usize) -> Result<(bool, u64), BlockError> {
+pub async fn defined_above(node: &Node, pos: u64, len: u64, limit: usize) -> CliResult<(bool, u64)> {
     let e = node.map_extent(pos, len).await?;
     Ok((e.present && (e.depth as usize) < limit, e.len.max(1)))
 }
 
 /// Copies `len` bytes at `pos` as `src` reads them into `dst` (zeroes as
 /// write-zeroes, so a sparse target stays sparse). Returns the bytes.
-pub async fn copy_range(src: &Node, dst: &Node, pos: u64, len: u64) -> Result<u64, BlockError> {
+pub async fn copy_range(src: &Node, dst: &Node, pos: u64, len: u64) -> CliResult<u64> {
     let len = len
         .min(src.size().saturating_sub(pos))
         .min(dst.size().saturating_sub(pos));

@@ -25,9 +25,10 @@
 //! as it was.
 
 use super::super::server::Server;
-use super::chain::{canonical, copy_range, defined_above, depth_of, invalid, open_chain, Ctx, CHUNK};
+use super::chain::{canonical, copy_range, defined_above, depth_of, open_chain, refused, Ctx, CHUNK};
 use super::table::{self, Job};
-use spindle_block::{BlockError, Format, Node, OpenConfig};
+use crate::error::{CliResult, Error};
+use spindle_block::{Format, Node, OpenConfig};
 use spindle_export::written::Written;
 use spindle_io::{Locking, Perms};
 use std::path::{Path, PathBuf};
@@ -48,13 +49,7 @@ struct Plan {
 }
 
 /// Starts a commit job on export `name`; returns its id.
-pub fn start(
-    server: &Server,
-    name: &str,
-    base: Option<&Path>,
-    top: Option<&Path>,
-    speed: u64,
-) -> Result<u64, BlockError> {
+pub fn start(server: &Server, name: &str, base: Option<&Path>, top: Option<&Path>, speed: u64) -> CliResult<u64> {
     let ctx = Ctx::of(server, name)?;
     let node = ctx.node(None)?;
     let top = match top {
@@ -62,7 +57,7 @@ pub fn start(
         None => 0,
     };
     if top > 1 {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "export '{name}': committing a layer below the active layer's backing file is not supported; \
              commit the layers above it first"
         )));
@@ -73,13 +68,13 @@ pub fn start(
         None => top + 1,
     };
     let Some(base_node) = layers.get(base).filter(|_| base > top) else {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "export '{name}': {} has no backing file below it to commit into",
             layers[top].path().display()
         )));
     };
     if base_node.size() < node.size() {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "export '{name}': the base {} is smaller than the disk; grow it first",
             base_node.path().display()
         )));
@@ -99,18 +94,18 @@ pub fn start(
         thread_job.finish(res);
     });
     if let Err(e) = spawned {
-        job.finish(Err(invalid(format!("cannot start the job's thread: {e}"))));
-        return Err(invalid(format!("cannot start the job's thread: {e}")));
+        job.finish(Err(refused(format!("cannot start the job's thread: {e}"))));
+        return Err(refused(format!("cannot start the job's thread: {e}")));
     }
     Ok(id)
 }
 
-fn run(ctx: &Ctx, job: &Job, node: Arc<Node>, plan: &Plan) -> Result<(), BlockError> {
+fn run(ctx: &Ctx, job: &Job, node: Arc<Node>, plan: &Plan) -> CliResult<()> {
     let rt = ctx.runtime()?;
     let chain_base = super::chain::layers(&node)[plan.base];
     let chain_base_file = chain_base
         .file()
-        .ok_or_else(|| invalid("the base has no file".into()))?;
+        .ok_or_else(|| refused("the base has no file".into()))?;
     let read_lock = OpenConfig::default().locking(plan.base_format, true);
     // Let the job's writer in beside the chain's reader.
     chain_base_file.set_locks(Locking {
@@ -156,8 +151,8 @@ fn copy_all(
     plan: &Plan,
     base_w: &mut Option<Node>,
     written: Option<&Written>,
-) -> Result<(), BlockError> {
-    let base = base_w.as_ref().ok_or_else(|| invalid("no base".into()))?;
+) -> CliResult<()> {
+    let base = base_w.as_ref().ok_or_else(|| refused("no base".into()))?;
     let top = super::chain::layers(node)[plan.top];
     let size = node.size();
     let step = CHUNK.max(node.info().cluster_size.unwrap_or(0));
@@ -177,7 +172,7 @@ fn copy_all(
                 }
                 p += n;
             }
-            Ok::<u64, BlockError>(copied)
+            Ok::<u64, Error>(copied)
         })?;
         job.done.store(end, Ordering::Release);
         job.copied(copied)?;
@@ -207,7 +202,7 @@ fn copy_ranges(
     dst: &Node,
     ranges: &[(u64, u64)],
     job: Option<&Job>,
-) -> Result<(), BlockError> {
+) -> CliResult<()> {
     for &(off, len) in ranges {
         let mut p = off;
         while p < off + len {
@@ -231,11 +226,11 @@ fn switch_active(
     plan: &Plan,
     base_w: &mut Option<Node>,
     written: &Written,
-) -> Result<(), BlockError> {
+) -> CliResult<()> {
     let _changing = ctx.change_lock()?;
     ctx.node(Some(node))?;
-    let base = base_w.as_ref().ok_or_else(|| invalid("no base".into()))?;
-    let pause = ctx.export.pause(super::chain::PAUSE_DRAIN).map_err(invalid)?;
+    let base = base_w.as_ref().ok_or_else(|| refused("no base".into()))?;
+    let pause = ctx.export.pause(super::chain::PAUSE_DRAIN).map_err(refused)?;
     copy_ranges(rt, node, base, &written.take(), None)?;
     rt.block_on(base.flush())?;
     rt.block_on(node.close())?;
@@ -243,7 +238,7 @@ fn switch_active(
     let cfg = ctx.open_config(node, Vec::new())?;
     let format = base.info().format;
     let reopen = super::super::spec::ExportSpec::reopen_at(&image, &cfg);
-    let base = base_w.take().ok_or_else(|| invalid("no base".into()))?;
+    let base = base_w.take().ok_or_else(|| refused("no base".into()))?;
     let old = ctx.export.dev.slot.replace(base, Some(reopen))?;
     ctx.export.dev.track_writes(None);
     drop(pause);
@@ -262,7 +257,7 @@ fn switch_intermediate(
     node: &Arc<Node>,
     plan: &Plan,
     base: &Node,
-) -> Result<(), BlockError> {
+) -> CliResult<()> {
     rt.block_on(base.flush())?;
     let _changing = ctx.change_lock()?;
     ctx.node(Some(node))?;
@@ -275,9 +270,9 @@ fn switch_intermediate(
         rt,
         |old| async move {
             let Node::Qcow2(q) = &*old else {
-                return Err(invalid("the active layer is no longer qcow2".into()));
+                return Err(refused("the active layer is no longer qcow2".into()));
             };
-            q.set_backing(Some(link), Some(fmt)).await
+            Ok(q.set_backing(Some(link), Some(fmt)).await?)
         },
         || open_chain(&active, &cfg),
         &image,

@@ -7,29 +7,29 @@
 //! and the new file is removed.
 
 use super::super::server::Server;
-use super::chain::{canonical, invalid, open_chain, Ctx};
+use super::chain::{canonical, open_chain, refused, Ctx};
+use crate::error::CliResult;
 use serde_json::{json, Value};
 use spindle_block::formats::qcow2::{self, CreateOptions};
-use spindle_block::BlockError;
 use std::path::Path;
 
 /// Creates `image` on top of export `name`'s chain and serves it.
-pub fn run(server: &Server, name: &str, image: &Path) -> Result<Value, BlockError> {
+pub fn run(server: &Server, name: &str, image: &Path) -> CliResult<Value> {
     let ctx = Ctx::of(server, name)?;
     if !image.is_absolute() {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "{}: give the new image as an absolute path",
             image.display()
         )));
     }
     if std::fs::symlink_metadata(image).is_ok() {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "{} exists already; an overlay is a new file",
             image.display()
         )));
     }
     if let Some(job) = super::table::running(name) {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "export '{name}' has a {} job running (id {}); wait for it or cancel it",
             job.kind, job.id
         )));
@@ -38,14 +38,14 @@ pub fn run(server: &Server, name: &str, image: &Path) -> Result<Value, BlockErro
     let rt = ctx.runtime()?;
     let node = ctx.node(None)?;
     if node.info().format == "null" {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "export '{name}' serves a null device; it has no file to overlay"
         )));
     }
     let backing = canonical(node.path());
     let backing_str = backing
         .to_str()
-        .ok_or_else(|| invalid(format!("{}: not a UTF-8 path", backing.display())))?
+        .ok_or_else(|| refused(format!("{}: not a UTF-8 path", backing.display())))?
         .to_string();
     let opts = CreateOptions {
         size: ctx.export.dev.capacity(),
@@ -61,7 +61,7 @@ pub fn run(server: &Server, name: &str, image: &Path) -> Result<Value, BlockErro
     let res = ctx.pivot(&rt, |_| async { Ok(()) }, || open_chain(image, &cfg), &image_str, &cfg);
     if let Err(e) = res {
         let _ = std::fs::remove_file(image);
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "export '{name}': overlay {}: {e}; it still serves {backing_str}",
             image.display()
         )));

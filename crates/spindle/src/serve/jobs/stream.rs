@@ -13,37 +13,38 @@
 //! that file holds.
 
 use super::super::server::Server;
-use super::chain::{canonical, defined_above, depth_of, invalid, open_chain, Ctx, CHUNK};
+use super::chain::{canonical, defined_above, depth_of, open_chain, refused, Ctx, CHUNK};
 use super::table::{self, Job};
-use spindle_block::{BlockError, BlockStatus, Node, SgList};
+use crate::error::CliResult;
+use spindle_block::{BlockStatus, Node, SgList};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Starts a stream job on export `name`; returns its id.
-pub fn start(server: &Server, name: &str, base: Option<&Path>, speed: u64) -> Result<u64, BlockError> {
+pub fn start(server: &Server, name: &str, base: Option<&Path>, speed: u64) -> CliResult<u64> {
     let ctx = Ctx::of(server, name)?;
     let node = ctx.node(None)?;
     let Node::Qcow2(q) = &*node else {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "export '{name}' serves a {} image; stream copies into a qcow2 top image",
             node.info().format
         )));
     };
     if node.backing().is_none() {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "export '{name}': its image has no backing file to stream from"
         )));
     }
     if q.info().qcow2.is_some_and(|i| i.extended_l2) {
-        return Err(invalid(format!(
+        return Err(refused(format!(
             "export '{name}': stream does not support extended L2 entries (subclusters) yet"
         )));
     }
     let limit = match base {
         Some(b) => match depth_of(&node, b, name)? {
             0 => {
-                return Err(invalid(format!(
+                return Err(refused(format!(
                     "export '{name}': the base {} is the top image",
                     b.display()
                 )))
@@ -60,13 +61,13 @@ pub fn start(server: &Server, name: &str, base: Option<&Path>, speed: u64) -> Re
         thread_job.finish(res);
     });
     if let Err(e) = spawned {
-        job.finish(Err(invalid(format!("cannot start the job's thread: {e}"))));
-        return Err(invalid(format!("cannot start the job's thread: {e}")));
+        job.finish(Err(refused(format!("cannot start the job's thread: {e}"))));
+        return Err(refused(format!("cannot start the job's thread: {e}")));
     }
     Ok(id)
 }
 
-fn run(ctx: &Ctx, job: &Job, node: Arc<Node>, limit: usize, base: Option<&Path>) -> Result<(), BlockError> {
+fn run(ctx: &Ctx, job: &Job, node: Arc<Node>, limit: usize, base: Option<&Path>) -> CliResult<()> {
     let rt = ctx.runtime()?;
     let size = node.size();
     let step = CHUNK.max(node.info().cluster_size.unwrap_or(0));
@@ -103,10 +104,10 @@ fn run(ctx: &Ctx, job: &Job, node: Arc<Node>, limit: usize, base: Option<&Path>)
         &rt,
         |old| async move {
             let Node::Qcow2(q) = &*old else {
-                return Err(invalid("the top image is no longer qcow2".into()));
+                return Err(refused("the top image is no longer qcow2".into()));
             };
             let (name, fmt) = new_backing.unzip();
-            q.set_backing(name, fmt).await
+            Ok(q.set_backing(name, fmt).await?)
         },
         || open_chain(&top, &cfg),
         &top_str,
@@ -115,7 +116,7 @@ fn run(ctx: &Ctx, job: &Job, node: Arc<Node>, limit: usize, base: Option<&Path>)
 }
 
 /// Copies what `[pos, end)` needs from the backing chain into the top.
-async fn copy_chunk(node: &Node, pos: u64, end: u64, limit: usize) -> Result<u64, BlockError> {
+async fn copy_chunk(node: &Node, pos: u64, end: u64, limit: usize) -> CliResult<u64> {
     let Node::Qcow2(q) = node else { return Ok(0) };
     let Some(backing) = node.backing() else { return Ok(0) };
     let cs = q.cluster_size();
@@ -154,7 +155,7 @@ async fn copy_in(
     pos: u64,
     len: u64,
     cs: u64,
-) -> Result<u64, BlockError> {
+) -> CliResult<u64> {
     let inside = len.min(backing.size().saturating_sub(pos));
     let buf = SgList::zeroed(len as usize);
     backing.read(pos, &buf.slice(0, inside as usize)).await?;

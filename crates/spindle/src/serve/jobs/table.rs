@@ -1,8 +1,8 @@
 //! The jobs of this daemon: progress, state and cancellation, read by
 //! `jobs` and set by the job's own thread.
 
+use crate::error::{CliResult, Error};
 use serde_json::{json, Value};
-use spindle_block::BlockError;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -65,7 +65,7 @@ impl Job {
 
     /// The job ended: `Ok` completed; an error cancelled (when asked) or
     /// failed.
-    pub fn finish(&self, res: Result<(), BlockError>) {
+    pub fn finish(&self, res: CliResult<()>) {
         let st = match res {
             Ok(()) => State::Completed,
             Err(_) if self.cancelled() => State::Cancelled,
@@ -79,16 +79,16 @@ impl Job {
     }
 
     /// The error a copy loop returns once the job was cancelled.
-    pub fn check(&self) -> Result<(), BlockError> {
+    pub fn check(&self) -> CliResult<()> {
         match self.cancelled() {
-            true => Err(BlockError::Invalid(format!("job {} was cancelled", self.id))),
+            true => Err(Error::Refused(format!("job {} was cancelled", self.id))),
             false => Ok(()),
         }
     }
 
     /// `n` more bytes were copied: waits as long as the rate limit asks
     /// (in short sleeps, so a cancel is seen at once).
-    pub fn copied(&self, n: u64) -> Result<(), BlockError> {
+    pub fn copied(&self, n: u64) -> CliResult<()> {
         let copied = self.copied.fetch_add(n, Ordering::AcqRel) + n;
         if self.speed > 0 {
             let due = Duration::from_secs_f64(copied as f64 / self.speed as f64);
@@ -118,10 +118,10 @@ impl Job {
 
 /// A new running job of `kind` on `export`; refused while another job of
 /// that export runs.
-pub fn register(kind: &'static str, export: &str, total: u64, speed: u64) -> Result<Arc<Job>, BlockError> {
+pub fn register(kind: &'static str, export: &str, total: u64, speed: u64) -> CliResult<Arc<Job>> {
     let mut all = jobs();
     if let Some(j) = running_on(&all, export) {
-        return Err(BlockError::Invalid(format!(
+        return Err(Error::Refused(format!(
             "export '{export}' has a {} job running (id {}); wait for it or cancel it (job_cancel)",
             j.kind, j.id
         )));
@@ -168,13 +168,13 @@ pub fn list() -> Vec<Value> {
 }
 
 /// Asks job `id` to stop; it undoes what it did and ends `cancelled`.
-pub fn cancel(id: u64) -> Result<(), BlockError> {
+pub fn cancel(id: u64) -> CliResult<()> {
     let all = jobs();
     let Some(j) = all.iter().find(|j| j.id == id) else {
-        return Err(BlockError::Invalid(format!("no job {id}")));
+        return Err(Error::Refused(format!("no job {id}")));
     };
     if j.state() != State::Running {
-        return Err(BlockError::Invalid(format!("job {id} is not running (it is over)")));
+        return Err(Error::Refused(format!("job {id} is not running (it is over)")));
     }
     j.cancel.store(true, Ordering::Release);
     Ok(())

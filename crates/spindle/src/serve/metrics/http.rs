@@ -10,8 +10,8 @@
 //! `/metrics` gets 400, 404 or 405.
 
 use super::{encode, gather, Format};
+use crate::error::{CliResult, Error};
 use crate::serve::server::Server;
-use spindle_block::BlockError;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -31,8 +31,8 @@ pub const MAX_CONNECTIONS: usize = 8;
 /// The host of an address given as a port alone.
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 
-fn invalid(msg: String) -> BlockError {
-    BlockError::Invalid(msg)
+fn invalid(msg: String) -> Error {
+    Error::Usage(msg)
 }
 
 /// Where the endpoint listens.
@@ -47,7 +47,7 @@ pub enum Addr {
 /// Parses `--metrics`: `unix:PATH` or a path with a `/` (a unix socket);
 /// `HOST:PORT` or `[IPV6]:PORT` (port 0: any free one); `PORT` or
 /// `:PORT` alone listen on 127.0.0.1, never on every interface.
-pub fn parse(s: &str) -> Result<Addr, BlockError> {
+pub fn parse(s: &str) -> CliResult<Addr> {
     if let Some(p) = s.strip_prefix("unix:") {
         if p.is_empty() {
             return Err(invalid("--metrics unix: needs a socket path".into()));
@@ -196,7 +196,7 @@ impl Listener {
 
 /// Binds `spec` (see [`parse`]) and serves the metrics of `server` until
 /// the process exits.
-pub fn listen(spec: &str, server: Arc<Server>) -> Result<Listening, BlockError> {
+pub fn listen(spec: &str, server: Arc<Server>) -> CliResult<Listening> {
     let (listener, listening) = match parse(spec)? {
         Addr::Unix(path) => {
             let path = std::path::absolute(&path).unwrap_or(path);
@@ -208,13 +208,12 @@ pub fn listen(spec: &str, server: Arc<Server>) -> Result<Listening, BlockError> 
             }
             spindle_vhost::export::claim_socket_path(&path)
                 .map_err(|e| invalid(format!("--metrics {}: {e}", path.display())))?;
-            let l =
-                UnixListener::bind(&path).map_err(|e| invalid(format!("cannot listen on {}: {e}", path.display())))?;
+            let l = UnixListener::bind(&path).map_err(Error::system(format!("cannot listen on {}", path.display())))?;
             let addr = format!("unix:{}", path.display());
             (Listener::Unix(l), Listening { addr, unix: Some(path) })
         }
         Addr::Tcp(addrs) => {
-            let l = TcpListener::bind(&addrs[..]).map_err(|e| invalid(format!("cannot listen on {spec}: {e}")))?;
+            let l = TcpListener::bind(&addrs[..]).map_err(Error::system(format!("cannot listen on {spec}")))?;
             let bound = l.local_addr().map_err(|e| invalid(format!("{spec}: {e}")))?;
             if let Some(w) = warning(&bound) {
                 eprintln!("spindle: warning: {w}");
@@ -232,7 +231,7 @@ pub fn listen(spec: &str, server: Arc<Server>) -> Result<Listening, BlockError> 
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || accept_loop(listener, server))
-        .map_err(|e| invalid(format!("cannot start the metrics thread: {e}")))?;
+        .map_err(Error::system("cannot start the metrics thread"))?;
     Ok(listening)
 }
 

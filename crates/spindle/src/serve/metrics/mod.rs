@@ -10,13 +10,13 @@ pub mod http;
 
 use super::server::Server;
 use super::spec::ExportSpec;
+use crate::error::{CliResult, Error};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
-use spindle_block::BlockError;
 use spindle_export::stats::{Latency, Op, QueueSnapshot, LATENCY_BOUNDS_NS};
 use spindle_io::ThreadTimesSnapshot;
 use spindle_vhost::Export;
@@ -208,14 +208,14 @@ fn of(server: &Server, spec: &ExportSpec, e: &Export) -> ExportMetrics {
 }
 
 /// The figures of the running export `name`.
-pub fn export(server: &Server, name: &str) -> Result<ExportMetrics, BlockError> {
+pub fn export(server: &Server, name: &str) -> CliResult<ExportMetrics> {
     let (e, _) = server.running(name)?;
     let spec = server
         .exports()
         .into_iter()
         .find(|(_, x)| std::sync::Arc::ptr_eq(x, &e))
         .map(|(s, _)| s)
-        .ok_or_else(|| BlockError::Invalid(format!("export '{name}' is being removed")))?;
+        .ok_or_else(|| Error::Refused(format!("export '{name}' is being removed")))?;
     Ok(of(server, &spec, &e))
 }
 
@@ -231,7 +231,7 @@ pub fn gather(server: &Server) -> Scrape {
 
 /// What `ctl stats` adds to its reply: the export's figures, and the
 /// daemon's NBD threads.
-pub fn stats_json(server: &Server, name: &str) -> Result<serde_json::Map<String, serde_json::Value>, BlockError> {
+pub fn stats_json(server: &Server, name: &str) -> CliResult<serde_json::Map<String, serde_json::Value>> {
     let m = export(server, name)?;
     let mut v = match serde_json::to_value(&m) {
         Ok(serde_json::Value::Object(o)) => o,
