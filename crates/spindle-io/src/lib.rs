@@ -35,6 +35,7 @@ mod sg;
 pub mod time;
 pub mod times;
 pub mod trace;
+mod unix_socket;
 
 pub use buf::AlignedBuf;
 pub use cache::CacheMode;
@@ -47,3 +48,4 @@ pub use op::Op;
 pub use runtime::{current_key, spawn, ForeignOp, Runtime, RuntimeConfig, Task};
 pub use sg::{KeepAlive, SgList};
 pub use times::{ThreadTimes, ThreadTimesSnapshot};
+pub use unix_socket::{listen_unix, published_path};

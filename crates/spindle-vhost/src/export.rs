@@ -118,7 +118,7 @@ impl Export {
         claim_socket_path(socket).map_err(bind_err)?;
         // Bound here rather than by `Listener::new`, whose drop removes the
         // file: whether it goes is `owns_path`'s (a handover leaves it).
-        let listener = std::os::unix::net::UnixListener::bind(socket).map_err(bind_err)?;
+        let listener = spindle_io::listen_unix(socket).map_err(bind_err)?;
         let listener = Listener::from(listener);
         Export::with(dev, socket, listener, true).map_err(bind_err)
     }

@@ -89,7 +89,7 @@ impl Addr {
                     }
                     std::fs::remove_file(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
                 }
-                let l = std::os::unix::net::UnixListener::bind(path)
+                let l = spindle_io::listen_unix(path)
                     .map_err(Error::system(format!("cannot listen on {}", path.display())))?;
                 Ok((l.into(), self.clone()))
             }

@@ -87,7 +87,7 @@ pub fn take_from_env() -> Result<usize, String> {
             .local_addr()
             .map_err(|e| format!("passed descriptor {fd} is not a unix socket: {e}"))?
             .as_pathname()
-            .map(canonical);
+            .map(|p| canonical(&spindle_io::published_path(p)));
         let name = names.get(i).filter(|s| !s.is_empty()).map(|s| s.to_string());
         passed.push(Passed { name, path, listener });
     }

@@ -7,7 +7,7 @@ use super::server::Server;
 use crate::protocol::{self, MAX_LINE};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -175,7 +175,7 @@ pub fn listen(path: &Path, server: Arc<Server>) -> std::io::Result<()> {
                 ));
             }
             spindle_vhost::export::claim_socket_path(path)?;
-            let l = UnixListener::bind(path)?;
+            let l = spindle_io::listen_unix(path)?;
             BOUND_HERE.store(true, std::sync::atomic::Ordering::Release);
             l
         }

@@ -259,15 +259,7 @@ fn listen(path: &Path) -> std::io::Result<(UnixListener, PathBuf)> {
     if std::fs::symlink_metadata(path).is_ok() {
         return Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists already"));
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let l = UnixListener::bind(&tmp)?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    let l = spindle_io::listen_unix(path)?;
     l.set_nonblocking(true)?;
     Ok((l, path.to_owned()))
 }
