@@ -263,13 +263,22 @@ fn sigusr2_hands_the_sockets_and_runtime_exports_to_a_new_process() {
     let img2 = d.join("added.raw");
     std::fs::File::create(&img2).unwrap().set_len(32 << 20).unwrap();
     let (sock, sock2, ctl) = (d.join("disk.sock"), d.join("added.sock"), d.join("ctl.sock"));
+    let metrics = d.join("metrics.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(d.join("notify.sock")).unwrap();
     notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let notify_path = d.join("notify.sock");
     let mut old = Pid::spawn(
         &bin,
         d,
-        &[p(&img), "--vhost-user", p(&sock), "--control", p(&ctl)],
+        &[
+            p(&img),
+            "--vhost-user",
+            p(&sock),
+            "--control",
+            p(&ctl),
+            "--metrics",
+            p(&metrics),
+        ],
         &d.join("serve.log"),
         &[("NOTIFY_SOCKET", p(&notify_path))],
     );
@@ -362,6 +371,8 @@ fn sigusr2_hands_the_sockets_and_runtime_exports_to_a_new_process() {
     );
     assert_eq!(get_features(&sock), Some(1), "{}", old.log_text());
     assert_eq!(get_features(&sock2), Some(1), "{}", old.log_text());
+    // Its metrics endpoint was stopped for the new one and listens again.
+    assert!(scrape(&metrics).contains("export=\"added\""), "{}", old.log_text());
 
     // The real upgrade, twice (the second from a process that was itself
     // handed the sockets), with frontends connecting all along: every
@@ -430,6 +441,11 @@ fn sigusr2_hands_the_sockets_and_runtime_exports_to_a_new_process() {
         assert_eq!(get_features(&sock), Some(1));
         assert_eq!(get_features(&sock2), Some(1));
         assert!(sock.exists() && sock2.exists() && ctl.exists());
+        // The new process serves the metrics at the same address.
+        assert!(
+            scrape(&metrics).contains("export=\"added\""),
+            "round {round}: no metrics:\n{log}"
+        );
     }
     old.signal(libc::SIGINT);
     assert_eq!(
@@ -441,6 +457,19 @@ fn sigusr2_hands_the_sockets_and_runtime_exports_to_a_new_process() {
     // A handed-over control socket's file is left in place, as the
     // exports' are (a later start replaces it).
     assert!(ctl.exists());
+}
+
+/// `GET /metrics` on the unix socket at `path`: the reply's body.
+fn scrape(path: &Path) -> String {
+    use std::io::{Read, Write};
+    let mut c = UnixStream::connect(path).unwrap_or_else(|e| panic!("metrics {}: {e}", path.display()));
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    reply
 }
 
 /// The connections each export of `list` reply `r` has served.

@@ -33,6 +33,7 @@
 //! meanwhile waits in the backlog and is served by the new process.
 
 use super::activation;
+use super::metrics::listen::Listening;
 use super::server::{Server, STOP_TIMEOUT};
 use super::spec::ExportSpec;
 use serde::Serialize;
@@ -116,6 +117,8 @@ struct Config<'a> {
     nbd_iothreads: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     nbd_poll_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<&'a str>,
     #[serde(rename = "export")]
     exports: Vec<&'a ExportSpec>,
 }
@@ -303,10 +306,15 @@ fn released_states(line: &str) -> Option<Vec<Migration>> {
 /// Hands every export and the control socket to a new process; returns
 /// its pid once it serves (the caller then exits). On an error the old
 /// process serves as before and the error says what happened.
-pub fn hand_over(server: &Server, delay_io: Option<&str>) -> Result<u32, String> {
+///
+/// The metrics endpoint (`metrics`) is stopped when the NBD listener is,
+/// before the exports are released, and the new process listens at the
+/// same address; after a failed handover the caller listens again.
+pub fn hand_over(server: &Server, delay_io: Option<&str>, metrics: Option<&Listening>) -> Result<u32, String> {
     let exe = EXE.get().ok_or("the path of the running binary is unknown")?.clone();
     let exports = server.close_for_handover();
-    let prepared = prepare(&exe, &exports, server.nbd().map(|f| f.options()), delay_io);
+    let nbd = server.nbd().map(|f| f.options());
+    let prepared = prepare(&exe, &exports, (nbd, metrics.map(|m| m.addr.as_str())), delay_io);
     let (mut child, mut chan, sockets) = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -323,6 +331,9 @@ pub fn hand_over(server: &Server, delay_io: Option<&str>) -> Result<u32, String>
     // this one's NBD clients are disconnected (they reconnect to it).
     if let Some(f) = server.nbd() {
         f.stop();
+    }
+    if let Some(m) = metrics {
+        m.stop();
     }
     let stopped = server.remove_all();
     // The state each export stopped in. The last references to the old
@@ -374,7 +385,7 @@ type Prepared = (Child, BufReader<UnixStream>, Sockets);
 fn prepare(
     exe: &Path,
     exports: &[(ExportSpec, std::sync::Arc<spindle_vhost::Export>)],
-    nbd: Option<&super::nbd::NbdOptions>,
+    (nbd, metrics): (Option<&super::nbd::NbdOptions>, Option<&str>),
     delay_io: Option<&str>,
 ) -> Result<Prepared, String> {
     if exports.is_empty() {
@@ -387,6 +398,7 @@ fn prepare(
         nbd_tls_creds: nbd.and_then(|o| o.tls_creds.as_deref()),
         nbd_iothreads: nbd.map(|o| o.iothreads),
         nbd_poll_us: nbd.map(|o| o.poll_us),
+        metrics,
         exports: exports.iter().map(|(s, _)| s).collect(),
     };
     let text = toml::to_string(&config).map_err(|e| format!("writing the configuration: {e}"))?;
@@ -581,6 +593,7 @@ mod tests {
             nbd_tls_creds: None,
             nbd_iothreads: Some(2),
             nbd_poll_us: Some(7),
+            metrics: Some("127.0.0.1:9177"),
             exports: vec![&spec, &spec],
         })
         .unwrap();
@@ -593,6 +606,7 @@ mod tests {
             (back.nbd.as_deref(), back.nbd_iothreads, back.nbd_poll_us),
             (Some("unix:/run/nbd.sock"), Some(2), Some(7))
         );
+        assert_eq!(back.metrics.as_deref(), Some("127.0.0.1:9177"));
         assert_eq!(back.exports.len(), 2);
         let b = &back.exports[1];
         assert_eq!(
@@ -662,7 +676,7 @@ mod tests {
         server.add(spec("stuck")).unwrap();
         let gate = server.gate("stuck");
         let held = gate.lock().unwrap();
-        let err = hand_over(&server, None).unwrap_err();
+        let err = hand_over(&server, None, None).unwrap_err();
         drop(held);
         assert!(
             err.contains("not every export stopped") && err.contains("'stuck' has not stopped"),

@@ -376,8 +376,8 @@ pub fn run(a: Args) -> CliResult<u8> {
         }
         println!("spindle: control socket {}", path.display());
     }
-    let _metrics = match &metrics_addr {
-        Some(m) => match metrics::http::listen(m, server.clone()) {
+    let mut metrics = match &metrics_addr {
+        Some(m) => match metrics::listen::listen(m, server.clone()) {
             Ok(l) => {
                 println!("spindle: metrics on {}", l.describe());
                 Some(l)
@@ -409,7 +409,7 @@ pub fn run(a: Args) -> CliResult<u8> {
         }
         eprintln!("spindle: SIGUSR2: handing the sockets over to a new process");
         sd_notify::reloading();
-        match handover::hand_over(&server, a.delay_io.as_deref()) {
+        match handover::hand_over(&server, a.delay_io.as_deref(), metrics.as_ref()) {
             Ok(pid) => {
                 sd_notify::handed_over(pid);
                 eprintln!("spindle: SIGUSR2: handed over to process {pid}; exiting");
@@ -417,6 +417,15 @@ pub fn run(a: Args) -> CliResult<u8> {
             }
             Err(e) => {
                 eprintln!("spindle: SIGUSR2: the handover failed, still serving: {e}");
+                if let Some(addr) = metrics.as_ref().filter(|m| m.stopped()).map(|m| m.addr.clone()) {
+                    metrics = match metrics::listen::listen(&addr, server.clone()) {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            eprintln!("spindle: SIGUSR2: the metrics endpoint cannot listen again: {e}");
+                            None
+                        }
+                    };
+                }
                 sd_notify::handover_failed(server.list().len());
             }
         }

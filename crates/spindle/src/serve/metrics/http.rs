@@ -7,17 +7,16 @@
 //! [`HEAD_DEADLINE`] and fit in [`MAX_HEAD`] bytes (else 408 or 431), at
 //! most [`MAX_CONNECTIONS`] are served at once (the next ones get 503 at
 //! once), and anything that is not a well-formed `GET`/`HEAD` of
-//! `/metrics` gets 400, 404 or 405.
+//! `/metrics` gets 400, 404 or 405. The listening socket and its accept
+//! thread are `listen.rs`'s.
 
 use super::{encode, gather, Format};
 use crate::error::{CliResult, Error};
 use crate::serve::server::Server;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The longest request head (request line and headers) read.
@@ -31,7 +30,7 @@ pub const MAX_CONNECTIONS: usize = 8;
 /// The host of an address given as a port alone.
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 
-fn invalid(msg: String) -> Error {
+pub(super) fn invalid(msg: String) -> Error {
     Error::Usage(msg)
 }
 
@@ -102,39 +101,8 @@ pub fn warning(a: &SocketAddr) -> Option<String> {
     }
 }
 
-/// The listening endpoint; dropping it removes its unix socket file.
-pub struct Listening {
-    /// Where it listens, as `--metrics` would spell it (the port bound).
-    pub addr: String,
-    unix: Option<PathBuf>,
-}
-
-impl Listening {
-    /// Where to scrape it: `http://127.0.0.1:9100/metrics`, or the unix
-    /// socket (`unix:/run/spindle/metrics.sock, GET /metrics`).
-    pub fn describe(&self) -> String {
-        match &self.unix {
-            Some(_) => format!("{}, GET /metrics", self.addr),
-            None => format!("http://{}/metrics", self.addr),
-        }
-    }
-}
-
-impl Drop for Listening {
-    fn drop(&mut self) {
-        if let Some(p) = &self.unix {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
 /// A connection, either kind.
-trait Conn: Read + Write + Send {
+pub(super) trait Conn: Read + Write + Send {
     fn timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()>;
     /// Ends the sending side (the client reads to its end).
     fn finish(&self);
@@ -185,96 +153,7 @@ fn linger(conn: &mut dyn Conn) {
     }
 }
 
-impl Listener {
-    fn accept(&self) -> std::io::Result<Box<dyn Conn>> {
-        Ok(match self {
-            Listener::Tcp(l) => Box::new(l.accept()?.0),
-            Listener::Unix(l) => Box::new(l.accept()?.0),
-        })
-    }
-}
-
-/// Binds `spec` (see [`parse`]) and serves the metrics of `server` until
-/// the process exits.
-pub fn listen(spec: &str, server: Arc<Server>) -> CliResult<Listening> {
-    let (listener, listening) = match parse(spec)? {
-        Addr::Unix(path) => {
-            let path = std::path::absolute(&path).unwrap_or(path);
-            if crate::serve::server::socket_in_use(&path) {
-                return Err(invalid(format!(
-                    "--metrics {}: another process accepts connections there",
-                    path.display()
-                )));
-            }
-            spindle_vhost::export::claim_socket_path(&path)
-                .map_err(|e| invalid(format!("--metrics {}: {e}", path.display())))?;
-            let l = UnixListener::bind(&path).map_err(Error::system(format!("cannot listen on {}", path.display())))?;
-            let addr = format!("unix:{}", path.display());
-            (Listener::Unix(l), Listening { addr, unix: Some(path) })
-        }
-        Addr::Tcp(addrs) => {
-            let l = TcpListener::bind(&addrs[..]).map_err(Error::system(format!("cannot listen on {spec}")))?;
-            let bound = l.local_addr().map_err(|e| invalid(format!("{spec}: {e}")))?;
-            if let Some(w) = warning(&bound) {
-                eprintln!("spindle: warning: {w}");
-                tracing::warn!("{w}");
-            }
-            (
-                Listener::Tcp(l),
-                Listening {
-                    addr: bound.to_string(),
-                    unix: None,
-                },
-            )
-        }
-    };
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || accept_loop(listener, server))
-        .map_err(Error::system("cannot start the metrics thread"))?;
-    Ok(listening)
-}
-
-fn accept_loop(listener: Listener, server: Arc<Server>) {
-    let active = Arc::new(AtomicUsize::new(0));
-    let mut warned: Option<Instant> = None;
-    loop {
-        let mut conn = match listener.accept() {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of descriptors and the like: wait, say so once a minute.
-                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    tracing::warn!("metrics endpoint: accept: {e}");
-                    warned = Some(Instant::now());
-                }
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::AcqRel);
-            // Answered here, without reading the request: the accept
-            // thread never waits on a client.
-            let _ = conn.timeouts(None, Some(Duration::from_secs(1)));
-            let _ = send(
-                &mut *conn,
-                &Reply::error(503, "Service Unavailable", "too many metrics connections at once\n"),
-            );
-            conn.finish();
-            continue;
-        }
-        let (server, slot) = (server.clone(), active.clone());
-        let spawned = std::thread::Builder::new().name("metrics-conn".into()).spawn(move || {
-            serve_conn(&mut *conn, &server);
-            slot.fetch_sub(1, Ordering::AcqRel);
-        });
-        if spawned.is_err() {
-            active.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-fn serve_conn(conn: &mut dyn Conn, server: &Server) {
+pub(super) fn serve_conn(conn: &mut dyn Conn, server: &Server) {
     let reply = match read_head(conn, HEAD_DEADLINE) {
         Ok(head) => respond(&head, |format| encode(gather(server), format)),
         Err(Some(r)) => r,
@@ -362,7 +241,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn error(status: u16, reason: &'static str, body: &str) -> Reply {
+    pub(super) fn error(status: u16, reason: &'static str, body: &str) -> Reply {
         Reply {
             status,
             reason,
@@ -434,7 +313,7 @@ pub fn respond(head: &[u8], metrics: impl FnOnce(Format) -> String) -> Reply {
     }
 }
 
-fn send(conn: &mut dyn Conn, r: &Reply) -> std::io::Result<()> {
+pub(super) fn send(conn: &mut dyn Conn, r: &Reply) -> std::io::Result<()> {
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
         r.status,

@@ -7,6 +7,7 @@
 //! "Metrics".
 
 pub mod http;
+pub mod listen;
 
 use super::server::Server;
 use super::spec::ExportSpec;
