@@ -526,3 +526,61 @@ fn qcow2_on_an_nbd_export() {
         ],
     );
 }
+
+/// One thread that runs one short-lived runtime after another on one open
+/// NBD node (what a control thread's resize or snapshot does): each
+/// runtime gets a working connection, with multi-conn (a new one) and
+/// without (the idle one moves over); before, the second runtime waited
+/// for ever on the first one's socket.
+#[test]
+fn runtimes_one_after_another_on_one_thread_each_get_a_connection() {
+    let dir = scratch();
+    let kit_sock = dir.path().join("kit.sock");
+    let _kit = nbdkit(dir.path(), &kit_sock, &["memory", "64M"]);
+    let raw = dir.path().join("one.raw");
+    std::fs::File::create(&raw).unwrap().set_len(64 * MIB).unwrap();
+    let (_qemu_nbd, one_sock) = qemu_nbd_unix(dir.path(), "raw", &raw, &["-e", "1"]);
+    for (what, uri) in [
+        ("nbdkit (multi-conn)", unix_uri("", &kit_sock)),
+        ("qemu-nbd -e 1 (no multi-conn)", unix_uri("", &one_sock)),
+    ] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let u = uri.clone();
+        std::thread::spawn(move || {
+            let node = std::sync::Arc::new(spindle_block::open_image(&u, &Default::default()).unwrap());
+            for round in 0..4u8 {
+                let rt = spindle_io::Runtime::new(Default::default()).unwrap();
+                let n = node.clone();
+                let r: Result<(), String> = rt.block_on(async move {
+                    if round > 0 {
+                        let mut got = vec![0u8; 4096];
+                        n.read_into(u64::from(round) * MIB, &mut got)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if got.iter().any(|&b| b != round) {
+                            return Err(format!("round {round}: read back other data"));
+                        }
+                    }
+                    n.write_from(u64::from(round + 1) * MIB, &[round + 1; 4096], false)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    n.flush().await.map_err(|e| e.to_string())
+                });
+                if let Err(e) = r {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+            let rt = spindle_io::Runtime::new(Default::default()).unwrap();
+            let _ = tx.send(rt.block_on(async move { node.close().await.map_err(|e| e.to_string()) }));
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(r) => r.unwrap_or_else(|e| panic!("{what}: {e}")),
+            Err(_) => panic!("{what}: a runtime after the first hung on the node's connection"),
+        }
+        ok(
+            "qemu-io",
+            &["-f", "raw", "-c", &format!("read -P 4 {} 4096", 4 * MIB), &uri],
+        );
+    }
+}

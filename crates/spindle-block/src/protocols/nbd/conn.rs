@@ -129,6 +129,17 @@ impl Conn {
         }
     }
 
+    /// The stream of an idle runtime connection, to serve another runtime
+    /// of the thread (its own, on a new socket, is dropped: deregistered
+    /// from the old runtime and closed, the stream's descriptor stays
+    /// open, no `NBD_CMD_DISC` is sent). `None` unless idle and whole.
+    pub fn reclaim(self) -> Option<Stream> {
+        match (&self.sock, self.state.get()) {
+            (Wire::Socket(_), State::Idle) if self.turn.try_lock().is_some() => self.raw.borrow_mut().take(),
+            _ => None,
+        }
+    }
+
     fn remote(&self, msg: impl Into<String>, errno: i32) -> BlockError {
         BlockError::Remote {
             uri: self.uri.clone(),

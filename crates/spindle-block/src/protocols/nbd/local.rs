@@ -1,9 +1,13 @@
-//! Each thread's connections to the exports it uses: a
-//! `spindle_io::net::Socket` belongs to the runtime of the thread that
-//! made it, so a node keeps one connection per thread, made on that
-//! thread's first request: the open-time connection for the first such
-//! thread, and for any other a new one negotiated on a helper thread
-//! when the server offers multi-conn (an error otherwise).
+//! Each runtime's connections to the exports it uses: a
+//! `spindle_io::net::Socket` belongs to the runtime that made it (its
+//! reactor), so a node keeps one connection per runtime, made on that
+//! runtime's first request: the open-time connection for the first one,
+//! and for any other a new one negotiated on a helper thread when the
+//! server offers multi-conn (an error otherwise). Kept per thread, by node
+//! and runtime: a thread that runs one short-lived runtime after another
+//! (a control thread's resize, snapshot or flush) makes a connection for
+//! each instead of waiting on a dead runtime's socket for ever; making one
+//! drops the thread's connections of other runtimes and closed nodes.
 
 use super::conn::Conn;
 use super::handshake::{self, Export};
@@ -17,12 +21,14 @@ use std::sync::{Arc, Weak};
 
 struct Entry {
     id: u64,
+    /// The runtime whose reactor its socket is registered with.
+    runtime: usize,
     alive: Weak<()>,
     conn: Rc<Conn>,
 }
 
 thread_local! {
-    /// This thread's connections, by node.
+    /// This thread's connections, by node and runtime.
     static CONNS: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -49,20 +55,28 @@ fn disc_on(s: &mut Stream) {
 }
 
 impl Nbd {
-    fn lookup(&self) -> Option<Rc<Conn>> {
+    fn lookup(&self, runtime: usize) -> Option<Rc<Conn>> {
         CONNS.with(|c| {
-            let mut c = c.borrow_mut();
-            c.retain(|e| e.alive.strong_count() > 0);
-            c.iter().find(|e| e.id == self.id).map(|e| e.conn.clone())
+            c.borrow()
+                .iter()
+                .find(|e| e.id == self.id && e.runtime == runtime)
+                .map(|e| e.conn.clone())
         })
     }
 
-    /// This thread's connection, made on first use.
+    /// This runtime's connection, made on first use.
     pub(super) async fn conn(&self) -> Result<Rc<Conn>> {
-        if let Some(c) = self.lookup() {
+        let Some(runtime) = spindle_io::current_key() else {
+            return Err(BlockError::Invalid(format!(
+                "{}: NBD I/O outside an I/O thread's runtime (a bug)",
+                self.spec_str()
+            )));
+        };
+        if let Some(c) = self.lookup(runtime) {
             return Ok(c);
         }
         let spare = self.spare.lock().ok().and_then(|mut s| s.take());
+        let spare = spare.or_else(|| self.reclaim(runtime));
         let (stream, export) = match spare {
             Some(s) => (s, self.export),
             None if self.export.has(tflag::CAN_MULTI_CONN) => self.connect_elsewhere().await?,
@@ -78,17 +92,41 @@ impl Nbd {
             ));
         }
         let conn = Rc::new(Conn::new(stream, &self.spec_str(), export)?);
-        if let Some(c) = self.lookup() {
-            return Ok(c); // another task of this thread was quicker
+        if let Some(c) = self.lookup(runtime) {
+            return Ok(c); // another task of this runtime was quicker
         }
-        CONNS.with(|c| {
-            c.borrow_mut().push(Entry {
+        let stale: Vec<Entry> = CONNS.with(|c| {
+            let mut c = c.borrow_mut();
+            let (keep, stale) = c
+                .drain(..)
+                .partition(|e| e.runtime == runtime && e.alive.strong_count() > 0);
+            *c = keep;
+            c.push(Entry {
                 id: self.id,
+                runtime,
                 alive: Arc::downgrade(&self.alive),
                 conn: conn.clone(),
-            })
+            });
+            stale
         });
+        // Closed outside the borrow: a task of another runtime nested in
+        // this one may still hold its connection, which then ends with it.
+        drop(stale);
         Ok(conn)
+    }
+
+    /// The stream of this thread's idle connection of another runtime (one
+    /// that ended: a thread runs one runtime at a time), to move it to
+    /// this one: a server without multi-conn gets no second connection.
+    fn reclaim(&self, runtime: usize) -> Option<super::stream::Stream> {
+        let old = CONNS.with(|c| {
+            let mut c = c.borrow_mut();
+            let i = c
+                .iter()
+                .position(|e| e.id == self.id && e.runtime != runtime && Rc::strong_count(&e.conn) == 1)?;
+            Some(c.remove(i))
+        })?;
+        Rc::try_unwrap(old.conn).ok()?.reclaim()
     }
 
     /// A new connection, negotiated on a helper thread.
