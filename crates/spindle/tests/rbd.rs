@@ -422,14 +422,54 @@ fn a_guest_runs_on_an_rbd_disk() {
 /// daemon's export comes from `[export.rbd]` config keys; once the first
 /// daemon is gone it serves.
 #[test]
-fn the_exclusive_lock_keeps_a_second_writer_out() {
+fn the_exclusive_lock_keeps_a_second_writer_out_and_one_daemon_knows_its_image() {
     let tc = cluster();
     let d = scratch();
     let dir = d.path();
     let name = unique("lock");
     tc.rbd(&["create", &format!("rbd/{name}"), "--size", "32M"]);
     let a_sock = dir.join("a.sock");
-    let a = Serve::start(dir, &[&tc.spec(&name), "--vhost-user", p(&a_sock)], &[&a_sock]);
+    let a = Serve::start(
+        dir,
+        &[
+            &tc.spec(&name),
+            "--vhost-user",
+            p(&a_sock),
+            "--name",
+            "a",
+            "--control",
+            "ctl.sock",
+        ],
+        &[&a_sock],
+    );
+    // The same daemon knows the image by its pool and name, however it is
+    // spelled: a second active export is refused at once, naming the
+    // first; a migration destination shares the open image.
+    let c_sock = dir.join("c.sock");
+    let keys = json!({"pool": "rbd", "image": name, "conf": tc.conf});
+    let t = std::time::Instant::now();
+    let r = a.ctl(&json!({"cmd": "add", "export": {"socket": p(&c_sock), "name": "c", "rbd": keys}}));
+    assert_eq!(r["ok"], json!(false), "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("already served by export 'a'"),
+        "{r}"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let r = a.ctl(&json!({"cmd": "add", "export": {"socket": p(&c_sock), "name": "c", "rbd": keys, "incoming": true}}));
+    assert_eq!(r["ok"], json!(true), "{r}");
+    let list = a.ctl(&json!({"cmd": "list"}));
+    let c = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "c")
+        .unwrap();
+    assert_eq!(c["migration"], json!("incoming"), "{list}");
+    assert_eq!(a.ctl(&json!({"cmd": "remove", "name": "c"}))["ok"], json!(true));
     let b_sock = dir.join("b.sock");
     let cfg = format!(
         "[[export]]\nsocket = \"{}\"\n[export.rbd]\npool = \"rbd\"\nimage = \"{name}\"\nconf = \"{}\"\n",

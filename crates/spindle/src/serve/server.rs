@@ -170,6 +170,46 @@ pub struct Stats {
     pub throttle: serde_json::Value,
 }
 
+/// What makes two exports' images one image: a file's device and inode
+/// (whatever path names it), or an RBD image's cluster (its monitors or
+/// configuration file), pool, namespace, name and snapshot. `null:` and
+/// NBD images are never one.
+#[derive(Debug, PartialEq, Eq)]
+enum ImageIdentity {
+    File(u64, u64),
+    Rbd(
+        Option<String>,
+        Option<PathBuf>,
+        String,
+        Option<String>,
+        String,
+        Option<String>,
+    ),
+}
+
+fn image_identity(image: &str) -> Option<ImageIdentity> {
+    use spindle_block::protocols::rbd::{is_rbd_spec, RbdSpec};
+    use std::os::unix::fs::MetadataExt;
+    if is_rbd_spec(image) {
+        let s = RbdSpec::parse(image).ok()?;
+        let conf = s.conf.map(|c| c.canonicalize().unwrap_or(c));
+        return Some(ImageIdentity::Rbd(
+            s.mon_host,
+            conf,
+            s.pool,
+            s.namespace,
+            s.image,
+            s.snapshot,
+        ));
+    }
+    if image.starts_with("null:") || spindle_block::protocols::nbd::is_nbd_spec(image) {
+        return None;
+    }
+    std::fs::metadata(image)
+        .ok()
+        .map(|m| ImageIdentity::File(m.dev(), m.ino()))
+}
+
 fn refused(msg: String) -> Error {
     Error::Refused(msg)
 }
@@ -310,16 +350,12 @@ impl Server {
         Ok(export)
     }
 
-    /// The running export of the image file `image`, if any.
+    /// The running export of the image `image` (a file, or an RBD image),
+    /// if any.
     fn serving(&self, image: &str) -> Option<Arc<Export>> {
-        use std::os::unix::fs::MetadataExt;
-        if image.starts_with("null:") {
-            return None;
-        }
-        let id = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-        let want = id(image)?;
+        let want = image_identity(image)?;
         lock(&self.state).slots.values().find_map(|s| match s {
-            Slot::Running(r) if id(&r.spec.image) == Some(want) => Some(r.export.clone()),
+            Slot::Running(r) if image_identity(&r.spec.image).as_ref() == Some(&want) => Some(r.export.clone()),
             _ => None,
         })
     }
