@@ -247,6 +247,7 @@ fn a_group_of_three_shares_its_limit_evenly() {
         .collect();
     let iops: Vec<f64> = in_parallel(jobs).iter().map(|v| v["iops"].as_f64().unwrap()).collect();
     let total: f64 = iops.iter().sum();
+    println!("group iops-total=600: members {iops:.1?}, total {total:.1}");
     assert!((total - 600.0).abs() / 600.0 < 0.05, "{iops:?}");
     for x in &iops {
         assert!((x - 200.0).abs() / 200.0 < 0.1, "unfair: {iops:?}");
