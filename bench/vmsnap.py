@@ -98,6 +98,10 @@ def file_ram(share):
 
 
 MEMFD = f"memory-backend-memfd,id=ram0,size={RAM_MB}M,share=on"
+# The same, its pages allocated when QEMU starts (before the timing), not
+# on first touch while the VM state loads.
+MEMFD_PREALLOC = MEMFD + ",prealloc=on"
+STATE = f"/dev/shm/spindle-bench-state-{RAM_MB}.bin"
 
 
 def timed(fn):
@@ -182,9 +186,66 @@ def spindle_pair(n):
     s.wait_disk(q)
     load = timed(lambda: s.vm(q.vmsock, "restore", "--paused", "s1"))
     q.quit()
+    q = Qemu(f"o{n}", MEMFD, s.disk(), ["-S", "-incoming", "defer"])
+    s.wait_disk(q)
+    load_off = timed(lambda: s.vm(q.vmsock, "restore", "--paused", "--prealloc", "off", "s1"))
+    q.quit()
+    q = Qemu(f"p{n}", MEMFD_PREALLOC, s.disk(), ["-S", "-incoming", "defer"])
+    s.wait_disk(q)
+    load_pre = timed(lambda: s.vm(q.vmsock, "restore", "--paused", "s1"))
+    q.quit()
     size = json.loads(sh("qemu-img", "info", "-U", "--output", "json", s.img))["snapshots"][0]["vm-state-size"]
     s.stop()
-    return save, load, size
+    return save, load, load_off, load_pre, size
+
+
+def save_state():
+    """QEMU's own migration stream of the guest, in tmpfs (for the ceiling)."""
+    q = Qemu("st", file_ram("off"), [], ["-S"])
+    q.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+    q.cmd("migrate", uri=f"exec:cat > {STATE}")
+    while q.cmd("query-migrate").get("status") not in ("completed", "failed"):
+        time.sleep(0.01)
+    q.quit()
+    return os.path.getsize(STATE)
+
+
+def qemu_ingest(n, mem):
+    """How long QEMU takes the stream from tmpfs over a unix socket (what
+    `vm restore` sends it over): the ceiling of any restore into it."""
+    import threading
+    q = Qemu(f"i{n}", mem, [], ["-S", "-incoming", "defer"])
+    sock = os.path.join(DIR, f"i{n}.sock")
+    if os.path.exists(sock):
+        os.remove(sock)
+
+    def feed():
+        end = time.time() + 30
+        while True:
+            try:
+                c = socket.socket(socket.AF_UNIX)
+                c.connect(sock)
+                break
+            except OSError:
+                if time.time() > end:
+                    raise
+                time.sleep(0.002)
+        with open(STATE, "rb") as f:
+            off, size = 0, os.path.getsize(STATE)
+            while off < size:
+                off += os.sendfile(c.fileno(), f.fileno(), off, size - off)
+        c.close()
+
+    t = time.monotonic()
+    q.cmd("migrate-incoming", uri=f"unix:{sock}")
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    while q.cmd("query-status")["status"] == "inmigrate":
+        time.sleep(0.002)
+    dt = time.monotonic() - t
+    feeder.join()
+    q.quit()
+    return dt
 
 
 def live_pause(n):
@@ -322,7 +383,8 @@ def main():
     dev_r = fio("read", scratch)
     os.remove(scratch)
 
-    res = {"qs": [], "ql": [], "ss": [], "sl": []}
+    state = save_state()
+    res = {"qs": [], "ql": [], "ss": [], "sl": [], "so": [], "sp": [], "ci": [], "cp": []}
     sizes = {}
     for n in range(REPS):
         order = ["qemu", "spindle"] if n % 2 == 0 else ["spindle", "qemu"]
@@ -332,11 +394,17 @@ def main():
                 res["qs"].append(a)
                 res["ql"].append(b)
             else:
-                a, b, sizes["spindle"] = spindle_pair(n)
+                a, b, c, d, sizes["spindle"] = spindle_pair(n)
                 res["ss"].append(a)
                 res["sl"].append(b)
+                res["so"].append(c)
+                res["sp"].append(d)
+        res["ci"].append(qemu_ingest(n, MEMFD))
+        res["cp"].append(qemu_ingest(100 + n, MEMFD_PREALLOC))
         print(f"pair {n + 1}: savevm {res['qs'][-1]:.2f} s, loadvm {res['ql'][-1]:.2f} s, "
-              f"vm snapshot {res['ss'][-1]:.2f} s, vm restore {res['sl'][-1]:.2f} s", file=sys.stderr)
+              f"vm snapshot {res['ss'][-1]:.2f} s, vm restore {res['sl'][-1]:.2f} s "
+              f"(--prealloc off {res['so'][-1]:.2f} s, into prealloc=on {res['sp'][-1]:.2f} s), QEMU ingest {res['ci'][-1]:.2f} s "
+              f"(prealloc {res['cp'][-1]:.2f} s)", file=sys.stderr)
     pauses = [live_pause(100 + n) for n in range(REPS)]
 
     mib = lambda size, t: size / t / (1 << 20)
@@ -355,10 +423,14 @@ def main():
         (f"QEMU 7.2 HMP savevm, cache=none ({qs >> 20} MiB state)", "qs", qs, dev_w),
         (f"`spindle vm snapshot` ({ss >> 20} MiB state)", "ss", ss, dev_w),
         ("QEMU 7.2 HMP loadvm, cache=none", "ql", qs, dev_r),
-        ("`spindle vm restore --paused` into a new QEMU", "sl", ss, dev_r),
+        ("`spindle vm restore --paused` into a new QEMU (it preallocates the RAM)", "sl", ss, dev_r),
+        ("`spindle vm restore --paused --prealloc off`", "so", ss, dev_r),
+        ("`spindle vm restore --paused`, new QEMU's RAM `prealloc=on` at its start", "sp", ss, dev_r),
+        (f"ceiling: QEMU taking its own stream from tmpfs ({state >> 20} MiB, unix socket)", "ci", state, dev_r),
+        ("ceiling, RAM `prealloc=on`", "cp", state, dev_r),
     ]:
         t = mean(res[key])
-        pair = ratio("qs", "ss") if key == "ss" else ratio("ql", "sl") if key == "sl" else ""
+        pair = ratio("qs", "ss") if key == "ss" else ratio("ql", key) if key in ("sl", "so", "sp") else ""
         print(f"| {label} | {t:.2f} | {mib(size, t):.0f} | {mib(size, t) / dev:.0%} | {pair} |")
     print(f"| `spindle vm snapshot --live`, guest pause (idle guest) | {mean(pauses):.3f} ± {ci95(pauses):.3f} | | | |")
     if os.environ.get("BOOTED", "1") != "0":

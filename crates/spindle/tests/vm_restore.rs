@@ -95,7 +95,14 @@ fn restores(flags: &[&str]) {
         stderr(&o)
     );
     let from = dst.mark();
-    let o = vm_cmd(&qmp, &ctl, &["restore", "s1"]);
+    // The stop-copy case also preallocates the guest's RAM first (auto
+    // leaves this guest's, mostly zero, as it is).
+    let prealloc = flags.is_empty();
+    let restore: &[&str] = match prealloc {
+        true => &["restore", "s1", "--prealloc", "on"],
+        false => &["restore", "s1"],
+    };
+    let o = vm_cmd(&qmp, &ctl, restore);
     assert!(
         o.status.success(),
         "vm restore failed:\n{}\n{}",
@@ -104,6 +111,12 @@ fn restores(flags: &[&str]) {
     );
     println!("{}", stderr(&o));
     assert!(stderr(&o).contains("disks a, b (VM state from 'a')"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).contains("of guest RAM in"), prealloc, "{}", stderr(&o));
+    let memdevs = dst.qmp.execute("query-memdev", json!({}));
+    assert!(
+        memdevs.as_array().is_some_and(|m| !m.is_empty() && m.iter().all(|m| m["prealloc"] == json!(prealloc))),
+        "{memdevs}"
+    );
     assert_eq!(dst.qmp.execute("query-status", json!({}))["status"], "running");
     assert_resumed_at_snapshot(&mut dst, from, last_before, first_after, last_src);
     // The disk of a guest that runs is never reverted under it.

@@ -3,6 +3,7 @@
 //! socket (docs/snapshots.md, "VM snapshots").
 
 pub mod list;
+pub mod prefault;
 pub mod progress;
 pub mod qmp;
 pub mod restore;
@@ -61,6 +62,10 @@ enum Cmd {
         /// Leave the guest paused once loaded.
         #[arg(long)]
         paused: bool,
+        /// Allocate the guest's RAM before loading (QEMU's prealloc, on as many
+        /// threads as CPUs): auto does it when the VM state is at least half the RAM.
+        #[arg(long, value_enum, default_value = "auto")]
+        prealloc: prefault::Prealloc,
     },
     /// List the snapshots on the VM's disks (complete, incomplete, disk-only).
     List,
@@ -89,7 +94,7 @@ pub fn run(a: Args) -> CliResult<u8> {
             };
             snapshot::run(&a.qmp, &a.control, &name, &opts)
         }
-        Cmd::Restore { name, paused } => restore::run(&a.qmp, &a.control, &name, paused),
+        Cmd::Restore { name, paused, prealloc } => restore::run(&a.qmp, &a.control, &name, paused, prealloc),
         Cmd::List => list::list(&a.qmp, &a.control),
         Cmd::Delete { name } => list::delete(&a.qmp, &a.control, &name),
     };

@@ -96,6 +96,22 @@ impl Qmp {
         }
     }
 
+    /// [`Qmp::execute`] with a reply timeout of `limit` for this command
+    /// (one that QEMU carries out before it answers, such as preallocating
+    /// guest RAM).
+    pub fn execute_within(&mut self, cmd: &str, args: Value, limit: Duration) -> Result<Value, String> {
+        let set = |q: &Qmp, t| {
+            q.read
+                .get_ref()
+                .set_read_timeout(Some(t))
+                .map_err(|e| format!("QMP socket {}: {e}", q.path))
+        };
+        set(self, limit)?;
+        let r = self.execute(cmd, args);
+        set(self, REPLY_TIMEOUT)?;
+        r
+    }
+
     /// Whether the guest runs (`query-status`).
     pub fn running(&mut self) -> Result<bool, String> {
         let st = self.execute("query-status", json!({}))?;

@@ -3,14 +3,17 @@
 //!
 //! 1. refuse (QEMU not waiting for a migration, a disk without the
 //!    snapshot, no disk with its VM state) before anything changes;
-//! 2. revert every disk to the snapshot (`snapshot_apply`: the daemon
+//! 2. preallocate the guest's RAM when the VM state fills most of it
+//!    (`prefault.rs`: the load is then not bound by page faults);
+//! 3. revert every disk to the snapshot (`snapshot_apply`: the daemon
 //!    refuses a disk whose device the frontend has started);
-//! 3. `migrate-incoming unix:SOCK` and the daemon streams the VM state
+//! 4. `migrate-incoming unix:SOCK` and the daemon streams the VM state
 //!    into it (`vmstate_load`), read ahead from the image;
-//! 4. wait until QEMU has loaded it (`query-status`: paused or running,
+//! 5. wait until QEMU has loaded it (`query-status`: paused or running,
 //!    or prelaunch for a guest snapshotted before it ever ran), then
 //!    `cont` unless `--paused` (a never-run guest stays so).
 
+use super::prefault::{prefault, Prealloc};
 use super::qmp::Qmp;
 use super::{ctl, disks_of};
 use crate::protocol::VmRequest;
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 const LOAD_WAIT: Duration = Duration::from_secs(120);
 
 /// Runs `spindle vm restore --qmp QMP -c CONTROL NAME [--paused]`.
-pub fn run(qmp_path: &Path, control: &Path, name: &str, paused: bool) -> Result<(), String> {
+pub fn run(qmp_path: &Path, control: &Path, name: &str, paused: bool, prealloc: Prealloc) -> Result<(), String> {
     let mut qmp = Qmp::connect(qmp_path)?;
     let pid = qmp
         .pid
@@ -61,6 +64,9 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, paused: bool) -> Result<
         "spindle: vm restore '{name}' into QEMU process {pid}: disks {} (VM state from '{vm_disk}')",
         list.join(", ")
     );
+    if let Some(what) = prefault(&mut qmp, size, prealloc) {
+        println!("spindle: vm restore '{name}': {what}");
+    }
     for d in &disks {
         ctl(
             control,
@@ -90,7 +96,7 @@ pub fn run(qmp_path: &Path, control: &Path, name: &str, paused: bool) -> Result<
     Ok(())
 }
 
-/// Steps 3 and 4; QEMU's run state afterwards (`paused` or `running`).
+/// Steps 4 and 5; QEMU's run state afterwards (`paused` or `running`).
 fn stream(qmp: &mut Qmp, control: &Path, vm_disk: &str, name: &str, sock: &Path) -> Result<String, String> {
     qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", sock.display())}))?;
     let watch = super::progress::Watch::start(control, vm_disk, name, "load");
