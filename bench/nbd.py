@@ -7,7 +7,8 @@ cache; Spindle with multi-conn, qemu-nbd -e 1 without), and nbdkit 1.32
 One run, one machine. Clients: fio's nbd engine (one process, --iodepth)
 and nbdcopy of a whole image out of and into each server. For each row
 the servers run one after another in an order that rotates per repetition;
-the table shows each server's median of REPS and, for Spindle against
+each run starts with the page cache synced and dropped; the table shows
+each server's median of REPS and, for Spindle against
 qemu-nbd in each setting, the mean of the per-repetition ratios with its
 95% confidence interval (Student's t). Servers listen on a unix socket.
 
@@ -88,6 +89,18 @@ def fio(rw, bs, qd):
     return side["iops"] if bs == "4k" else side["bw_bytes"] / (1 << 20)
 
 
+def settle():
+    """Every server starts from the same state: nothing dirty in the page
+    cache (a write row's writeback would land on the next server's run)
+    and nothing of the image cached. Needs root for the second part."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+    except OSError:
+        pass
+
+
 def nbdcopy(direction, conns, img_raw):
     """Seconds for nbdcopy of the whole export out (to /dev/null) or in
     (from a raw file)."""
@@ -150,6 +163,7 @@ def main():
         for r in range(REPS):
             order = servers[r % len(servers):] + servers[:r % len(servers)]
             for s in order:
+                settle()
                 p = server(s, img, fmt)
                 try:
                     got[s].append(measure())
