@@ -64,6 +64,13 @@ impl Node {
         self.storage().as_file()
     }
 
+    /// Whether [`Node::map_extent`] costs nothing: no system call, no
+    /// metadata lookup (a null device, all zeroes). A front end may then
+    /// ask it before every read, however short (NBD hole chunks).
+    pub fn status_is_free(&self) -> bool {
+        matches!(self, Node::Raw(r) if matches!(r.storage(), crate::Storage::Null(_)))
+    }
+
     /// The backing node, if any.
     pub fn backing(&self) -> Option<&Node> {
         match self {

@@ -261,8 +261,10 @@ async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: 
     let structured = conn.limits.structured;
     let buf = Buf::get(len as usize);
     let sg = buf.sg();
-    // Holes: only for structured, fragmentable reads long enough to be worth a look.
-    let holes = if structured && !df && len >= SPARSE_MIN {
+    // Holes: only for structured, fragmentable reads long enough to be
+    // worth a look, or any where the look is free (a null device: the
+    // reply is a hole chunk instead of the zeroes, as qemu-nbd's null-co).
+    let holes = if structured && !df && (len >= SPARSE_MIN || node.status_is_free()) {
         extents(node, offset, len as u64, usize::MAX).await.ok()
     } else {
         None

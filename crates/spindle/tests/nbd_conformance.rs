@@ -416,3 +416,29 @@ fn libnbd_cases_against_the_spec() {
     assert!(srv.stop());
     common::assert_clean(&img);
 }
+
+/// A null device's reads, however short, are answered with hole chunks
+/// (its status costs nothing: qemu-nbd's null-co does the same), and with
+/// one data chunk of zeroes when the client forbids fragments (DF).
+#[test]
+fn a_short_read_of_a_null_device_is_one_hole_chunk() {
+    let srv = NbdServer::start(&["-t", "-p", "0", "null:16M"]);
+    let script = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+chunks = []
+def chunk(subbuf, offset, status, err):
+    chunks.append((offset, len(subbuf), status))
+    return 0
+assert h.pread_structured(4096, 8192, chunk) == bytes(4096)
+assert chunks == [(8192, 4096, nbd.READ_HOLE)], chunks
+chunks.clear()
+assert h.pread_structured(4096, 8192, chunk, flags=nbd.CMD_FLAG_DF) == bytes(4096)
+assert chunks == [(8192, 4096, nbd.READ_DATA)], chunks
+print("null reads: ok")
+"#;
+    let out = ok("/usr/bin/python3", &["-c", script, &srv.uri]);
+    assert!(out.contains("null reads: ok"), "{out}");
+    assert!(srv.stop());
+}

@@ -114,7 +114,9 @@ fn restores(flags: &[&str]) {
     assert_eq!(stderr(&o).contains("of guest RAM in"), prealloc, "{}", stderr(&o));
     let memdevs = dst.qmp.execute("query-memdev", json!({}));
     assert!(
-        memdevs.as_array().is_some_and(|m| !m.is_empty() && m.iter().all(|m| m["prealloc"] == json!(prealloc))),
+        memdevs
+            .as_array()
+            .is_some_and(|m| !m.is_empty() && m.iter().all(|m| m["prealloc"] == json!(prealloc))),
         "{memdevs}"
     );
     assert_eq!(dst.qmp.execute("query-status", json!({}))["status"], "running");
