@@ -71,6 +71,16 @@ impl Node {
         matches!(self, Node::Raw(r) if matches!(r.storage(), crate::Storage::Null(_)))
     }
 
+    /// Whether a read may find ranges that block status reports as
+    /// zeroes (so a front end looking for holes before a read can find
+    /// some): false only for a raw file known to have none.
+    pub fn may_have_holes(&self) -> bool {
+        match self {
+            Node::Raw(r) => r.may_have_holes(),
+            Node::Qcow2(_) => true,
+        }
+    }
+
     /// The backing node, if any.
     pub fn backing(&self) -> Option<&Node> {
         match self {

@@ -171,3 +171,36 @@ fn write_unallocated_leaves_written_clusters_alone() {
         node.close().await.unwrap();
     });
 }
+
+/// A raw file whose blocks cover it has no holes to look for until a
+/// discard, a zeroing or a grow may make some; a sparse one may have some.
+#[test]
+fn a_dense_raw_file_has_no_holes_until_something_may_punch_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let dense = dir.path().join("dense.raw");
+    let sparse = dir.path().join("sparse.raw");
+    std::fs::write(&dense, vec![7u8; 1 << 20]).unwrap();
+    std::fs::File::create(&sparse).unwrap().set_len(1 << 20).unwrap();
+    let cfg = OpenConfig {
+        format: Some(Format::Raw),
+        ..Default::default()
+    };
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    rt.block_on(async {
+        let s = open_image(sparse.to_str().unwrap(), &cfg).unwrap();
+        assert!(s.may_have_holes());
+        for step in 0..3 {
+            let d = open_image(dense.to_str().unwrap(), &cfg).unwrap();
+            assert!(!d.may_have_holes(), "step {step}: a dense file");
+            match step {
+                0 => d.discard(0, 4096).await.unwrap(),
+                1 => d.write_zeroes(4096, 4096, false).await.unwrap(),
+                _ => d.resize(2 << 20, false).await.unwrap(),
+            }
+            assert!(d.may_have_holes(), "step {step}");
+            d.close().await.unwrap();
+            // Back to dense for the next step.
+            std::fs::write(&dense, vec![7u8; 1 << 20]).unwrap();
+        }
+    });
+}

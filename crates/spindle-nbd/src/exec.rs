@@ -262,9 +262,12 @@ async fn read(conn: &Conn, node: &Node, cookie: u64, offset: u64, len: u32, df: 
     let buf = Buf::get(len as usize);
     let sg = buf.sg();
     // Holes: only for structured, fragmentable reads long enough to be
-    // worth a look, or any where the look is free (a null device: the
-    // reply is a hole chunk instead of the zeroes, as qemu-nbd's null-co).
-    let holes = if structured && !df && (len >= SPARSE_MIN || node.status_is_free()) {
+    // worth a look on an image that may have some (a dense raw file has
+    // none: no two `lseek`s per read), or any where the look is free (a
+    // null device: the reply is a hole chunk instead of the zeroes, as
+    // qemu-nbd's null-co).
+    let look = (len >= SPARSE_MIN && node.may_have_holes()) || node.status_is_free();
+    let holes = if structured && !df && look {
         extents(node, offset, len as u64, usize::MAX).await.ok()
     } else {
         None

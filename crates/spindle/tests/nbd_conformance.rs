@@ -442,3 +442,47 @@ print("null reads: ok")
     assert!(out.contains("null reads: ok"), "{out}");
     assert!(srv.stop());
 }
+
+/// Holes in structured reads of raw files: a sparse file's read has hole
+/// chunks; a dense one (every block written when opened) skips the look,
+/// so its reads are data chunks; once a range of it is trimmed, the look
+/// is back and finds the hole.
+#[test]
+fn raw_reads_look_for_holes_only_where_there_can_be_some() {
+    let dir = scratch();
+    let sparse = dir.path().join("sparse.raw");
+    let dense = dir.path().join("dense.raw");
+    std::fs::File::create(&sparse).unwrap().set_len(8 << 20).unwrap();
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 1M", p(&sparse)]);
+    std::fs::write(&dense, vec![0u8; 8 << 20]).unwrap();
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x22 0 1M", p(&dense)]);
+    let script = r#"
+import sys, nbd
+def chunks_of(h, n, off):
+    got = []
+    def chunk(subbuf, offset, status, err):
+        got.append(status)
+        return 0
+    h.pread_structured(n, off, chunk)
+    return got
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+kind = sys.argv[2]
+got = chunks_of(h, 2 << 20, 0)
+if kind == "sparse":
+    assert nbd.READ_HOLE in got and nbd.READ_DATA in got, got
+else:
+    assert got == [nbd.READ_DATA], got
+    h.trim(1 << 20, 1 << 20)
+    got = chunks_of(h, 2 << 20, 0)
+    assert nbd.READ_HOLE in got, got
+    assert h.pread(1 << 20, 1 << 20) == bytes(1 << 20)
+print(kind, "ok")
+"#;
+    for (img, kind) in [(&sparse, "sparse"), (&dense, "dense")] {
+        let srv = NbdServer::start(&["-t", "-p", "0", "-f", "raw", "--discard=unmap", p(img)]);
+        let out = ok("/usr/bin/python3", &["-c", script, &srv.uri, kind]);
+        assert!(out.contains(&format!("{kind} ok")), "{out}");
+        assert!(srv.stop());
+    }
+}

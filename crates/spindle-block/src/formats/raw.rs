@@ -5,7 +5,7 @@ use crate::status::{BlockStatus, Extent};
 use crate::storage::Storage;
 use spindle_io::SgList;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// A raw image.
 pub struct Raw {
@@ -14,6 +14,12 @@ pub struct Raw {
     /// The format was guessed, not stated: refuse writes that would make
     /// sector 0 look like another format (CVE-2008-2004).
     probed: bool,
+    /// Whether a range may read as zeroes that block status would find
+    /// (a hole, an unwritten or discarded range). False only for a file
+    /// whose blocks covered all of it when opened and that nothing has
+    /// discarded, zeroed with unmap or grown since: then looking for holes
+    /// before a read (two `lseek`s) cannot find any.
+    holes: AtomicBool,
 }
 
 /// Magic strings of formats a guest must not be able to forge in sector 0 of
@@ -47,10 +53,12 @@ impl Raw {
             f.keep_exact_length();
         }
         let size = storage.len()?;
+        let dense = matches!(&storage, Storage::File(_)) && storage.allocated_bytes().is_some_and(|a| a >= size);
         Ok(Raw {
             storage,
             size: AtomicU64::new(size),
             probed,
+            holes: AtomicBool::new(!dense),
         })
     }
     /// Size in bytes.
@@ -96,11 +104,21 @@ impl Raw {
         self.storage.flush().await
     }
 
+    /// Whether a range may read as zeroes that block status would find
+    /// (see the field): where not, a reader need not look for holes.
+    pub fn may_have_holes(&self) -> bool {
+        self.holes.load(Ordering::Relaxed)
+    }
+
     pub(crate) async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.holes.store(true, Ordering::Relaxed);
         self.storage.discard(offset, len).await
     }
 
     pub(crate) async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        // Zeroing may leave an unwritten or punched range even without
+        // unmap (FALLOC_FL_ZERO_RANGE).
+        self.holes.store(true, Ordering::Relaxed);
         self.storage.write_zeroes(offset, len, may_unmap).await
     }
 
@@ -149,6 +167,9 @@ impl Raw {
     }
 
     pub(crate) fn resize(&self, size: u64) -> Result<()> {
+        if size > self.size() {
+            self.holes.store(true, Ordering::Relaxed);
+        }
         self.storage.resize(size)?;
         self.size.store(size, Ordering::Relaxed);
         Ok(())
