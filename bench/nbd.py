@@ -89,18 +89,6 @@ def fio(rw, bs, qd):
     return side["iops"] if bs == "4k" else side["bw_bytes"] / (1 << 20)
 
 
-def settle():
-    """Every server starts from the same state: nothing dirty in the page
-    cache (a write row's writeback would land on the next server's run)
-    and nothing of the image cached. Needs root for the second part."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-    except OSError:
-        pass
-
-
 def nbdcopy(direction, conns, img_raw):
     """Seconds for nbdcopy of the whole export out (to /dev/null) or in
     (from a raw file)."""
@@ -163,7 +151,7 @@ def main():
         for r in range(REPS):
             order = servers[r % len(servers):] + servers[:r % len(servers)]
             for s in order:
-                settle()
+                vhost.drop_caches()
                 p = server(s, img, fmt)
                 try:
                     got[s].append(measure())

@@ -101,6 +101,17 @@ def direct(path, rw, qd):
     return json.loads(out.stdout)["iops"]
 
 
+def drop_caches():
+    """Syncs, then drops the page cache (needs root; skipped without), so
+    a run starts with nothing dirty and nothing of its image cached."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+    except OSError:
+        pass
+
+
 def ci95(xs):
     """Half-width of the 95% confidence interval of the mean of xs
     (Student's t, as the runs are few)."""

@@ -49,15 +49,6 @@ def sh(*args):
     return r.stdout
 
 
-def drop():
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-    except OSError:
-        pass
-
-
 def wait_path(p, proc, what):
     end = time.time() + 60
     while not os.path.exists(p):
@@ -105,7 +96,7 @@ STATE = f"/dev/shm/spindle-bench-state-{RAM_MB}.bin"
 
 
 def timed(fn):
-    drop()
+    vhost.drop_caches()
     t = time.monotonic()
     fn()
     os.sync()
@@ -379,7 +370,7 @@ def main():
                 f.write(os.urandom(1 << 20))
     scratch = os.path.join(DIR, "fio.bin")
     dev_w = fio("write", scratch)
-    drop()
+    vhost.drop_caches()
     dev_r = fio("read", scratch)
     os.remove(scratch)
 
